@@ -1,0 +1,12 @@
+//! Wire formats spoken by rdbd, as pure encode/decode functions with no I/O.
+//!
+//! - [`nbd`]: the Network Block Device protocol (handshake and transmission), as served to the
+//!   Linux kernel, qemu, libnbd and fio.
+//!
+//! Every decoder takes untrusted bytes and returns a typed error instead of panicking; no decoder
+//! allocates based on a length field it has not checked against a limit.
+
+pub mod nbd;
+mod wire;
+
+pub use wire::DecodeError;

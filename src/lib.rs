@@ -1,0 +1,7 @@
+//! rdbd: a replicated block device in userspace.
+//!
+//! - [`storage`]: the block device interface and the local-disk implementation (io_uring).
+//! - [`nbd`]: the NBD server that exports a device to the kernel, qemu, libnbd and fio.
+
+pub mod nbd;
+pub mod storage;
