@@ -65,6 +65,10 @@ impl UringQueue {
             rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
         )?;
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        // One kernel worker per connection for work that cannot complete inline: several would
+        // only contend for the same file's locks.
+        let mut workers = [1u32, 1u32];
+        ring.submitter().register_iowq_max_workers(&mut workers)?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same.
         let eventfd = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE)? };
         Ok(Self {

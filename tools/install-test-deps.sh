@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the test suite and benchmarks need, from Debian's packages (idempotent).
+# Run as root, or with sudo available.
+set -euo pipefail
+
+PACKAGES=(
+  fio            # fio with the nbd ioengine (built against libnbd)
+  libnbd-bin     # nbdinfo, nbdcopy, nbdsh, nbdfuse
+  python3-libnbd # libnbd from Python (for /usr/bin/python3 scripts)
+  nbdkit         # peer server for benchmarks and differential checks
+  qemu-utils     # qemu-img, qemu-io, qemu-nbd
+  xfsprogs       # mkfs.xfs
+  fuse3          # fusermount3
+  util-linux     # losetup, mount
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# qemu-utils may be present as a newer build that dpkg knows under the same name; the binaries
+# are what matter.
+if [[ " ${missing[*]} " == *" qemu-utils "* ]] && command -v qemu-io >/dev/null && command -v qemu-img >/dev/null; then
+  missing=("${missing[@]/qemu-utils}")
+fi
+read -r -a missing <<< "${missing[*]}"
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "test dependencies present"
