@@ -3,6 +3,7 @@
 mod export;
 mod handshake;
 mod outbox;
+mod pipe;
 mod server;
 mod session;
 mod shards;

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::export::MAX_PAYLOAD;
 use super::handshake::Negotiated;
 use super::outbox::{Body, Outbox, Reply};
+use super::pipe::SplicePipe;
 use super::socket::Socket;
 use crate::storage::{BufPool, Completion, IoBuf, IoError, IoOp, IoQueue};
 
@@ -35,6 +36,9 @@ const MAX_OUTSTANDING_BYTES: u64 = 128 << 20;
 const MAX_EXTENTS: usize = 1024;
 /// Rounds of work in one poll before yielding to other tasks.
 const ROUNDS_PER_POLL: usize = 32;
+/// WRITE payloads at least this large are spliced from the socket into the device (when it
+/// accepts that), saving one copy of every byte.
+const SPLICE_MIN: u32 = 64 * 1024;
 
 /// How a session ended.
 #[derive(Debug)]
@@ -67,6 +71,13 @@ enum Recv {
         buf: IoBuf,
         filled: usize,
     },
+    /// Moving a WRITE payload socket → pipe → device. `received` bytes entered the pipe,
+    /// `written` of them reached the device.
+    Splice {
+        header: RequestHeader,
+        received: u32,
+        written: u32,
+    },
     /// Skipping the payload of a refused WRITE; the error reply goes out when it is consumed.
     Discard {
         remaining: u64,
@@ -95,6 +106,11 @@ pub struct Session {
     stopped: Option<SessionEnd>,
     send_failed: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Created on the first large write, when the device accepts splicing.
+    pipe: Option<SplicePipe>,
+    /// After a large write, read only the next header, so that a following large payload stays in
+    /// the socket for splicing instead of being copied into the receive buffer.
+    header_only_reads: bool,
 }
 
 impl Session {
@@ -119,6 +135,8 @@ impl Session {
             stopped: None,
             send_failed: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
+            pipe: None,
+            header_only_reads: false,
         })
     }
 
@@ -201,6 +219,9 @@ impl Session {
 
     /// Reads from the socket and dispatches every complete request. `Ready(Ok)` means progress.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SessionEnd>> {
+        if matches!(self.recv, Recv::Splice { .. }) {
+            return self.poll_splice(cx);
+        }
         // A WRITE payload is read directly into its own buffer.
         if let Recv::Payload { buf, filled, .. } = &mut self.recv {
             let len = buf.len();
@@ -221,12 +242,26 @@ impl Session {
             return Poll::Ready(Ok(()));
         }
 
-        if self.rstart > 0 && self.rend - self.rstart < RequestHeader::LEN {
+        // Requests left buffered when we last ran out of room come before new bytes.
+        if self.rend > self.rstart {
+            let before = self.rstart;
+            self.parse_buffered()?;
+            if self.rstart != before || !matches!(self.recv, Recv::Header) {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        // What is left is less than one header: move it to the front so the read has room.
+        if self.rstart > 0 {
             self.rbuf.copy_within(self.rstart..self.rend, 0);
             self.rend -= self.rstart;
             self.rstart = 0;
         }
-        let n = match std::task::ready!(self.sock.poll_read(cx, &mut self.rbuf[self.rend..])) {
+        let end = if self.header_only_reads {
+            (self.rstart + RequestHeader::LEN).max(self.rend + 1).min(self.rbuf.len())
+        } else {
+            self.rbuf.len()
+        };
+        let n = match std::task::ready!(self.sock.poll_read(cx, &mut self.rbuf[self.rend..end])) {
             Ok(0) => return Poll::Ready(Err(SessionEnd::Closed)),
             Ok(n) => n,
             Err(e) => return Poll::Ready(Err(SessionEnd::Io(e))),
@@ -270,6 +305,7 @@ impl Session {
         if command == Some(Command::Write) {
             return self.start_write(h);
         }
+        self.header_only_reads = false;
         let command = match self.validate(&h, command) {
             Ok(c) => c,
             Err(error) => {
@@ -317,6 +353,10 @@ impl Session {
             self.recv = Recv::Discard { remaining: h.length.into(), cookie: h.cookie, error };
             return Ok(());
         }
+        if self.try_start_splice(&h) {
+            return Ok(());
+        }
+        self.header_only_reads = false;
         let len = h.length as usize;
         let mut buf = self.pool.take(len);
         self.held_bytes += len as u64;
@@ -329,6 +369,79 @@ impl Session {
             self.recv = Recv::Payload { header: h, buf, filled: have };
         }
         Ok(())
+    }
+
+    /// Starts splicing a large write's payload when the device accepts it. The part of the
+    /// payload already in the receive buffer is copied into the pipe first.
+    fn try_start_splice(&mut self, h: &RequestHeader) -> bool {
+        let device = &self.negotiated.export.device;
+        if h.length < SPLICE_MIN || h.flags & cmd_flags::FUA != 0 || !device.accepts_splice() {
+            return false;
+        }
+        if self.pipe.is_none() {
+            match SplicePipe::new() {
+                Ok(Some(pipe)) => self.pipe = Some(pipe),
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        let Some(pipe) = &self.pipe else { return false };
+        let have = (self.rend - self.rstart).min(h.length as usize);
+        // The pipe is empty and holds at least a whole receive buffer, so this always fits.
+        match pipe.put(&self.rbuf[self.rstart..self.rstart + have]) {
+            Ok(n) if n == have => {}
+            _ => {
+                pipe.clear();
+                return false;
+            }
+        }
+        self.rstart += have;
+        self.header_only_reads = true;
+        self.recv = Recv::Splice { header: *h, received: have as u32, written: 0 };
+        true
+    }
+
+    /// Advances a spliced write: drains the pipe into the device, then moves more of the payload
+    /// from the socket into the pipe.
+    fn poll_splice(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SessionEnd>> {
+        let Recv::Splice { header, mut received, mut written } =
+            std::mem::replace(&mut self.recv, Recv::Header)
+        else {
+            unreachable!("poll_splice outside the splice state")
+        };
+        let Some(pipe) = &self.pipe else { unreachable!("splice state without a pipe") };
+        let device = self.negotiated.export.device.clone();
+        loop {
+            while written < received {
+                let offset = header.offset + u64::from(written);
+                match device.splice_write(pipe.read_end(), offset, (received - written) as usize) {
+                    Ok(n) if n > 0 => written += n as u32,
+                    result => {
+                        // Drop what is buffered, skip the rest of the payload, then report.
+                        pipe.clear();
+                        let e = result.err().unwrap_or(IoError::Io(libc::EIO));
+                        debug!(offset, "spliced write failed: {e}");
+                        let remaining = u64::from(header.length - received);
+                        let error = error_code(Command::Write, e);
+                        self.recv = Recv::Discard { remaining, cookie: header.cookie, error };
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            if received == header.length {
+                self.reply_ok(header.cookie);
+                return Poll::Ready(Ok(()));
+            }
+            let want = ((header.length - received) as usize).min(pipe.capacity());
+            match self.sock.poll_splice_to(cx, pipe.write_end(), want) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(SessionEnd::Closed)),
+                Poll::Ready(Ok(n)) => received += n as u32,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionEnd::Io(e))),
+                Poll::Pending => {
+                    self.recv = Recv::Splice { header, received, written };
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 
     fn submit_write(&mut self, h: RequestHeader, buf: IoBuf) {

@@ -2,10 +2,11 @@
 //! reactor, with the few operations the NBD server needs.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
 use rustix::net::SendFlags;
+use rustix::pipe::SpliceFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -42,6 +43,24 @@ impl Socket {
                 Ok(rustix::net::sendmsg(fd.get_ref(), bufs, &mut control, SendFlags::NOSIGNAL)?)
             };
             match guard.try_io(send) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Moves up to `len` bytes from the socket into the pipe `to` without copying them through
+    /// user memory; `Ok(0)` is end of stream. The pipe must have room.
+    pub fn poll_splice_to(
+        &self,
+        cx: &mut Context<'_>,
+        to: BorrowedFd<'_>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+        loop {
+            let mut guard = std::task::ready!(self.fd.poll_read_ready(cx))?;
+            match guard.try_io(|fd| Ok(rustix::pipe::splice(fd.get_ref(), None, to, None, len, flags)?)) {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
             }

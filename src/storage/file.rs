@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -297,6 +297,29 @@ impl BlockDevice for FileDevice {
             pos = run_end;
         }
         Ok(extents)
+    }
+
+    /// Splicing bypasses O_DIRECT, so it is offered only for page-cache mode.
+    fn accepts_splice(&self) -> bool {
+        !self.info.read_only && self.direct.is_none()
+    }
+
+    fn splice_write(&self, from: BorrowedFd<'_>, offset: u64, len: usize) -> Result<usize, IoError> {
+        let mut at = offset;
+        loop {
+            match rustix::pipe::splice(
+                from,
+                None,
+                &self.buffered,
+                Some(&mut at),
+                len,
+                rustix::pipe::SpliceFlags::MORE,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(IoError::from_errno(e.raw_os_error())),
+            }
+        }
     }
 }
 

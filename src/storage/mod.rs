@@ -12,6 +12,7 @@ mod uring_queue;
 pub use buffer::{BufPool, IoBuf, BUF_ALIGN};
 pub use file::{FileDevice, OpenOptions};
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -109,6 +110,18 @@ pub trait BlockDevice: Send + Sync {
     /// Describes allocation of `[offset, offset+len)` as a run of extents, which may stop short
     /// of `len` (but covers at least one byte). `max_extents` bounds the answer.
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, IoError>;
+
+    /// Whether [`BlockDevice::splice_write`] works: data can move from a pipe into the device
+    /// without passing through user memory.
+    fn accepts_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes from the pipe `from` into the device at `offset`, completing like
+    /// a (non-FUA) write; returns how many bytes moved.
+    fn splice_write(&self, _from: BorrowedFd<'_>, _offset: u64, _len: usize) -> Result<usize, IoError> {
+        Err(IoError::NotSupported)
+    }
 }
 
 /// A submission/completion queue on a device, owned by one connection.
