@@ -58,22 +58,18 @@ fn init_logging() {
         .init();
 }
 
-/// Resolves when the user asks the process to stop (SIGINT or SIGTERM).
-async fn stop_requested() {
+/// Installs SIGINT and SIGTERM handlers now (so a signal arriving at any later moment stops the
+/// process cleanly instead of killing it) and returns a future that resolves at the first one.
+fn stop_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending().await,
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    })
 }
 
 /// "1 GiB", "512 MiB", "4096 bytes".

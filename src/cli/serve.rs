@@ -68,6 +68,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let shards = Arc::new(Shards::per_cpu().context("cannot start worker threads")?);
     let server = Server::new(Exports::single(export), shards);
+    let stop_signal = super::stop_requested().context("cannot install signal handlers")?;
     let mode = if info.read_only { "read-only" } else { "read-write" };
     let cache = if args.direct { "O_DIRECT" } else { "page cache" };
     let mut out = std::io::stdout().lock();
@@ -87,7 +88,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = bound.into_iter().map(|b| b.listener).collect();
     let stop = server.shutdown_token();
     tokio::spawn(async move {
-        super::stop_requested().await;
+        stop_signal.await;
         info!("stopping: finishing in-flight requests");
         stop.cancel();
     });

@@ -41,8 +41,8 @@ pub enum OpenError {
     SizeMismatch { path: PathBuf, actual: u64, requested: u64 },
     #[error("{path}: size is zero")]
     Empty { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
 }
 
 /// A regular file or a block device, shared by all connections.
@@ -61,7 +61,7 @@ pub struct FileDevice {
 impl FileDevice {
     /// Opens (or, with `size`, creates) a regular file.
     pub fn open_file(path: &Path, opts: &OpenOptions) -> Result<Self, OpenError> {
-        let io_err = |source| OpenError::Io { path: path.to_owned(), source };
+        let io_err = |error| OpenError::Io { path: path.to_owned(), error };
         let meta = match std::fs::metadata(path) {
             Ok(meta) => Some(meta),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -114,7 +114,7 @@ impl FileDevice {
 
     /// Opens a block device.
     pub fn open_block_device(path: &Path, opts: &OpenOptions) -> Result<Self, OpenError> {
-        let io_err = |source| OpenError::Io { path: path.to_owned(), source };
+        let io_err = |error| OpenError::Io { path: path.to_owned(), error };
         let meta = std::fs::metadata(path).map_err(io_err)?;
         if !meta.file_type().is_block_device() {
             return Err(OpenError::NotABlockDevice { path: path.to_owned() });
@@ -209,7 +209,7 @@ fn writes_block_in_ring(file: &File) -> bool {
     const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
     const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
     match rustix::fs::fstatfs(file) {
-        Ok(st) => !matches!(st.f_type as i64, XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC),
+        Ok(st) => !matches!(st.f_type, XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC),
         Err(_) => true,
     }
 }

@@ -111,7 +111,7 @@ impl UringQueue {
             }
             (Stage::Main, IoOp::Trim { offset, len, .. }) => fallocate(*offset, *len, punch_mode()),
             (Stage::Main, IoOp::WriteZeroes { offset, len, may_punch, .. }) => {
-                let mode = if *may_punch || device.is_block_device() && *may_punch {
+                let mode = if *may_punch {
                     punch_mode()
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
@@ -301,6 +301,14 @@ impl IoQueue for UringQueue {
             if self.device.inline_buffered_writes() && self.device.fd_index_for(*offset, buf.len()) == 0 {
                 let result = self.device.write_buffered_now(buf, *offset);
                 self.finished.push(Completion { tag, result, buf: op.into_buf() });
+                return;
+            }
+        }
+        if let IoOp::WriteZeroes { may_punch: false, fast_only: true, .. } = op {
+            if self.device.is_block_device() {
+                // A block device zeroes without deallocating only by a method that may fall back
+                // to writing zeroes, which is not the fast path FAST_ZERO asks for.
+                self.finished.push(Completion { tag, result: Err(IoError::NotSupported), buf: None });
                 return;
             }
         }

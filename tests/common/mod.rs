@@ -87,11 +87,21 @@ impl Server {
 
     /// Serves an existing `file` (kept in `dir`), with extra arguments.
     pub fn serve(dir: tempfile::TempDir, file: PathBuf, extra: &[&str]) -> Server {
+        Self::launch(dir, "--file", file, extra)
+    }
+
+    /// Serves the block device `device` (e.g. a loop device), with extra arguments; `dir` holds
+    /// the socket and the log.
+    pub fn serve_device(dir: tempfile::TempDir, device: PathBuf, extra: &[&str]) -> Server {
+        Self::launch(dir, "--device", device, extra)
+    }
+
+    fn launch(dir: tempfile::TempDir, backing_flag: &str, file: PathBuf, extra: &[&str]) -> Server {
         let socket = dir.path().join("nbd.sock");
         let stderr_log = dir.path().join("rdbd.log");
         let mut cmd = Command::new(rdbd_bin());
         cmd.arg("serve")
-            .arg("--file")
+            .arg(backing_flag)
             .arg(&file)
             .arg("--unix")
             .arg(&socket)
@@ -149,6 +159,33 @@ impl Server {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The unix-socket URI naming export `name` (the printed `unix_uri` asks for "").
+    pub fn unix_uri_for(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.socket.display())
+    }
+
+    /// Sends `signal` to the server without waiting.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            signal,
+        );
+    }
+
+    /// Waits up to `timeout` for the server to exit on its own; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let _ = rustix::process::kill_process(
@@ -203,4 +240,315 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
     std::fs::write(path, data).unwrap();
+}
+
+/// Runs a command with its output captured, killing it (and failing the test) if it does not
+/// finish within `timeout`.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_reader.join().unwrap_or_default();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() }
+}
+
+/// Like [`run_ok`], bounded by `timeout`.
+pub fn run_ok_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let out = output_within(cmd, timeout);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `nbdsh`, made to run under the system python that has the libnbd bindings (the script
+/// execs whatever `python3` comes first on PATH).
+pub fn nbdsh() -> Command {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut cmd = Command::new("nbdsh");
+    cmd.env("PATH", format!("/usr/bin:/bin:{path}"));
+    cmd
+}
+
+/// The system python running `script` (which may `import nbd`) with `args` as `sys.argv[1..]`.
+pub fn python_nbd(script: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.arg("-c").arg(script).args(args);
+    cmd
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A parsed JSON value (numbers are kept as their source text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Num(String),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// Parses a complete JSON document; panics with context on malformed input.
+    pub fn parse(text: &str) -> Json {
+        let mut p = JsonParser { s: text.as_bytes(), i: 0 };
+        let v = p.value();
+        p.ws();
+        assert!(p.i == p.s.len(), "trailing data after JSON at byte {}: {text}", p.i);
+        v
+    }
+
+    /// Parses the JSON object in a tool's stdout, skipping chatter before the first `{` line
+    /// (fio prints "fio: connected to NBD server" first).
+    pub fn parse_tool_output(stdout: &[u8]) -> Json {
+        let text = String::from_utf8_lossy(stdout);
+        let start = text
+            .find("\n{")
+            .map(|i| i + 1)
+            .or_else(|| text.starts_with('{').then_some(0))
+            .unwrap_or_else(|| panic!("no JSON object in output:\n{text}"));
+        Json::parse(text[start..].trim_end())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// `self[key]`, panicking with the document when the key is missing.
+    pub fn field(&self, key: &str) -> &Json {
+        self.get(key).unwrap_or_else(|| panic!("no field {key:?} in {self:?}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Json::Str(s) => s,
+            other => panic!("expected a string, got {other:?}"),
+        }
+    }
+
+    pub fn as_bool(&self) -> bool {
+        match self {
+            Json::Bool(b) => *b,
+            other => panic!("expected a boolean, got {other:?}"),
+        }
+    }
+
+    pub fn as_u64(&self) -> u64 {
+        match self {
+            Json::Num(n) => n.parse().unwrap_or_else(|_| panic!("not an unsigned integer: {n}")),
+            other => panic!("expected a number, got {other:?}"),
+        }
+    }
+
+    pub fn as_f64(&self) -> f64 {
+        match self {
+            Json::Num(n) => n.parse().unwrap_or_else(|_| panic!("not a number: {n}")),
+            other => panic!("expected a number, got {other:?}"),
+        }
+    }
+
+    pub fn as_array(&self) -> &[Json] {
+        match self {
+            Json::Arr(items) => items,
+            other => panic!("expected an array, got {other:?}"),
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let from = self.i.saturating_sub(40);
+        let to = (self.i + 40).min(self.s.len());
+        panic!("bad JSON at byte {} ({what}): ...{}...", self.i, String::from_utf8_lossy(&self.s[from..to]))
+    }
+
+    fn eat(&mut self, c: u8) {
+        self.ws();
+        if self.s.get(self.i) != Some(&c) {
+            self.fail(&format!("expected {:?}", c as char));
+        }
+        self.i += 1;
+    }
+
+    fn value(&mut self) -> Json {
+        self.ws();
+        match self.s.get(self.i) {
+            Some(b'{') => {
+                self.i += 1;
+                let mut fields = Vec::new();
+                self.ws();
+                if self.s.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                    return Json::Obj(fields);
+                }
+                loop {
+                    self.ws();
+                    let key = self.string();
+                    self.eat(b':');
+                    fields.push((key, self.value()));
+                    self.ws();
+                    match self.s.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Json::Obj(fields);
+                        }
+                        _ => self.fail("expected ',' or '}'"),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.s.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                    return Json::Arr(items);
+                }
+                loop {
+                    items.push(self.value());
+                    self.ws();
+                    match self.s.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Json::Arr(items);
+                        }
+                        _ => self.fail("expected ',' or ']'"),
+                    }
+                }
+            }
+            Some(b'"') => Json::Str(self.string()),
+            Some(b't') if self.s[self.i..].starts_with(b"true") => {
+                self.i += 4;
+                Json::Bool(true)
+            }
+            Some(b'f') if self.s[self.i..].starts_with(b"false") => {
+                self.i += 5;
+                Json::Bool(false)
+            }
+            Some(b'n') if self.s[self.i..].starts_with(b"null") => {
+                self.i += 4;
+                Json::Null
+            }
+            Some(c) if *c == b'-' || c.is_ascii_digit() => {
+                let start = self.i;
+                while self.i < self.s.len()
+                    && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    self.i += 1;
+                }
+                Json::Num(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+            }
+            _ => self.fail("expected a value"),
+        }
+    }
+
+    fn string(&mut self) -> String {
+        if self.s.get(self.i) != Some(&b'"') {
+            self.fail("expected a string");
+        }
+        self.i += 1;
+        let mut out = Vec::new();
+        loop {
+            match self.s.get(self.i) {
+                None => self.fail("unterminated string"),
+                Some(b'"') => {
+                    self.i += 1;
+                    return String::from_utf8_lossy(&out).into_owned();
+                }
+                Some(b'\\') => {
+                    let esc = self.s.get(self.i + 1).copied();
+                    self.i += 2;
+                    match esc {
+                        Some(b'n') => out.push(b'\n'),
+                        Some(b't') => out.push(b'\t'),
+                        Some(b'r') => out.push(b'\r'),
+                        Some(b'b') => out.push(8),
+                        Some(b'f') => out.push(12),
+                        Some(b'u') => {
+                            let hex = std::str::from_utf8(self.s.get(self.i..self.i + 4).unwrap_or(b""))
+                                .ok()
+                                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                                .unwrap_or_else(|| self.fail("bad \\u escape"));
+                            self.i += 4;
+                            let c = char::from_u32(hex).unwrap_or('\u{fffd}');
+                            out.extend_from_slice(c.to_string().as_bytes());
+                        }
+                        Some(c) => out.push(c),
+                        None => self.fail("unterminated escape"),
+                    }
+                }
+                Some(&c) => {
+                    out.push(c);
+                    self.i += 1;
+                }
+            }
+        }
+    }
 }
