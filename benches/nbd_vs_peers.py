@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -30,14 +31,12 @@ JOBS = [
 ]
 
 
-def job_file(uri, runtime):
-    text = (
+def job_file(uri, runtime, opts):
+    return (
         "[global]\nioengine=nbd\nuri=%s\ntime_based=1\nruntime=%d\nramp_time=2\n"
-        "group_reporting=1\nnumjobs=1\nrefill_buffers=1\nnorandommap=1\nrandrepeat=0\n" % (uri, runtime)
+        "group_reporting=1\nnumjobs=1\nrefill_buffers=1\nnorandommap=1\nrandrepeat=0\n"
+        "\n[job]\n%s" % (uri, runtime, opts)
     )
-    for i, (_, opts, _) in enumerate(JOBS):
-        text += "\n[job%d]\nstonewall\n%s" % (i, opts)
-    return text
 
 
 def wait_for_port(port, proc, timeout=10):
@@ -62,21 +61,40 @@ def servers(rdbd, image, port):
     }
 
 
-def run_fio(job_path):
+def cpu_seconds(pid):
+    """User+system CPU seconds of a process and all its threads so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(job_path, result, server_pid):
+    """Runs one fio job; returns (value, ops, server CPU s, fio CPU s, wall s)."""
+    side, metric = result
+    server_before = cpu_seconds(server_pid)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
     out = subprocess.run(["fio", "--output-format=json", job_path], capture_output=True, text=True, check=True)
+    wall = time.time() - start
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = cpu_seconds(server_pid) - server_before
+    fio_cpu = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
     text = "\n".join(l for l in out.stdout.splitlines() if not l.startswith("fio:"))
-    results = []
-    for job, (_, _, (side, metric)) in zip(json.loads(text)["jobs"], JOBS):
-        stats = job[side]
-        results.append(stats["iops"] if metric == "iops" else stats["bw"] / 1024.0)
-    return results
+    stats = json.loads(text)["jobs"][0][side]
+    value = stats["iops"] if metric == "iops" else stats["bw"] / 1024.0
+    return value, stats["total_ios"], server_cpu, fio_cpu, wall
 
 
-def measure(name, argv, job_path, port):
+def measure(argv, job_paths, port):
+    """Starts a server, runs every job; returns per job (value, server CPU µs per op, fio CPU share)."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
-        return run_fio(job_path)
+        results = []
+        for path, (_, _, result) in zip(job_paths, JOBS):
+            value, ops, server_cpu, fio_cpu, wall = run_fio(path, result, proc.pid)
+            results.append((value, 1e6 * server_cpu / max(ops, 1), fio_cpu / wall))
+        return results
     finally:
         proc.terminate()
         try:
@@ -100,7 +118,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=30, help="seconds per fio job (default 30)")
     ap.add_argument("--size", default="1G", help="size of the test file (default 1G)")
-    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison N times and keep each server's best")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each cell is the median (default 3)")
     ap.add_argument("--port", type=int, default=10809)
     ap.add_argument("--rdbd", default=os.path.join(ROOT, "target", "release", "rdbd"))
     ap.add_argument("--dir", default=None, help="where to put the test file (default: a temporary directory)")
@@ -119,18 +137,21 @@ def main():
         subprocess.run(["dd", "if=/dev/urandom", "of=" + image, "bs=1M", "count=%d" % (parse_size(args.size) >> 20),
                         "status=none"], check=True)
         subprocess.run(["sync"], check=True)  # no writeback of the fill during the first server's run
-        job_path = os.path.join(workdir, "bench.fio")
-        with open(job_path, "w") as f:
-            f.write(job_file("nbd://127.0.0.1:%d/" % args.port, args.runtime))
+        job_paths = []
+        for i, (_, opts, _) in enumerate(JOBS):
+            path = os.path.join(workdir, "job%d.fio" % i)
+            with open(path, "w") as f:
+                f.write(job_file("nbd://127.0.0.1:%d/" % args.port, args.runtime, opts))
+            job_paths.append(path)
 
-        table = {}
-        for _ in range(args.rounds):
+        # Rounds interleave the servers so that drifting machine load hits them alike; the
+        # median of each cell is reported.
+        rounds = {}
+        for r in range(args.rounds):
             for name, argv in servers(args.rdbd, image, args.port).items():
-                print("running %s ..." % name, file=sys.stderr, flush=True)
-                got = measure(name, argv, job_path, args.port)
-                best = table.get(name)
-                table[name] = got if best is None else [max(a, b) for a, b in zip(best, got)]
-        print_table(table, args)
+                print("round %d/%d: %s ..." % (r + 1, args.rounds, name), file=sys.stderr, flush=True)
+                rounds.setdefault(name, []).append(measure(argv, job_paths, args.port))
+        print_table(rounds, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -141,22 +162,40 @@ def parse_size(text):
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
-def print_table(table, args):
+def median(xs):
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def print_table(rounds, args):
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    print("\n%s, %d CPUs (%s), kernel %s, fio nbd engine, 1 connection, %ds per job, %s file in page cache"
-          % (now, os.cpu_count(), cpu_model(), platform.release(), args.runtime, args.size))
+    print("\n%s, %d CPUs (%s), kernel %s, fio nbd engine over TCP loopback, 1 connection, "
+          "%ds per job, %s file in page cache, median of %d interleaved rounds"
+          % (now, os.cpu_count(), cpu_model(), platform.release(), args.runtime, args.size, args.rounds))
+    # cell[name][job] = (value, server CPU µs per op, fio CPU share), each the median over rounds
+    cell = {name: [tuple(median([r[j][k] for r in runs]) for k in range(3)) for j in range(len(JOBS))]
+            for name, runs in rounds.items()}
     print()
     print("| server | " + " | ".join(t for t, _, _ in JOBS) + " |")
     print("|---|" + "---|" * len(JOBS))
-    for name, vals in table.items():
-        print("| %s | %s |" % (name, " | ".join(fmt(v) for v in vals)))
-    peers = [v for n, v in table.items() if n != "rdbd"]
-    if "rdbd" in table and peers:
+    for name, vals in cell.items():
+        print("| %s | %s |" % (name, " | ".join(fmt(v) for v, _, _ in vals)))
+    peers = [v for n, v in cell.items() if n != "rdbd"]
+    if "rdbd" in cell and peers:
         ratios = []
-        for i, v in enumerate(table["rdbd"]):
-            best = max(p[i] for p in peers)
+        for j, (v, _, _) in enumerate(cell["rdbd"]):
+            best = max(p[j][0] for p in peers)
             ratios.append("%.2f×" % (v / best) if best else "n/a")
         print("| **rdbd / best peer** | " + " | ".join(ratios) + " |")
+    print()
+    print("Server CPU time per operation in µs (all threads; lower is better) / fio's own CPU use")
+    print("(100% = one core: the client is the bottleneck):")
+    print()
+    print("| server | " + " | ".join(t.split(" (")[0] for t, _, _ in JOBS) + " |")
+    print("|---|" + "---|" * len(JOBS))
+    for name, vals in cell.items():
+        print("| %s | %s |" % (name, " | ".join("%.1f µs / fio %.0f%%" % (c, 100 * f) for _, c, f in vals)))
 
 
 def fmt(v):

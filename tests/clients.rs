@@ -935,3 +935,37 @@ fn cli_missing_listen_address() {
     assert!(first.starts_with("error:"), "{stderr}");
     assert!(stderr.contains("--listen") && stderr.contains("--unix"), "{stderr}");
 }
+
+/// TRIM and WRITE_ZEROES may be far longer than the 32 MiB payload limit: the kernel sends up to
+/// about 4 GiB in one request. Data on both sides of the range must survive.
+const HUGE_TRIM_AND_ZERO: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+span = 0xFFFFF000                      # the largest 4 KiB-aligned u32 length
+edge = b"\xa5" * 4096
+h.pwrite(edge, 0)
+h.pwrite(edge, 4096 + span)
+h.pwrite(b"\x5a" * 65536, 1 << 31)     # data inside the range
+h.zero(span, 4096)                     # one WRITE_ZEROES request of ~4 GiB
+assert h.pread(65536, 1 << 31) == bytes(65536), "zeroed range still holds data"
+h.pwrite(b"\x5a" * 65536, 1 << 31)
+h.trim(span, 4096)                     # one TRIM request of ~4 GiB
+h.zero(span, 4096, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(65536, 1 << 31) == bytes(65536), "NO_HOLE zeroing left data"
+assert h.pread(4096, 0) == edge and h.pread(4096, 4096 + span) == edge, "neighbours damaged"
+h.flush()
+h.shutdown()
+print("ok")
+"#;
+
+#[test]
+fn four_gib_trim_and_write_zeroes_in_one_request() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut server = Server::start(5 << 30);
+    let out = run_ok_within(&mut python_nbd(HUGE_TRIM_AND_ZERO, &[&server.unix_uri]), TOOL_TIMEOUT);
+    assert_eq!(stdout_of(&out).trim(), "ok");
+    assert!(server.stop().success());
+}
