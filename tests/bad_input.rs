@@ -1260,3 +1260,23 @@ fn abuse_on_one_connection_does_not_stall_another() {
     check_alive(&mut server, "concurrent abuse");
     assert!(server.stop().success());
 }
+
+/// A client that keeps its connection open but never reads its replies must not hold up a
+/// clean shutdown: in-flight requests finish, and unsent replies are abandoned after a grace
+/// period instead of blocking the exit forever.
+#[test]
+fn shutdown_does_not_wait_forever_for_a_client_that_never_reads() {
+    let mut server = Server::start(SIZE);
+    let mut c = ready(&server);
+    let s = c.s.try_clone().unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Far more reply data than the socket buffers hold.
+    let writer = pipeline(s, 5000, 8 << 20);
+    thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let status = server.stop();
+    assert!(status.success(), "rdbd exited with {status}; log:\n{}", server.log());
+    assert!(started.elapsed() < Duration::from_secs(25), "shutdown took {:?}", started.elapsed());
+    let _ = writer.join().unwrap();
+    c.s.shutdown(std::net::Shutdown::Both).ok();
+}

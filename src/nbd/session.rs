@@ -36,6 +36,8 @@ const MAX_OUTSTANDING_BYTES: u64 = 128 << 20;
 const MAX_EXTENTS: usize = 1024;
 /// Rounds of work in one poll before yielding to other tasks.
 const ROUNDS_PER_POLL: usize = 32;
+/// After shutdown is requested, how long replies may wait for a client that does not read them.
+const SHUTDOWN_SEND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// WRITE payloads at least this large are spliced from the socket into the device (when it
 /// accepts that), saving one copy of every byte.
 const SPLICE_MIN: u32 = 64 * 1024;
@@ -106,6 +108,8 @@ pub struct Session {
     stopped: Option<SessionEnd>,
     send_failed: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set at shutdown: when it fires, unsent replies are abandoned.
+    send_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Created on the first large write, when the device accepts splicing.
     pipe: Option<SplicePipe>,
     /// After a large write, read only the next header, so that a following large payload stays in
@@ -135,6 +139,7 @@ impl Session {
             stopped: None,
             send_failed: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
+            send_deadline: None,
             pipe: None,
             header_only_reads: false,
         })
@@ -157,6 +162,15 @@ impl Session {
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.stopped.is_none() && self.shutdown.as_mut().poll(cx).is_ready() {
             self.stop(SessionEnd::Shutdown);
+            self.send_deadline = Some(Box::pin(tokio::time::sleep(SHUTDOWN_SEND_GRACE)));
+        }
+        // In-flight I/O always completes, but a client that stops reading cannot hold the
+        // shutdown forever.
+        if let Some(deadline) = &mut self.send_deadline {
+            if deadline.as_mut().poll(cx).is_ready() && !self.outbox.is_empty() {
+                warn!("client did not read its last replies; closing");
+                self.send_failed = true;
+            }
         }
         for _ in 0..ROUNDS_PER_POLL {
             let mut progress = false;
