@@ -31,11 +31,11 @@ JOBS = [
 ]
 
 
-def job_file(uri, runtime, opts):
+def job_file(uri, runtime, opts, refill):
     return (
         "[global]\nioengine=nbd\nuri=%s\ntime_based=1\nruntime=%d\nramp_time=2\n"
-        "group_reporting=1\nnumjobs=1\nrefill_buffers=1\nnorandommap=1\nrandrepeat=0\n"
-        "\n[job]\n%s" % (uri, runtime, opts)
+        "group_reporting=1\nnumjobs=1\nrefill_buffers=%d\nnorandommap=1\nrandrepeat=0\n"
+        "\n[job]\n%s" % (uri, runtime, refill, opts)
     )
 
 
@@ -85,16 +85,13 @@ def run_fio(job_path, result, server_pid):
     return value, stats["total_ios"], server_cpu, fio_cpu, wall
 
 
-def measure(argv, job_paths, port):
-    """Starts a server, runs every job; returns per job (value, server CPU µs per op, fio CPU share)."""
+def measure(argv, job_path, result, port):
+    """Starts a server, runs one job; returns (value, server CPU µs per op, fio CPU share)."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
-        results = []
-        for path, (_, _, result) in zip(job_paths, JOBS):
-            value, ops, server_cpu, fio_cpu, wall = run_fio(path, result, proc.pid)
-            results.append((value, 1e6 * server_cpu / max(ops, 1), fio_cpu / wall))
-        return results
+        value, ops, server_cpu, fio_cpu, wall = run_fio(job_path, result, proc.pid)
+        return value, 1e6 * server_cpu / max(ops, 1), fio_cpu / wall
     finally:
         proc.terminate()
         try:
@@ -116,12 +113,15 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=30, help="seconds per fio job (default 30)")
+    ap.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
     ap.add_argument("--size", default="1G", help="size of the test file (default 1G)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each cell is the median (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; servers run back to back per job (default 5)")
     ap.add_argument("--port", type=int, default=10809)
     ap.add_argument("--rdbd", default=os.path.join(ROOT, "target", "release", "rdbd"))
     ap.add_argument("--dir", default=None, help="where to put the test file (default: a temporary directory)")
+    ap.add_argument("--jobs", default="0,1,2", help="which columns to run, e.g. 2 for seqwrite only (default 0,1,2)")
+    ap.add_argument("--no-refill", action="store_true",
+                    help="let fio reuse its write buffers instead of regenerating them per I/O (a cheaper client)")
     args = ap.parse_args()
 
     for tool in ("fio", "nbdkit", "qemu-nbd"):
@@ -137,21 +137,28 @@ def main():
         subprocess.run(["dd", "if=/dev/urandom", "of=" + image, "bs=1M", "count=%d" % (parse_size(args.size) >> 20),
                         "status=none"], check=True)
         subprocess.run(["sync"], check=True)  # no writeback of the fill during the first server's run
+        global JOBS
+        JOBS = [JOBS[int(i)] for i in args.jobs.split(",")]
         job_paths = []
         for i, (_, opts, _) in enumerate(JOBS):
             path = os.path.join(workdir, "job%d.fio" % i)
             with open(path, "w") as f:
-                f.write(job_file("nbd://127.0.0.1:%d/" % args.port, args.runtime, opts))
+                f.write(job_file("nbd://127.0.0.1:%d/" % args.port, args.runtime, opts, 0 if args.no_refill else 1))
             job_paths.append(path)
 
-        # Rounds interleave the servers so that drifting machine load hits them alike; the
-        # median of each cell is reported.
-        rounds = {}
+        # The load of a shared machine drifts by tens of percent within minutes, so the servers
+        # run back to back for each job (in a rotating order) and rdbd is compared with the best
+        # peer of the same round: the ratio reported is the median of those paired ratios.
+        names = list(servers(args.rdbd, image, args.port))
+        runs = {}  # runs[name][job] = list of (value, cpu µs/op, fio share)
         for r in range(args.rounds):
-            for name, argv in servers(args.rdbd, image, args.port).items():
-                print("round %d/%d: %s ..." % (r + 1, args.rounds, name), file=sys.stderr, flush=True)
-                rounds.setdefault(name, []).append(measure(argv, job_paths, args.port))
-        print_table(rounds, args)
+            order = names[r % len(names):] + names[:r % len(names)]
+            for j, ((title, _, result), path) in enumerate(zip(JOBS, job_paths)):
+                for name in order:
+                    print("round %d/%d, %s: %s" % (r + 1, args.rounds, title, name), file=sys.stderr, flush=True)
+                    argv = servers(args.rdbd, image, args.port)[name]
+                    runs.setdefault(name, [[] for _ in JOBS])[j].append(measure(argv, path, result, args.port))
+        print_table(runs, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -168,34 +175,39 @@ def median(xs):
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def print_table(rounds, args):
+def print_table(runs, args):
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    print("\n%s, %d CPUs (%s), kernel %s, fio nbd engine over TCP loopback, 1 connection, "
-          "%ds per job, %s file in page cache, median of %d interleaved rounds"
-          % (now, os.cpu_count(), cpu_model(), platform.release(), args.runtime, args.size, args.rounds))
-    # cell[name][job] = (value, server CPU µs per op, fio CPU share), each the median over rounds
-    cell = {name: [tuple(median([r[j][k] for r in runs]) for k in range(3)) for j in range(len(JOBS))]
-            for name, runs in rounds.items()}
+    print("\n%s, %d CPUs (%s), kernel %s, fio nbd engine over TCP loopback, 1 connection, %ds per job, "
+          "%s file in page cache, %d rounds%s" % (now, os.cpu_count(), cpu_model(), platform.release(),
+                                                   args.runtime, args.size, args.rounds,
+                                                   ", refill_buffers=0" if args.no_refill else ""))
+    print()
+    print("Median over rounds:")
     print()
     print("| server | " + " | ".join(t for t, _, _ in JOBS) + " |")
     print("|---|" + "---|" * len(JOBS))
-    for name, vals in cell.items():
-        print("| %s | %s |" % (name, " | ".join(fmt(v) for v, _, _ in vals)))
-    peers = [v for n, v in cell.items() if n != "rdbd"]
-    if "rdbd" in cell and peers:
-        ratios = []
-        for j, (v, _, _) in enumerate(cell["rdbd"]):
-            best = max(p[j][0] for p in peers)
-            ratios.append("%.2f×" % (v / best) if best else "n/a")
-        print("| **rdbd / best peer** | " + " | ".join(ratios) + " |")
+    for name, jobs in runs.items():
+        print("| %s | %s |" % (name, " | ".join(fmt(median([v for v, _, _ in js])) for js in jobs)))
+    peers = [n for n in runs if n != "rdbd"]
+    if "rdbd" in runs and peers:
+        cells = []
+        for j in range(len(JOBS)):
+            ratios = []
+            for r, (v, _, _) in enumerate(runs["rdbd"][j]):
+                best = max(runs[p][j][r][0] for p in peers)
+                ratios.append(v / best if best else float("nan"))
+            cells.append("**%.2f×** (%.2f–%.2f)" % (median(ratios), min(ratios), max(ratios)))
+        print("| rdbd / best peer, paired per round: median (range) | " + " | ".join(cells) + " |")
     print()
-    print("Server CPU time per operation in µs (all threads; lower is better) / fio's own CPU use")
-    print("(100% = one core: the client is the bottleneck):")
+    print("Server CPU per operation, all threads (lower is better) / fio's own CPU use (100% = one core:")
+    print("the client is the bottleneck), medians:")
     print()
     print("| server | " + " | ".join(t.split(" (")[0] for t, _, _ in JOBS) + " |")
     print("|---|" + "---|" * len(JOBS))
-    for name, vals in cell.items():
-        print("| %s | %s |" % (name, " | ".join("%.1f µs / fio %.0f%%" % (c, 100 * f) for _, c, f in vals)))
+    for name, jobs in runs.items():
+        cells = ["%.1f µs / fio %.0f%%" % (median([c for _, c, _ in js]), 100 * median([f for _, _, f in js]))
+                 for js in jobs]
+        print("| %s | %s |" % (name, " | ".join(cells)))
 
 
 def fmt(v):
