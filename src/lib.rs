@@ -2,6 +2,8 @@
 //!
 //! - [`storage`]: the block device interface and the local-disk implementation (io_uring).
 //! - [`nbd`]: the NBD server that exports a device to the kernel, qemu, libnbd and fio.
+//! - [`config`]: resource files (`/etc/rdbd/<res>.toml`): the two nodes and their options.
 
+pub mod config;
 pub mod nbd;
 pub mod storage;

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, logging, runtime, and one-line errors.
 
 mod demo;
+mod dump;
 mod listen;
 mod serve;
 
@@ -21,6 +22,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Serve a fresh sparse file in a temporary directory and print how to connect.
     Demo(demo::DemoArgs),
+    /// Print a resource's effective configuration (defaults filled in) and which node this is.
+    Dump(dump::DumpArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -34,6 +37,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Dump(args) => dump::run(args),
         }
     });
     match result {

@@ -1,0 +1,573 @@
+//! The file as written (every key optional, every value with its byte span) and its validation
+//! into the public types. Keeping spans up to validation is what lets a semantic error, such as
+//! two nodes with the same address, name the right line.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use super::locate::{key_at, line_of};
+use super::units::{format_duration, format_size, parse_duration, parse_size};
+use super::{
+    ConfigError, DiskConfig, MetaDisk, NbdDevice, NetConfig, NodeConfig, Protocol, ResourceConfig,
+    AL_EXTENTS_MAX, AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, DEFAULT_AL_EXTENTS,
+    DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT,
+    DEFAULT_TIMEOUT, SHARED_SECRET_MAX,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawResource {
+    resource: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
+    net: Option<RawNet>,
+    disk: Option<RawDisk>,
+    node: Option<Spanned<Vec<Spanned<RawNode>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNet {
+    shared_secret: Option<Spanned<String>>,
+    ping_interval: Option<Spanned<String>>,
+    ping_timeout: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    connect_interval: Option<Spanned<String>>,
+    data_integrity: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDisk {
+    /// Signed so that a negative number gets the range message rather than a type error.
+    al_extents: Option<Spanned<i64>>,
+    bitmap_block: Option<Spanned<SizeValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNode {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
+    meta_disk: Option<Spanned<String>>,
+    nbd_listen: Option<Spanned<String>>,
+    nbd_device: Option<Spanned<String>>,
+}
+
+/// A size written as a string with a unit ("4KiB") or as a plain number of bytes.
+enum SizeValue {
+    Text(String),
+    Bytes(i64),
+}
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SizeValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size like \"4KiB\" or a number of bytes")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<SizeValue, E> {
+                Ok(SizeValue::Text(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<SizeValue, E> {
+                Ok(SizeValue::Bytes(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeValue, E> {
+                i64::try_from(v).map(SizeValue::Bytes).map_err(|_| E::custom("size too large"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The file being parsed, to turn spans into `file:line: key:` errors.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_of(self.text, span.start)
+    }
+
+    fn invalid(
+        &self,
+        span: &Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line: self.line(span),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn missing(&self, span: &Range<usize>, key: String, what: &str) -> ConfigError {
+        ConfigError::Schema {
+            file: self.file.to_path_buf(),
+            line: self.line(span),
+            key,
+            message: format!("missing; {what}"),
+        }
+    }
+
+    fn syntax(&self, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::Syntax {
+            file: self.file.to_path_buf(),
+            line: line_of(self.text, offset),
+            key: key_at(self.text, offset),
+            message: format!("invalid TOML: {}", e.message().trim_end()),
+        }
+    }
+
+    fn schema(&self, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::Schema {
+            file: self.file.to_path_buf(),
+            line: line_of(self.text, offset),
+            key: key_at(self.text, offset).unwrap_or_else(|| "(top level)".to_string()),
+            message: schema_message(e.message()),
+        }
+    }
+}
+
+/// Rewords serde's messages in this file's terms: keys rather than fields, tables rather than
+/// the names of private structs.
+fn schema_message(message: &str) -> String {
+    let message = message.trim_end();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((_, expected)) = rest.split_once("`, ") {
+            return format!("unknown key, {expected}");
+        }
+        return "unknown key".to_string();
+    }
+    if let Some(at) = message.find("expected struct ") {
+        return format!("{}expected a table", &message[..at]);
+    }
+    message
+        .replace("expected a sequence", "expected an array of tables ([[node]])")
+        .replace("expected i64", "expected an integer")
+}
+
+pub(super) fn parse(file: &Path, text: &str) -> Result<ResourceConfig, ConfigError> {
+    let source = Source { file, text };
+    // Syntax first, so that whatever serde reports afterwards is about the schema.
+    toml::de::DeTable::parse(text).map_err(|e| source.syntax(&e))?;
+    let raw: RawResource = toml::from_str(text).map_err(|e| source.schema(&e))?;
+    build(&source, raw)
+}
+
+/// Why `name` is not a usable resource name, if it is not.
+pub(super) fn resource_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".to_string());
+    }
+    if name.starts_with(['.', '-']) {
+        return Some("it must not start with '.' or '-'".to_string());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) {
+        return Some("use letters, digits, '.', '-' and '_'".to_string());
+    }
+    None
+}
+
+fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> {
+    let name = resource_name(src, raw.resource.as_ref())?;
+    let protocol = match &raw.protocol {
+        None => Protocol::default(),
+        Some(p) => match p.get_ref().as_str() {
+            "A" => Protocol::A,
+            "B" => Protocol::B,
+            "C" => Protocol::C,
+            other => {
+                return Err(src.invalid(
+                    &p.span(),
+                    "protocol",
+                    format!("invalid protocol {other:?}, expected A, B or C"),
+                ))
+            }
+        },
+    };
+    let net = build_net(src, raw.net)?;
+    let disk = build_disk(src, raw.disk)?;
+    let nodes = build_nodes(src, raw.node)?;
+    Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, nodes })
+}
+
+/// The file stem names the resource; a `resource` key, when present, must agree with it so a
+/// copied file cannot silently configure the wrong resource.
+fn resource_name(src: &Source, key: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+    let stem = src.file.file_stem().map(|s| s.to_string_lossy().into_owned());
+    match (key, stem) {
+        (Some(given), stem) => {
+            let span = given.span();
+            let given = given.get_ref();
+            if let Some(problem) = resource_name_problem(given) {
+                return Err(src.invalid(
+                    &span,
+                    "resource",
+                    format!("invalid resource name {given:?}: {problem}"),
+                ));
+            }
+            match stem {
+                Some(stem) if stem != *given => Err(src.invalid(
+                    &span,
+                    "resource",
+                    format!("{given:?} does not match the file name (expected {stem:?})"),
+                )),
+                _ => Ok(given.clone()),
+            }
+        }
+        (None, Some(stem)) => {
+            super::check_resource_name(&stem)?;
+            Ok(stem)
+        }
+        (None, None) => Err(ConfigError::ResourceName {
+            name: String::new(),
+            reason: format!("{} has no file name and the file has no `resource` key", src.file.display()),
+        }),
+    }
+}
+
+/// A duration key: (value, span if it was written).
+fn duration(
+    src: &Source,
+    value: Option<Spanned<String>>,
+    key: &str,
+    default: Duration,
+    range: (Duration, Duration),
+) -> Result<(Duration, Option<Range<usize>>), ConfigError> {
+    let Some(value) = value else { return Ok((default, None)) };
+    let span = value.span();
+    let text = value.into_inner();
+    let Some(d) = parse_duration(&text) else {
+        return Err(src.invalid(
+            &span,
+            key,
+            format!("invalid duration {text:?}: write a whole number and a unit (ms, s, m, h), like \"500ms\" or \"10s\""),
+        ));
+    };
+    let (min, max) = range;
+    if d < min || d > max {
+        return Err(src.invalid(
+            &span,
+            key,
+            format!("{text} is out of range: must be {} to {}", format_duration(min), format_duration(max)),
+        ));
+    }
+    Ok((d, Some(span)))
+}
+
+/// Timer ranges: DRBD's upper limits; the lower limits are relaxed from DRBD's 1 s for
+/// ping-interval and connect-interval so that tests can run with short timers.
+const PING_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
+const PING_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
+const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(60));
+const CONNECT_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
+
+fn build_net(src: &Source, raw: Option<RawNet>) -> Result<NetConfig, ConfigError> {
+    let Some(raw) = raw else { return Ok(NetConfig::default()) };
+    let shared_secret = match raw.shared_secret {
+        None => None,
+        Some(secret) => {
+            let span = secret.span();
+            let secret = secret.into_inner();
+            if secret.is_empty() {
+                return Err(src.invalid(
+                    &span,
+                    "net.shared-secret",
+                    "empty; remove the key to turn authentication off",
+                ));
+            }
+            if secret.len() > SHARED_SECRET_MAX {
+                return Err(src.invalid(
+                    &span,
+                    "net.shared-secret",
+                    format!("{} bytes long, at most {SHARED_SECRET_MAX} allowed", secret.len()),
+                ));
+            }
+            Some(secret)
+        }
+    };
+    let (ping_interval, _) =
+        duration(src, raw.ping_interval, "net.ping-interval", DEFAULT_PING_INTERVAL, PING_INTERVAL_RANGE)?;
+    let (ping_timeout, ping_timeout_span) =
+        duration(src, raw.ping_timeout, "net.ping-timeout", DEFAULT_PING_TIMEOUT, PING_TIMEOUT_RANGE)?;
+    let (timeout, timeout_span) = duration(src, raw.timeout, "net.timeout", DEFAULT_TIMEOUT, TIMEOUT_RANGE)?;
+    let (connect_interval, _) = duration(
+        src,
+        raw.connect_interval,
+        "net.connect-interval",
+        DEFAULT_CONNECT_INTERVAL,
+        CONNECT_INTERVAL_RANGE,
+    )?;
+    // A ping answer that may take longer than any other answer would make the ping useless.
+    if ping_timeout >= timeout {
+        let message = format!(
+            "ping-timeout ({}) must be shorter than timeout ({})",
+            format_duration(ping_timeout),
+            format_duration(timeout)
+        );
+        // Point at whichever of the two was written (ping-timeout if both were).
+        let (span, key) = match (ping_timeout_span, timeout_span) {
+            (None, Some(span)) => (span, "net.timeout"),
+            (span, _) => (span.unwrap_or_default(), "net.ping-timeout"),
+        };
+        return Err(src.invalid(&span, key, message));
+    }
+    Ok(NetConfig {
+        shared_secret,
+        ping_interval,
+        ping_timeout,
+        timeout,
+        connect_interval,
+        data_integrity: raw.data_integrity.unwrap_or(false),
+    })
+}
+
+fn build_disk(src: &Source, raw: Option<RawDisk>) -> Result<DiskConfig, ConfigError> {
+    let Some(raw) = raw else { return Ok(DiskConfig::default()) };
+    let al_extents = match raw.al_extents {
+        None => DEFAULT_AL_EXTENTS,
+        Some(n) => {
+            let span = n.span();
+            let n = *n.get_ref();
+            match u32::try_from(n) {
+                Ok(n) if (AL_EXTENTS_MIN..=AL_EXTENTS_MAX).contains(&n) => n,
+                _ => {
+                    return Err(src.invalid(
+                        &span,
+                        "disk.al-extents",
+                        format!("{n} is out of range: must be {AL_EXTENTS_MIN} to {AL_EXTENTS_MAX}"),
+                    ))
+                }
+            }
+        }
+    };
+    let bitmap_block = match raw.bitmap_block {
+        None => DEFAULT_BITMAP_BLOCK,
+        Some(size) => {
+            let span = size.span();
+            let bytes = match size.into_inner() {
+                SizeValue::Text(text) => parse_size(&text).ok_or_else(|| {
+                    src.invalid(
+                        &span,
+                        "disk.bitmap-block",
+                        format!("invalid size {text:?}, expected e.g. \"4KiB\""),
+                    )
+                })?,
+                SizeValue::Bytes(n) => u64::try_from(n).unwrap_or(0),
+            };
+            if !bytes.is_power_of_two() || !(BITMAP_BLOCK_MIN..=BITMAP_BLOCK_MAX).contains(&bytes) {
+                return Err(src.invalid(
+                    &span,
+                    "disk.bitmap-block",
+                    format!(
+                        "{bytes} bytes: must be a power of two from {} to {}",
+                        format_size(BITMAP_BLOCK_MIN),
+                        format_size(BITMAP_BLOCK_MAX)
+                    ),
+                ));
+            }
+            bytes
+        }
+    };
+    Ok(DiskConfig { al_extents, bitmap_block })
+}
+
+fn build_nodes(
+    src: &Source,
+    raw: Option<Spanned<Vec<Spanned<RawNode>>>>,
+) -> Result<[NodeConfig; 2], ConfigError> {
+    const HOW: &str = "a resource has exactly two [[node]] tables";
+    let Some(raw) = raw else {
+        return Err(src.missing(&(0..0), "node".to_string(), HOW));
+    };
+    let list_span = raw.span();
+    let [first, second]: [Spanned<RawNode>; 2] =
+        raw.into_inner().try_into().map_err(|list: Vec<Spanned<RawNode>>| {
+            // Point at the first node too many, or at the list when there are too few.
+            let span = list.get(2).map_or(list_span, |n| n.span());
+            src.invalid(&span, "node", format!("{HOW}, found {}", list.len()))
+        })?;
+    let (a, _, _) = build_node(src, 0, first)?;
+    let (b, name_span, address_span) = build_node(src, 1, second)?;
+    if a.name == b.name {
+        return Err(src.invalid(&name_span, "node[1].name", format!("both nodes are named {:?}", a.name)));
+    }
+    if a.address == b.address {
+        return Err(src.invalid(
+            &address_span,
+            "node[1].address",
+            format!("both nodes have the address {:?}", a.address),
+        ));
+    }
+    Ok([a, b])
+}
+
+/// One node, and the spans of its name and address for the cross-node checks.
+fn build_node(
+    src: &Source,
+    index: usize,
+    raw: Spanned<RawNode>,
+) -> Result<(NodeConfig, Range<usize>, Range<usize>), ConfigError> {
+    let node_span = raw.span();
+    let raw = raw.into_inner();
+    let key = |field: &str| format!("node[{index}].{field}");
+    let required = |value: Option<Spanned<String>>, field: &str, what: &str| {
+        value.ok_or_else(|| src.missing(&node_span, key(field), what))
+    };
+    let name = required(raw.name, "name", "each node needs the name it is known by (normally its hostname)")?;
+    let address = required(raw.address, "address", "each node needs its replication address, host:port")?;
+    let disk = required(raw.disk, "disk", "each node needs its backing disk or file, an absolute path")?;
+    let (name_span, address_span) = (name.span(), address.span());
+
+    if let Some(problem) = node_name_problem(name.get_ref()) {
+        return Err(src.invalid(
+            &name_span,
+            key("name"),
+            format!("invalid node name {:?}: {problem}", name.get_ref()),
+        ));
+    }
+    if let Some(problem) = host_port_problem(address.get_ref()) {
+        return Err(src.invalid(
+            &address_span,
+            key("address"),
+            format!("{:?}: {problem}", address.get_ref()),
+        ));
+    }
+    let disk_path = absolute_path(src, &disk, &key("disk"))?;
+    let meta_disk = match raw.meta_disk {
+        None => MetaDisk::Internal,
+        Some(meta) if meta.get_ref() == "internal" => MetaDisk::Internal,
+        Some(meta) => {
+            let path = absolute_path(src, &meta, &key("meta-disk"))?;
+            if path == disk_path {
+                return Err(src.invalid(
+                    &meta.span(),
+                    key("meta-disk"),
+                    "is the backing disk itself; write \"internal\" to keep metadata on it",
+                ));
+            }
+            MetaDisk::External(path)
+        }
+    };
+    let nbd_listen = match raw.nbd_listen {
+        None => None,
+        Some(listen) => {
+            if let Some(problem) = host_port_problem(listen.get_ref()) {
+                return Err(src.invalid(
+                    &listen.span(),
+                    key("nbd-listen"),
+                    format!("{:?}: {problem}", listen.get_ref()),
+                ));
+            }
+            Some(listen.into_inner())
+        }
+    };
+    let nbd_device = match raw.nbd_device {
+        None => None,
+        Some(dev) if dev.get_ref() == "auto" => Some(NbdDevice::Auto),
+        Some(dev) => Some(NbdDevice::Path(absolute_path(src, &dev, &key("nbd-device"))?)),
+    };
+    let config = NodeConfig {
+        name: name.into_inner(),
+        address: address.into_inner(),
+        disk: disk_path,
+        meta_disk,
+        nbd_listen,
+        nbd_device,
+    };
+    Ok((config, name_span, address_span))
+}
+
+/// Paths must be absolute: a daemon's working directory is not something to depend on.
+fn absolute_path(src: &Source, value: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+    let text = value.get_ref();
+    if !text.starts_with('/') {
+        return Err(src.invalid(&value.span(), key, format!("{text:?} is not an absolute path")));
+    }
+    Ok(PathBuf::from(text))
+}
+
+/// Node names are hostnames or hostname-like labels.
+fn node_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > 64 {
+        return Some("longer than 64 bytes");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) {
+        return Some("use letters, digits, '.', '-' and '_'");
+    }
+    None
+}
+
+/// Checks `host:port` without resolving the host (that happens when connecting, and may
+/// legitimately fail at load time): a non-empty host, IPv6 in brackets, a port from 1 to 65535.
+fn host_port_problem(text: &str) -> Option<&'static str> {
+    const FORMAT: &str = "expected host:port, like \"192.168.10.1:7789\" or \"[fd00::1]:7789\"";
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return if text.ends_with(":0") { Some("port 0 is not allowed") } else { None };
+    }
+    let Some((host, port)) = text.rsplit_once(':') else { return Some(FORMAT) };
+    if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Some(FORMAT);
+    }
+    if host.starts_with('[') {
+        return Some("invalid IPv6 address");
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Some("port 0 is not allowed"),
+        Ok(_) => None,
+        Err(_) => Some(FORMAT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ports() {
+        for ok in ["192.168.10.1:7789", "[fd00::1]:7789", "alpha:7789", "alpha.example.com:1"] {
+            assert_eq!(host_port_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "alpha",
+            ":7789",
+            "alpha:",
+            "alpha:0",
+            "alpha:65536",
+            "fd00::1:7789",
+            "[zz]:1",
+            "a b:1",
+            "1.2.3.4:0",
+        ] {
+            assert!(host_port_problem(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages() {
+        assert_eq!(
+            schema_message("unknown field `foo`, expected `timeout` or `data-integrity`"),
+            "unknown key, expected `timeout` or `data-integrity`"
+        );
+        assert_eq!(
+            schema_message("invalid type: integer `5`, expected struct RawNet"),
+            "invalid type: integer `5`, expected a table"
+        );
+    }
+}

@@ -1,0 +1,477 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const FILE: &str = "/etc/rdbd/res0.toml";
+
+const MINIMAL: &str = r#"
+[[node]]
+name = "alpha"
+address = "192.168.10.1:7789"
+disk = "/dev/vg/res0"
+
+[[node]]
+name = "beta"
+address = "192.168.10.2:7789"
+disk = "/dev/vg/res0"
+"#;
+
+const FULL: &str = r#"resource = "res0"
+protocol = "A"
+
+[net]
+shared-secret = "s3cret"
+ping-interval = "5s"
+ping-timeout = "1s"
+timeout = "3s"
+connect-interval = "2m"
+data-integrity = true
+
+[disk]
+al-extents = 6007
+bitmap-block = "64KiB"
+
+[[node]]
+name = "alpha"
+address = "[fd00::1]:7789"
+disk = "/dev/sdb1"
+meta-disk = "/dev/sdc1"
+nbd-listen = "127.0.0.1:10809"
+nbd-device = "/dev/nbd0"
+
+[[node]]
+name = "beta"
+address = "beta.example.com:7790"
+disk = "/var/lib/rdbd/res0.img"
+meta-disk = "internal"
+nbd-device = "auto"
+"#;
+
+fn parse_ok(text: &str) -> ResourceConfig {
+    match parse(Path::new(FILE), text) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    match parse(Path::new(FILE), text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the error's line and key, and that the one-line message starts with
+/// `file:line: key:` and contains `fragment`.
+fn assert_error(text: &str, line: usize, key: &str, fragment: &str) {
+    let e = parse_err(text);
+    let message = e.to_string();
+    assert_eq!(e.line(), Some(line), "{message}");
+    assert_eq!(e.key(), Some(key), "{message}");
+    let prefix = format!("{FILE}:{line}: {key}: ");
+    assert!(message.starts_with(&prefix), "{message:?} should start with {prefix:?}");
+    assert!(message.contains(fragment), "{message:?} should contain {fragment:?}");
+    assert!(!message.contains('\n'), "{message:?} is not one line");
+}
+
+/// MINIMAL with `extra` added to the `[net]` table or at the top (before the nodes), so
+/// the line numbers in the tests below are easy to count: `extra` starts at line 2.
+fn with(extra: &str) -> String {
+    format!("\n{extra}\n{MINIMAL}")
+}
+
+#[test]
+fn minimal_file_gets_every_default() {
+    let cfg = parse_ok(MINIMAL);
+    assert_eq!(cfg.name, "res0");
+    assert_eq!(cfg.file, Path::new(FILE));
+    assert_eq!(cfg.protocol, Protocol::C);
+    assert_eq!(
+        cfg.net,
+        NetConfig {
+            shared_secret: None,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_millis(500),
+            timeout: Duration::from_secs(6),
+            connect_interval: Duration::from_secs(10),
+            data_integrity: false,
+        }
+    );
+    assert_eq!(cfg.disk, DiskConfig { al_extents: 1237, bitmap_block: 4096 });
+    let [a, b] = &cfg.nodes;
+    assert_eq!(
+        *a,
+        NodeConfig {
+            name: "alpha".into(),
+            address: "192.168.10.1:7789".into(),
+            disk: "/dev/vg/res0".into(),
+            meta_disk: MetaDisk::Internal,
+            nbd_listen: None,
+            nbd_device: None,
+        }
+    );
+    assert_eq!(b.name, "beta");
+    assert_eq!(b.meta_disk, MetaDisk::Internal);
+}
+
+#[test]
+fn empty_tables_get_defaults_too() {
+    let cfg = parse_ok(&with("[net]\n[disk]"));
+    assert_eq!(cfg.net, NetConfig::default());
+    assert_eq!(cfg.disk, DiskConfig::default());
+}
+
+#[test]
+fn full_file() {
+    let cfg = parse_ok(FULL);
+    assert_eq!(cfg.protocol, Protocol::A);
+    assert_eq!(
+        cfg.net,
+        NetConfig {
+            shared_secret: Some("s3cret".into()),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(3),
+            connect_interval: Duration::from_secs(120),
+            data_integrity: true,
+        }
+    );
+    assert_eq!(cfg.disk, DiskConfig { al_extents: 6007, bitmap_block: 64 << 10 });
+    let [a, b] = &cfg.nodes;
+    assert_eq!(a.address, "[fd00::1]:7789");
+    assert_eq!(a.meta_disk, MetaDisk::External("/dev/sdc1".into()));
+    assert_eq!(a.nbd_listen.as_deref(), Some("127.0.0.1:10809"));
+    assert_eq!(a.nbd_device, Some(NbdDevice::Path("/dev/nbd0".into())));
+    assert_eq!(b.address, "beta.example.com:7790");
+    assert_eq!(b.disk, Path::new("/var/lib/rdbd/res0.img"));
+    assert_eq!(b.meta_disk, MetaDisk::Internal);
+    assert_eq!(b.nbd_listen, None);
+    assert_eq!(b.nbd_device, Some(NbdDevice::Auto));
+    assert_eq!(cfg.node("beta"), Some(b));
+    assert_eq!(cfg.node("gamma"), None);
+}
+
+#[test]
+fn protocols_and_sizes_in_other_spellings() {
+    for (p, want) in [("A", Protocol::A), ("B", Protocol::B), ("C", Protocol::C)] {
+        assert_eq!(parse_ok(&with(&format!("protocol = \"{p}\""))).protocol, want);
+    }
+    let cfg = parse_ok(&with("[disk]\nbitmap-block = 1048576\nal-extents = 67"));
+    assert_eq!(cfg.disk, DiskConfig { al_extents: 67, bitmap_block: 1 << 20 });
+    assert_eq!(parse_ok(&with("[disk]\nbitmap-block = \"8k\"")).disk.bitmap_block, 8192);
+    assert_eq!(parse_ok(&with("[disk]\nal-extents = 65534")).disk.al_extents, 65534);
+    // Inline tables and dotted keys are the same document to TOML.
+    let cfg = parse_ok(&with("net.timeout = \"2s\""));
+    assert_eq!(cfg.net.timeout, Duration::from_secs(2));
+}
+
+#[test]
+fn dump_round_trips() {
+    for text in [MINIMAL, FULL] {
+        let cfg = parse_ok(text);
+        let dumped = cfg.to_toml();
+        assert_eq!(parse_ok(&dumped), cfg, "{dumped}");
+    }
+    let dumped = parse_ok(MINIMAL).to_toml();
+    for line in [
+        "resource = \"res0\"",
+        "protocol = \"C\"",
+        "ping-interval = \"10s\"",
+        "ping-timeout = \"500ms\"",
+        "timeout = \"6s\"",
+        "connect-interval = \"10s\"",
+        "data-integrity = false",
+        "al-extents = 1237",
+        "bitmap-block = \"4KiB\"",
+        "meta-disk = \"internal\"",
+    ] {
+        assert!(dumped.lines().any(|l| l == line), "{line:?} missing from\n{dumped}");
+    }
+    assert!(!dumped.contains("shared-secret"));
+    assert!(!dumped.contains("nbd-"));
+}
+
+#[test]
+fn resource_key_must_match_the_file_name() {
+    assert_eq!(parse_ok(&with("resource = \"res0\"")).name, "res0");
+    assert_error(
+        &with("resource = \"res1\""),
+        2,
+        "resource",
+        "does not match the file name (expected \"res0\")",
+    );
+    assert_error(&with("resource = \"../x\""), 2, "resource", "invalid resource name");
+    let e = parse(Path::new("/etc/rdbd/bad name.toml"), MINIMAL).unwrap_err();
+    assert!(matches!(e, ConfigError::ResourceName { .. }), "{e}");
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let e = parse_err("protocol = \"C\"\n[net]\ntimeout = \"6s\n");
+    assert_eq!(
+        e.to_string(),
+        format!("{FILE}:3: net.timeout: invalid TOML: invalid basic string, expected `\"`")
+    );
+    assert!(matches!(e, ConfigError::Syntax { line: 3, .. }));
+    let e = parse_err("\n\n[net]\nping-timeout = 5s\n");
+    assert_eq!(e.line(), Some(4));
+    assert_eq!(e.key(), Some("net.ping-timeout"));
+    // A duplicate key is found from the text since the parser drops it.
+    let e = parse_err("[net]\ntimeout = \"1s\"\ntimeout = \"2s\"\n");
+    assert_eq!((e.line(), e.key()), (Some(3), Some("net.timeout")), "{e}");
+    assert!(e.to_string().contains("duplicate key"), "{e}");
+}
+
+#[test]
+fn unknown_keys() {
+    assert_error(&with("colour = \"blue\""), 2, "colour", "unknown key, expected one of `resource`");
+    assert_error(
+        &with("[net]\nping-int = \"10s\""),
+        3,
+        "net.ping-int",
+        "unknown key, expected one of `shared-secret`",
+    );
+    assert_error(&with("[disk]\n\nresync-rate = 1"), 4, "disk.resync-rate", "unknown key");
+    assert_error(&with("[nett]"), 2, "nett", "unknown key");
+    let text = MINIMAL.replace("disk = \"/dev/vg/res0\"\n\n", "disk = \"/dev/vg/res0\"\nport = 1\n\n");
+    assert_error(&text, 6, "node[0].port", "unknown key, expected one of `name`");
+}
+
+#[test]
+fn wrong_types() {
+    assert_error(&with("protocol = 3"), 2, "protocol", "invalid type: integer `3`, expected a string");
+    assert_error(&with("[net]\ndata-integrity = \"yes\""), 3, "net.data-integrity", "expected a boolean");
+    assert_error(&with("[net]\ntimeout = 6"), 3, "net.timeout", "expected a string");
+    assert_error(&with("[disk]\nal-extents = \"many\""), 3, "disk.al-extents", "expected an integer");
+    assert_error(
+        &with("[disk]\nbitmap-block = true"),
+        3,
+        "disk.bitmap-block",
+        "expected a size like \"4KiB\"",
+    );
+    assert_error(&with("net = 5"), 2, "net", "expected a table");
+    assert_error("node = 5\n", 1, "node", "expected an array of tables ([[node]])");
+    let text = MINIMAL.replace("name = \"beta\"", "name = [\"beta\"]");
+    assert_error(&text, 8, "node[1].name", "expected a string");
+}
+
+#[test]
+fn missing_keys() {
+    assert_error("protocol = \"C\"\n", 1, "node", "missing; a resource has exactly two [[node]] tables");
+    let text = MINIMAL.replace("address = \"192.168.10.2:7789\"\n", "");
+    assert_error(&text, 7, "node[1].address", "missing; each node needs its replication address");
+    let text = MINIMAL.replace("name = \"alpha\"\n", "");
+    assert_error(&text, 2, "node[0].name", "missing; each node needs the name");
+    let text = MINIMAL.replace("disk = \"/dev/vg/res0\"\n\n[[node]]", "\n[[node]]");
+    assert_error(&text, 2, "node[0].disk", "missing; each node needs its backing disk");
+}
+
+#[test]
+fn node_count() {
+    let one = &MINIMAL[..MINIMAL.find("\n[[node]]\nname = \"beta\"").unwrap()];
+    assert_error(one, 2, "node", "a resource has exactly two [[node]] tables, found 1");
+    let three = format!("{MINIMAL}\n[[node]]\nname = \"gamma\"\naddress = \"10.0.0.3:1\"\ndisk = \"/d\"\n");
+    assert_error(&three, 12, "node", "found 3");
+    assert_error("node = []\n", 1, "node", "found 0");
+}
+
+#[test]
+fn node_values() {
+    let cases = [
+        ("name = \"beta\"", "name = \"alpha\"", "node[1].name", "both nodes are named \"alpha\""),
+        ("name = \"beta\"", "name = \"be ta\"", "node[1].name", "invalid node name"),
+        ("name = \"beta\"", "name = \"\"", "node[1].name", "it is empty"),
+        (
+            "address = \"192.168.10.2:7789\"",
+            "address = \"192.168.10.1:7789\"",
+            "node[1].address",
+            "both nodes have the address",
+        ),
+        ("address = \"192.168.10.2:7789\"", "address = \"beta\"", "node[1].address", "expected host:port"),
+        ("address = \"192.168.10.2:7789\"", "address = \"beta:0\"", "node[1].address", "port 0"),
+        (
+            "address = \"192.168.10.2:7789\"",
+            "address = \"fd00::2:7789\"",
+            "node[1].address",
+            "expected host:port",
+        ),
+    ];
+    for (from, to, key, fragment) in cases {
+        let text = MINIMAL.replace(from, to);
+        let line = text.lines().collect::<Vec<_>>().iter().rposition(|l| *l == to).unwrap() + 1;
+        assert_error(&text, line, key, fragment);
+    }
+    let at_line = |extra: &str| {
+        let text =
+            MINIMAL.replace("disk = \"/dev/vg/res0\"\n\n", &format!("disk = \"/dev/vg/res0\"\n{extra}\n\n"));
+        (text, 6)
+    };
+    for (extra, key, fragment) in [
+        ("meta-disk = \"md0\"", "node[0].meta-disk", "\"md0\" is not an absolute path"),
+        ("meta-disk = \"/dev/vg/res0\"", "node[0].meta-disk", "is the backing disk itself"),
+        ("nbd-listen = \"localhost\"", "node[0].nbd-listen", "expected host:port"),
+        ("nbd-device = \"nbd0\"", "node[0].nbd-device", "not an absolute path"),
+    ] {
+        let (text, line) = at_line(extra);
+        assert_error(&text, line, key, fragment);
+    }
+    let text = MINIMAL.replace("disk = \"/dev/vg/res0\"\n\n", "disk = \"res0.img\"\n\n");
+    assert_error(&text, 5, "node[0].disk", "\"res0.img\" is not an absolute path");
+}
+
+#[test]
+fn protocol_value() {
+    assert_error(&with("protocol = \"D\""), 2, "protocol", "invalid protocol \"D\", expected A, B or C");
+    assert_error(&with("protocol = \"c\""), 2, "protocol", "invalid protocol \"c\"");
+}
+
+#[test]
+fn durations() {
+    assert_error(
+        &with("[net]\nping-timeout = \"5 parsecs\""),
+        3,
+        "net.ping-timeout",
+        "invalid duration \"5 parsecs\"",
+    );
+    assert_error(&with("[net]\nping-interval = \"10\""), 3, "net.ping-interval", "invalid duration \"10\"");
+    assert_error(
+        &with("[net]\ntimeout = \"2m\""),
+        3,
+        "net.timeout",
+        "2m is out of range: must be 100ms to 1m",
+    );
+    assert_error(&with("[net]\nconnect-interval = \"0s\""), 3, "net.connect-interval", "out of range");
+    assert_error(&with("[net]\nping-timeout = \"31s\""), 3, "net.ping-timeout", "must be 100ms to 30s");
+    // ping-timeout must be shorter than timeout; the message points at the key that was written.
+    assert_error(
+        &with("[net]\ntimeout = \"1s\"\nping-timeout = \"1s\""),
+        4,
+        "net.ping-timeout",
+        "ping-timeout (1s) must be shorter than timeout (1s)",
+    );
+    assert_error(
+        &with("[net]\n\ntimeout = \"400ms\""),
+        4,
+        "net.timeout",
+        "ping-timeout (500ms) must be shorter",
+    );
+    assert_error(&with("[net]\nping-timeout = \"6s\""), 3, "net.ping-timeout", "shorter than timeout (6s)");
+}
+
+#[test]
+fn shared_secret() {
+    assert_eq!(
+        parse_ok(&with(&format!("[net]\nshared-secret = \"{}\"", "x".repeat(64))))
+            .net
+            .shared_secret
+            .unwrap()
+            .len(),
+        64
+    );
+    assert_error(
+        &with(&format!("[net]\nshared-secret = \"{}\"", "x".repeat(65))),
+        3,
+        "net.shared-secret",
+        "65 bytes long, at most 64 allowed",
+    );
+    assert_error(&with("[net]\nshared-secret = \"\""), 3, "net.shared-secret", "empty");
+}
+
+#[test]
+fn disk_values() {
+    assert_error(
+        &with("[disk]\nal-extents = 66"),
+        3,
+        "disk.al-extents",
+        "66 is out of range: must be 67 to 65534",
+    );
+    assert_error(&with("[disk]\nal-extents = 65535"), 3, "disk.al-extents", "out of range");
+    assert_error(&with("[disk]\nal-extents = -1"), 3, "disk.al-extents", "-1 is out of range");
+    assert_error(
+        &with("[disk]\nbitmap-block = \"6KiB\""),
+        3,
+        "disk.bitmap-block",
+        "6144 bytes: must be a power of two from 4KiB to 1MiB",
+    );
+    assert_error(&with("[disk]\nbitmap-block = \"2KiB\""), 3, "disk.bitmap-block", "power of two from 4KiB");
+    assert_error(&with("[disk]\nbitmap-block = \"2MiB\""), 3, "disk.bitmap-block", "power of two");
+    assert_error(&with("[disk]\nbitmap-block = -4096"), 3, "disk.bitmap-block", "power of two");
+    assert_error(&with("[disk]\nbitmap-block = \"lots\""), 3, "disk.bitmap-block", "invalid size \"lots\"");
+}
+
+#[test]
+fn load_reads_the_resource_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("res0.toml"), MINIMAL).unwrap();
+    let cfg = load(dir.path(), "res0").unwrap();
+    assert_eq!(cfg.name, "res0");
+    assert_eq!(cfg.file, dir.path().join("res0.toml"));
+
+    let e = load(dir.path(), "res1").unwrap_err();
+    let path = dir.path().join("res1.toml");
+    assert_eq!(e.to_string(), format!("cannot read {}: No such file or directory", path.display()));
+
+    let e = load(dir.path(), "../res0").unwrap_err();
+    assert!(matches!(e, ConfigError::ResourceName { .. }), "{e}");
+    assert!(load(dir.path(), "").is_err());
+    assert!(load(dir.path(), "-x").is_err());
+
+    std::fs::write(dir.path().join("bin.toml"), b"# ok\n\xff\n").unwrap();
+    let e = load(dir.path(), "bin").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{}:2: the file is not valid UTF-8", dir.path().join("bin.toml").display())
+    );
+
+    std::fs::create_dir(dir.path().join("dir.toml")).unwrap();
+    let e = load(dir.path(), "dir").unwrap_err();
+    assert!(e.to_string().starts_with("cannot read "), "{e}");
+}
+
+#[test]
+fn local_node_by_name() {
+    let cfg = parse_ok(MINIMAL);
+    let (me, peer) = local_node(&cfg, Some("alpha")).unwrap();
+    assert_eq!((me.name.as_str(), peer.name.as_str()), ("alpha", "beta"));
+    let (me, peer) = local_node(&cfg, Some("beta")).unwrap();
+    assert_eq!((me.name.as_str(), peer.name.as_str()), ("beta", "alpha"));
+    let e = local_node(&cfg, Some("gamma")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{FILE}: resource res0 has no node named \"gamma\" (nodes: alpha, beta)")
+    );
+    // An explicit name is matched exactly.
+    assert!(local_node(&cfg, Some("ALPHA")).is_err());
+}
+
+#[test]
+fn local_node_by_hostname() {
+    let host = hostname();
+    let short = host.split('.').next().unwrap_or_default().to_string();
+    if raw::resource_name_problem(&short).is_some() {
+        return; // a hostname that cannot be a node name (empty, say) has nothing to match
+    }
+    let peer = if short == "peer-x" { "peer-y" } else { "peer-x" };
+    let text =
+        MINIMAL.replace("\"alpha\"", &format!("\"{short}\"")).replace("\"beta\"", &format!("\"{peer}\""));
+    let cfg = parse_ok(&text);
+    let (me, other) = local_node(&cfg, None).unwrap();
+    assert_eq!((me.name.as_str(), other.name.as_str()), (short.as_str(), peer));
+
+    let cfg = parse_ok(&MINIMAL.replace("\"alpha\"", "\"peer-x\"").replace("\"beta\"", "\"peer-y\""));
+    if host != "peer-x" && host != "peer-y" {
+        let e = local_node(&cfg, None).unwrap_err();
+        assert!(matches!(e, ConfigError::UnknownNode { by_hostname: true, .. }));
+        let message = e.to_string();
+        assert!(message.contains(&format!("hostname {host:?} is not a node of resource res0")), "{message}");
+        assert!(message.contains("(nodes: peer-x, peer-y)"), "{message}");
+    }
+}
+
+#[test]
+fn config_dir_resolution() {
+    assert_eq!(config_dir(Some(Path::new("/x"))), Path::new("/x"));
+    // The environment is process-wide, so only the explicit case is tested here; the CLI test
+    // covers RDBD_CONFIG_DIR in a child process.
+}
