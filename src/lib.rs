@@ -5,5 +5,6 @@
 //! - [`config`]: resource files (`/etc/rdbd/<res>.toml`): the two nodes and their options.
 
 pub mod config;
+pub mod metadata;
 pub mod nbd;
 pub mod storage;

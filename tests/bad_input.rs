@@ -1267,7 +1267,7 @@ fn abuse_on_one_connection_does_not_stall_another() {
 #[test]
 fn shutdown_does_not_wait_forever_for_a_client_that_never_reads() {
     let mut server = Server::start(SIZE);
-    let mut c = ready(&server);
+    let c = ready(&server);
     let s = c.s.try_clone().unwrap();
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     // Far more reply data than the socket buffers hold.
