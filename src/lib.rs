@@ -2,9 +2,11 @@
 //!
 //! - [`storage`]: the block device interface and the local-disk implementation (io_uring).
 //! - [`nbd`]: the NBD server that exports a device to the kernel, qemu, libnbd and fio.
+//! - [`replication`]: node/connection states and the connect-time sync decision (pure logic).
 //! - [`config`]: resource files (`/etc/rdbd/<res>.toml`): the two nodes and their options.
 
 pub mod config;
 pub mod metadata;
 pub mod nbd;
+pub mod replication;
 pub mod storage;

@@ -1,4 +1,4 @@
-//! Generation identifiers ("UUIDs"), DRBD 8.4 model: Current, Bitmap, History[2].
+//! Generation identifiers ("UUIDs"), DRBD 8.4 model: Current, Bitmap, History\[2\].
 //!
 //! A generation identifier names a state of the replicated data. Comparing the
 //! sets of the two nodes at connect time tells which node has newer data and

@@ -1,0 +1,4 @@
+//! Replication decisions: node and connection states, and the sync decision at connect time.
+
+pub mod states;
+pub mod sync_decision;
