@@ -2,11 +2,13 @@
 //!
 //! - [`nbd`]: the Network Block Device protocol (handshake and transmission), as served to the
 //!   Linux kernel, qemu, libnbd and fio.
+//! - [`repl`]: the replication link between two rdbd nodes, specified in `SPEC.md`.
 //!
 //! Every decoder takes untrusted bytes and returns a typed error instead of panicking; no decoder
 //! allocates based on a length field it has not checked against a limit.
 
 pub mod nbd;
+pub mod repl;
 mod wire;
 
 pub use wire::DecodeError;

@@ -36,10 +36,14 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.bytes(N)?);
         Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
     }
 
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
@@ -57,6 +61,15 @@ impl<'a> Reader<'a> {
     /// A string preceded by a u32 length, which must not exceed `limit`.
     pub(crate) fn string32(&mut self, what: &'static str, limit: usize) -> Result<&'a str, DecodeError> {
         let len = self.u32()? as usize;
+        if len > limit {
+            return Err(DecodeError::TooLong { what, len: len as u64, limit: limit as u64 });
+        }
+        std::str::from_utf8(self.bytes(len)?).map_err(|_| DecodeError::NotUtf8(what))
+    }
+
+    /// A string preceded by a u16 length, which must not exceed `limit`.
+    pub(crate) fn string16(&mut self, what: &'static str, limit: usize) -> Result<&'a str, DecodeError> {
+        let len = self.u16()? as usize;
         if len > limit {
             return Err(DecodeError::TooLong { what, len: len as u64, limit: limit as u64 });
         }

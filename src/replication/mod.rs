@@ -1,4 +1,5 @@
 //! Replication decisions: node and connection states, and the sync decision at connect time.
 
+pub mod link;
 pub mod states;
 pub mod sync_decision;
