@@ -3,6 +3,8 @@
 mod demo;
 mod dump;
 mod listen;
+mod metadata;
+mod resource;
 mod serve;
 
 use std::process::ExitCode;
@@ -20,6 +22,10 @@ struct Cli {
 enum Command {
     /// Serve one file or block device over NBD until interrupted.
     Serve(serve::ServeArgs),
+    /// Write fresh metadata (bitmap, activity log, generation identifiers) for this node's disk.
+    CreateMd(metadata::CreateMdArgs),
+    /// Print this node's metadata: generation identifiers, flags, out-of-sync blocks, activity log.
+    ShowMd(metadata::ShowMdArgs),
     /// Serve a fresh sparse file in a temporary directory and print how to connect.
     Demo(demo::DemoArgs),
     /// Print a resource's effective configuration (defaults filled in) and which node this is.
@@ -38,6 +44,8 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Dump(args) => dump::run(args),
+            Command::CreateMd(args) => metadata::create_md(args),
+            Command::ShowMd(args) => metadata::show_md(args),
         }
     });
     match result {
