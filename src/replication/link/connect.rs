@@ -1,0 +1,206 @@
+//! Establishing the pair of channels between the two nodes.
+//!
+//! The node whose name sorts lower dials; the other listens. The dialer opens the data channel,
+//! completes its Hello and authentication, then opens the meta channel the same way; finally
+//! Params and State are exchanged on the data channel. A listener that meets a connection that
+//! fails the handshake (a stale attempt, a stranger) drops it and keeps waiting.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdbd_protocol::repl::{Channel, Params, State};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::framed::{FrameError, Framed};
+use super::handshake::{exchange_state, greet, HandshakeError, Identity, PeerInfo};
+
+/// Which side of the connection this node takes: the lower node name dials.
+pub fn dials(local_node: &str, peer_node: &str) -> bool {
+    local_node < peer_node
+}
+
+/// Both channels, authenticated, and what the peer reported.
+pub struct Established {
+    pub data: Framed,
+    pub meta: Framed,
+    pub peer: PeerInfo,
+}
+
+async fn connect_channel(
+    addr: SocketAddr,
+    channel: Channel,
+    id: &Identity<'_>,
+) -> Result<(Framed, u16), HandshakeError> {
+    let stream = tokio::time::timeout(id.step_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| FrameError::Timeout(id.step_timeout))?
+        .map_err(FrameError::Io)?;
+    let mut framed = Framed::new(stream).map_err(FrameError::Io)?;
+    let version = greet(&mut framed, channel, id).await?;
+    Ok((framed, version))
+}
+
+/// The dialing side: one attempt to establish both channels with the peer at `addr`.
+pub async fn dial(
+    addr: SocketAddr,
+    id: &Identity<'_>,
+    params: Params,
+    state: State,
+) -> Result<Established, HandshakeError> {
+    let (mut data, version) = connect_channel(addr, Channel::Data, id).await?;
+    let (meta, _) = connect_channel(addr, Channel::Meta, id).await?;
+    let peer = exchange_state(&mut data, id, version, params, state).await?;
+    Ok(Established { data, meta, peer })
+}
+
+async fn accept_channel(
+    listener: &TcpListener,
+    channel: Channel,
+    id: &Identity<'_>,
+    within: Option<Duration>,
+) -> Result<(Framed, u16), HandshakeError> {
+    let accepted = match within {
+        Some(limit) => {
+            tokio::time::timeout(limit, listener.accept()).await.map_err(|_| FrameError::Timeout(limit))?
+        }
+        None => listener.accept().await,
+    };
+    let (stream, from) = accepted.map_err(FrameError::Io)?;
+    debug!(%from, ?channel, "replication connection accepted");
+    let mut framed = Framed::new(stream).map_err(FrameError::Io)?;
+    let version = greet(&mut framed, channel, id).await?;
+    Ok((framed, version))
+}
+
+/// The listening side: waits for the peer, dropping connections that fail the handshake,
+/// until both channels are established. Authentication and configuration refusals are returned
+/// (after being sent to the peer) so the caller can report them; other failures just wait on.
+pub async fn listen(
+    listener: &TcpListener,
+    id: &Identity<'_>,
+    params: Params,
+    state: State,
+) -> Result<Established, HandshakeError> {
+    loop {
+        let (mut data, version) = match accept_channel(listener, Channel::Data, id, None).await {
+            Ok(ok) => ok,
+            Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                warn!("replication connection dropped during its handshake: {e}");
+                continue;
+            }
+        };
+        let meta = match accept_channel(listener, Channel::Meta, id, Some(id.step_timeout)).await {
+            Ok((meta, _)) => meta,
+            Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                warn!("the peer's meta channel did not arrive: {e}");
+                continue;
+            }
+        };
+        let peer = exchange_state(&mut data, id, version, params, state).await?;
+        return Ok(Established { data, meta, peer });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdbd_protocol::repl::{Generations, Message, Protocol, RefuseCode};
+
+    fn id<'a>(local: &'a str, peer: &'a str, secret: &'a [u8]) -> Identity<'a> {
+        Identity {
+            resource: "res0",
+            local_node: local,
+            peer_node: peer,
+            secret: Some(secret),
+            step_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn params() -> Params {
+        Params {
+            protocol: Protocol::C,
+            device_size: 1 << 30,
+            bitmap_block: 4096,
+            data_integrity: true,
+            discard_my_data: false,
+        }
+    }
+
+    fn state(current: u64) -> State {
+        State {
+            role: 1,
+            disk: 8,
+            flags: 0,
+            generations: Generations { current, ..Default::default() },
+            dirty_blocks: 3,
+        }
+    }
+
+    #[test]
+    fn the_lower_name_dials() {
+        assert!(dials("alpha", "beta"));
+        assert!(!dials("beta", "alpha"));
+    }
+
+    #[tokio::test]
+    async fn both_channels_come_up_and_carry_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ida, idb) = (id("alpha", "beta", b"s3cret"), id("beta", "alpha", b"s3cret"));
+        let (a, b) = tokio::join!(
+            dial(addr, &ida, params(), state(0xa)),
+            listen(&listener, &idb, params(), state(0xb)),
+        );
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.peer.state.generations.current, 0xb);
+        assert_eq!(b.peer.state.generations.current, 0xa);
+        // The meta channel is a separate stream: a ping on it arrives while data is idle.
+        a.meta.send(&Message::Ping).await.unwrap();
+        assert!(matches!(b.meta.recv().await.unwrap(), Message::Ping));
+        b.data.send(&Message::Flush { seq: 7 }).await.unwrap();
+        assert!(matches!(a.data.recv().await.unwrap(), Message::Flush { seq: 7 }));
+    }
+
+    #[tokio::test]
+    async fn a_stranger_is_dropped_and_the_real_peer_still_connects() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ida, idb) = (id("alpha", "beta", b"k"), id("beta", "alpha", b"k"));
+        let server = listen(&listener, &idb, params(), state(2));
+        let clients = async {
+            // Garbage that is not a replication frame, then a client that gives up mid-handshake.
+            use tokio::io::AsyncWriteExt;
+            let mut junk = TcpStream::connect(addr).await.unwrap();
+            junk.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+            drop(junk);
+            drop(TcpStream::connect(addr).await.unwrap());
+            dial(addr, &ida, params(), state(1)).await
+        };
+        let (b, a) = tokio::join!(server, clients);
+        assert_eq!(b.unwrap().peer.state.generations.current, 1);
+        assert_eq!(a.unwrap().peer.state.generations.current, 2);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_reported_on_both_sides() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ida, idb) = (id("alpha", "beta", b"one"), id("beta", "alpha", b"two"));
+        let (a, b) =
+            tokio::join!(dial(addr, &ida, params(), state(1)), listen(&listener, &idb, params(), state(2)));
+        for e in [a.err().unwrap(), b.err().unwrap()] {
+            let code = match e {
+                HandshakeError::Refused { code, .. } | HandshakeError::RefusedByPeer { code, .. } => code,
+                other => panic!("expected an authentication refusal, got {other}"),
+            };
+            assert_eq!(code, RefuseCode::AuthFailed);
+        }
+    }
+}
