@@ -3,6 +3,7 @@
 use std::io;
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use rdbd_protocol::repl::{FrameHeader, Message};
 use rdbd_protocol::DecodeError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,17 +21,20 @@ pub enum FrameError {
     Closed,
 }
 
-/// One channel: a TCP stream and a reusable receive buffer sized by each frame's checked length.
+/// One channel: a TCP stream and a receive buffer. Receiving is cancellation-safe (bytes read
+/// stay in the buffer), so a receive can sit in a `select!` next to other work.
 pub struct Framed {
     stream: TcpStream,
-    payload: Vec<u8>,
+    rbuf: BytesMut,
+    /// Bytes of the frame last returned, dropped at the next receive.
+    consumed: usize,
     out: Vec<u8>,
 }
 
 impl Framed {
     pub fn new(stream: TcpStream) -> io::Result<Self> {
         stream.set_nodelay(true)?;
-        Ok(Self { stream, payload: Vec::new(), out: Vec::new() })
+        Ok(Self { stream, rbuf: BytesMut::with_capacity(64 * 1024), consumed: 0, out: Vec::new() })
     }
 
     pub fn into_stream(self) -> TcpStream {
@@ -47,17 +51,22 @@ impl Framed {
 
     /// Receives one frame; the message borrows this channel's buffer until the next call.
     pub async fn recv(&mut self) -> Result<Message<'_>, FrameError> {
-        let mut head = [0u8; FrameHeader::LEN];
-        match self.stream.read_exact(&mut head).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-            Err(e) => return Err(e.into()),
+        self.rbuf.advance(std::mem::take(&mut self.consumed));
+        loop {
+            if self.rbuf.len() >= FrameHeader::LEN {
+                // The header check bounds the length before the buffer grows for it.
+                let header = FrameHeader::decode(&self.rbuf[..FrameHeader::LEN])?;
+                let total = FrameHeader::LEN + header.length as usize;
+                if self.rbuf.len() >= total {
+                    self.consumed = total;
+                    return Ok(Message::decode(header.kind, &self.rbuf[FrameHeader::LEN..total])?);
+                }
+                self.rbuf.reserve(total - self.rbuf.len());
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(FrameError::Closed);
+            }
         }
-        // The header check bounds the length before anything is allocated.
-        let header = FrameHeader::decode(&head)?;
-        self.payload.resize(header.length as usize, 0);
-        self.stream.read_exact(&mut self.payload).await?;
-        Ok(Message::decode(header.kind, &self.payload)?)
     }
 
     /// [`Framed::recv`] with a deadline.
