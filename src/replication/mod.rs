@@ -1,5 +1,6 @@
 //! Replication decisions: node and connection states, and the sync decision at connect time.
 
+pub mod apply;
 pub mod link;
 pub mod states;
 pub mod sync_decision;
