@@ -1,6 +1,7 @@
 //! Replication decisions: node and connection states, and the sync decision at connect time.
 
 pub mod apply;
+pub mod bitmap_exchange;
 pub mod link;
 pub mod states;
 pub mod sync_decision;
