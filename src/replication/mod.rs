@@ -2,6 +2,8 @@
 
 pub mod apply;
 pub mod bitmap_exchange;
+pub mod device;
 pub mod link;
+pub mod peer;
 pub mod states;
 pub mod sync_decision;

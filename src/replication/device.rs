@@ -1,0 +1,259 @@
+//! The replicated device: a [`BlockDevice`] over the local one that mirrors every write to the
+//! peer, and that the NBD server exports exactly like a plain file.
+//!
+//! A write completes when the local write is done and the peer has acknowledged it as the
+//! protocol asks (C: on its disk, B: received, A: handed to the link; FUA and FLUSH always wait
+//! for the peer's disk). Without a peer, or when the link dies before the acknowledgement, the
+//! write still completes locally and its blocks are marked out of sync in the bitmap, to be
+//! resynced later. Two overlapping writes are never in flight together, so they reach both disks
+//! in the same order.
+
+use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+
+use slab::Slab;
+
+use super::peer::{Inbox, PeerLink, PeerOutcome};
+use crate::metadata::bitmap::DirtyBitmap;
+use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError, IoOp, IoQueue};
+
+pub struct ReplicatedDevice {
+    local: Arc<dyn BlockDevice>,
+    peer: RwLock<Option<Arc<PeerLink>>>,
+    bitmap: Mutex<DirtyBitmap>,
+    bitmap_block: u32,
+    /// Byte ranges of writes in flight on any queue.
+    writes_in_flight: Mutex<Vec<(u64, u64)>>,
+}
+
+impl ReplicatedDevice {
+    pub fn new(local: Arc<dyn BlockDevice>, bitmap: DirtyBitmap, bitmap_block: u32) -> Arc<Self> {
+        Arc::new(Self {
+            local,
+            peer: RwLock::new(None),
+            bitmap: Mutex::new(bitmap),
+            bitmap_block,
+            writes_in_flight: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts mirroring to `link` (after the handshake and any resync).
+    pub fn set_peer(&self, link: Option<Arc<PeerLink>>) {
+        *self.peer.write().expect("peer lock") = link;
+    }
+
+    /// The peer, while its link is alive.
+    pub fn peer(&self) -> Option<Arc<PeerLink>> {
+        self.peer.read().expect("peer lock").as_ref().filter(|p| p.is_alive()).cloned()
+    }
+
+    pub fn out_of_sync_blocks(&self) -> u64 {
+        self.bitmap.lock().expect("bitmap lock").dirty_blocks()
+    }
+
+    /// Runs `f` on the bitmap (for persisting it, or for resync).
+    pub fn with_bitmap<R>(&self, f: impl FnOnce(&mut DirtyBitmap) -> R) -> R {
+        f(&mut self.bitmap.lock().expect("bitmap lock"))
+    }
+
+    fn mark_out_of_sync(&self, (start, end): (u64, u64)) {
+        let blocks = DirtyBitmap::blocks_of(start, end - start, self.bitmap_block);
+        self.bitmap.lock().expect("bitmap lock").set(blocks);
+    }
+
+    /// Reserves `range` for a write unless a write in flight overlaps it.
+    fn try_claim(&self, range: (u64, u64)) -> bool {
+        let mut ranges = self.writes_in_flight.lock().expect("ranges lock");
+        if ranges.iter().any(|r| r.0 < range.1 && range.0 < r.1) {
+            return false;
+        }
+        ranges.push(range);
+        true
+    }
+
+    fn release(&self, range: (u64, u64)) {
+        let mut ranges = self.writes_in_flight.lock().expect("ranges lock");
+        if let Some(i) = ranges.iter().position(|r| *r == range) {
+            ranges.swap_remove(i);
+        }
+    }
+}
+
+impl BlockDevice for ReplicatedDevice {
+    fn info(&self) -> DeviceInfo {
+        self.local.info()
+    }
+
+    fn open_queue(self: Arc<Self>) -> std::io::Result<Box<dyn IoQueue>> {
+        let local = self.local.clone().open_queue()?;
+        Ok(Box::new(ReplicatedQueue {
+            device: self,
+            local,
+            inbox: Arc::new(Inbox::default()),
+            ops: Slab::new(),
+            parked: VecDeque::new(),
+            local_done: Vec::new(),
+            peer_done: Vec::new(),
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, IoError> {
+        self.local.block_status(offset, len, max_extents)
+    }
+
+    // Splicing would bypass the copy the peer needs: not offered.
+    fn accepts_splice(&self) -> bool {
+        false
+    }
+
+    fn splice_write(&self, _from: BorrowedFd<'_>, _offset: u64, _len: usize) -> Result<usize, IoError> {
+        Err(IoError::NotSupported)
+    }
+}
+
+/// One request on its way through the local disk and the peer.
+struct Op {
+    tag: u32,
+    /// Bytes written, for writes (ordering and out-of-sync marking).
+    range: Option<(u64, u64)>,
+    local: Option<Result<(), IoError>>,
+    buf: Option<IoBuf>,
+    waiting_for_peer: bool,
+}
+
+pub struct ReplicatedQueue {
+    device: Arc<ReplicatedDevice>,
+    local: Box<dyn IoQueue>,
+    inbox: Arc<Inbox>,
+    ops: Slab<Op>,
+    /// Writes waiting for an overlapping write in flight to finish.
+    parked: VecDeque<(u32, IoOp)>,
+    local_done: Vec<Completion>,
+    peer_done: Vec<(usize, PeerOutcome)>,
+}
+
+fn write_range(op: &IoOp) -> Option<(u64, u64)> {
+    match op {
+        IoOp::Write { offset, buf, .. } => Some((*offset, offset + buf.len() as u64)),
+        IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => {
+            Some((*offset, offset + len))
+        }
+        _ => None,
+    }
+}
+
+impl ReplicatedQueue {
+    fn start(&mut self, tag: u32, op: IoOp) {
+        let key = self.ops.vacant_key();
+        let range = write_range(&op);
+        let peer = self.device.peer();
+        let waiting_for_peer = match (&peer, &op) {
+            (Some(p), IoOp::Write { offset, buf, fua }) => p.write(*offset, buf, *fua, &self.inbox, key),
+            (Some(p), IoOp::Trim { offset, len, fua }) => p.trim(*offset, *len, *fua, &self.inbox, key),
+            (Some(p), IoOp::WriteZeroes { offset, len, may_punch, fua, .. }) => {
+                p.zeroes(*offset, *len, *may_punch, *fua, &self.inbox, key)
+            }
+            (Some(p), IoOp::Flush) => p.flush(&self.inbox, key),
+            (None, _) => {
+                if let Some(range) = range {
+                    self.device.mark_out_of_sync(range);
+                }
+                false
+            }
+            (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => false,
+        };
+        self.ops.insert(Op { tag, range, local: None, buf: None, waiting_for_peer });
+        self.local.submit(key as u32, op);
+    }
+
+    /// Starts parked writes whose overlap has cleared, in order.
+    fn unpark(&mut self) {
+        let mut i = 0;
+        while i < self.parked.len() {
+            let range = write_range(&self.parked[i].1).expect("only writes park");
+            let blocked_by_earlier = self.parked.iter().take(i).any(|(_, o)| {
+                let r = write_range(o).expect("only writes park");
+                r.0 < range.1 && range.0 < r.1
+            });
+            if !blocked_by_earlier && self.device.try_claim(range) {
+                let (tag, op) = self.parked.remove(i).expect("index in range");
+                self.start(tag, op);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+impl IoQueue for ReplicatedQueue {
+    fn submit(&mut self, tag: u32, op: IoOp) {
+        if let Some(range) = write_range(&op) {
+            if !self.parked.is_empty() || !self.device.try_claim(range) {
+                self.parked.push_back((tag, op));
+                return;
+            }
+        }
+        self.start(tag, op);
+    }
+
+    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<Completion>) -> Poll<()> {
+        let before = out.len();
+        self.unpark();
+        if self.local.in_flight() > 0 {
+            let _ = self.local.poll_complete(cx, &mut self.local_done);
+        }
+        self.inbox.take(cx, &mut self.peer_done);
+        for c in self.local_done.drain(..) {
+            if let Some(op) = self.ops.get_mut(c.tag as usize) {
+                op.local = Some(c.result);
+                op.buf = c.buf;
+            }
+        }
+        for (key, outcome) in self.peer_done.drain(..) {
+            if let Some(op) = self.ops.get_mut(key) {
+                op.waiting_for_peer = false;
+                if outcome != PeerOutcome::Done {
+                    if let Some(range) = op.range {
+                        self.device.mark_out_of_sync(range);
+                    }
+                }
+            }
+        }
+        let finished: Vec<usize> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| op.local.is_some() && !op.waiting_for_peer)
+            .map(|(k, _)| k)
+            .collect();
+        for key in finished {
+            let op = self.ops.remove(key);
+            if let Some(range) = op.range {
+                self.device.release(range);
+            }
+            let result = op.local.expect("finished ops have a local result");
+            out.push(Completion { tag: op.tag, result, buf: op.buf });
+        }
+        if !finished_any(before, out) && !self.parked.is_empty() {
+            self.unpark();
+            if !self.parked.is_empty() {
+                // Blocked by another connection's write: look again soon.
+                cx.waker().wake_by_ref();
+            }
+        }
+        if out.len() > before || (self.ops.is_empty() && self.parked.is_empty()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.len() + self.parked.len()
+    }
+}
+
+fn finished_any(before: usize, out: &[Completion]) -> bool {
+    out.len() > before
+}

@@ -1,0 +1,125 @@
+//! The replicated write path at library level: a primary's replicated device over one file, the
+//! secondary's applier over another, joined by the real link over loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdbd::metadata::bitmap::DirtyBitmap;
+use rdbd::replication::apply::Applier;
+use rdbd::replication::device::ReplicatedDevice;
+use rdbd::replication::link::connect::{dial, listen};
+use rdbd::replication::link::handshake::Identity;
+use rdbd::replication::peer::PeerLink;
+use rdbd::storage::{BlockDevice, BufPool, Completion, FileDevice, IoOp, IoQueue, OpenOptions};
+use rdbd_protocol::repl::{Generations, Params, Protocol, State};
+
+const SIZE: u64 = 16 << 20;
+
+fn file_device(dir: &tempfile::TempDir, name: &str) -> Arc<dyn BlockDevice> {
+    let opts = OpenOptions { size: Some(SIZE), ..Default::default() };
+    Arc::new(FileDevice::open_file(&dir.path().join(name), &opts).unwrap())
+}
+
+fn id<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
+    Identity {
+        resource: "r",
+        local_node: local,
+        peer_node: peer,
+        secret: Some(b"k"),
+        step_timeout: Duration::from_secs(5),
+    }
+}
+
+fn params(protocol: Protocol) -> Params {
+    Params { protocol, device_size: SIZE, bitmap_block: 4096, data_integrity: true, discard_my_data: false }
+}
+
+fn state() -> State {
+    State { role: 0, disk: 0, flags: 0, generations: Generations::default(), dirty_blocks: 0 }
+}
+
+/// Submits `ops` and waits for all of them.
+async fn run(queue: &mut Box<dyn IoQueue>, ops: Vec<IoOp>) -> Vec<Completion> {
+    let n = ops.len();
+    for (tag, op) in ops.into_iter().enumerate() {
+        queue.submit(tag as u32, op);
+    }
+    let mut done = Vec::new();
+    while done.len() < n {
+        std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+    }
+    done
+}
+
+fn write(pool: &mut BufPool, offset: u64, byte: u8, len: usize) -> IoOp {
+    let mut buf = pool.take(len);
+    buf.fill(byte);
+    IoOp::Write { offset, buf, fua: false }
+}
+
+/// Connects a primary and a secondary; returns the primary's device and the secondary's task.
+async fn pair(
+    dir: &tempfile::TempDir,
+    protocol: Protocol,
+) -> (Arc<ReplicatedDevice>, tokio::task::JoinHandle<rdbd::replication::apply::ApplyStats>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let secondary_dev = file_device(dir, "b.img");
+    let secondary = tokio::spawn(async move {
+        let ident = id("b", "a");
+        let mut est = listen(&listener, &ident, params(protocol), state()).await.unwrap();
+        let mut applier = Applier::new(secondary_dev, true).unwrap();
+        applier.run(&mut est.data, &mut est.meta).await.unwrap()
+    });
+    let ident = id("a", "b");
+    let est = dial(addr, &ident, params(protocol), state()).await.unwrap();
+    let link = PeerLink::start(est.data, est.meta, protocol, true);
+    let device = ReplicatedDevice::new(file_device(dir, "a.img"), DirtyBitmap::new(SIZE / 4096), 4096);
+    device.set_peer(Some(link));
+    (device, secondary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_writes_reach_both_disks_and_overlaps_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, _secondary) = pair(&dir, Protocol::C).await;
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    // Many writes, some overlapping, all in flight together; the last one to a byte wins.
+    let mut ops = Vec::new();
+    for i in 0..64u64 {
+        ops.push(write(&mut pool, (i * 37 * 4096) % (SIZE - 65536), i as u8 + 1, 65536));
+    }
+    ops.push(write(&mut pool, 0, 0xee, 4096));
+    ops.push(IoOp::WriteZeroes { offset: 8192, len: 100, may_punch: false, fast_only: false, fua: false });
+    ops.push(IoOp::Flush);
+    for c in run(&mut queue, ops).await {
+        assert!(c.result.is_ok(), "{:?}", c.result);
+    }
+    // The flush was acknowledged by the peer after every earlier write was on its disk.
+    let a = std::fs::read(dir.path().join("a.img")).unwrap();
+    let b = std::fs::read(dir.path().join("b.img")).unwrap();
+    assert!(a == b, "the replicas differ");
+    assert!(a[..4096].iter().all(|&x| x == 0xee), "the later overlapping write wins");
+    assert!(a[4096..8192].iter().all(|&x| x == 1) && a[8192..8292].iter().all(|&x| x == 0));
+    assert_eq!(device.out_of_sync_blocks(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_continue_without_the_peer_and_are_marked_out_of_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, secondary) = pair(&dir, Protocol::C).await;
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    let done = run(&mut queue, vec![write(&mut pool, 0, 1, 4096), IoOp::Flush]).await;
+    assert!(done.iter().all(|c| c.result.is_ok()));
+
+    // The peer goes away: writes still complete, and their blocks are remembered.
+    device.peer().unwrap().disconnect();
+    secondary.abort();
+    let done =
+        run(&mut queue, vec![write(&mut pool, 1 << 20, 2, 8192), write(&mut pool, 4 << 20, 3, 4096)]).await;
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert_eq!(device.out_of_sync_blocks(), 3, "two blocks and one block");
+    assert!(device.peer().is_none());
+}
