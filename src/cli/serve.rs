@@ -46,7 +46,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = OpenOptions { read_only: args.read_only, direct: args.direct, size: args.size };
+    let opts = OpenOptions { read_only: args.read_only, direct: args.direct, size: args.size, prefix: false };
     let device = match (&args.file, &args.device) {
         (Some(path), _) => FileDevice::open_file(path, &opts)?,
         (None, Some(path)) => FileDevice::open_block_device(path, &opts)?,

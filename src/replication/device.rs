@@ -16,27 +16,79 @@ use std::task::{Context, Poll};
 use slab::Slab;
 
 use super::peer::{Inbox, PeerLink, PeerOutcome};
+use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
 use crate::metadata::bitmap::DirtyBitmap;
+use crate::metadata::store::MetaDevice;
 use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError, IoOp, IoQueue};
 
 pub struct ReplicatedDevice {
     local: Arc<dyn BlockDevice>,
     peer: RwLock<Option<Arc<PeerLink>>>,
-    bitmap: Mutex<DirtyBitmap>,
+    tracking: Mutex<Tracking>,
     bitmap_block: u32,
     /// Byte ranges of writes in flight on any queue.
     writes_in_flight: Mutex<Vec<(u64, u64)>>,
 }
 
+/// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
+/// extent before it is written (so a crash of this node leaves a bounded region to resync).
+pub struct Tracking {
+    pub bitmap: DirtyBitmap,
+    pub activity: Option<(ActivityLog, MetaDevice)>,
+}
+
 impl ReplicatedDevice {
-    pub fn new(local: Arc<dyn BlockDevice>, bitmap: DirtyBitmap, bitmap_block: u32) -> Arc<Self> {
+    pub fn new(local: Arc<dyn BlockDevice>, tracking: Tracking, bitmap_block: u32) -> Arc<Self> {
         Arc::new(Self {
             local,
             peer: RwLock::new(None),
-            bitmap: Mutex::new(bitmap),
+            tracking: Mutex::new(tracking),
             bitmap_block,
             writes_in_flight: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Logs the extents of `range` before it is written. `Ok(false)`: every log slot is busy,
+    /// try again after a write completes. A metadata write failure fails the write: an
+    /// unlogged write could be lost silently after a crash.
+    fn activate(&self, (start, end): (u64, u64)) -> Result<bool, IoError> {
+        let mut t = self.tracking.lock().expect("tracking lock");
+        let Tracking { bitmap, activity } = &mut *t;
+        let Some((log, meta)) = activity else { return Ok(true) };
+        let extents = extents_of(start, end - start);
+        for (n, extent) in extents.clone().enumerate() {
+            if log.begin(extent) == Begin::Full {
+                for undo in extents.clone().take(n) {
+                    log.end(undo);
+                }
+                return Ok(false);
+            }
+        }
+        // Transactions are synchronous here and under the lock, so one is never in flight
+        // when another is prepared.
+        while let Some(tx) = log.prepare() {
+            match meta.commit(bitmap, &tx) {
+                Ok(()) => log.committed(tx),
+                Err(e) => {
+                    tracing::error!("activity log write failed: {e}");
+                    log.failed(tx);
+                    for extent in extents {
+                        log.end(extent);
+                    }
+                    return Err(IoError::Io(libc::EIO));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn deactivate(&self, (start, end): (u64, u64)) {
+        let mut t = self.tracking.lock().expect("tracking lock");
+        if let Some((log, _)) = &mut t.activity {
+            for extent in extents_of(start, end - start) {
+                log.end(extent);
+            }
+        }
     }
 
     /// Starts mirroring to `link` (after the handshake and any resync).
@@ -50,17 +102,17 @@ impl ReplicatedDevice {
     }
 
     pub fn out_of_sync_blocks(&self) -> u64 {
-        self.bitmap.lock().expect("bitmap lock").dirty_blocks()
+        self.tracking.lock().expect("tracking lock").bitmap.dirty_blocks()
     }
 
-    /// Runs `f` on the bitmap (for persisting it, or for resync).
-    pub fn with_bitmap<R>(&self, f: impl FnOnce(&mut DirtyBitmap) -> R) -> R {
-        f(&mut self.bitmap.lock().expect("bitmap lock"))
+    /// Runs `f` on the bitmap and activity log (for persisting them, or for resync).
+    pub fn with_tracking<R>(&self, f: impl FnOnce(&mut Tracking) -> R) -> R {
+        f(&mut self.tracking.lock().expect("tracking lock"))
     }
 
     fn mark_out_of_sync(&self, (start, end): (u64, u64)) {
         let blocks = DirtyBitmap::blocks_of(start, end - start, self.bitmap_block);
-        self.bitmap.lock().expect("bitmap lock").set(blocks);
+        self.tracking.lock().expect("tracking lock").bitmap.set(blocks);
     }
 
     /// Reserves `range` for a write unless a write in flight overlaps it.
@@ -96,6 +148,7 @@ impl BlockDevice for ReplicatedDevice {
             parked: VecDeque::new(),
             local_done: Vec::new(),
             peer_done: Vec::new(),
+            early: Vec::new(),
         }))
     }
 
@@ -132,6 +185,8 @@ pub struct ReplicatedQueue {
     parked: VecDeque<(u32, IoOp)>,
     local_done: Vec<Completion>,
     peer_done: Vec<(usize, PeerOutcome)>,
+    /// Requests refused before they started (activity log write failed).
+    early: Vec<Completion>,
 }
 
 fn write_range(op: &IoOp) -> Option<(u64, u64)> {
@@ -145,6 +200,7 @@ fn write_range(op: &IoOp) -> Option<(u64, u64)> {
 }
 
 impl ReplicatedQueue {
+    /// Starts a request whose range (if a write) is claimed and logged.
     fn start(&mut self, tag: u32, op: IoOp) {
         let key = self.ops.vacant_key();
         let range = write_range(&op);
@@ -177,22 +233,60 @@ impl ReplicatedQueue {
                 let r = write_range(o).expect("only writes park");
                 r.0 < range.1 && range.0 < r.1
             });
-            if !blocked_by_earlier && self.device.try_claim(range) {
-                let (tag, op) = self.parked.remove(i).expect("index in range");
-                self.start(tag, op);
-            } else {
+            if blocked_by_earlier {
                 i += 1;
+                continue;
+            }
+            match self.admit(range) {
+                Ok(true) => {
+                    let (tag, op) = self.parked.remove(i).expect("index in range");
+                    self.start(tag, op);
+                }
+                Ok(false) => i += 1,
+                Err(e) => {
+                    let (tag, op) = self.parked.remove(i).expect("index in range");
+                    self.fail_early(tag, op, e);
+                }
             }
         }
+    }
+}
+
+impl ReplicatedQueue {
+    /// Claims a write's range and logs its extents; `Ok(false)` means it must wait.
+    fn admit(&mut self, range: (u64, u64)) -> Result<bool, IoError> {
+        if !self.device.try_claim(range) {
+            return Ok(false);
+        }
+        match self.device.activate(range) {
+            Ok(true) => Ok(true),
+            other => {
+                self.device.release(range);
+                other
+            }
+        }
+    }
+
+    /// Completes a request that failed before it was started.
+    fn fail_early(&mut self, tag: u32, op: IoOp, error: IoError) {
+        self.early.push(Completion { tag, result: Err(error), buf: op.into_buf() });
     }
 }
 
 impl IoQueue for ReplicatedQueue {
     fn submit(&mut self, tag: u32, op: IoOp) {
         if let Some(range) = write_range(&op) {
-            if !self.parked.is_empty() || !self.device.try_claim(range) {
+            if !self.parked.is_empty() {
                 self.parked.push_back((tag, op));
                 return;
+            }
+            match self.admit(range) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.parked.push_back((tag, op));
+                    return;
+                }
+                Err(e) => return self.fail_early(tag, op, e),
             }
         }
         self.start(tag, op);
@@ -200,6 +294,7 @@ impl IoQueue for ReplicatedQueue {
 
     fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<Completion>) -> Poll<()> {
         let before = out.len();
+        out.append(&mut self.early);
         self.unpark();
         if self.local.in_flight() > 0 {
             let _ = self.local.poll_complete(cx, &mut self.local_done);
@@ -230,6 +325,7 @@ impl IoQueue for ReplicatedQueue {
         for key in finished {
             let op = self.ops.remove(key);
             if let Some(range) = op.range {
+                self.device.deactivate(range);
                 self.device.release(range);
             }
             let result = op.local.expect("finished ops have a local result");
@@ -243,6 +339,7 @@ impl IoQueue for ReplicatedQueue {
             }
         }
         if out.len() > before || (self.ops.is_empty() && self.parked.is_empty()) {
+            // (`early` was emptied into `out` above.)
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -250,7 +347,7 @@ impl IoQueue for ReplicatedQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.ops.len() + self.parked.len()
+        self.ops.len() + self.parked.len() + self.early.len()
     }
 }
 

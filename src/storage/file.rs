@@ -24,8 +24,11 @@ pub struct OpenOptions {
     /// Use O_DIRECT for aligned I/O.
     pub direct: bool,
     /// Expected size. For a file: created sparse at this size if missing or empty, otherwise it
-    /// must match. For a block device: serve only the first `size` bytes.
+    /// must match (see `prefix`). For a block device: serve only the first `size` bytes.
     pub size: Option<u64>,
+    /// A file may be larger than `size`: only its first `size` bytes are served (the rest holds
+    /// rdbd's internal metadata).
+    pub prefix: bool,
 }
 
 /// Why the backing store could not be opened.
@@ -84,6 +87,8 @@ impl FileDevice {
         if let Some(requested) = opts.size {
             if size == 0 && !opts.read_only {
                 buffered.set_len(requested).map_err(io_err)?;
+                size = requested;
+            } else if opts.prefix && requested <= size {
                 size = requested;
             } else if size != requested {
                 return Err(OpenError::SizeMismatch { path: path.to_owned(), actual: size, requested });
