@@ -250,9 +250,7 @@ impl ReplicatedQueue {
             }
         }
     }
-}
 
-impl ReplicatedQueue {
     /// Claims a write's range and logs its extents; `Ok(false)` means it must wait.
     fn admit(&mut self, range: (u64, u64)) -> Result<bool, IoError> {
         if !self.device.try_claim(range) {
@@ -331,7 +329,7 @@ impl IoQueue for ReplicatedQueue {
             let result = op.local.expect("finished ops have a local result");
             out.push(Completion { tag: op.tag, result, buf: op.buf });
         }
-        if !finished_any(before, out) && !self.parked.is_empty() {
+        if out.len() == before && !self.parked.is_empty() {
             self.unpark();
             if !self.parked.is_empty() {
                 // Blocked by another connection's write: look again soon.
@@ -339,7 +337,6 @@ impl IoQueue for ReplicatedQueue {
             }
         }
         if out.len() > before || (self.ops.is_empty() && self.parked.is_empty()) {
-            // (`early` was emptied into `out` above.)
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -349,8 +346,4 @@ impl IoQueue for ReplicatedQueue {
     fn in_flight(&self) -> usize {
         self.ops.len() + self.parked.len() + self.early.len()
     }
-}
-
-fn finished_any(before: usize, out: &[Completion]) -> bool {
-    out.len() > before
 }
