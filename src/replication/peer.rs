@@ -126,6 +126,12 @@ impl PeerLink {
         let wants_ack = ack != AckMode::None;
         if wants_ack {
             self.waiting.lock().expect("waiting lock").insert(seq, Waiter { inbox: inbox.clone(), key });
+            // fail_all may have drained the table between the liveness check above and the
+            // insert: whoever removes the entry answers it, exactly once.
+            if !self.is_alive() {
+                self.answer(seq, PeerOutcome::Lost);
+                return true;
+            }
         }
         if self.tx.send(make(seq, ack)).is_err() {
             self.fail_all();
