@@ -2,25 +2,20 @@
 //! operator can see exactly what the daemon would use and which node this machine would be.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use clap::Args;
 use rdbd::config::{self, ConfigError, ResourceConfig};
 
+use super::resource::ResourceArgs;
+
 #[derive(Args, Debug)]
 pub struct DumpArgs {
-    /// Resource name; its file is <config-dir>/<RES>.toml.
-    #[arg(value_name = "RES")]
-    pub resource: String,
-    /// Directory of resource files [default: $RDBD_CONFIG_DIR, else /etc/rdbd].
-    #[arg(long, value_name = "DIR")]
-    pub config_dir: Option<PathBuf>,
-    /// Which node this machine is [default: $RDBD_NODE, else the hostname].
-    #[arg(long, value_name = "NAME")]
-    pub node: Option<String>,
+    #[command(flatten)]
+    pub resource: ResourceArgs,
 }
 
 pub fn run(args: DumpArgs) -> anyhow::Result<()> {
+    let args = args.resource;
     let dir = config::config_dir(args.config_dir.as_deref());
     let cfg = config::load(&dir, &args.resource)?;
     let identity = identity_line(&cfg, args.node)?;
