@@ -9,7 +9,7 @@ use rdbd::replication::apply::Applier;
 use rdbd::replication::device::{ReplicatedDevice, Tracking};
 use rdbd::replication::link::connect::{dial, listen};
 use rdbd::replication::link::handshake::Identity;
-use rdbd::replication::peer::PeerLink;
+use rdbd::replication::peer::LinkOptions;
 use rdbd::storage::{BlockDevice, BufPool, Completion, FileDevice, IoOp, IoQueue, OpenOptions};
 use rdbd_protocol::repl::{Generations, Params, Protocol, State};
 
@@ -62,6 +62,14 @@ async fn pair(
     dir: &tempfile::TempDir,
     protocol: Protocol,
 ) -> (Arc<ReplicatedDevice>, tokio::task::JoinHandle<rdbd::replication::apply::ApplyStats>) {
+    pair_with(dir, protocol, Duration::from_secs(3600)).await
+}
+
+async fn pair_with(
+    dir: &tempfile::TempDir,
+    protocol: Protocol,
+    auto_flush: Duration,
+) -> (Arc<ReplicatedDevice>, tokio::task::JoinHandle<rdbd::replication::apply::ApplyStats>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let secondary_dev = file_device(dir, "b.img");
@@ -73,10 +81,11 @@ async fn pair(
     });
     let ident = id("a", "b");
     let est = dial(addr, &ident, params(protocol), state()).await.unwrap();
-    let link = PeerLink::start(est.data, est.meta, protocol, true);
     let tracking = Tracking { bitmap: DirtyBitmap::new(SIZE / 4096), activity: None };
     let device = ReplicatedDevice::new(file_device(dir, "a.img"), tracking, 4096);
-    device.set_peer(Some(link));
+    // No automatic flush during a test: what is stable on the peer is decided by the test.
+    let options = LinkOptions { auto_flush_interval: auto_flush, ..LinkOptions::new(protocol, true) };
+    device.connect_peer(est.data, est.meta, options);
     (device, secondary)
 }
 
@@ -161,4 +170,45 @@ async fn writes_without_peer_survive_a_crash_in_the_metadata() {
     for off in offsets {
         assert!(again.bitmap.is_dirty(off / 4096), "block at {off} was written without the peer");
     }
+}
+
+/// A write the peer acknowledged is not safe until a flush covers it (the peer's cache could lose
+/// it): losing the link before that marks it out of sync; after a flush nothing is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_but_unflushed_writes_are_marked_when_the_link_dies() {
+    for flush_first in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (device, secondary) = pair(&dir, Protocol::C).await;
+        let mut queue = device.clone().open_queue().unwrap();
+        let mut pool = BufPool::new();
+        let mut ops = vec![write(&mut pool, 0, 1, 8192), write(&mut pool, 1 << 20, 2, 4096)];
+        if flush_first {
+            ops.push(IoOp::Flush);
+        }
+        assert!(run(&mut queue, ops).await.iter().all(|c| c.result.is_ok()));
+        device.peer().unwrap().disconnect();
+        secondary.abort();
+        let expected = if flush_first { 0 } else { 3 };
+        assert_eq!(device.out_of_sync_blocks(), expected, "flush first: {flush_first}");
+    }
+}
+
+/// Without any FLUSH from the client, the link flushes the peer on its own, so what a link loss
+/// can cost stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_flushes_the_peer_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, secondary) = pair_with(&dir, Protocol::C, Duration::from_millis(50)).await;
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    assert!(run(&mut queue, vec![write(&mut pool, 0, 1, 8192)]).await.iter().all(|c| c.result.is_ok()));
+    let link = device.peer().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while link.unstable_writes() > 0 {
+        assert!(std::time::Instant::now() < deadline, "no automatic flush within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    link.disconnect();
+    secondary.abort();
+    assert_eq!(device.out_of_sync_blocks(), 0, "the flushed write is stable on the peer");
 }

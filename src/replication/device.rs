@@ -15,7 +15,8 @@ use std::task::{Context, Poll};
 
 use slab::Slab;
 
-use super::peer::{Inbox, PeerLink, PeerOutcome};
+use super::link::framed::Framed;
+use super::peer::{Inbox, LinkOptions, MarkOutOfSync, PeerLink, PeerOutcome};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
@@ -91,9 +92,25 @@ impl ReplicatedDevice {
         }
     }
 
-    /// Starts mirroring to `link` (after the handshake and any resync).
-    pub fn set_peer(&self, link: Option<Arc<PeerLink>>) {
-        *self.peer.write().expect("peer lock") = link;
+    /// Starts mirroring to the peer at the other end of `data` and `meta` (after the handshake
+    /// and any resync). Writes the peer may lose when the link dies are marked out of sync here.
+    pub fn connect_peer(self: &Arc<Self>, data: Framed, meta: Framed, options: LinkOptions) -> Arc<PeerLink> {
+        let device = Arc::downgrade(self);
+        let mark: MarkOutOfSync = Arc::new(move |ranges: &[(u64, u64)]| {
+            if let Some(device) = device.upgrade() {
+                for &range in ranges {
+                    device.mark_out_of_sync(range);
+                }
+            }
+        });
+        let link = PeerLink::start(data, meta, options, mark);
+        *self.peer.write().expect("peer lock") = Some(link.clone());
+        link
+    }
+
+    /// Stops mirroring (the peer is gone or disconnected).
+    pub fn clear_peer(&self) {
+        *self.peer.write().expect("peer lock") = None;
     }
 
     /// The peer, while its link is alive.

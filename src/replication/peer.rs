@@ -3,7 +3,7 @@
 //! waiting for them. When the link dies every outstanding request is reported lost, so the
 //! writer can mark its blocks out of sync instead of waiting forever.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
@@ -63,10 +63,41 @@ enum Outgoing {
     Flush { seq: u64 },
 }
 
+/// Marks byte ranges out of sync (the replicated device's bitmap).
+pub type MarkOutOfSync = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
+
+/// Unstable writes that trigger a flush of our own, so the set lost with a link stays small.
+const AUTO_FLUSH_WRITES: usize = 2048;
+
+/// How a link replicates.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkOptions {
+    pub protocol: Protocol,
+    /// Send a CRC-32C with every data block.
+    pub integrity: bool,
+    /// While writes are unstable on the peer, flush it at least this often (SPEC §5.6).
+    pub auto_flush_interval: std::time::Duration,
+}
+
+impl LinkOptions {
+    pub fn new(protocol: Protocol, integrity: bool) -> Self {
+        Self { protocol, integrity, auto_flush_interval: std::time::Duration::from_secs(1) }
+    }
+}
+
 /// The connected peer, shared by every queue of the replicated device.
 pub struct PeerLink {
     tx: mpsc::UnboundedSender<Outgoing>,
     waiting: Mutex<HashMap<u64, Waiter>>,
+    /// Writes sent and not yet stable on the peer's disk (no FlushAck covering them, not a
+    /// WriteAcked FUA write), by sequence number. All of them are marked out of sync if the link
+    /// dies: an acknowledged write may still sit in the peer's volatile cache.
+    unstable: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// Sequence number of the flush we sent on our own and that is not answered yet.
+    auto_flush: Mutex<Option<u64>>,
+    mark_out_of_sync: MarkOutOfSync,
+    /// FUA writes awaiting their WriteAck.
+    fua: Mutex<std::collections::HashSet<u64>>,
     next_seq: AtomicU64,
     alive: AtomicBool,
     protocol: Protocol,
@@ -78,20 +109,35 @@ pub struct PeerLink {
 impl PeerLink {
     /// Takes over an established pair of channels and starts the sender and the
     /// acknowledgement reader on the current runtime.
-    pub fn start(data: Framed, meta: Framed, protocol: Protocol, integrity: bool) -> Arc<Self> {
+    pub fn start(
+        data: Framed,
+        meta: Framed,
+        options: LinkOptions,
+        mark_out_of_sync: MarkOutOfSync,
+    ) -> Arc<Self> {
+        let LinkOptions { protocol, integrity, auto_flush_interval } = options;
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
             tx,
             waiting: Mutex::new(HashMap::new()),
+            unstable: Mutex::new(BTreeMap::new()),
+            auto_flush: Mutex::new(None),
+            mark_out_of_sync,
+            fua: Mutex::new(std::collections::HashSet::new()),
             next_seq: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             protocol,
             integrity,
             closed: CancellationToken::new(),
         });
-        tokio::spawn(link.clone().send_loop(data, rx));
+        tokio::spawn(link.clone().send_loop(data, rx, auto_flush_interval));
         tokio::spawn(link.clone().ack_loop(meta));
         link
+    }
+
+    /// Writes sent that a peer crash could still lose (for status).
+    pub fn unstable_writes(&self) -> usize {
+        self.unstable.lock().expect("unstable lock").len()
     }
 
     pub fn is_alive(&self) -> bool {
@@ -114,6 +160,7 @@ impl PeerLink {
         &self,
         make: impl FnOnce(u64, AckMode) -> Outgoing,
         fua: bool,
+        range: Option<(u64, u64)>,
         inbox: &Arc<Inbox>,
         key: usize,
     ) -> bool {
@@ -122,6 +169,12 @@ impl PeerLink {
             return true;
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(range) = range {
+            if fua {
+                self.fua.lock().expect("fua lock").insert(seq);
+            }
+            self.track_unstable(seq, range);
+        }
         let ack = self.ack_for(fua);
         let wants_ack = ack != AckMode::None;
         if wants_ack {
@@ -145,11 +198,13 @@ impl PeerLink {
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
         let bytes = data.to_vec();
-        self.submit(|seq, ack| Outgoing::Data { seq, offset, fua, ack, bytes }, fua, inbox, key)
+        let range = Some((offset, offset + data.len() as u64));
+        self.submit(|seq, ack| Outgoing::Data { seq, offset, fua, ack, bytes }, fua, range, inbox, key)
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
-        self.submit(|seq, ack| Outgoing::Trim(Trim { seq, offset, len, fua, ack }), fua, inbox, key)
+        let make = |seq, ack| Outgoing::Trim(Trim { seq, offset, len, fua, ack });
+        self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
 
     pub fn zeroes(
@@ -162,12 +217,52 @@ impl PeerLink {
         key: usize,
     ) -> bool {
         let make = |seq, ack| Outgoing::Zeroes(Zeroes { seq, offset, len, may_punch, fua, ack });
-        self.submit(make, fua, inbox, key)
+        self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
 
     /// A flush always waits for the peer's FlushAck (durable there too).
     pub fn flush(&self, inbox: &Arc<Inbox>, key: usize) -> bool {
-        self.submit(|seq, _| Outgoing::Flush { seq }, true, inbox, key)
+        self.submit(|seq, _| Outgoing::Flush { seq }, true, None, inbox, key)
+    }
+
+    /// Records a write as unstable; asks for a flush of our own when too many are.
+    fn track_unstable(&self, seq: u64, range: (u64, u64)) {
+        let count = {
+            let mut unstable = self.unstable.lock().expect("unstable lock");
+            unstable.insert(seq, range);
+            unstable.len()
+        };
+        if !self.is_alive() {
+            // fail_all may already have taken the set: mark this one here (twice is harmless).
+            (self.mark_out_of_sync)(&[range]);
+            return;
+        }
+        if count >= AUTO_FLUSH_WRITES {
+            self.auto_flush();
+        }
+    }
+
+    /// Sends a flush nobody waits for, unless one is already on its way.
+    fn auto_flush(&self) {
+        let mut pending = self.auto_flush.lock().expect("auto flush lock");
+        if pending.is_none() {
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            if self.tx.send(Outgoing::Flush { seq }).is_ok() {
+                *pending = Some(seq);
+            }
+        }
+    }
+
+    /// The peer's disk holds everything it received before flush `seq`.
+    fn flushed(&self, seq: u64) {
+        let mut unstable = self.unstable.lock().expect("unstable lock");
+        let still = unstable.split_off(&seq);
+        *unstable = still;
+        drop(unstable);
+        let mut pending = self.auto_flush.lock().expect("auto flush lock");
+        if *pending == Some(seq) {
+            *pending = None;
+        }
     }
 
     /// Drops the connection (as `rdbd disconnect` does); outstanding requests are reported lost.
@@ -179,11 +274,21 @@ impl PeerLink {
     fn fail_all(&self) {
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
+        let unstable: Vec<(u64, u64)> =
+            std::mem::take(&mut *self.unstable.lock().expect("unstable lock")).into_values().collect();
+        if !unstable.is_empty() {
+            (self.mark_out_of_sync)(&unstable);
+        }
         let waiting: Vec<Waiter> =
             self.waiting.lock().expect("waiting lock").drain().map(|(_, w)| w).collect();
         for w in waiting {
             w.inbox.deliver(w.key, PeerOutcome::Lost);
         }
+    }
+
+    /// Whether `seq` was a FUA write (stable once WriteAcked).
+    fn answer_fua(&self, seq: u64) -> bool {
+        self.fua.lock().expect("fua lock").remove(&seq)
     }
 
     fn answer(&self, seq: u64, outcome: PeerOutcome) {
@@ -192,10 +297,25 @@ impl PeerLink {
         }
     }
 
-    async fn send_loop(self: Arc<Self>, mut data: Framed, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    async fn send_loop(
+        self: Arc<Self>,
+        mut data: Framed,
+        mut rx: mpsc::UnboundedReceiver<Outgoing>,
+        auto_flush_interval: std::time::Duration,
+    ) {
+        // The first check comes one period in (a plain interval would fire at once).
+        let start = tokio::time::Instant::now() + auto_flush_interval;
+        let mut tick = tokio::time::interval_at(start, auto_flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let out = tokio::select! {
                 _ = self.closed.cancelled() => break,
+                _ = tick.tick() => {
+                    if !self.unstable.lock().expect("unstable lock").is_empty() {
+                        self.auto_flush();
+                    }
+                    continue;
+                }
                 out = rx.recv() => match out {
                     Some(out) => out,
                     None => break,
@@ -226,9 +346,17 @@ impl PeerLink {
                 received = meta.recv() => received,
             };
             match received {
-                Ok(Message::WriteAck { seq } | Message::RecvAck { seq } | Message::FlushAck { seq }) => {
+                Ok(Message::FlushAck { seq }) => {
+                    self.flushed(seq);
                     self.answer(seq, PeerOutcome::Done)
                 }
+                Ok(Message::WriteAck { seq }) => {
+                    if self.answer_fua(seq) {
+                        self.unstable.lock().expect("unstable lock").remove(&seq);
+                    }
+                    self.answer(seq, PeerOutcome::Done)
+                }
+                Ok(Message::RecvAck { seq }) => self.answer(seq, PeerOutcome::Done),
                 Ok(Message::NegAck { seq, errno }) => {
                     warn!(seq, errno, "peer failed a write; its blocks are out of sync");
                     self.answer(seq, PeerOutcome::Failed)
