@@ -212,3 +212,62 @@ async fn the_link_flushes_the_peer_on_its_own() {
     secondary.abort();
     assert_eq!(device.out_of_sync_blocks(), 0, "the flushed write is stable on the peer");
 }
+
+/// An idle link stays up while the peer answers pings, and a peer that stops answering is
+/// declared dead within ping-interval + ping-timeout, its unstable writes marked out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_detected_by_ping_timeout() {
+    use rdbd::replication::link::framed::Framed;
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |protocol| LinkOptions {
+        auto_flush_interval: Duration::from_secs(3600),
+        ping_interval: Duration::from_millis(50),
+        ping_timeout: Duration::from_millis(100),
+        ..LinkOptions::new(protocol, true)
+    };
+
+    // A live peer (the real applier) keeps answering: still connected after many ping rounds.
+    let (device, _secondary) = pair(&dir, Protocol::C).await;
+    let link = device.peer().unwrap();
+    link.disconnect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let secondary_dev = file_device(&dir, "c.img");
+    tokio::spawn(async move {
+        let ident = id("b", "a");
+        let mut est = listen(&listener, &ident, params(Protocol::C), state()).await.unwrap();
+        let mut applier = Applier::new(secondary_dev, true).unwrap();
+        let _ = applier.run(&mut est.data, &mut est.meta).await;
+    });
+    let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();
+    let link = device.connect_peer(est.data, est.meta, fast(Protocol::C));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(link.is_alive(), "a peer that answers pings stays connected");
+
+    // A peer whose process hangs: its sockets stay open but nothing is read or answered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<(Framed, Framed)>();
+    tokio::spawn(async move {
+        let ident = id("b", "a");
+        let est = listen(&listener, &ident, params(Protocol::C), state()).await.unwrap();
+        let _ = tx.send((est.data, est.meta)); // kept open, never read
+    });
+    let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();
+    let _hung = rx.await.unwrap();
+    link.disconnect();
+    let before = device.out_of_sync_blocks();
+    let connected_at = std::time::Instant::now();
+    let link = device.connect_peer(est.data, est.meta, fast(Protocol::A));
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    // Protocol A completes without the peer's answer; the write stays unstable on the peer.
+    assert!(run(&mut queue, vec![write(&mut pool, 2 << 20, 5, 4096)]).await.iter().all(|c| c.result.is_ok()));
+    while link.is_alive() {
+        assert!(connected_at.elapsed() < Duration::from_secs(5), "a silent peer was not detected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Silence must last ping-interval, then the ping go unanswered for ping-timeout.
+    assert!(connected_at.elapsed() >= Duration::from_millis(150), "declared dead too early");
+    assert_eq!(device.out_of_sync_blocks(), before + 1, "the unstable write is marked");
+}

@@ -97,6 +97,7 @@ impl Applier {
     /// channel; then finishes what is in flight.
     pub async fn run(&mut self, data: &mut Framed, meta: &mut Framed) -> Result<ApplyStats, ApplyError> {
         let mut open = true;
+        let mut meta_open = true;
         while open || !self.running.is_empty() || !self.waiting.is_empty() {
             for ack in std::mem::take(&mut self.acks) {
                 meta.send(&ack).await?;
@@ -109,6 +110,14 @@ impl Applier {
                         accepted?;
                     }
                     Err(FrameError::Closed) => open = false,
+                    Err(e) => return Err(e.into()),
+                },
+                // The primary's liveness pings arrive on the meta channel.
+                received = meta.recv(), if meta_open => match received {
+                    Ok(Message::Ping) => self.acks.push(Message::PingAck),
+                    Ok(Message::PingAck) => {}
+                    Ok(other) => return Err(ApplyError::Unexpected(other.kind())),
+                    Err(FrameError::Closed) => meta_open = false,
                     Err(e) => return Err(e.into()),
                 },
                 () = std::future::poll_fn(|cx| self.queue.poll_complete(cx, &mut self.completions)), if busy => {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use rdbd_protocol::repl::{block_crc32c, AckMode, Data, Message, Protocol, Trim, Zeroes};
@@ -77,11 +78,21 @@ pub struct LinkOptions {
     pub integrity: bool,
     /// While writes are unstable on the peer, flush it at least this often (SPEC §5.6).
     pub auto_flush_interval: std::time::Duration,
+    /// After this long without a frame on the meta channel, send Ping (`ping-interval`).
+    pub ping_interval: std::time::Duration,
+    /// A Ping unanswered for this long means the peer is dead (`ping-timeout`).
+    pub ping_timeout: std::time::Duration,
 }
 
 impl LinkOptions {
     pub fn new(protocol: Protocol, integrity: bool) -> Self {
-        Self { protocol, integrity, auto_flush_interval: std::time::Duration::from_secs(1) }
+        Self {
+            protocol,
+            integrity,
+            auto_flush_interval: std::time::Duration::from_secs(1),
+            ping_interval: std::time::Duration::from_secs(10),
+            ping_timeout: std::time::Duration::from_secs(1),
+        }
     }
 }
 
@@ -115,7 +126,7 @@ impl PeerLink {
         options: LinkOptions,
         mark_out_of_sync: MarkOutOfSync,
     ) -> Arc<Self> {
-        let LinkOptions { protocol, integrity, auto_flush_interval } = options;
+        let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
             tx,
@@ -131,7 +142,7 @@ impl PeerLink {
             closed: CancellationToken::new(),
         });
         tokio::spawn(link.clone().send_loop(data, rx, auto_flush_interval));
-        tokio::spawn(link.clone().ack_loop(meta));
+        tokio::spawn(link.clone().ack_loop(meta, ping_interval, ping_timeout));
         link
     }
 
@@ -339,12 +350,28 @@ impl PeerLink {
         self.fail_all();
     }
 
-    async fn ack_loop(self: Arc<Self>, mut meta: Framed) {
+    /// Reads acknowledgements; also the liveness check: after `ping_interval` of silence a Ping
+    /// goes out, and if nothing at all arrives within `ping_timeout` of it the peer is dead.
+    async fn ack_loop(self: Arc<Self>, mut meta: Framed, ping_interval: Duration, ping_timeout: Duration) {
+        let mut pinged = false;
         loop {
+            let wait = if pinged { ping_timeout } else { ping_interval };
             let received = tokio::select! {
                 _ = self.closed.cancelled() => break,
-                received = meta.recv() => received,
+                received = tokio::time::timeout(wait, meta.recv()) => received,
             };
+            let Ok(received) = received else {
+                if pinged {
+                    warn!("peer did not answer a ping within {ping_timeout:?}: connection lost");
+                    break;
+                }
+                if meta.send(&Message::Ping).await.is_err() {
+                    break;
+                }
+                pinged = true;
+                continue;
+            };
+            pinged = false;
             match received {
                 Ok(Message::FlushAck { seq }) => {
                     self.flushed(seq);
