@@ -17,6 +17,18 @@ pub enum DecodeError {
     Invalid { what: &'static str, value: u64 },
 }
 
+/// The longest prefix of `s` that fits in `max` bytes without splitting a character.
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Reads big-endian integers and byte strings from a slice, never past its end.
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],

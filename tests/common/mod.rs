@@ -328,7 +328,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A parsed JSON value (numbers are kept as their source text).
+/// A parsed JSON value with accessors that panic with context, to keep assertions short
+/// (numbers are kept as their text).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Json {
     Null,
@@ -342,11 +343,9 @@ pub enum Json {
 impl Json {
     /// Parses a complete JSON document; panics with context on malformed input.
     pub fn parse(text: &str) -> Json {
-        let mut p = JsonParser { s: text.as_bytes(), i: 0 };
-        let v = p.value();
-        p.ws();
-        assert!(p.i == p.s.len(), "trailing data after JSON at byte {}: {text}", p.i);
-        v
+        let value: serde_json::Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("malformed JSON ({e}): {text}"));
+        Json::from(value)
     }
 
     /// Parses the JSON object in a tool's stdout, skipping chatter before the first `{` line
@@ -409,146 +408,16 @@ impl Json {
     }
 }
 
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn fail(&self, what: &str) -> ! {
-        let from = self.i.saturating_sub(40);
-        let to = (self.i + 40).min(self.s.len());
-        panic!("bad JSON at byte {} ({what}): ...{}...", self.i, String::from_utf8_lossy(&self.s[from..to]))
-    }
-
-    fn eat(&mut self, c: u8) {
-        self.ws();
-        if self.s.get(self.i) != Some(&c) {
-            self.fail(&format!("expected {:?}", c as char));
-        }
-        self.i += 1;
-    }
-
-    fn value(&mut self) -> Json {
-        self.ws();
-        match self.s.get(self.i) {
-            Some(b'{') => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Json::Obj(fields);
-                }
-                loop {
-                    self.ws();
-                    let key = self.string();
-                    self.eat(b':');
-                    fields.push((key, self.value()));
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Json::Obj(fields);
-                        }
-                        _ => self.fail("expected ',' or '}'"),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Json::Arr(items);
-                }
-                loop {
-                    items.push(self.value());
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Json::Arr(items);
-                        }
-                        _ => self.fail("expected ',' or ']'"),
-                    }
-                }
-            }
-            Some(b'"') => Json::Str(self.string()),
-            Some(b't') if self.s[self.i..].starts_with(b"true") => {
-                self.i += 4;
-                Json::Bool(true)
-            }
-            Some(b'f') if self.s[self.i..].starts_with(b"false") => {
-                self.i += 5;
-                Json::Bool(false)
-            }
-            Some(b'n') if self.s[self.i..].starts_with(b"null") => {
-                self.i += 4;
-                Json::Null
-            }
-            Some(c) if *c == b'-' || c.is_ascii_digit() => {
-                let start = self.i;
-                while self.i < self.s.len()
-                    && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
-                    self.i += 1;
-                }
-                Json::Num(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
-            }
-            _ => self.fail("expected a value"),
-        }
-    }
-
-    fn string(&mut self) -> String {
-        if self.s.get(self.i) != Some(&b'"') {
-            self.fail("expected a string");
-        }
-        self.i += 1;
-        let mut out = Vec::new();
-        loop {
-            match self.s.get(self.i) {
-                None => self.fail("unterminated string"),
-                Some(b'"') => {
-                    self.i += 1;
-                    return String::from_utf8_lossy(&out).into_owned();
-                }
-                Some(b'\\') => {
-                    let esc = self.s.get(self.i + 1).copied();
-                    self.i += 2;
-                    match esc {
-                        Some(b'n') => out.push(b'\n'),
-                        Some(b't') => out.push(b'\t'),
-                        Some(b'r') => out.push(b'\r'),
-                        Some(b'b') => out.push(8),
-                        Some(b'f') => out.push(12),
-                        Some(b'u') => {
-                            let hex = std::str::from_utf8(self.s.get(self.i..self.i + 4).unwrap_or(b""))
-                                .ok()
-                                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                                .unwrap_or_else(|| self.fail("bad \\u escape"));
-                            self.i += 4;
-                            let c = char::from_u32(hex).unwrap_or('\u{fffd}');
-                            out.extend_from_slice(c.to_string().as_bytes());
-                        }
-                        Some(c) => out.push(c),
-                        None => self.fail("unterminated escape"),
-                    }
-                }
-                Some(&c) => {
-                    out.push(c);
-                    self.i += 1;
-                }
-            }
+impl From<serde_json::Value> for Json {
+    fn from(value: serde_json::Value) -> Self {
+        use serde_json::Value;
+        match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(b),
+            Value::Number(n) => Json::Num(n.to_string()),
+            Value::String(s) => Json::Str(s),
+            Value::Array(items) => Json::Arr(items.into_iter().map(Json::from).collect()),
+            Value::Object(fields) => Json::Obj(fields.into_iter().map(|(k, v)| (k, Json::from(v))).collect()),
         }
     }
 }

@@ -3,7 +3,7 @@
 use bytes::BufMut;
 
 use super::{chunk, reply_flags, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC};
-use crate::wire::{DecodeError, Reader};
+use crate::wire::{truncate_utf8, DecodeError, Reader};
 
 /// NBD commands (the `type` field of a request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,17 +167,6 @@ pub fn encode_error_chunk(out: &mut impl BufMut, cookie: u64, error: u32, messag
     out.put_u32(error);
     out.put_u16(message.len() as u16);
     out.put_slice(message.as_bytes());
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The payload of an ERROR or ERROR_OFFSET chunk.

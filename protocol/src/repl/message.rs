@@ -10,7 +10,7 @@ use bytes::BufMut;
 
 use super::bitmap::BitmapRuns;
 use super::{kind, payload_bounds, Channel, FrameHeader, MAX_STRING_LEN, MIN_BITMAP_BLOCK};
-use crate::wire::{DecodeError, Reader};
+use crate::wire::{truncate_utf8, DecodeError, Reader};
 
 /// Flag bits of Data, Trim and Zeroes (u16). A receiver rejects bits the message does not
 /// define: FUA on all three, MAY_PUNCH on Zeroes only.
@@ -651,17 +651,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     let s = truncate_utf8(s, MAX_STRING_LEN);
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn put_range_write(out: &mut Vec<u8>, seq: u64, offset: u64, len: u64, flags: u16, ack: AckMode) {
