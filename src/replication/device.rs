@@ -166,6 +166,7 @@ impl BlockDevice for ReplicatedDevice {
             local_done: Vec::new(),
             peer_done: Vec::new(),
             early: Vec::new(),
+            ready: Vec::new(),
         }))
     }
 
@@ -204,6 +205,8 @@ pub struct ReplicatedQueue {
     peer_done: Vec<(usize, PeerOutcome)>,
     /// Requests refused before they started (activity log write failed).
     early: Vec<Completion>,
+    /// Keys of ops whose local and peer parts are both done (reused, never reallocated).
+    ready: Vec<usize>,
 }
 
 fn write_range(op: &IoOp) -> Option<(u64, u64)> {
@@ -316,9 +319,13 @@ impl IoQueue for ReplicatedQueue {
         }
         self.inbox.take(cx, &mut self.peer_done);
         for c in self.local_done.drain(..) {
-            if let Some(op) = self.ops.get_mut(c.tag as usize) {
+            let key = c.tag as usize;
+            if let Some(op) = self.ops.get_mut(key) {
                 op.local = Some(c.result);
                 op.buf = c.buf;
+                if !op.waiting_for_peer {
+                    self.ready.push(key);
+                }
             }
         }
         for (key, outcome) in self.peer_done.drain(..) {
@@ -329,21 +336,18 @@ impl IoQueue for ReplicatedQueue {
                         self.device.mark_out_of_sync(range);
                     }
                 }
+                if op.local.is_some() {
+                    self.ready.push(key);
+                }
             }
         }
-        let finished: Vec<usize> = self
-            .ops
-            .iter()
-            .filter(|(_, op)| op.local.is_some() && !op.waiting_for_peer)
-            .map(|(k, _)| k)
-            .collect();
-        for key in finished {
+        for key in self.ready.drain(..) {
             let op = self.ops.remove(key);
             if let Some(range) = op.range {
                 self.device.deactivate(range);
                 self.device.release(range);
             }
-            let result = op.local.expect("finished ops have a local result");
+            let result = op.local.expect("ready ops have a local result");
             out.push(Completion { tag: op.tag, result, buf: op.buf });
         }
         if out.len() == before && !self.parked.is_empty() {

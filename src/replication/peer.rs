@@ -208,6 +208,8 @@ impl PeerLink {
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
+        // The sender task owns what it sends, so the payload is copied once here; sharing the
+        // NBD request's buffer with the link would remove this copy (a later optimisation).
         let bytes = data.to_vec();
         let range = Some((offset, offset + data.len() as u64));
         self.submit(|seq, ack| Outgoing::Data { seq, offset, fua, ack, bytes }, fua, range, inbox, key)
