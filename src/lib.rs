@@ -8,5 +8,6 @@
 pub mod config;
 pub mod metadata;
 pub mod nbd;
+pub mod node;
 pub mod replication;
 pub mod storage;

@@ -85,7 +85,7 @@ async fn pair_with(
     let device = ReplicatedDevice::new(file_device(dir, "a.img"), tracking, 4096);
     // No automatic flush during a test: what is stable on the peer is decided by the test.
     let options = LinkOptions { auto_flush_interval: auto_flush, ..LinkOptions::new(protocol, true) };
-    device.connect_peer(est.data, est.meta, options);
+    device.connect_peer(est.data.split().1, est.meta, options, None);
     (device, secondary)
 }
 
@@ -240,7 +240,7 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
         let _ = applier.run(&mut est.data, &mut est.meta).await;
     });
     let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();
-    let link = device.connect_peer(est.data, est.meta, fast(Protocol::C));
+    let link = device.connect_peer(est.data.split().1, est.meta, fast(Protocol::C), None);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(link.is_alive(), "a peer that answers pings stays connected");
 
@@ -258,7 +258,7 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     link.disconnect();
     let before = device.out_of_sync_blocks();
     let connected_at = std::time::Instant::now();
-    let link = device.connect_peer(est.data, est.meta, fast(Protocol::A));
+    let link = device.connect_peer(est.data.split().1, est.meta, fast(Protocol::A), None);
     let mut queue = device.clone().open_queue().unwrap();
     let mut pool = BufPool::new();
     // Protocol A completes without the peer's answer; the write stays unstable on the peer.

@@ -1,15 +1,18 @@
 //! Command-line interface: argument parsing, logging, runtime, and one-line errors.
 
+mod daemon;
 mod demo;
 mod dump;
 mod listen;
 mod metadata;
 mod resource;
 mod serve;
+mod verbs;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rdbd::node::control::Request;
 
 #[derive(Parser)]
 #[command(name = "rdbd", version, about = "Replicated block device in userspace, served over NBD")]
@@ -30,6 +33,22 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print a resource's effective configuration (defaults filled in) and which node this is.
     Dump(dump::DumpArgs),
+    /// Start this node's daemon for a resource (detaches unless --foreground).
+    Up(daemon::UpArgs),
+    /// Stop this node's daemon: leave the peer cleanly and write the metadata.
+    Down(verbs::PlainArgs),
+    /// Make this node Primary: it serves the device over NBD.
+    Primary(verbs::PrimaryArgs),
+    /// Make this node Secondary (refused while NBD clients are connected).
+    Secondary(verbs::PlainArgs),
+    /// Show role, disk, connection and replication state, as drbdadm status does.
+    Status(verbs::StatusArgs),
+    /// Try to connect to the peer again (after disconnect or a refusal).
+    Connect(verbs::PlainArgs),
+    /// Drop the connection to the peer and stay StandAlone.
+    Disconnect(verbs::PlainArgs),
+    /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
+    NewCurrentUuid(verbs::NewCurrentUuidArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -46,6 +65,14 @@ pub fn main() -> ExitCode {
             Command::Dump(args) => dump::run(args),
             Command::CreateMd(args) => metadata::create_md(args),
             Command::ShowMd(args) => metadata::show_md(args),
+            Command::Up(args) => daemon::up(args).await,
+            Command::Down(args) => verbs::down(args).await,
+            Command::Primary(args) => verbs::primary(args).await,
+            Command::Secondary(args) => verbs::simple(args, Request::Secondary).await,
+            Command::Status(args) => verbs::status(args).await,
+            Command::Connect(args) => verbs::simple(args, Request::Connect).await,
+            Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
+            Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
         }
     });
     match result {

@@ -25,7 +25,7 @@ pub struct ResourceArgs {
 pub struct Resource {
     pub config: ResourceConfig,
     /// Index of this node in `config.nodes`.
-    me: usize,
+    pub me: usize,
 }
 
 impl Resource {
@@ -45,6 +45,11 @@ impl Resource {
 
     pub fn me(&self) -> &NodeConfig {
         &self.config.nodes[self.me]
+    }
+
+    /// This node's control socket.
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        rdbd::node::control_socket(&rdbd::node::run_dir(), &self.config.name, &self.me().name)
     }
 
     /// Where this node keeps its metadata.

@@ -56,6 +56,11 @@ impl Server {
         }
     }
 
+    /// Client connections open now (including ones still negotiating).
+    pub fn active_connections(&self) -> usize {
+        self.connections.len()
+    }
+
     /// A token that stops the server when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

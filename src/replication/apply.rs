@@ -1,17 +1,21 @@
 //! The receiving side of replication: applies the peer's writes to the local device and
-//! acknowledges them as each message asks (none, on receipt, or once on disk).
+//! acknowledges them as each message asks (none, on receipt, or once on disk). As a sync target
+//! it also pulls the blocks its bitmap marks (SPEC §6).
 //!
 //! Ordering: a write is started only when it overlaps no earlier write still in flight or
 //! waiting, so overlapping writes land in the order they were sent whatever the protocol.
 //! FLUSH is a barrier: every write received before it completes, then the device is made
 //! durable (fdatasync), then FlushAck — so a FLUSH acknowledged means durable here too.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
-use rdbd_protocol::repl::{block_crc32c, AckMode, Message};
+use rdbd_protocol::repl::{block_crc32c, AckMode, Message, State};
 use slab::Slab;
+use tracing::{info, warn};
 
+use super::device::ReplicatedDevice;
 use super::link::framed::{FrameError, Framed};
 use crate::storage::{BlockDevice, BufPool, Completion, IoError, IoOp, IoQueue};
 
@@ -27,6 +31,16 @@ pub enum ApplyError {
     Unexpected(u16),
     #[error("cannot open a queue on the local device: {0}")]
     Queue(std::io::Error),
+    #[error("peer sent resync data at offset {offset} ({len} bytes) that matches no request")]
+    UnrequestedResync { offset: u64, len: usize },
+    #[error("the sync source could not read {len} bytes at offset {offset} (errno {errno})")]
+    SourceReadError { offset: u64, len: u32, errno: u32 },
+    #[error("the resync could not be completed: {0}")]
+    ResyncFinish(String),
+    #[error("nothing heard from the peer for {0:?}: connection lost")]
+    PeerSilent(Duration),
+    #[error("peer disconnected: {0}")]
+    Disconnected(String),
 }
 
 /// Counters of what was applied.
@@ -36,6 +50,39 @@ pub struct ApplyStats {
     pub bytes: u64,
     pub flushes: u64,
     pub failed: u64,
+    /// Bytes received and written as resync data.
+    pub resync_bytes: u64,
+}
+
+/// What the applier reports to the node that runs it.
+pub trait ApplyEvents: Send {
+    /// The peer announced a new role or disk state (raw wire values).
+    fn peer_state(&mut self, role: u8, disk: u8);
+    /// Every block was resynced and the source sent its final State: make this node's data
+    /// UpToDate in the source's generation, durably. Returns the (role, disk) to announce.
+    fn resync_finished(&mut self, source: &State) -> Result<(u8, u8), String>;
+}
+
+/// Events nobody listens to (tests, a plain replica).
+pub struct NoEvents;
+
+impl ApplyEvents for NoEvents {
+    fn peer_state(&mut self, _: u8, _: u8) {}
+    fn resync_finished(&mut self, _: &State) -> Result<(u8, u8), String> {
+        Err("no resync was expected".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An application write (Data, Trim, Zeroes).
+    Write,
+    /// An application FLUSH: a barrier.
+    Flush,
+    /// Resync data being written.
+    ResyncWrite,
+    /// The flush that makes written resync data durable before it is acknowledged.
+    ResyncFlush,
 }
 
 /// A request received and not yet acknowledged.
@@ -47,11 +94,77 @@ struct Received {
     /// Byte range written (empty for a flush).
     range: (u64, u64),
     op: Option<IoOp>,
-    is_flush: bool,
+    kind: Kind,
+}
+
+impl Received {
+    fn is_write(&self) -> bool {
+        matches!(self.kind, Kind::Write | Kind::ResyncWrite)
+    }
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
+}
+
+/// Largest range asked for in one ResyncRequest.
+const RESYNC_REQUEST_MAX: u64 = 1 << 20;
+/// ResyncRequests in flight per batch; a batch is written, flushed once, then acknowledged.
+const RESYNC_WINDOW: usize = 16;
+
+/// The sync target's side of a resync: which blocks to pull, and what is on its way.
+pub struct ResyncTarget {
+    device: Arc<ReplicatedDevice>,
+    /// Next bitmap block to look at.
+    cursor: u64,
+    /// Requested and not yet received, by offset.
+    requested: BTreeMap<u64, u32>,
+    /// Received and being written.
+    writing: usize,
+    /// Written, waiting for the batch's flush before the acknowledgement.
+    written: Vec<(u64, u32)>,
+    flushing: bool,
+    /// The whole bitmap has been requested.
+    scanned: bool,
+}
+
+impl ResyncTarget {
+    /// Pulls every block marked in `device`'s bitmap.
+    pub fn new(device: Arc<ReplicatedDevice>) -> Self {
+        Self {
+            device,
+            cursor: 0,
+            requested: BTreeMap::new(),
+            writing: 0,
+            written: Vec::new(),
+            flushing: false,
+            scanned: false,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.requested.is_empty() && self.writing == 0 && self.written.is_empty() && !self.flushing
+    }
+
+    /// The next dirty run from the cursor, at most [`RESYNC_REQUEST_MAX`] bytes.
+    fn next_request(&mut self, size: u64) -> Option<(u64, u32)> {
+        let block = u64::from(self.device.bitmap_block());
+        let max_blocks = (RESYNC_REQUEST_MAX / block).max(1);
+        let run = self.device.with_tracking(|t| t.bitmap.runs_from(self.cursor).next());
+        let Some((start, len)) = run else {
+            self.scanned = true;
+            return None;
+        };
+        let len = len.min(max_blocks);
+        self.cursor = start + len;
+        let offset = start * block;
+        let bytes = (len * block).min(size.saturating_sub(offset));
+        if bytes == 0 {
+            self.scanned = true;
+            return None;
+        }
+        Some((offset, bytes as u32))
+    }
 }
 
 /// Applies the peer's replication stream to a device.
@@ -69,7 +182,13 @@ pub struct Applier {
     open_writes: BTreeSet<u64>,
     next_index: u64,
     acks: Vec<Message<'static>>,
+    /// Frames for the peer's data channel (resync requests, state changes).
+    requests: Vec<Message<'static>>,
     completions: Vec<Completion>,
+    resync: Option<ResyncTarget>,
+    events: Box<dyn ApplyEvents>,
+    /// Silence on both channels for this long means the peer is gone.
+    silence_limit: Option<Duration>,
     pub stats: ApplyStats,
 }
 
@@ -88,9 +207,30 @@ impl Applier {
             open_writes: BTreeSet::new(),
             next_index: 0,
             acks: Vec::new(),
+            requests: Vec::new(),
             completions: Vec::new(),
+            resync: None,
+            events: Box::new(NoEvents),
+            silence_limit: None,
             stats: ApplyStats::default(),
         })
+    }
+
+    /// Also pulls the blocks `target` marks, as the sync target.
+    pub fn with_resync(mut self, target: ResyncTarget) -> Self {
+        self.resync = Some(target);
+        self
+    }
+
+    pub fn with_events(mut self, events: Box<dyn ApplyEvents>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Declares the peer dead after `limit` without any frame (the primary pings when idle).
+    pub fn with_silence_limit(mut self, limit: Duration) -> Self {
+        self.silence_limit = Some(limit);
+        self
     }
 
     /// Applies messages from `data` and acknowledges on `meta` until the peer closes the data
@@ -98,35 +238,54 @@ impl Applier {
     pub async fn run(&mut self, data: &mut Framed, meta: &mut Framed) -> Result<ApplyStats, ApplyError> {
         let mut open = true;
         let mut meta_open = true;
+        let mut disconnect_reason = None;
+        // Without a limit, a day stands for "never" (an Instant cannot hold more without overflow).
+        let silence = self.silence_limit.unwrap_or(Duration::from_secs(86_400));
+        let mut heard = tokio::time::Instant::now();
+        self.pump_resync();
         while open || !self.running.is_empty() || !self.waiting.is_empty() {
             for ack in std::mem::take(&mut self.acks) {
                 meta.send(&ack).await?;
             }
+            for request in std::mem::take(&mut self.requests) {
+                data.send(&request).await?;
+            }
             let busy = self.queue.in_flight() > 0;
             tokio::select! {
-                received = data.recv(), if open => match received {
-                    Ok(message) => {
-                        let accepted = self.accept(message);
-                        accepted?;
+                received = data.recv(), if open => {
+                    heard = tokio::time::Instant::now();
+                    match received {
+                        Ok(Message::Disconnect { reason }) => {
+                            disconnect_reason = Some(reason.to_owned());
+                            open = false;
+                        }
+                        Ok(message) => self.accept(message)?,
+                        Err(FrameError::Closed) => open = false,
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(FrameError::Closed) => open = false,
-                    Err(e) => return Err(e.into()),
                 },
                 // The primary's liveness pings arrive on the meta channel.
-                received = meta.recv(), if meta_open => match received {
-                    Ok(Message::Ping) => self.acks.push(Message::PingAck),
-                    Ok(Message::PingAck) => {}
-                    Ok(other) => return Err(ApplyError::Unexpected(other.kind())),
-                    Err(FrameError::Closed) => meta_open = false,
-                    Err(e) => return Err(e.into()),
+                received = meta.recv(), if meta_open => {
+                    heard = tokio::time::Instant::now();
+                    match received {
+                        Ok(Message::Ping) => self.acks.push(Message::PingAck),
+                        Ok(Message::PingAck) => {}
+                        Ok(other) => return Err(ApplyError::Unexpected(other.kind())),
+                        Err(FrameError::Closed) => meta_open = false,
+                        Err(e) => return Err(e.into()),
+                    }
                 },
                 () = std::future::poll_fn(|cx| self.queue.poll_complete(cx, &mut self.completions)), if busy => {
                     for c in std::mem::take(&mut self.completions) {
                         self.complete(c);
                     }
                 }
+                () = tokio::time::sleep_until(heard + silence), if open => {
+                    return Err(ApplyError::PeerSilent(silence));
+                }
             }
             self.start_ready();
+            self.pump_resync();
             if !open && self.queue.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
                 break;
@@ -135,7 +294,10 @@ impl Applier {
         for ack in std::mem::take(&mut self.acks) {
             meta.send(&ack).await?;
         }
-        Ok(self.stats)
+        match disconnect_reason {
+            Some(reason) => Err(ApplyError::Disconnected(reason)),
+            None => Ok(self.stats),
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(u64, u64), ApplyError> {
@@ -146,9 +308,7 @@ impl Applier {
     }
 
     fn accept(&mut self, message: Message<'_>) -> Result<(), ApplyError> {
-        let index = self.next_index;
-        self.next_index += 1;
-        let (seq, ack, range, op, is_flush) = match message {
+        let (seq, ack, range, op, kind) = match message {
             Message::Data(d) => {
                 if self.integrity && block_crc32c(d.data) != d.crc32c {
                     return Err(ApplyError::Integrity { offset: d.offset });
@@ -156,11 +316,11 @@ impl Applier {
                 let range = self.check_range(d.offset, d.data.len() as u64)?;
                 let mut buf = self.pool.take(d.data.len());
                 buf.copy_from_slice(d.data);
-                (d.seq, d.ack, range, IoOp::Write { offset: d.offset, buf, fua: d.fua }, false)
+                (d.seq, d.ack, range, IoOp::Write { offset: d.offset, buf, fua: d.fua }, Kind::Write)
             }
             Message::Trim(t) => {
                 let range = self.check_range(t.offset, t.len)?;
-                (t.seq, t.ack, range, IoOp::Trim { offset: t.offset, len: t.len, fua: t.fua }, false)
+                (t.seq, t.ack, range, IoOp::Trim { offset: t.offset, len: t.len, fua: t.fua }, Kind::Write)
             }
             Message::Zeroes(z) => {
                 let range = self.check_range(z.offset, z.len)?;
@@ -171,19 +331,101 @@ impl Applier {
                     fast_only: false,
                     fua: z.fua,
                 };
-                (z.seq, z.ack, range, op, false)
+                (z.seq, z.ack, range, op, Kind::Write)
             }
-            Message::Flush { seq } => (seq, AckMode::Write, (0, 0), IoOp::Flush, true),
+            Message::Flush { seq } => (seq, AckMode::Write, (0, 0), IoOp::Flush, Kind::Flush),
+            Message::ResyncData(d) => {
+                let Some(target) = self.resync.as_mut() else {
+                    return Err(ApplyError::Unexpected(message.kind()));
+                };
+                let len = d.data.len();
+                if target.requested.get(&d.offset).map(|&l| l as usize) != Some(len) {
+                    return Err(ApplyError::UnrequestedResync { offset: d.offset, len });
+                }
+                if self.integrity && block_crc32c(d.data) != d.crc32c {
+                    return Err(ApplyError::Integrity { offset: d.offset });
+                }
+                target.requested.remove(&d.offset);
+                target.writing += 1;
+                let range = (d.offset, d.offset + len as u64);
+                let mut buf = self.pool.take(len);
+                buf.copy_from_slice(d.data);
+                self.stats.resync_bytes += len as u64;
+                (
+                    0,
+                    AckMode::None,
+                    range,
+                    IoOp::Write { offset: d.offset, buf, fua: false },
+                    Kind::ResyncWrite,
+                )
+            }
+            Message::ResyncReadError { offset, len, errno } => {
+                return Err(ApplyError::SourceReadError { offset, len, errno })
+            }
+            Message::State(state) => return self.resync_end(&state),
+            Message::StateChange { role, disk } => {
+                self.events.peer_state(role, disk);
+                return Ok(());
+            }
             other => return Err(ApplyError::Unexpected(other.kind())),
         };
+        self.enqueue(seq, ack, range, op, kind);
+        Ok(())
+    }
+
+    fn enqueue(&mut self, seq: u64, ack: AckMode, range: (u64, u64), op: IoOp, kind: Kind) {
+        let index = self.next_index;
+        self.next_index += 1;
         if ack == AckMode::Recv {
             self.acks.push(Message::RecvAck { seq });
         }
-        if !is_flush {
+        let r = Received { seq, ack, index, range, op: Some(op), kind };
+        if r.is_write() {
             self.open_writes.insert(index);
         }
-        self.waiting.push_back(Received { seq, ack, index, range, op: Some(op), is_flush });
+        self.waiting.push_back(r);
+    }
+
+    /// The source's final State: valid only once every requested block is written and acked.
+    fn resync_end(&mut self, state: &State) -> Result<(), ApplyError> {
+        let Some(target) = &self.resync else {
+            return Err(ApplyError::Unexpected(Message::State(*state).kind()));
+        };
+        let remaining = target.device.out_of_sync_blocks();
+        if !target.idle() || remaining > 0 {
+            return Err(ApplyError::ResyncFinish(format!(
+                "the source finished while {remaining} blocks were still out of sync here"
+            )));
+        }
+        let (role, disk) = self.events.resync_finished(state).map_err(ApplyError::ResyncFinish)?;
+        self.resync = None;
+        info!(bytes = self.stats.resync_bytes, "resync finished: this node is UpToDate");
+        self.requests.push(Message::StateChange { role, disk });
         Ok(())
+    }
+
+    /// Asks for the next batch of dirty blocks, or flushes and acknowledges the finished one.
+    fn pump_resync(&mut self) {
+        let size = self.size;
+        let Some(target) = self.resync.as_mut() else { return };
+        if target.flushing || !target.requested.is_empty() || target.writing > 0 {
+            return;
+        }
+        if !target.written.is_empty() {
+            // The batch is written: make it durable before the source forgets it.
+            target.flushing = true;
+            self.enqueue(0, AckMode::None, (0, 0), IoOp::Flush, Kind::ResyncFlush);
+            self.start_ready();
+            return;
+        }
+        if target.scanned {
+            return;
+        }
+        while target.requested.len() < RESYNC_WINDOW {
+            let Some((offset, len)) = target.next_request(size) else { break };
+            target.requested.insert(offset, len);
+            self.requests.push(Message::ResyncRequest { offset, len });
+        }
     }
 
     /// Starts every waiting request that no earlier request blocks.
@@ -191,13 +433,21 @@ impl Applier {
         let mut i = 0;
         while i < self.waiting.len() {
             let r = &self.waiting[i];
-            let blocked = if r.is_flush {
+            let blocked = match r.kind {
                 // A barrier: every earlier write must be complete.
-                self.open_writes.first().is_some_and(|&first| first < r.index)
-            } else {
-                let running = self.running.iter().any(|(_, o)| !o.is_flush && overlaps(o.range, r.range));
-                let earlier = self.waiting.iter().take(i).any(|o| o.is_flush || overlaps(o.range, r.range));
-                running || earlier
+                Kind::Flush => self.open_writes.first().is_some_and(|&first| first < r.index),
+                // Issued only when no resync write is in flight.
+                Kind::ResyncFlush => false,
+                Kind::Write | Kind::ResyncWrite => {
+                    let running =
+                        self.running.iter().any(|(_, o)| o.is_write() && overlaps(o.range, r.range));
+                    let earlier = self
+                        .waiting
+                        .iter()
+                        .take(i)
+                        .any(|o| o.kind == Kind::Flush || (o.is_write() && overlaps(o.range, r.range)));
+                    running || earlier
+                }
             };
             if blocked {
                 i += 1;
@@ -215,16 +465,21 @@ impl Applier {
         if let Some(buf) = c.buf {
             self.pool.give(buf);
         }
-        if r.is_flush {
-            self.stats.flushes += 1;
-        } else {
+        if r.is_write() {
             self.open_writes.remove(&r.index);
-            self.stats.writes += 1;
-            self.stats.bytes += r.range.1 - r.range.0;
+        }
+        match r.kind {
+            Kind::Flush => self.stats.flushes += 1,
+            Kind::Write => {
+                self.stats.writes += 1;
+                self.stats.bytes += r.range.1 - r.range.0;
+            }
+            Kind::ResyncWrite => return self.resync_written(r.range, c.result),
+            Kind::ResyncFlush => return self.resync_flushed(c.result),
         }
         match c.result {
             Ok(()) => {
-                if r.is_flush {
+                if r.kind == Kind::Flush {
                     self.acks.push(Message::FlushAck { seq: r.seq });
                 } else if r.ack == AckMode::Write {
                     self.acks.push(Message::WriteAck { seq: r.seq });
@@ -233,20 +488,67 @@ impl Applier {
             Err(e) => {
                 // The peer marks the range out of sync (or fails the flush) on a NegAck.
                 self.stats.failed += 1;
-                let errno = match e {
-                    IoError::Io(errno) => errno as u32,
-                    IoError::NoSpace => libc::ENOSPC as u32,
-                    IoError::ReadOnly => libc::EROFS as u32,
-                    IoError::NotSupported => libc::EOPNOTSUPP as u32,
-                    IoError::Shutdown => libc::ESHUTDOWN as u32,
-                };
-                self.acks.push(Message::NegAck { seq: r.seq, errno });
+                self.acks.push(Message::NegAck { seq: r.seq, errno: errno_of(e) });
+            }
+        }
+    }
+
+    fn resync_written(&mut self, (start, end): (u64, u64), result: Result<(), IoError>) {
+        let Some(target) = self.resync.as_mut() else { return };
+        target.writing -= 1;
+        let len = (end - start) as u32;
+        match result {
+            Ok(()) => target.written.push((start, len)),
+            Err(e) => {
+                warn!(offset = start, len, "writing resync data failed: {e:?}");
+                self.stats.failed += 1;
+                self.acks.push(Message::ResyncNegAck { offset: start, len, errno: errno_of(e) });
+            }
+        }
+    }
+
+    /// The batch is durable: its bits are cleared here first, then acknowledged (SPEC §6).
+    fn resync_flushed(&mut self, result: Result<(), IoError>) {
+        let Some(target) = self.resync.as_mut() else { return };
+        target.flushing = false;
+        let written = std::mem::take(&mut target.written);
+        match result {
+            Ok(()) => {
+                let block = target.device.bitmap_block();
+                target.device.with_tracking(|t| {
+                    for &(offset, len) in &written {
+                        t.bitmap.clear(crate::metadata::bitmap::DirtyBitmap::blocks_of(
+                            offset,
+                            u64::from(len),
+                            block,
+                        ));
+                    }
+                });
+                self.acks.extend(written.into_iter().map(|(offset, len)| Message::ResyncAck { offset, len }));
+            }
+            Err(e) => {
+                let errno = errno_of(e);
+                self.acks.extend(written.into_iter().map(|(offset, len)| Message::ResyncNegAck {
+                    offset,
+                    len,
+                    errno,
+                }));
             }
         }
     }
 
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.device
+    }
+}
+
+fn errno_of(e: IoError) -> u32 {
+    match e {
+        IoError::Io(errno) => errno as u32,
+        IoError::NoSpace => libc::ENOSPC as u32,
+        IoError::ReadOnly => libc::EROFS as u32,
+        IoError::NotSupported => libc::EOPNOTSUPP as u32,
+        IoError::Shutdown => libc::ESHUTDOWN as u32,
     }
 }
 
@@ -318,7 +620,13 @@ mod tests {
         });
         assert_eq!(
             stats,
-            ApplyStats { writes: 5, bytes: 65536 + 4096 + 8192 + 8192 + 100, flushes: 1, failed: 0 }
+            ApplyStats {
+                writes: 5,
+                bytes: 65536 + 4096 + 8192 + 8192 + 100,
+                flushes: 1,
+                failed: 0,
+                resync_bytes: 0
+            }
         );
         assert!(acks.contains(&"RecvAck { seq: 3 }".to_string()), "{acks:?}");
         assert!(acks.contains(&"WriteAck { seq: 4 }".to_string()), "{acks:?}");

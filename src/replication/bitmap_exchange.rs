@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdbd_protocol::repl::{BitmapCursor, BitmapRuns, Message, MAX_BITMAP_RUNS};
 use rdbd_protocol::DecodeError;
 
-use super::link::framed::{FrameError, Framed};
+use super::link::framed::{FrameError, FrameReader, FrameWriter};
 use crate::metadata::bitmap::DirtyBitmap;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ pub fn apply(
 }
 
 /// Sends `bitmap` on the data channel.
-pub async fn send(data: &mut Framed, bitmap: &DirtyBitmap) -> Result<(), BitmapExchangeError> {
+pub async fn send(data: &mut FrameWriter, bitmap: &DirtyBitmap) -> Result<(), BitmapExchangeError> {
     for (first, runs) in encode(bitmap) {
         let runs = BitmapRuns::new(first, &runs)?;
         data.send(&Message::BitmapRuns(runs)).await?;
@@ -101,7 +101,7 @@ pub async fn send(data: &mut Framed, bitmap: &DirtyBitmap) -> Result<(), BitmapE
 
 /// Receives the peer's bitmap and ORs it into `bitmap`; returns the blocks that became dirty.
 pub async fn receive(
-    data: &mut Framed,
+    data: &mut FrameReader,
     bitmap: &mut DirtyBitmap,
     step: Duration,
 ) -> Result<u64, BitmapExchangeError> {
@@ -122,6 +122,7 @@ pub async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::link::framed::Framed;
     use proptest::prelude::*;
 
     fn round_trip(bitmap: &DirtyBitmap) -> DirtyBitmap {
@@ -187,7 +188,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (mut a, mut b) = (Framed::new(a.unwrap()).unwrap(), Framed::new(b.unwrap().0).unwrap());
+        let (mut a, mut b) =
+            (Framed::new(a.unwrap()).unwrap().split().1, Framed::new(b.unwrap().0).unwrap().split().0);
         let mut theirs = DirtyBitmap::new(70_000);
         theirs.set(100..200);
         theirs.set(60_000..70_000);

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 
 use slab::Slab;
 
-use super::link::framed::Framed;
-use super::peer::{Inbox, LinkOptions, MarkOutOfSync, PeerLink, PeerOutcome};
+use super::link::framed::{FrameWriter, Framed};
+use super::peer::{Inbox, LinkOptions, MarkOutOfSync, PeerLink, PeerOutcome, ResyncReply};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
@@ -29,6 +29,10 @@ pub struct ReplicatedDevice {
     bitmap_block: u32,
     /// Byte ranges of writes in flight on any queue.
     writes_in_flight: Mutex<Vec<(u64, u64)>>,
+    /// While set, new writes wait (the bitmap is being exchanged with a connecting peer).
+    held: std::sync::atomic::AtomicBool,
+    /// Queues with parked writes, woken when a range is released or the hold ends.
+    parked_wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -46,7 +50,35 @@ impl ReplicatedDevice {
             tracking: Mutex::new(tracking),
             bitmap_block,
             writes_in_flight: Mutex::new(Vec::new()),
+            held: std::sync::atomic::AtomicBool::new(false),
+            parked_wakers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Stops new writes from starting and waits (at most `limit`) until none is in flight, so
+    /// the bitmap stops changing while it is sent to a connecting peer. Returns whether the
+    /// writes drained; the hold stays until [`ReplicatedDevice::release_writes`] either way.
+    pub async fn hold_writes(&self, limit: std::time::Duration) -> bool {
+        self.held.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.writes_in_flight.lock().expect("ranges lock").is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    pub fn release_writes(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.wake_parked();
+    }
+
+    fn wake_parked(&self) {
+        for waker in std::mem::take(&mut *self.parked_wakers.lock().expect("wakers lock")) {
+            waker.wake();
+        }
     }
 
     /// Logs the extents of `range` before it is written. `Ok(false)`: every log slot is busy,
@@ -92,9 +124,16 @@ impl ReplicatedDevice {
         }
     }
 
-    /// Starts mirroring to the peer at the other end of `data` and `meta` (after the handshake
-    /// and any resync). Writes the peer may lose when the link dies are marked out of sync here.
-    pub fn connect_peer(self: &Arc<Self>, data: Framed, meta: Framed, options: LinkOptions) -> Arc<PeerLink> {
+    /// Starts mirroring to the peer at the other end of `data` and `meta` (after the handshake).
+    /// Writes the peer may lose when the link dies are marked out of sync here. A sync source
+    /// passes where the peer's resync acknowledgements go.
+    pub fn connect_peer(
+        self: &Arc<Self>,
+        data: FrameWriter,
+        meta: Framed,
+        options: LinkOptions,
+        resync_replies: Option<tokio::sync::mpsc::UnboundedSender<ResyncReply>>,
+    ) -> Arc<PeerLink> {
         let device = Arc::downgrade(self);
         let mark: MarkOutOfSync = Arc::new(move |ranges: &[(u64, u64)]| {
             if let Some(device) = device.upgrade() {
@@ -103,7 +142,7 @@ impl ReplicatedDevice {
                 }
             }
         });
-        let link = PeerLink::start(data, meta, options, mark);
+        let link = PeerLink::start(data, meta, options, mark, resync_replies);
         *self.peer.write().expect("peer lock") = Some(link.clone());
         link
     }
@@ -127,13 +166,39 @@ impl ReplicatedDevice {
         f(&mut self.tracking.lock().expect("tracking lock"))
     }
 
-    fn mark_out_of_sync(&self, (start, end): (u64, u64)) {
+    /// The backing device under the replication.
+    pub fn local(&self) -> &Arc<dyn BlockDevice> {
+        &self.local
+    }
+
+    pub fn info_size(&self) -> u64 {
+        self.local.info().size
+    }
+
+    pub fn bitmap_block(&self) -> u32 {
+        self.bitmap_block
+    }
+
+    /// Reserves `range` for a resync read, unless a write in flight overlaps it; application
+    /// writes to it wait until [`ReplicatedDevice::release_range`] (SPEC §5.5).
+    pub fn claim_range(&self, range: (u64, u64)) -> bool {
+        self.try_claim(range)
+    }
+
+    pub fn release_range(&self, range: (u64, u64)) {
+        self.release(range)
+    }
+
+    pub fn mark_out_of_sync(&self, (start, end): (u64, u64)) {
         let blocks = DirtyBitmap::blocks_of(start, end - start, self.bitmap_block);
         self.tracking.lock().expect("tracking lock").bitmap.set(blocks);
     }
 
     /// Reserves `range` for a write unless a write in flight overlaps it.
     fn try_claim(&self, range: (u64, u64)) -> bool {
+        if self.held.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
         let mut ranges = self.writes_in_flight.lock().expect("ranges lock");
         if ranges.iter().any(|r| r.0 < range.1 && range.0 < r.1) {
             return false;
@@ -147,6 +212,8 @@ impl ReplicatedDevice {
         if let Some(i) = ranges.iter().position(|r| *r == range) {
             ranges.swap_remove(i);
         }
+        drop(ranges);
+        self.wake_parked();
     }
 }
 
@@ -353,8 +420,13 @@ impl IoQueue for ReplicatedQueue {
         if out.len() == before && !self.parked.is_empty() {
             self.unpark();
             if !self.parked.is_empty() {
-                // Blocked by another connection's write: look again soon.
-                cx.waker().wake_by_ref();
+                // Blocked by another queue's write, a resync read or a hold: woken on release.
+                let mut wakers = self.device.parked_wakers.lock().expect("wakers lock");
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+                drop(wakers);
+                self.unpark();
             }
         }
         if out.len() > before || (self.ops.is_empty() && self.parked.is_empty()) {

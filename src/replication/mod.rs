@@ -5,5 +5,6 @@ pub mod bitmap_exchange;
 pub mod device;
 pub mod link;
 pub mod peer;
+pub mod source;
 pub mod states;
 pub mod sync_decision;

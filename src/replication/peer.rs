@@ -10,12 +10,13 @@ use std::task::Context;
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use rdbd_protocol::repl::{block_crc32c, AckMode, Data, Message, Protocol, Trim, Zeroes};
+use rdbd_protocol::repl::{block_crc32c, AckMode, Data, Message, Protocol, ResyncData, State, Trim, Zeroes};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::link::framed::Framed;
+use super::link::framed::{FrameWriter, Framed};
+use crate::storage::IoBuf;
 
 /// How the peer answered one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +59,40 @@ struct Waiter {
 
 /// A request to send, owning its data.
 enum Outgoing {
-    Data { seq: u64, offset: u64, fua: bool, ack: AckMode, bytes: Vec<u8> },
+    Data {
+        seq: u64,
+        offset: u64,
+        fua: bool,
+        ack: AckMode,
+        bytes: Vec<u8>,
+    },
     Trim(Trim),
     Zeroes(Zeroes),
-    Flush { seq: u64 },
+    Flush {
+        seq: u64,
+    },
+    /// A block read for the resync target (SPEC §6), in order with the writes around it.
+    ResyncData {
+        offset: u64,
+        buf: IoBuf,
+    },
+    /// The sync source's final State at the end of a resync.
+    State(State),
+    StateChange {
+        role: u8,
+        disk: u8,
+    },
+    /// The last frame before a deliberate close.
+    Disconnect(String),
+}
+
+/// The peer's answer to a block sent for resync, for the sync source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncReply {
+    /// Written on the target: the range is in sync.
+    Ack { offset: u64, len: u32 },
+    /// The target could not write it: the range stays out of sync.
+    Failed { offset: u64, len: u32, errno: u32 },
 }
 
 /// Marks byte ranges out of sync (the replicated device's bitmap).
@@ -115,16 +146,19 @@ pub struct PeerLink {
     integrity: bool,
     /// Cancelled when the link dies, to stop both tasks.
     closed: CancellationToken,
+    /// Where ResyncAck and ResyncNegAck go (the sync source's task), while this node is one.
+    resync_replies: Option<mpsc::UnboundedSender<ResyncReply>>,
 }
 
 impl PeerLink {
     /// Takes over an established pair of channels and starts the sender and the
     /// acknowledgement reader on the current runtime.
     pub fn start(
-        data: Framed,
+        data: FrameWriter,
         meta: Framed,
         options: LinkOptions,
         mark_out_of_sync: MarkOutOfSync,
+        resync_replies: Option<mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -140,6 +174,7 @@ impl PeerLink {
             protocol,
             integrity,
             closed: CancellationToken::new(),
+            resync_replies,
         });
         tokio::spawn(link.clone().send_loop(data, rx, auto_flush_interval));
         tokio::spawn(link.clone().ack_loop(meta, ping_interval, ping_timeout));
@@ -278,9 +313,54 @@ impl PeerLink {
         }
     }
 
-    /// Drops the connection (as `rdbd disconnect` does); outstanding requests are reported lost.
+    /// Drops the connection at once; outstanding requests are reported lost.
     pub fn disconnect(&self) {
         self.fail_all();
+    }
+
+    /// Queues a frame that is not an application request (resync data, state).
+    fn send_other(&self, out: Outgoing) -> bool {
+        self.is_alive() && self.tx.send(out).is_ok()
+    }
+
+    /// Sends a block for the resync target after every write queued before it.
+    pub fn send_resync_data(&self, offset: u64, buf: IoBuf) -> bool {
+        self.send_other(Outgoing::ResyncData { offset, buf })
+    }
+
+    pub fn send_state(&self, state: State) -> bool {
+        self.send_other(Outgoing::State(state))
+    }
+
+    pub fn send_state_change(&self, role: u8, disk: u8) -> bool {
+        self.send_other(Outgoing::StateChange { role, disk })
+    }
+
+    /// Makes every write sent so far stable on the peer (one flush), waiting at most `limit`;
+    /// returns whether it did. Called before a deliberate disconnect so nothing needs a resync.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.is_alive() && tokio::time::Instant::now() < deadline {
+            if self.unstable_writes() == 0 && self.waiting.lock().expect("waiting lock").is_empty() {
+                return true;
+            }
+            self.auto_flush();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
+    }
+
+    /// Sends Disconnect after everything queued, then closes the link.
+    pub async fn close(&self, reason: &str) {
+        if self.send_other(Outgoing::Disconnect(reason.to_owned())) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.closed.cancelled()).await;
+        }
+        self.fail_all();
+    }
+
+    /// Resolves when the link has died.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     /// Marks the link dead and reports every outstanding request lost.
@@ -310,9 +390,15 @@ impl PeerLink {
         }
     }
 
+    fn forward(&self, reply: ResyncReply) {
+        if let Some(tx) = &self.resync_replies {
+            let _ = tx.send(reply);
+        }
+    }
+
     async fn send_loop(
         self: Arc<Self>,
-        mut data: Framed,
+        mut data: FrameWriter,
         mut rx: mpsc::UnboundedReceiver<Outgoing>,
         auto_flush_interval: std::time::Duration,
     ) {
@@ -343,6 +429,18 @@ impl PeerLink {
                 Outgoing::Trim(t) => data.send(&Message::Trim(*t)).await,
                 Outgoing::Zeroes(z) => data.send(&Message::Zeroes(*z)).await,
                 Outgoing::Flush { seq } => data.send(&Message::Flush { seq: *seq }).await,
+                Outgoing::ResyncData { offset, buf } => {
+                    let crc32c = if self.integrity { block_crc32c(buf) } else { 0 };
+                    data.send(&Message::ResyncData(ResyncData { offset: *offset, crc32c, data: buf })).await
+                }
+                Outgoing::State(state) => data.send(&Message::State(*state)).await,
+                Outgoing::StateChange { role, disk } => {
+                    data.send(&Message::StateChange { role: *role, disk: *disk }).await
+                }
+                Outgoing::Disconnect(reason) => {
+                    let _ = data.send(&Message::Disconnect { reason }).await;
+                    break;
+                }
             };
             if let Err(e) = sent {
                 warn!("replication data channel failed: {e}");
@@ -396,6 +494,12 @@ impl PeerLink {
                     }
                 }
                 Ok(Message::PingAck) => {}
+                Ok(Message::ResyncAck { offset, len }) if self.resync_replies.is_some() => {
+                    self.forward(ResyncReply::Ack { offset, len })
+                }
+                Ok(Message::ResyncNegAck { offset, len, errno }) if self.resync_replies.is_some() => {
+                    self.forward(ResyncReply::Failed { offset, len, errno })
+                }
                 Ok(other) => {
                     warn!(kind = other.kind(), "unexpected message on the meta channel; dropping the link");
                     break;

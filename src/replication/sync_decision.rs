@@ -158,6 +158,37 @@ pub fn decide(local: &SideView, peer: &SideView) -> Decision {
     require_usable_source(d, local.disk, peer.disk)
 }
 
+/// `new-current-uuid --clear-bitmap` ran on a side (its State carried SKIP_INITIAL_SYNC): when
+/// the other side was just created, it takes over that side's generations and is UpToDate, so
+/// the pair compares as in sync and skips the initial full sync. Both nodes apply this to their
+/// two views before [`decide`], so they agree. Returns whether the local side adopted.
+pub fn apply_skip_initial_sync(
+    local: &mut SideView,
+    peer: &mut SideView,
+    local_skip: bool,
+    peer_skip: bool,
+) -> bool {
+    fn adopt(from: &SideView, to: &mut SideView) -> bool {
+        let cleared =
+            from.gens.bitmap == 0 && !from.gens.is_just_created() && from.disk == DiskState::UpToDate;
+        if !cleared || !to.gens.is_just_created() || !to.disk.has_disk() {
+            return false;
+        }
+        to.gens = to.gens.adopt_cleared_current(from.gens.current);
+        to.disk = DiskState::UpToDate;
+        true
+    }
+    match (local_skip, peer_skip) {
+        (false, true) => adopt(peer, local),
+        (true, false) => {
+            adopt(local, peer);
+            false
+        }
+        // Both or neither: nothing to adopt (two clears are two different generations).
+        _ => false,
+    }
+}
+
 /// DRBD's rule table (`drbd_uuid_compare`), evaluated so that the two nodes
 /// always reach mirrored results.
 ///

@@ -10,7 +10,7 @@ mod file;
 mod uring_queue;
 
 pub use buffer::{BufPool, IoBuf, BUF_ALIGN};
-pub use file::{FileDevice, OpenOptions};
+pub use file::{FileDevice, OpenError, OpenOptions};
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;

@@ -34,7 +34,10 @@ pub mod state_flags {
     pub const CRASHED_PRIMARY: u32 = 1 << 2;
     /// The sender's disk was UpToDate when last known.
     pub const WAS_UP_TO_DATE: u32 = 1 << 3;
-    pub const KNOWN: u32 = CONSISTENT | WAS_PRIMARY | CRASHED_PRIMARY | WAS_UP_TO_DATE;
+    /// `new-current-uuid --clear-bitmap` ran on the sender: a just-created peer adopts the
+    /// sender's current generation instead of doing the initial full sync.
+    pub const SKIP_INITIAL_SYNC: u32 = 1 << 4;
+    pub const KNOWN: u32 = CONSISTENT | WAS_PRIMARY | CRASHED_PRIMARY | WAS_UP_TO_DATE | SKIP_INITIAL_SYNC;
 }
 
 /// Role values in State and StateChange. The codec carries them raw; the main crate maps its

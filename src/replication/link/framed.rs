@@ -7,6 +7,7 @@ use bytes::{Buf, BytesMut};
 use rdbd_protocol::repl::{FrameHeader, Message};
 use rdbd_protocol::DecodeError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,26 +22,69 @@ pub enum FrameError {
     Closed,
 }
 
-/// One channel: a TCP stream and a receive buffer. Receiving is cancellation-safe (bytes read
+/// One channel: both directions of a TCP stream. Receiving is cancellation-safe (bytes read
 /// stay in the buffer), so a receive can sit in a `select!` next to other work.
 pub struct Framed {
-    stream: TcpStream,
+    reader: FrameReader,
+    writer: FrameWriter,
+}
+
+/// The receiving half of a channel.
+pub struct FrameReader {
+    stream: OwnedReadHalf,
     rbuf: BytesMut,
     /// Bytes of the frame last returned, dropped at the next receive.
     consumed: usize,
+}
+
+/// The sending half of a channel.
+pub struct FrameWriter {
+    stream: OwnedWriteHalf,
     out: Vec<u8>,
 }
 
 impl Framed {
     pub fn new(stream: TcpStream) -> io::Result<Self> {
         stream.set_nodelay(true)?;
-        Ok(Self { stream, rbuf: BytesMut::with_capacity(64 * 1024), consumed: 0, out: Vec::new() })
+        let (read, write) = stream.into_split();
+        Ok(Self {
+            reader: FrameReader { stream: read, rbuf: BytesMut::with_capacity(64 * 1024), consumed: 0 },
+            writer: FrameWriter { stream: write, out: Vec::new() },
+        })
     }
 
-    pub fn into_stream(self) -> TcpStream {
-        self.stream
+    /// Separates the halves, so one task can send while another receives.
+    pub fn split(self) -> (FrameReader, FrameWriter) {
+        (self.reader, self.writer)
     }
 
+    /// Puts the halves of one channel back together.
+    pub fn join(reader: FrameReader, writer: FrameWriter) -> Self {
+        Self { reader, writer }
+    }
+
+    /// Both halves, borrowed, to send and receive at the same time.
+    pub fn halves(&mut self) -> (&mut FrameReader, &mut FrameWriter) {
+        (&mut self.reader, &mut self.writer)
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, message: &Message<'_>) -> Result<(), FrameError> {
+        self.writer.send(message).await
+    }
+
+    /// Receives one frame; the message borrows this channel's buffer until the next call.
+    pub async fn recv(&mut self) -> Result<Message<'_>, FrameError> {
+        self.reader.recv().await
+    }
+
+    /// [`Framed::recv`] with a deadline.
+    pub async fn recv_within(&mut self, limit: Duration) -> Result<Message<'_>, FrameError> {
+        self.reader.recv_within(limit).await
+    }
+}
+
+impl FrameWriter {
     /// Sends one message.
     pub async fn send(&mut self, message: &Message<'_>) -> Result<(), FrameError> {
         self.out.clear();
@@ -48,7 +92,9 @@ impl Framed {
         self.stream.write_all(&self.out).await?;
         Ok(())
     }
+}
 
+impl FrameReader {
     /// Receives one frame; the message borrows this channel's buffer until the next call.
     pub async fn recv(&mut self) -> Result<Message<'_>, FrameError> {
         self.rbuf.advance(std::mem::take(&mut self.consumed));
@@ -69,7 +115,7 @@ impl Framed {
         }
     }
 
-    /// [`Framed::recv`] with a deadline.
+    /// [`FrameReader::recv`] with a deadline.
     pub async fn recv_within(&mut self, limit: Duration) -> Result<Message<'_>, FrameError> {
         match tokio::time::timeout(limit, self.recv()).await {
             Ok(result) => result,

@@ -547,3 +547,29 @@ proptest! {
         prop_assert_eq!(decide(&after_sync(&a, sa), &after_sync(&b, sb)).outcome, InSync);
     }
 }
+
+#[test]
+fn a_cleared_bitmap_is_adopted_by_a_just_created_peer_on_both_nodes() {
+    let fresh = with_disk(side(Generations::just_created()), Inconsistent);
+    let cleared = side(Generations::just_created().clear_bitmap_new_current(0x5550));
+    // On the node that was just created:
+    let (mut local, mut peer) = (fresh, cleared);
+    assert!(apply_skip_initial_sync(&mut local, &mut peer, false, true));
+    assert_eq!(local.disk, UpToDate);
+    assert_eq!(decide(&local, &peer).outcome, InSync);
+    // On the node that cleared its bitmap, the same pair of views:
+    let (mut local2, mut peer2) = (cleared, fresh);
+    assert!(!apply_skip_initial_sync(&mut local2, &mut peer2, true, false));
+    assert_eq!(peer2.gens, local.gens);
+    assert_eq!(decide(&local2, &peer2).outcome, InSync);
+}
+
+#[test]
+fn a_cleared_bitmap_is_not_adopted_by_a_peer_with_data() {
+    let with_data = side(g(X, 0, 0, 0));
+    let cleared = side(Generations::just_created().clear_bitmap_new_current(0x5550));
+    let (mut local, mut peer) = (with_data, cleared);
+    assert!(!apply_skip_initial_sync(&mut local, &mut peer, false, true));
+    assert_eq!(local, with_data);
+    assert_eq!(decide(&local, &peer).outcome, Unrelated);
+}

@@ -1,0 +1,105 @@
+//! The verbs that talk to a running daemon: down, primary, secondary, status, connect,
+//! disconnect, new-current-uuid.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use rdbd::node::control::{self, Request, Response};
+
+use super::resource::{Resource, ResourceArgs};
+
+/// Role changes wait for in-flight writes and for the peer; give them time.
+const VERB_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Args, Debug)]
+pub struct PlainArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// Promote even if this node's data is not known to be UpToDate (it becomes the newest).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// Print JSON instead of the drbdadm-like text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NewCurrentUuidArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// Both disks are known identical (e.g. freshly zeroed): skip the initial full sync.
+    #[arg(long)]
+    pub clear_bitmap: bool,
+}
+
+/// Sends `req` to this node's daemon; a refusal becomes the error.
+async fn send(res: &Resource, req: Request) -> anyhow::Result<Response> {
+    let response = control::request(&res.control_socket(), &req, VERB_LIMIT).await?;
+    if !response.ok {
+        bail!("{}: {}", res.config.name, response.error.unwrap_or_else(|| "refused".into()));
+    }
+    Ok(response)
+}
+
+pub async fn simple(args: PlainArgs, req: Request) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    send(&res, req).await?;
+    Ok(())
+}
+
+pub async fn primary(args: PrimaryArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    send(&res, Request::Primary { force: args.force }).await?;
+    Ok(())
+}
+
+pub async fn new_current_uuid(args: NewCurrentUuidArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    send(&res, Request::NewCurrentUuid { clear_bitmap: args.clear_bitmap }).await?;
+    Ok(())
+}
+
+pub async fn down(args: PlainArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    let socket = res.control_socket();
+    match control::request(&socket, &Request::Down, VERB_LIMIT).await {
+        Err(control::ControlError::NotRunning { .. }) => {
+            println!("rdbd: {} is not up on node {}", res.config.name, res.me().name);
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+        Ok(r) if !r.ok => bail!("{}: {}", res.config.name, r.error.unwrap_or_else(|| "refused".into())),
+        Ok(_) => {}
+    }
+    // The daemon removes its socket as it exits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while socket.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    let response = send(&res, Request::Status).await?;
+    let Some(status) = response.status else { bail!("the daemon sent no status") };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! How the replication tasks report to the node: the peer's state changes, and the end of a
+//! resync (the generation identifiers and disk states that change with it).
+
+use std::sync::Arc;
+
+use rdbd_protocol::repl::{disk as wire_disk, State};
+use tracing::info;
+
+use super::session::{disk_from_wire, local_state, role_from_wire, role_to_wire};
+use super::Node;
+use crate::metadata::generations::Generations;
+use crate::replication::apply::ApplyEvents;
+use crate::replication::source::SourceEvents;
+use crate::replication::states::{DiskState, ReplState};
+
+pub struct NodeEvents(pub Arc<Node>);
+
+impl NodeEvents {
+    fn peer_state(&self, role: u8, disk: u8) {
+        let mut s = self.0.state();
+        s.peer_role = role_from_wire(role);
+        s.peer_disk = disk_from_wire(disk);
+        if s.repl == ReplState::SyncSource && s.peer_disk == DiskState::UpToDate {
+            s.repl = ReplState::Established;
+            info!("resync finished: the peer is UpToDate");
+        }
+    }
+}
+
+impl ApplyEvents for NodeEvents {
+    fn peer_state(&mut self, role: u8, disk: u8) {
+        NodeEvents::peer_state(self, role, disk);
+    }
+
+    fn resync_finished(&mut self, source: &State) -> Result<(u8, u8), String> {
+        let node = &self.0;
+        let g = source.generations;
+        let source_gens = Generations { current: g.current, bitmap: g.bitmap, history: g.history };
+        let gens = node.generations().finish_resync_as_target(&source_gens);
+        node.persist_bitmap(false).map_err(|e| e.to_string())?;
+        node.persist(|sb| {
+            sb.generations = gens;
+            super::set_disk_flags(sb, DiskState::UpToDate);
+            sb.set(crate::metadata::superblock::flags::CRASHED_PRIMARY, false);
+        })
+        .map_err(|e| e.to_string())?;
+        let mut s = node.state();
+        s.disk = DiskState::UpToDate;
+        s.peer_disk = DiskState::UpToDate;
+        s.repl = ReplState::Established;
+        Ok((role_to_wire(s.role), wire_disk::UP_TO_DATE))
+    }
+}
+
+impl SourceEvents for NodeEvents {
+    fn peer_state(&mut self, role: u8, disk: u8) {
+        NodeEvents::peer_state(self, role, disk);
+    }
+
+    fn resync_finished(&mut self) -> Result<State, String> {
+        let node = &self.0;
+        let gens = node.generations().finish_resync_as_source();
+        node.persist_bitmap(false).map_err(|e| e.to_string())?;
+        node.persist(|sb| {
+            sb.generations = gens;
+            sb.set(crate::metadata::superblock::flags::CRASHED_PRIMARY, false);
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(local_state(node))
+    }
+}

@@ -1,0 +1,452 @@
+//! The per-resource daemon: one node's disk, metadata, role and connection to its peer, driven
+//! by the `rdbd` verbs over a control socket.
+//!
+//! - [`Node`]: state and the role changes (`primary`, `secondary`, `new-current-uuid`, `down`).
+//! - [`session`]: connecting to the peer, the sync handshake, resync, replication.
+//! - [`control`]: the control socket and its requests.
+//! - [`status`]: what `rdbd status` shows.
+//! - [`nbd_service`]: the NBD server a Primary runs.
+
+pub mod control;
+mod events;
+mod nbd_service;
+mod session;
+pub mod status;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{NodeConfig, ResourceConfig};
+use crate::metadata::generations::Generations;
+use crate::metadata::store::{self, MetaLocation};
+use crate::metadata::superblock::{flags, Superblock};
+use crate::nbd::Shards;
+use crate::replication::device::{ReplicatedDevice, Tracking};
+use crate::replication::peer::PeerLink;
+use crate::replication::states::{
+    check_demote, check_promote, ConnState, DemoteRefusal, DiskState, PromoteRefusal, ReplState, Role,
+};
+use crate::storage::{BlockDevice, FileDevice, OpenOptions};
+
+use nbd_service::NbdService;
+
+/// Directory of control sockets and daemon logs unless [`RUN_DIR_ENV`] says otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/rdbd";
+pub const RUN_DIR_ENV: &str = "RDBD_RUN_DIR";
+
+/// The run directory: [`RUN_DIR_ENV`] if set and not empty, else [`DEFAULT_RUN_DIR`].
+pub fn run_dir() -> PathBuf {
+    match std::env::var_os(RUN_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(DEFAULT_RUN_DIR),
+    }
+}
+
+/// The control socket of `resource` on `node` (both nodes may run on one machine).
+pub fn control_socket(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
+    run_dir.join(format!("{resource}.{node}.sock"))
+}
+
+/// The daemon's log when it runs detached.
+pub fn log_file(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
+    run_dir.join(format!("{resource}.{node}.log"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Metadata(#[from] store::MetaError),
+    #[error(transparent)]
+    Disk(#[from] crate::storage::OpenError),
+    #[error("cannot promote: {0}")]
+    Promote(#[from] PromoteRefusal),
+    #[error("cannot demote: {0}")]
+    Demote(#[from] DemoteRefusal),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot serve NBD on {addr}: {error}")]
+    NbdListen { addr: String, error: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the node knows about itself and its peer.
+#[derive(Clone)]
+struct NodeState {
+    role: Role,
+    disk: DiskState,
+    conn: ConnState,
+    repl: ReplState,
+    peer_role: Role,
+    peer_disk: DiskState,
+    /// Dirty blocks when the running resync started (for progress).
+    resync_total: u64,
+    /// The last refusal or connection failure, for `status`.
+    last_error: Option<String>,
+    /// `new-current-uuid --clear-bitmap` ran: announced at the next handshake.
+    skip_initial_sync: bool,
+    /// Whether the node tries to connect (false after `disconnect` or a refused handshake).
+    want_connection: bool,
+    link: Option<Arc<PeerLink>>,
+}
+
+/// One node of one resource, running.
+pub struct Node {
+    config: ResourceConfig,
+    me: usize,
+    device: Arc<ReplicatedDevice>,
+    state: Mutex<NodeState>,
+    /// Wakes the connection task: reconnect now (role changed, `connect`, `disconnect`).
+    renegotiate: Notify,
+    shutdown: CancellationToken,
+    nbd: tokio::sync::Mutex<Option<NbdService>>,
+    shards: Arc<Shards>,
+}
+
+/// A random generation identifier.
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // The OS generator does not fail for 8 bytes after boot; zero would still be made safe.
+    let _ = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty());
+    u64::from_le_bytes(bytes)
+}
+
+/// The disk state the superblock flags record.
+fn disk_from_flags(sb: &Superblock) -> DiskState {
+    if !sb.has(flags::CONSISTENT) {
+        DiskState::Inconsistent
+    } else if sb.has(flags::UP_TO_DATE) {
+        DiskState::UpToDate
+    } else {
+        DiskState::Outdated
+    }
+}
+
+fn set_disk_flags(sb: &mut Superblock, disk: DiskState) {
+    sb.set(flags::CONSISTENT, disk.can_be_sync_source());
+    sb.set(flags::UP_TO_DATE, disk == DiskState::UpToDate);
+}
+
+impl Node {
+    /// Attaches this node's disk and metadata (folding the activity log after a crash) and
+    /// marks the metadata in use. The node starts Secondary and not yet connected.
+    pub fn attach(config: ResourceConfig, me: usize) -> Result<Arc<Self>, NodeError> {
+        let node = &config.nodes[me];
+        let location = match &node.meta_disk {
+            crate::config::MetaDisk::Internal => MetaLocation::Internal,
+            crate::config::MetaDisk::External(path) => MetaLocation::External(path.clone()),
+        };
+        let attached = store::attach(&node.disk, &location, &node.name)?;
+        for damage in &attached.report.damage {
+            warn!("metadata damage detected: {damage}");
+        }
+        if attached.report.unclean {
+            info!(
+                extents = attached.report.al_extents_applied,
+                dirty_blocks = attached.report.dirty_blocks,
+                "previous run did not shut down cleanly: activity log folded into the bitmap"
+            );
+        }
+        let mut meta = attached.meta;
+        let data_size = meta.layout().data_size;
+        let bitmap_block = meta.superblock().bitmap_block;
+        let was_primary = meta.superblock().has(flags::PRIMARY);
+        // In use from now on: a crash before the clean shutdown folds the activity log, and a
+        // crash while Primary is remembered.
+        meta.update(|sb| {
+            sb.set(flags::AL_CLEAN, false);
+            if was_primary {
+                sb.set(flags::CRASHED_PRIMARY, true);
+                sb.set(flags::PRIMARY, false);
+            }
+        })?;
+        let disk = disk_from_flags(meta.superblock());
+        let opts = OpenOptions { size: Some(data_size), prefix: true, ..Default::default() };
+        let local = if std::fs::metadata(&node.disk).map(|m| m.file_type().is_file()).unwrap_or(true) {
+            FileDevice::open_file(&node.disk, &opts)
+        } else {
+            FileDevice::open_block_device(&node.disk, &opts)
+        }?;
+        let local: Arc<dyn BlockDevice> = Arc::new(local);
+        let tracking = Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, meta)) };
+        let device = ReplicatedDevice::new(local, tracking, bitmap_block);
+        let shards = Arc::new(Shards::per_cpu()?);
+        Ok(Arc::new(Self {
+            config,
+            me,
+            device,
+            state: Mutex::new(NodeState {
+                role: Role::Secondary,
+                disk,
+                conn: ConnState::Unconnected,
+                repl: ReplState::Off,
+                peer_role: Role::Unknown,
+                peer_disk: DiskState::DUnknown,
+                resync_total: 0,
+                last_error: None,
+                skip_initial_sync: false,
+                want_connection: true,
+                link: None,
+            }),
+            renegotiate: Notify::new(),
+            shutdown: CancellationToken::new(),
+            nbd: tokio::sync::Mutex::new(None),
+            shards,
+        }))
+    }
+
+    pub fn config(&self) -> &ResourceConfig {
+        &self.config
+    }
+
+    pub fn me(&self) -> &NodeConfig {
+        &self.config.nodes[self.me]
+    }
+
+    pub fn peer_config(&self) -> &NodeConfig {
+        &self.config.nodes[1 - self.me]
+    }
+
+    pub fn device(&self) -> &Arc<ReplicatedDevice> {
+        &self.device
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        self.state.lock().expect("node state lock")
+    }
+
+    /// Runs the node until `down` or `stop`: the connection to the peer, in the background.
+    pub async fn run(self: &Arc<Self>) {
+        let connection = tokio::spawn(session::run(self.clone()));
+        self.shutdown.cancelled().await;
+        let _ = connection.await;
+    }
+
+    /// A token cancelled when the node stops.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The superblock as last written.
+    fn superblock(&self) -> Superblock {
+        self.device
+            .with_tracking(|t| t.activity.as_ref().expect("a node has metadata").1.superblock().clone())
+    }
+
+    pub fn generations(&self) -> Generations {
+        self.superblock().generations
+    }
+
+    /// Changes the superblock durably.
+    fn persist(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), NodeError> {
+        self.device.with_tracking(|t| t.activity.as_mut().expect("a node has metadata").1.update(change))?;
+        Ok(())
+    }
+
+    /// Writes every bitmap page changed in memory since it was last written.
+    fn persist_bitmap(&self, all: bool) -> Result<(), NodeError> {
+        self.device.with_tracking(|t| {
+            if all {
+                t.bitmap.mark_all_pages_stale();
+            }
+            let pages = t.bitmap.take_stale_pages();
+            t.activity.as_ref().expect("a node has metadata").1.write_bitmap_pages(&t.bitmap, &pages)
+        })?;
+        Ok(())
+    }
+
+    /// Sets this node's disk state, in memory and in the superblock flags.
+    fn set_disk(&self, disk: DiskState) -> Result<(), NodeError> {
+        self.persist(|sb| set_disk_flags(sb, disk))?;
+        self.state().disk = disk;
+        Ok(())
+    }
+
+    /// A Primary without its peer starts a new data generation (unless its bitmap already
+    /// tracks changes against an older one), so the peer's data is recognisably older at the
+    /// next connect and the bitmap says what to resync (DRBD: new current UUID on peer loss).
+    fn primary_without_peer(&self) -> Result<(), NodeError> {
+        if self.state().role != Role::Primary {
+            return Ok(());
+        }
+        let gens = self.generations();
+        if gens.bitmap == 0 {
+            let new = gens.new_current(random_u64(), true);
+            info!(
+                current = format_args!("{:016X}", new.current),
+                "new data generation: writing without the peer"
+            );
+            self.persist(|sb| sb.generations = new)?;
+        }
+        Ok(())
+    }
+
+    /// `rdbd primary [--force]`.
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
+        let (disk, peer_role, connected, role) = {
+            let s = self.state();
+            (s.disk, s.peer_role, s.conn == ConnState::Connected, s.role)
+        };
+        if role == Role::Primary {
+            return Ok(());
+        }
+        check_promote(disk, peer_role, connected, force)?;
+        if connected && matches!(self.state().repl, ReplState::SyncTarget | ReplState::WFBitMapT) {
+            return Err(NodeError::Refused(
+                "cannot promote a sync target: wait for the resync to finish".into(),
+            ));
+        }
+        if disk != DiskState::UpToDate {
+            // --force: the operator declares this data the newest.
+            warn!(%disk, "promoting with --force: this node's data becomes the newest");
+            self.set_disk(DiskState::UpToDate)?;
+        }
+        self.persist(|sb| sb.set(flags::PRIMARY, true))?;
+        self.state().role = Role::Primary;
+        if !connected {
+            self.primary_without_peer()?;
+        }
+        if let Err(e) = self.start_nbd().await {
+            self.persist(|sb| sb.set(flags::PRIMARY, false))?;
+            self.state().role = Role::Secondary;
+            return Err(e);
+        }
+        info!("role: Primary");
+        // The connection is renegotiated so that this node becomes the sender.
+        self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// `rdbd secondary`.
+    pub async fn demote(self: &Arc<Self>) -> Result<(), NodeError> {
+        let role = self.state().role;
+        if role != Role::Primary {
+            return Ok(());
+        }
+        let clients = self.nbd_clients().await;
+        check_demote(role, clients)?;
+        self.stop_nbd().await;
+        let link = self.state().link.clone();
+        if let Some(link) = link {
+            link.settle(Duration::from_secs(5)).await;
+        }
+        self.state().role = Role::Secondary;
+        self.persist(|sb| sb.set(flags::PRIMARY, false))?;
+        info!("role: Secondary");
+        self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// `rdbd connect`: leave StandAlone and try to reach the peer.
+    pub fn connect(&self) {
+        let mut s = self.state();
+        s.want_connection = true;
+        s.last_error = None;
+        drop(s);
+        self.renegotiate.notify_one();
+    }
+
+    /// `rdbd disconnect`: drop the connection and stay StandAlone.
+    pub async fn disconnect(&self) {
+        self.state().want_connection = false;
+        let link = self.state().link.clone();
+        if let Some(link) = link {
+            link.settle(Duration::from_secs(5)).await;
+        }
+        self.renegotiate.notify_one();
+        // Wait until the session has ended, so `status` right after says StandAlone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.state().conn != ConnState::StandAlone && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `rdbd new-current-uuid [--clear-bitmap]`.
+    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), NodeError> {
+        let s = self.state().clone();
+        let gens = self.generations();
+        if clear_bitmap {
+            // Only for blank disks: the operator declares both sides identical (e.g. zeroed).
+            if !gens.is_just_created() || s.disk != DiskState::Inconsistent {
+                return Err(NodeError::Refused(
+                    "--clear-bitmap is only for freshly created metadata (disk Inconsistent, no data generation yet)"
+                        .into(),
+                ));
+            }
+            if s.conn != ConnState::Connected || s.peer_disk != DiskState::Inconsistent {
+                return Err(NodeError::Refused(
+                    "--clear-bitmap needs the peer connected with freshly created metadata too".into(),
+                ));
+            }
+            let new = gens.clear_bitmap_new_current(random_u64());
+            self.persist(|sb| {
+                sb.generations = new;
+                set_disk_flags(sb, DiskState::UpToDate);
+            })?;
+            self.device.with_tracking(|t| {
+                let blocks = t.bitmap.blocks();
+                t.bitmap.clear(0..blocks);
+            });
+            self.persist_bitmap(true)?;
+            let mut st = self.state();
+            st.disk = DiskState::UpToDate;
+            st.skip_initial_sync = true;
+            drop(st);
+            info!("new current generation with a cleared bitmap: the peer adopts it, no initial sync");
+            self.renegotiate.notify_one();
+        } else {
+            let new = gens.new_current(random_u64(), s.role == Role::Primary);
+            self.persist(|sb| sb.generations = new)?;
+        }
+        Ok(())
+    }
+
+    /// `rdbd down` (and SIGTERM): stop serving, leave the peer cleanly, and write the metadata
+    /// so the next start needs no activity-log resync. `force` (a signal) skips the in-use check.
+    pub async fn down(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
+        if !force {
+            let clients = self.nbd_clients().await;
+            check_demote(self.state().role, clients)?;
+        }
+        self.stop_nbd().await;
+        self.state().want_connection = false;
+        let link = self.state().link.clone();
+        if let Some(link) = link {
+            link.settle(Duration::from_secs(5)).await;
+            link.close("the peer is going down").await;
+        }
+        self.shutdown.cancel();
+        self.state().role = Role::Secondary;
+        self.persist_bitmap(false)?;
+        self.persist(|sb| {
+            sb.set(flags::PRIMARY, false);
+            sb.set(flags::AL_CLEAN, true);
+        })?;
+        info!("down: metadata written cleanly");
+        Ok(())
+    }
+
+    async fn start_nbd(&self) -> Result<(), NodeError> {
+        let mut nbd = self.nbd.lock().await;
+        if nbd.is_none() {
+            *nbd = NbdService::start(self, self.shards.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn stop_nbd(&self) {
+        let service = self.nbd.lock().await.take();
+        if let Some(service) = service {
+            service.stop().await;
+        }
+    }
+
+    async fn nbd_clients(&self) -> usize {
+        self.nbd.lock().await.as_ref().map_or(0, |s| s.clients())
+    }
+}

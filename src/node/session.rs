@@ -1,0 +1,506 @@
+//! The connection to the peer: connect (the lower node name dials, the other listens), the sync
+//! handshake (decision, bitmap exchange, SyncUuid), then replication until the link ends, and
+//! again. A role change renegotiates by reconnecting, so each connection has one fixed sender
+//! of application writes (SPEC §4).
+//!
+//! Which side runs what on a connection:
+//! - the sender (the Primary; with no Primary, the sync source; else the dialer) runs the
+//!   [`PeerLink`](crate::replication::peer::PeerLink) and answers resync requests;
+//! - the receiver runs the [`Applier`], which also pulls the resync as sync target.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdbd_protocol::repl::{
+    self, disk as wire_disk, role as wire_role, state_flags, Message, Params, RefuseCode, State,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::events::NodeEvents;
+use super::{random_u64, Node};
+use crate::metadata::generations::Generations;
+use crate::metadata::superblock::flags;
+use crate::replication::apply::{Applier, ResyncTarget};
+use crate::replication::bitmap_exchange;
+use crate::replication::link::connect::{dial, dials, listen, Established};
+use crate::replication::link::framed::FrameError;
+use crate::replication::link::handshake::{HandshakeError, Identity};
+use crate::replication::peer::LinkOptions;
+use crate::replication::source;
+use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
+use crate::replication::sync_decision::{apply_skip_initial_sync, decide, SideView, SyncDecision};
+
+pub fn role_to_wire(role: Role) -> u8 {
+    match role {
+        Role::Primary => wire_role::PRIMARY,
+        Role::Secondary => wire_role::SECONDARY,
+        Role::Unknown => wire_role::UNKNOWN,
+    }
+}
+
+pub fn role_from_wire(role: u8) -> Role {
+    match role {
+        wire_role::PRIMARY => Role::Primary,
+        wire_role::SECONDARY => Role::Secondary,
+        _ => Role::Unknown,
+    }
+}
+
+pub fn disk_to_wire(disk: DiskState) -> u8 {
+    match disk {
+        DiskState::Diskless => wire_disk::DISKLESS,
+        DiskState::Attaching => wire_disk::ATTACHING,
+        DiskState::Failed => wire_disk::FAILED,
+        DiskState::Negotiating => wire_disk::NEGOTIATING,
+        DiskState::Inconsistent => wire_disk::INCONSISTENT,
+        DiskState::Outdated => wire_disk::OUTDATED,
+        DiskState::DUnknown => wire_disk::DUNKNOWN,
+        DiskState::Consistent => wire_disk::CONSISTENT,
+        DiskState::UpToDate => wire_disk::UP_TO_DATE,
+    }
+}
+
+pub fn disk_from_wire(disk: u8) -> DiskState {
+    match disk {
+        wire_disk::DISKLESS => DiskState::Diskless,
+        wire_disk::ATTACHING => DiskState::Attaching,
+        wire_disk::FAILED => DiskState::Failed,
+        wire_disk::NEGOTIATING => DiskState::Negotiating,
+        wire_disk::INCONSISTENT => DiskState::Inconsistent,
+        wire_disk::OUTDATED => DiskState::Outdated,
+        wire_disk::CONSISTENT => DiskState::Consistent,
+        wire_disk::UP_TO_DATE => DiskState::UpToDate,
+        _ => DiskState::DUnknown,
+    }
+}
+
+fn gens_to_wire(g: &Generations) -> repl::Generations {
+    repl::Generations { current: g.current, bitmap: g.bitmap, history: g.history }
+}
+
+fn gens_from_wire(g: &repl::Generations) -> Generations {
+    Generations { current: g.current, bitmap: g.bitmap, history: g.history }
+}
+
+/// This node's State as sent at the handshake and at the end of a resync.
+pub fn local_state(node: &Node) -> State {
+    let sb = node.superblock();
+    let s = node.state();
+    let mut f = 0;
+    if sb.has(flags::CONSISTENT) {
+        f |= state_flags::CONSISTENT;
+    }
+    if s.role == Role::Primary {
+        f |= state_flags::WAS_PRIMARY;
+    }
+    if sb.has(flags::CRASHED_PRIMARY) {
+        f |= state_flags::CRASHED_PRIMARY;
+    }
+    if sb.has(flags::UP_TO_DATE) {
+        f |= state_flags::WAS_UP_TO_DATE;
+    }
+    if s.skip_initial_sync {
+        f |= state_flags::SKIP_INITIAL_SYNC;
+    }
+    State {
+        role: role_to_wire(s.role),
+        disk: disk_to_wire(s.disk),
+        flags: f,
+        generations: gens_to_wire(&sb.generations),
+        dirty_blocks: node.device.out_of_sync_blocks(),
+    }
+}
+
+fn wire_protocol(p: crate::config::Protocol) -> repl::Protocol {
+    match p {
+        crate::config::Protocol::A => repl::Protocol::A,
+        crate::config::Protocol::B => repl::Protocol::B,
+        crate::config::Protocol::C => repl::Protocol::C,
+    }
+}
+
+fn params(node: &Node) -> Params {
+    Params {
+        protocol: wire_protocol(node.config.protocol),
+        device_size: node.device.info_size(),
+        bitmap_block: node.device.bitmap_block(),
+        data_integrity: node.config.net.data_integrity,
+        discard_my_data: false,
+    }
+}
+
+fn link_options(node: &Node) -> LinkOptions {
+    let net = &node.config.net;
+    let mut options = LinkOptions::new(wire_protocol(node.config.protocol), net.data_integrity);
+    options.ping_interval = net.ping_interval;
+    options.ping_timeout = net.ping_timeout;
+    options
+}
+
+/// How the connection ended.
+enum Outcome {
+    /// Lost or closed: try again.
+    Retry,
+    /// Refused for a reason retrying cannot fix: StandAlone until `connect`.
+    StandAlone(String),
+}
+
+/// Connects, runs and reconnects until the node shuts down.
+pub async fn run(node: Arc<Node>) {
+    let me = node.me().clone();
+    let peer = node.peer_config().clone();
+    let dialer = dials(&me.name, &peer.name);
+    let listener = if dialer {
+        None
+    } else {
+        match TcpListener::bind(&me.address).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let message = format!("cannot listen on {}: {e}", me.address);
+                warn!("{message}");
+                set_standalone(&node, message);
+                None
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if node.shutdown.is_cancelled() {
+            break;
+        }
+        let wanted = node.state().want_connection && (dialer || listener.is_some());
+        if !wanted {
+            node.state().conn = ConnState::StandAlone;
+            tokio::select! {
+                _ = node.shutdown.cancelled() => break,
+                _ = node.renegotiate.notified() => continue,
+            }
+        }
+        node.state().conn = ConnState::Connecting;
+        let secret = node.config.net.shared_secret.clone();
+        let id = Identity {
+            resource: &node.config.name,
+            local_node: &me.name,
+            peer_node: &peer.name,
+            secret: secret.as_deref().map(str::as_bytes),
+            step_timeout: node.config.net.timeout.max(Duration::from_secs(1)),
+        };
+        let (params, state) = (params(&node), local_state(&node));
+        let attempt = async {
+            match &listener {
+                Some(l) => listen(l, &id, params, state).await,
+                None => {
+                    let addr = resolve(&peer.address).await?;
+                    dial(addr, &id, params, state).await
+                }
+            }
+        };
+        let established = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            _ = node.renegotiate.notified() => continue,
+            result = attempt => result,
+        };
+        match established {
+            Ok(est) => {
+                backoff = Duration::from_millis(50);
+                info!(peer = %peer.name, "connected");
+                node.state().last_error = None;
+                let outcome = session(&node, est, dialer).await;
+                end_session(&node);
+                if let Outcome::StandAlone(message) = outcome {
+                    set_standalone(&node, message);
+                }
+            }
+            Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
+                warn!("connection refused: {e}");
+                set_standalone(&node, e.to_string());
+            }
+            Err(e) => {
+                tracing::debug!("connecting to {} failed: {e}", peer.name);
+                node.state().last_error = Some(e.to_string());
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => break,
+                    _ = node.renegotiate.notified() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(node.config.net.connect_interval);
+            }
+        }
+    }
+    end_session(&node);
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, HandshakeError> {
+    let mut addrs = tokio::net::lookup_host(address).await.map_err(FrameError::Io)?;
+    addrs.next().ok_or_else(|| {
+        let missing =
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{address} does not resolve"));
+        FrameError::Io(missing).into()
+    })
+}
+
+fn set_standalone(node: &Node, message: String) {
+    let mut s = node.state();
+    s.want_connection = false;
+    s.conn = ConnState::StandAlone;
+    s.last_error = Some(message);
+}
+
+/// The link is gone: forget the peer's state, keep what the bitmap learned, and, as Primary,
+/// start a new generation so the peer is recognisably behind.
+fn end_session(node: &Node) {
+    {
+        let mut s = node.state();
+        s.link = None;
+        s.peer_role = Role::Unknown;
+        s.peer_disk = DiskState::DUnknown;
+        s.repl = ReplState::Off;
+        if s.conn != ConnState::StandAlone {
+            s.conn = ConnState::Connecting;
+        }
+    }
+    node.device.clear_peer();
+    node.device.release_writes();
+    if let Err(e) = node.primary_without_peer().and_then(|()| node.persist_bitmap(false)) {
+        warn!("cannot write metadata after losing the peer: {e}");
+    }
+}
+
+fn view(state: &State, params_discard: bool, dialer: bool) -> SideView {
+    SideView {
+        gens: gens_from_wire(&state.generations),
+        role: role_from_wire(state.role),
+        disk: disk_from_wire(state.disk),
+        crashed_primary: state.flags & state_flags::CRASHED_PRIMARY != 0,
+        dirty_blocks: state.dirty_blocks,
+        discard_my_data: params_discard,
+        // The dialer holds DRBD's "resolve conflicts" role (SPEC §4.4).
+        node_id: if dialer { 0 } else { 1 },
+    }
+}
+
+/// Refuses on the data channel (the peer reaches the same decision) and goes StandAlone.
+async fn refuse(est: &mut Established, code: RefuseCode, message: String) -> Outcome {
+    warn!("{message}");
+    let _ = est.data.send(&Message::Refuse { code, message: &message }).await;
+    Outcome::StandAlone(message)
+}
+
+/// One established connection: the sync decision, then replication until the link ends.
+async fn session(node: &Arc<Node>, mut est: Established, dialer: bool) -> Outcome {
+    let sent = local_state(node);
+    let mut local = view(&sent, false, dialer);
+    let mut peer = view(&est.peer.state, est.peer.params.discard_my_data, !dialer);
+    let adopted = apply_skip_initial_sync(
+        &mut local,
+        &mut peer,
+        sent.flags & state_flags::SKIP_INITIAL_SYNC != 0,
+        est.peer.state.flags & state_flags::SKIP_INITIAL_SYNC != 0,
+    );
+    if adopted {
+        info!("the peer cleared its bitmap on blank disks: adopting its generation, no initial sync");
+        let gens = local.gens;
+        if let Err(e) = node.persist(|sb| {
+            sb.generations = gens;
+            super::set_disk_flags(sb, DiskState::UpToDate);
+        }) {
+            return Outcome::StandAlone(format!("cannot write metadata: {e}"));
+        }
+        node.device.with_tracking(|t| {
+            let blocks = t.bitmap.blocks();
+            t.bitmap.clear(0..blocks);
+        });
+        node.state().disk = DiskState::UpToDate;
+    }
+    node.state().skip_initial_sync = false;
+    if local.role == Role::Primary && peer.role == Role::Primary {
+        return refuse(&mut est, RefuseCode::Other, "both nodes are Primary: refusing to connect".into())
+            .await;
+    }
+    let decision = decide(&local, &peer);
+    info!(outcome = ?decision.outcome, rule = decision.rule, reason = decision.reason, "sync decision");
+    let outcome = decision.outcome;
+    match outcome {
+        SyncDecision::SplitBrain { .. } => {
+            let message = format!(
+                "split brain detected (rule {}: {}): both nodes changed the data; resolve manually",
+                decision.rule, decision.reason
+            );
+            return refuse(&mut est, RefuseCode::SplitBrain, message).await;
+        }
+        SyncDecision::Unrelated => {
+            let message = format!("unrelated data: the nodes share no data generation ({})", decision.reason);
+            return refuse(&mut est, RefuseCode::UnrelatedData, message).await;
+        }
+        SyncDecision::NoUsableSource | SyncDecision::NoDisk => {
+            let message = format!("no resync possible: {}", decision.reason);
+            return refuse(&mut est, RefuseCode::Other, message).await;
+        }
+        o if o.is_target() && local.role == Role::Primary => {
+            let message =
+                "this Primary has older data than its peer and would become sync target".to_string();
+            return refuse(&mut est, RefuseCode::Other, message).await;
+        }
+        o if o.is_source() && peer.role == Role::Primary => {
+            let message = "the peer is Primary with older data and would become sync target".to_string();
+            return refuse(&mut est, RefuseCode::Other, message).await;
+        }
+        _ => {}
+    }
+    let disks = disk_after_decision(outcome, local.disk, peer.disk);
+    {
+        let mut s = node.state();
+        s.conn = ConnState::Connected;
+        s.peer_role = peer.role;
+        s.peer_disk = disks.peer;
+        s.repl = match outcome {
+            o if o.is_source() => ReplState::WFBitMapS,
+            o if o.is_target() => ReplState::WFBitMapT,
+            _ => ReplState::Established,
+        };
+    }
+    if disks.local != local.disk && !outcome.is_target() {
+        if let Err(e) = node.set_disk(disks.local) {
+            return Outcome::StandAlone(format!("cannot write metadata: {e}"));
+        }
+    }
+    let sender = local.role == Role::Primary
+        || (peer.role != Role::Primary && (outcome.is_source() || (!outcome.is_target() && dialer)));
+    let resyncing = outcome.is_source() || outcome.is_target();
+    if sender {
+        // The bitmap must not change between its exchange and the start of replication.
+        node.device.hold_writes(node.config.net.timeout).await;
+    }
+    if resyncing {
+        if let Err(e) = prepare_resync(node, &mut est, outcome).await {
+            warn!("resync handshake failed: {e}");
+            node.device.release_writes();
+            return Outcome::Retry;
+        }
+    } else if let Err(e) = node.persist(|sb| sb.set(flags::CRASHED_PRIMARY, false)) {
+        return Outcome::StandAlone(format!("cannot write metadata: {e}"));
+    }
+    if sender {
+        run_sender(node, est, outcome.is_source()).await
+    } else {
+        run_receiver(node, est, outcome.is_target()).await
+    }
+}
+
+/// Bitmap exchange (or everything dirty for a full sync), then the generation rotation and
+/// SyncUuid (SPEC §4.5, §4.6). The bitmap is durable before any resync data moves.
+async fn prepare_resync(
+    node: &Node,
+    est: &mut Established,
+    outcome: SyncDecision,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let step = node.config.net.timeout.max(Duration::from_secs(1));
+    if outcome.is_full() {
+        node.device.with_tracking(|t| t.bitmap.set_all());
+    } else {
+        let snapshot = node.device.with_tracking(|t| t.bitmap.clone());
+        let mut merged = snapshot.clone();
+        let (reader, writer) = est.data.halves();
+        let (sent, received) = tokio::join!(
+            bitmap_exchange::send(writer, &snapshot),
+            bitmap_exchange::receive(reader, &mut merged, step)
+        );
+        sent?;
+        let added = received?;
+        node.device.with_tracking(|t| {
+            for (start, len) in merged.runs_from(0) {
+                t.bitmap.set(start..start + len);
+            }
+        });
+        info!(added, "bitmaps exchanged");
+    }
+    node.persist_bitmap(true)?;
+    let total = node.device.out_of_sync_blocks();
+    if outcome.is_source() {
+        let gens = node.generations().start_resync_as_source(random_u64());
+        node.persist(|sb| sb.generations = gens)?;
+        est.data.send(&Message::SyncUuid { uuid: gens.sync_uuid() }).await?;
+        let mut s = node.state();
+        s.repl = ReplState::SyncSource;
+        s.resync_total = total;
+        s.peer_disk = DiskState::Inconsistent;
+    } else {
+        let uuid = match est.data.recv_within(step).await? {
+            Message::SyncUuid { uuid } => uuid,
+            other => return Err(format!("expected SyncUuid, got message kind {:#x}", other.kind()).into()),
+        };
+        let gens = node.generations().start_resync_as_target(uuid);
+        node.persist(|sb| {
+            sb.generations = gens;
+            super::set_disk_flags(sb, DiskState::Inconsistent);
+            sb.set(flags::CRASHED_PRIMARY, false);
+        })?;
+        let mut s = node.state();
+        s.disk = DiskState::Inconsistent;
+        s.repl = ReplState::SyncTarget;
+        s.resync_total = total;
+    }
+    info!(blocks = total, full = outcome.is_full(), "resync starting");
+    Ok(())
+}
+
+/// The sending side: the link carries application writes (and resync data as source).
+async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome {
+    let Established { data, meta, .. } = est;
+    let (reader, writer) = data.split();
+    let (replies_tx, replies_rx) = if source {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let link = node.device.connect_peer(writer, meta, link_options(node), replies_tx);
+    node.state().link = Some(link.clone());
+    node.device.release_writes();
+    let events = Box::new(NodeEvents(node.clone()));
+    let served = source::serve(node.device.clone(), link.clone(), reader, replies_rx, events);
+    tokio::select! {
+        result = served => {
+            link.disconnect();
+            match result {
+                Err(e) => info!("connection ended: {e}"),
+                Ok(()) => info!("connection ended"),
+            }
+        }
+        _ = node.renegotiate.notified() => {
+            link.settle(Duration::from_secs(5)).await;
+            link.close("renegotiating after a role change").await;
+        }
+        _ = node.shutdown.cancelled() => link.disconnect(),
+    }
+    Outcome::Retry
+}
+
+/// The receiving side: apply the peer's writes (and pull the resync as target).
+async fn run_receiver(node: &Arc<Node>, est: Established, target: bool) -> Outcome {
+    let Established { mut data, mut meta, .. } = est;
+    let local = node.device.local().clone();
+    let mut applier = match Applier::new(local, node.config.net.data_integrity) {
+        Ok(a) => a,
+        Err(e) => return Outcome::StandAlone(e.to_string()),
+    };
+    if target {
+        applier = applier.with_resync(ResyncTarget::new(node.device.clone()));
+    }
+    let net = &node.config.net;
+    let mut applier = applier
+        .with_events(Box::new(NodeEvents(node.clone())))
+        .with_silence_limit(net.ping_interval * 2 + net.ping_timeout);
+    tokio::select! {
+        result = applier.run(&mut data, &mut meta) => match result {
+            Ok(stats) => info!(writes = stats.writes, resync_bytes = stats.resync_bytes, "connection ended"),
+            Err(e) => info!("connection ended: {e}"),
+        },
+        _ = node.renegotiate.notified() => info!("renegotiating after a role change"),
+        _ = node.shutdown.cancelled() => {}
+    }
+    Outcome::Retry
+}
