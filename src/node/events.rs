@@ -32,7 +32,7 @@ impl ApplyEvents for NodeEvents {
         NodeEvents::peer_state(self, role, disk);
     }
 
-    fn resync_finished(&mut self, source: &State) -> Result<(u8, u8), String> {
+    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String> {
         let node = &self.0;
         let g = source.generations;
         let source_gens = Generations { current: g.current, bitmap: g.bitmap, history: g.history };
@@ -48,6 +48,7 @@ impl ApplyEvents for NodeEvents {
         s.disk = DiskState::UpToDate;
         s.peer_disk = DiskState::UpToDate;
         s.repl = ReplState::Established;
+        s.last_resync_bytes = Some(bytes);
         Ok((role_to_wire(s.role), wire_disk::UP_TO_DATE))
     }
 }
@@ -57,7 +58,7 @@ impl SourceEvents for NodeEvents {
         NodeEvents::peer_state(self, role, disk);
     }
 
-    fn resync_finished(&mut self) -> Result<State, String> {
+    fn resync_finished(&mut self, bytes: u64) -> Result<State, String> {
         let node = &self.0;
         let gens = node.generations().finish_resync_as_source();
         node.persist_bitmap(false).map_err(|e| e.to_string())?;
@@ -66,6 +67,7 @@ impl SourceEvents for NodeEvents {
             sb.set(crate::metadata::superblock::flags::CRASHED_PRIMARY, false);
         })
         .map_err(|e| e.to_string())?;
+        node.state().last_resync_bytes = Some(bytes);
         Ok(local_state(node))
     }
 }

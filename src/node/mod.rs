@@ -86,6 +86,8 @@ struct NodeState {
     peer_disk: DiskState,
     /// Dirty blocks when the running resync started (for progress).
     resync_total: u64,
+    /// Resync data sent or received by the last completed resync.
+    last_resync_bytes: Option<u64>,
     /// The last refusal or connection failure, for `status`.
     last_error: Option<String>,
     /// `new-current-uuid --clear-bitmap` ran: announced at the next handshake.
@@ -188,6 +190,7 @@ impl Node {
                 peer_role: Role::Unknown,
                 peer_disk: DiskState::DUnknown,
                 resync_total: 0,
+                last_resync_bytes: None,
                 last_error: None,
                 skip_initial_sync: false,
                 want_connection: true,

@@ -22,6 +22,8 @@ pub struct Status {
     pub out_of_sync_bytes: u64,
     /// While a resync runs: how far it is.
     pub resync: Option<ResyncProgress>,
+    /// Bytes of data the last completed resync moved (sent as source, received as target).
+    pub last_resync_bytes: Option<u64>,
     /// Where a Primary serves NBD.
     pub nbd: Option<String>,
     pub nbd_clients: usize,
@@ -81,6 +83,7 @@ impl Node {
             peer: PeerStatus { node: self.peer_config().name.clone(), role: s.peer_role, disk: s.peer_disk },
             out_of_sync_bytes,
             resync,
+            last_resync_bytes: s.last_resync_bytes,
             nbd,
             nbd_clients,
             generations: GenerationsStatus {
@@ -153,6 +156,7 @@ mod tests {
                 remaining_bytes: 1 << 20,
                 done_percent: 75.0,
             }),
+            last_resync_bytes: None,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             generations: GenerationsStatus {

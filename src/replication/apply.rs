@@ -59,8 +59,9 @@ pub trait ApplyEvents: Send {
     /// The peer announced a new role or disk state (raw wire values).
     fn peer_state(&mut self, role: u8, disk: u8);
     /// Every block was resynced and the source sent its final State: make this node's data
-    /// UpToDate in the source's generation, durably. Returns the (role, disk) to announce.
-    fn resync_finished(&mut self, source: &State) -> Result<(u8, u8), String>;
+    /// UpToDate in the source's generation, durably. `bytes`: resync data received. Returns the
+    /// (role, disk) to announce.
+    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String>;
 }
 
 /// Events nobody listens to (tests, a plain replica).
@@ -68,7 +69,7 @@ pub struct NoEvents;
 
 impl ApplyEvents for NoEvents {
     fn peer_state(&mut self, _: u8, _: u8) {}
-    fn resync_finished(&mut self, _: &State) -> Result<(u8, u8), String> {
+    fn resync_finished(&mut self, _: &State, _: u64) -> Result<(u8, u8), String> {
         Err("no resync was expected".into())
     }
 }
@@ -397,7 +398,8 @@ impl Applier {
                 "the source finished while {remaining} blocks were still out of sync here"
             )));
         }
-        let (role, disk) = self.events.resync_finished(state).map_err(ApplyError::ResyncFinish)?;
+        let (role, disk) =
+            self.events.resync_finished(state, self.stats.resync_bytes).map_err(ApplyError::ResyncFinish)?;
         self.resync = None;
         info!(bytes = self.stats.resync_bytes, "resync finished: this node is UpToDate");
         self.requests.push(Message::StateChange { role, disk });

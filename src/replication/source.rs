@@ -46,8 +46,8 @@ pub trait SourceEvents: Send {
     /// The peer announced a new role or disk state (raw wire values).
     fn peer_state(&mut self, role: u8, disk: u8);
     /// Every block is in sync on the peer: close the resync durably (generations) and return
-    /// the final State to send.
-    fn resync_finished(&mut self) -> Result<State, String>;
+    /// the final State to send. `bytes`: resync data sent.
+    fn resync_finished(&mut self, bytes: u64) -> Result<State, String>;
 }
 
 /// The sync source's bookkeeping.
@@ -60,6 +60,8 @@ struct Resync {
     reading: Slab<(u64, u32)>,
     /// Blocks sent and not yet acknowledged.
     unacked: usize,
+    /// Resync data sent.
+    bytes: u64,
     finished: bool,
 }
 
@@ -79,6 +81,7 @@ pub async fn serve(
             pending: VecDeque::new(),
             reading: Slab::new(),
             unacked: 0,
+            bytes: 0,
             finished: false,
         }),
         None => None,
@@ -95,7 +98,7 @@ pub async fn serve(
                 && r.unacked == 0
                 && device.out_of_sync_blocks() == 0
             {
-                let state = events.resync_finished().map_err(SourceError::Finish)?;
+                let state = events.resync_finished(r.bytes).map_err(SourceError::Finish)?;
                 if !link.send_state(state) {
                     return Err(SourceError::LinkDown);
                 }
@@ -149,6 +152,7 @@ pub async fn serve(
                                 return Err(SourceError::LinkDown);
                             }
                             r.unacked += 1;
+                            r.bytes += u64::from(len);
                         }
                         (result, _) => {
                             device.release_range(range);
