@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
 use rdbd::node::control::{self, Request, Response};
 
@@ -29,9 +29,16 @@ pub struct PrimaryArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    pub resource: ResourceArgs,
-    /// Print JSON instead of the drbdadm-like text.
+    /// Resource name [default: every resource of the config directory that is up].
+    #[arg(value_name = "RES")]
+    pub resource: Option<String>,
+    /// Directory of resource files [default: $RDBD_CONFIG_DIR, else /etc/rdbd].
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<std::path::PathBuf>,
+    /// Which node this machine is [default: $RDBD_NODE, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Print JSON instead of the drbdadm-like text (a list when no resource is named).
     #[arg(long)]
     pub json: bool,
 }
@@ -93,13 +100,53 @@ pub async fn down(args: PlainArgs) -> anyhow::Result<()> {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let res = Resource::load(&args.resource)?;
+    let resource_args = |resource: String| ResourceArgs {
+        resource,
+        config_dir: args.config_dir.clone(),
+        node: args.node.clone(),
+    };
+    let Some(name) = args.resource.clone() else {
+        return status_of_all(&args, resource_args).await;
+    };
+    let res = Resource::load(&resource_args(name))?;
     let response = send(&res, Request::Status).await?;
     let Some(status) = response.status else { bail!("the daemon sent no status") };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
         print!("{}", status.to_text());
+    }
+    Ok(())
+}
+
+/// `status` without a resource: every resource file whose daemon answers, as drbdadm does.
+async fn status_of_all(
+    args: &StatusArgs,
+    resource_args: impl Fn(String) -> ResourceArgs,
+) -> anyhow::Result<()> {
+    let dir = rdbd::config::config_dir(args.config_dir.as_deref());
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".toml").map(str::to_owned))
+        .collect();
+    names.sort();
+    let mut all = Vec::new();
+    for name in names {
+        let res = Resource::load(&resource_args(name))?;
+        match control::request(&res.control_socket(), &Request::Status, VERB_LIMIT).await {
+            Ok(Response { status: Some(status), .. }) => all.push(status),
+            Err(control::ControlError::NotRunning { .. }) => {}
+            Ok(r) => bail!("{}: {}", res.config.name, r.error.unwrap_or_else(|| "no status".into())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() {
+        println!("no resource is up (config directory {})", dir.display());
+    } else {
+        let texts: Vec<String> = all.iter().map(|s| s.to_text()).collect();
+        print!("{}", texts.join("\n"));
     }
     Ok(())
 }
