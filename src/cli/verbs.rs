@@ -82,18 +82,22 @@ pub async fn new_current_uuid(args: NewCurrentUuidArgs) -> anyhow::Result<()> {
 pub async fn down(args: PlainArgs) -> anyhow::Result<()> {
     let res = Resource::load(&args.resource)?;
     let socket = res.control_socket();
-    match control::request(&socket, &Request::Down, VERB_LIMIT).await {
+    let pid = match control::request(&socket, &Request::Status, VERB_LIMIT).await {
         Err(control::ControlError::NotRunning { .. }) => {
             println!("rdbd: {} is not up on node {}", res.config.name, res.me().name);
             return Ok(());
         }
         Err(e) => return Err(e.into()),
-        Ok(r) if !r.ok => bail!("{}: {}", res.config.name, r.error.unwrap_or_else(|| "refused".into())),
-        Ok(_) => {}
-    }
-    // The daemon removes its socket as it exits.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while socket.exists() && tokio::time::Instant::now() < deadline {
+        Ok(r) => r.status.map(|s| s.pid),
+    };
+    send(&res, Request::Down).await?;
+    // Done when the daemon has exited (its metadata is written by then).
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while pid.is_some_and(alive) || socket.exists() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{}: the daemon did not exit within 20 s after going down", res.config.name);
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())

@@ -153,26 +153,31 @@ pub async fn run(node: Arc<Node>) {
     let me = node.me().clone();
     let peer = node.peer_config().clone();
     let dialer = dials(&me.name, &peer.name);
-    let listener = if dialer {
-        None
-    } else {
-        match TcpListener::bind(&me.address).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let message = format!("cannot listen on {}: {e}", me.address);
-                warn!("{message}");
-                set_standalone(&node, message);
-                None
-            }
-        }
-    };
+    // The listener is bound lazily and again after a failure (the address may be in use for a
+    // while, e.g. by a previous instance).
+    let mut listener: Option<TcpListener> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
         if node.shutdown.is_cancelled() {
             break;
         }
-        let wanted = node.state().want_connection && (dialer || listener.is_some());
-        if !wanted {
+        if !dialer && listener.is_none() && node.state().want_connection {
+            match TcpListener::bind(&me.address).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    let message = format!("cannot listen on {}: {e}", me.address);
+                    warn!("{message}");
+                    node.state().last_error = Some(message);
+                    tokio::select! {
+                        _ = node.shutdown.cancelled() => break,
+                        _ = node.renegotiate.notified() => {}
+                        _ = tokio::time::sleep(node.config.net.connect_interval) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        if !node.state().want_connection {
             node.state().conn = ConnState::StandAlone;
             tokio::select! {
                 _ = node.shutdown.cancelled() => break,
@@ -208,7 +213,7 @@ pub async fn run(node: Arc<Node>) {
                 backoff = Duration::from_millis(50);
                 info!(peer = %peer.name, "connected");
                 node.state().last_error = None;
-                let outcome = session(&node, est, dialer).await;
+                let outcome = session(&node, est, state, dialer).await;
                 end_session(&node);
                 if let Outcome::StandAlone(message) = outcome {
                     set_standalone(&node, message);
@@ -290,8 +295,9 @@ async fn refuse(est: &mut Established, code: RefuseCode, message: String) -> Out
 }
 
 /// One established connection: the sync decision, then replication until the link ends.
-async fn session(node: &Arc<Node>, mut est: Established, dialer: bool) -> Outcome {
-    let sent = local_state(node);
+/// `sent` is the State this node sent in the handshake: the decision must use exactly what the
+/// peer saw, or the two nodes could decide differently.
+async fn session(node: &Arc<Node>, mut est: Established, sent: State, dialer: bool) -> Outcome {
     let mut local = view(&sent, false, dialer);
     let mut peer = view(&est.peer.state, est.peer.params.discard_my_data, !dialer);
     let adopted = apply_skip_initial_sync(

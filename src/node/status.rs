@@ -13,6 +13,8 @@ use crate::replication::states::{ConnState, DiskState, ReplState, Role};
 pub struct Status {
     pub resource: String,
     pub node: String,
+    /// The daemon's process.
+    pub pid: u32,
     pub role: Role,
     pub disk: DiskState,
     pub connection: ConnState,
@@ -76,6 +78,7 @@ impl Node {
         Status {
             resource: self.config.name.clone(),
             node: self.me().name.clone(),
+            pid: std::process::id(),
             role: s.role,
             disk: s.disk,
             connection: s.conn,
@@ -145,6 +148,7 @@ mod tests {
         Status {
             resource: "res0".into(),
             node: "alpha".into(),
+            pid: 1,
             role: Role::Primary,
             disk: DiskState::UpToDate,
             connection: ConnState::Connected,

@@ -245,11 +245,14 @@ impl Applier {
         let mut heard = tokio::time::Instant::now();
         self.pump_resync();
         while open || !self.running.is_empty() || !self.waiting.is_empty() {
-            for ack in std::mem::take(&mut self.acks) {
-                meta.send(&ack).await?;
+            // Everything due goes out in one write per channel.
+            if !self.acks.is_empty() {
+                meta.send_all(&self.acks).await?;
+                self.acks.clear();
             }
-            for request in std::mem::take(&mut self.requests) {
-                data.send(&request).await?;
+            if !self.requests.is_empty() {
+                data.send_all(&self.requests).await?;
+                self.requests.clear();
             }
             let busy = self.queue.in_flight() > 0;
             tokio::select! {
@@ -292,9 +295,8 @@ impl Applier {
                 break;
             }
         }
-        for ack in std::mem::take(&mut self.acks) {
-            meta.send(&ack).await?;
-        }
+        meta.send_all(&self.acks).await?;
+        self.acks.clear();
         match disconnect_reason {
             Some(reason) => Err(ApplyError::Disconnected(reason)),
             None => Ok(self.stats),
@@ -368,7 +370,10 @@ impl Applier {
                 self.events.peer_state(role, disk);
                 return Ok(());
             }
-            other => return Err(ApplyError::Unexpected(other.kind())),
+            other => {
+                tracing::warn!(message = ?other, "unexpected on the data channel");
+                return Err(ApplyError::Unexpected(other.kind()));
+            }
         };
         self.enqueue(seq, ack, range, op, kind);
         Ok(())

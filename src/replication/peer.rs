@@ -98,6 +98,9 @@ pub enum ResyncReply {
 /// Marks byte ranges out of sync (the replicated device's bitmap).
 pub type MarkOutOfSync = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
 
+/// Bytes of frames gathered into one write on the data channel.
+const SEND_BATCH_BYTES: usize = 1 << 20;
+
 /// Unstable writes that trigger a flush of our own, so the set lost with a link stays small.
 const AUTO_FLUSH_WRITES: usize = 2048;
 
@@ -390,6 +393,33 @@ impl PeerLink {
         }
     }
 
+    /// Queues `out` on the data channel; returns whether it closes the link (Disconnect).
+    fn encode(&self, data: &mut FrameWriter, out: &Outgoing) -> bool {
+        match out {
+            Outgoing::Data { seq, offset, fua, ack, bytes } => {
+                let crc32c = if self.integrity { block_crc32c(bytes) } else { 0 };
+                let m = Data { seq: *seq, offset: *offset, fua: *fua, ack: *ack, crc32c, data: bytes };
+                data.queue(&Message::Data(m));
+            }
+            Outgoing::Trim(t) => data.queue(&Message::Trim(*t)),
+            Outgoing::Zeroes(z) => data.queue(&Message::Zeroes(*z)),
+            Outgoing::Flush { seq } => data.queue(&Message::Flush { seq: *seq }),
+            Outgoing::ResyncData { offset, buf } => {
+                let crc32c = if self.integrity { block_crc32c(buf) } else { 0 };
+                data.queue(&Message::ResyncData(ResyncData { offset: *offset, crc32c, data: buf }));
+            }
+            Outgoing::State(state) => data.queue(&Message::State(*state)),
+            Outgoing::StateChange { role, disk } => {
+                data.queue(&Message::StateChange { role: *role, disk: *disk })
+            }
+            Outgoing::Disconnect(reason) => {
+                data.queue(&Message::Disconnect { reason });
+                return true;
+            }
+        }
+        false
+    }
+
     fn forward(&self, reply: ResyncReply) {
         if let Some(tx) = &self.resync_replies {
             let _ = tx.send(reply);
@@ -420,30 +450,21 @@ impl PeerLink {
                     None => break,
                 },
             };
-            let sent = match &out {
-                Outgoing::Data { seq, offset, fua, ack, bytes } => {
-                    let crc32c = if self.integrity { block_crc32c(bytes) } else { 0 };
-                    let m = Data { seq: *seq, offset: *offset, fua: *fua, ack: *ack, crc32c, data: bytes };
-                    data.send(&Message::Data(m)).await
-                }
-                Outgoing::Trim(t) => data.send(&Message::Trim(*t)).await,
-                Outgoing::Zeroes(z) => data.send(&Message::Zeroes(*z)).await,
-                Outgoing::Flush { seq } => data.send(&Message::Flush { seq: *seq }).await,
-                Outgoing::ResyncData { offset, buf } => {
-                    let crc32c = if self.integrity { block_crc32c(buf) } else { 0 };
-                    data.send(&Message::ResyncData(ResyncData { offset: *offset, crc32c, data: buf })).await
-                }
-                Outgoing::State(state) => data.send(&Message::State(*state)).await,
-                Outgoing::StateChange { role, disk } => {
-                    data.send(&Message::StateChange { role: *role, disk: *disk }).await
-                }
-                Outgoing::Disconnect(reason) => {
-                    let _ = data.send(&Message::Disconnect { reason }).await;
+            // Everything queued by now goes out with this one in a single write.
+            let mut next = Some(out);
+            let mut closing = false;
+            while let Some(out) = next.take() {
+                closing |= self.encode(&mut data, &out);
+                if closing || data.queued() >= SEND_BATCH_BYTES {
                     break;
                 }
-            };
-            if let Err(e) = sent {
+                next = rx.try_recv().ok();
+            }
+            if let Err(e) = data.flush().await {
                 warn!("replication data channel failed: {e}");
+                break;
+            }
+            if closing {
                 break;
             }
         }

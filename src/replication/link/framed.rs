@@ -73,6 +73,14 @@ impl Framed {
         self.writer.send(message).await
     }
 
+    /// Sends `messages` with one write.
+    pub async fn send_all(&mut self, messages: &[Message<'_>]) -> Result<(), FrameError> {
+        for m in messages {
+            self.writer.queue(m);
+        }
+        self.writer.flush().await
+    }
+
     /// Receives one frame; the message borrows this channel's buffer until the next call.
     pub async fn recv(&mut self) -> Result<Message<'_>, FrameError> {
         self.reader.recv().await
@@ -85,11 +93,29 @@ impl Framed {
 }
 
 impl FrameWriter {
-    /// Sends one message.
+    /// Sends one message (and anything queued before it).
     pub async fn send(&mut self, message: &Message<'_>) -> Result<(), FrameError> {
-        self.out.clear();
+        self.queue(message);
+        self.flush().await
+    }
+
+    /// Adds a message to the batch that [`FrameWriter::flush`] sends with one write.
+    pub fn queue(&mut self, message: &Message<'_>) {
         message.encode(&mut self.out);
-        self.stream.write_all(&self.out).await?;
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Sends every queued message.
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        if !self.out.is_empty() {
+            let sent = self.stream.write_all(&self.out).await;
+            self.out.clear();
+            sent?;
+        }
         Ok(())
     }
 }
