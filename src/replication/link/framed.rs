@@ -149,3 +149,27 @@ impl FrameReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A message sent alone must not go out again with the next batch.
+    #[tokio::test]
+    async fn each_frame_goes_out_once_whether_sent_alone_or_batched() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut a, mut b) = (Framed::new(a.unwrap()).unwrap(), Framed::new(b.unwrap().0).unwrap());
+        a.send(&Message::SyncUuid { uuid: 1 }).await.unwrap();
+        a.send_all(&[Message::Flush { seq: 2 }, Message::Flush { seq: 3 }]).await.unwrap();
+        a.send(&Message::Ping).await.unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        while let Ok(m) = b.recv().await {
+            got.push(format!("{m:?}"));
+        }
+        assert_eq!(got, ["SyncUuid { uuid: 1 }", "Flush { seq: 2 }", "Flush { seq: 3 }", "Ping"]);
+    }
+}
