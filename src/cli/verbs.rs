@@ -92,7 +92,11 @@ pub async fn down(args: PlainArgs) -> anyhow::Result<()> {
     };
     send(&res, Request::Down).await?;
     // Done when the daemon has exited (its metadata is written by then).
-    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    // A zombie (exited, not yet reaped by whoever started it) counts as gone.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while pid.is_some_and(alive) || socket.exists() {
         if tokio::time::Instant::now() >= deadline {
