@@ -101,8 +101,9 @@ pub type MarkOutOfSync = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
 /// Bytes of frames gathered into one write on the data channel.
 const SEND_BATCH_BYTES: usize = 1 << 20;
 
-/// Unstable writes that trigger a flush of our own, so the set lost with a link stays small.
-const AUTO_FLUSH_WRITES: usize = 2048;
+/// Unstable writes that trigger a flush of our own, so the set lost with a link stays bounded
+/// (SPEC §5.6 says why not more often).
+const AUTO_FLUSH_WRITES: usize = 65536;
 
 /// How a link replicates.
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +124,7 @@ impl LinkOptions {
         Self {
             protocol,
             integrity,
-            auto_flush_interval: std::time::Duration::from_secs(1),
+            auto_flush_interval: std::time::Duration::from_secs(5),
             ping_interval: std::time::Duration::from_secs(10),
             ping_timeout: std::time::Duration::from_secs(1),
         }
