@@ -89,13 +89,22 @@ impl ReplicatedDevice {
         let Tracking { bitmap, activity } = &mut *t;
         let Some((log, meta)) = activity else { return Ok(true) };
         let extents = extents_of(start, end - start);
+        let mut cold = false;
         for (n, extent) in extents.clone().enumerate() {
-            if log.begin(extent) == Begin::Full {
-                for undo in extents.clone().take(n) {
-                    log.end(undo);
+            match log.begin(extent) {
+                Begin::Hot => {}
+                Begin::Pending => cold = true,
+                Begin::Full => {
+                    for undo in extents.clone().take(n) {
+                        log.end(undo);
+                    }
+                    return Ok(false);
                 }
-                return Ok(false);
             }
+        }
+        if !cold {
+            // Every extent is already logged: the common case costs no scan of the log.
+            return Ok(true);
         }
         // Transactions are synchronous here and under the lock, so one is never in flight
         // when another is prepared.
