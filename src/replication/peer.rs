@@ -57,33 +57,15 @@ struct Waiter {
     key: usize,
 }
 
-/// A request to send, owning its data.
-enum Outgoing {
-    Data {
-        seq: u64,
-        offset: u64,
-        fua: bool,
-        ack: AckMode,
-        bytes: Vec<u8>,
-    },
-    Trim(Trim),
-    Zeroes(Zeroes),
-    Flush {
-        seq: u64,
-    },
-    /// A block read for the resync target (SPEC §6), in order with the writes around it.
-    ResyncData {
-        offset: u64,
-        buf: IoBuf,
-    },
-    /// The sync source's final State at the end of a resync.
-    State(State),
-    StateChange {
-        role: u8,
-        disk: u8,
-    },
-    /// The last frame before a deliberate close.
-    Disconnect(String),
+/// Frames encoded and waiting for the sender task. Requests are encoded here, under the lock
+/// that also hands out sequence numbers, so the data channel carries them in `seq` order (a
+/// FlushAck then covers exactly the writes with smaller numbers) and no request is copied or
+/// allocated on its way to the socket beyond this one encoding.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<u8>,
+    /// A Disconnect is queued: the sender closes after writing it.
+    closing: bool,
 }
 
 /// The peer's answer to a block sent for resync, for the sync source.
@@ -98,8 +80,8 @@ pub enum ResyncReply {
 /// Marks byte ranges out of sync (the replicated device's bitmap).
 pub type MarkOutOfSync = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
 
-/// Bytes of frames gathered into one write on the data channel.
-const SEND_BATCH_BYTES: usize = 1 << 20;
+/// Capacity the sender keeps in its buffer between bursts.
+const SEND_BUFFER_KEEP: usize = 4 << 20;
 
 /// Unstable writes that trigger a flush of our own, so the set lost with a link stays bounded
 /// (SPEC §5.6 says why not more often).
@@ -133,7 +115,9 @@ impl LinkOptions {
 
 /// The connected peer, shared by every queue of the replicated device.
 pub struct PeerLink {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    outbox: Mutex<Outbox>,
+    /// Wakes the sender task when frames are queued.
+    queued: tokio::sync::Notify,
     waiting: Mutex<HashMap<u64, Waiter>>,
     /// Writes sent and not yet stable on the peer's disk (no FlushAck covering them, not a
     /// WriteAcked FUA write), by sequence number. All of them are marked out of sync if the link
@@ -144,6 +128,7 @@ pub struct PeerLink {
     mark_out_of_sync: MarkOutOfSync,
     /// FUA writes awaiting their WriteAck.
     fua: Mutex<std::collections::HashSet<u64>>,
+    /// Next sequence number; only advanced under the outbox lock.
     next_seq: AtomicU64,
     alive: AtomicBool,
     protocol: Protocol,
@@ -165,9 +150,9 @@ impl PeerLink {
         resync_replies: Option<mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
-        let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
-            tx,
+            outbox: Mutex::new(Outbox::default()),
+            queued: tokio::sync::Notify::new(),
             waiting: Mutex::new(HashMap::new()),
             unstable: Mutex::new(BTreeMap::new()),
             auto_flush: Mutex::new(None),
@@ -180,7 +165,7 @@ impl PeerLink {
             closed: CancellationToken::new(),
             resync_replies,
         });
-        tokio::spawn(link.clone().send_loop(data, rx, auto_flush_interval));
+        tokio::spawn(link.clone().send_loop(data, auto_flush_interval));
         tokio::spawn(link.clone().ack_loop(meta, ping_interval, ping_timeout));
         link
     }
@@ -204,58 +189,64 @@ impl PeerLink {
     }
 
     /// Queues a request; returns whether an acknowledgement will be delivered to `inbox`
-    /// under `key` (false when the protocol needs none, or the link is down — then `Lost` is
-    /// delivered instead if it was already waiting).
-    fn submit(
+    /// under `key` (false when the protocol needs none; when the link is down, `Lost` is
+    /// delivered and the answer is true).
+    fn submit<'a>(
         &self,
-        make: impl FnOnce(u64, AckMode) -> Outgoing,
+        make: impl FnOnce(u64, AckMode) -> Message<'a>,
         fua: bool,
         range: Option<(u64, u64)>,
         inbox: &Arc<Inbox>,
         key: usize,
     ) -> bool {
-        if !self.is_alive() {
-            inbox.deliver(key, PeerOutcome::Lost);
-            return true;
-        }
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        if let Some(range) = range {
-            if fua {
-                self.fua.lock().expect("fua lock").insert(seq);
-            }
-            self.track_unstable(seq, range);
-        }
         let ack = self.ack_for(fua);
         let wants_ack = ack != AckMode::None;
-        if wants_ack {
-            self.waiting.lock().expect("waiting lock").insert(seq, Waiter { inbox: inbox.clone(), key });
-            // fail_all may have drained the table between the liveness check above and the
-            // insert: whoever removes the entry answers it, exactly once.
-            if !self.is_alive() {
-                self.answer(seq, PeerOutcome::Lost);
-                return true;
-            }
-        }
-        if self.tx.send(make(seq, ack)).is_err() {
-            self.fail_all();
-            if !wants_ack {
+        let (seq, unstable) = {
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            if !self.is_alive() || outbox.closing {
+                drop(outbox);
                 inbox.deliver(key, PeerOutcome::Lost);
                 return true;
             }
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            if wants_ack {
+                self.waiting.lock().expect("waiting lock").insert(seq, Waiter { inbox: inbox.clone(), key });
+            }
+            let unstable = range.map(|range| {
+                if fua {
+                    self.fua.lock().expect("fua lock").insert(seq);
+                }
+                let mut unstable = self.unstable.lock().expect("unstable lock");
+                unstable.insert(seq, range);
+                (range, unstable.len())
+            });
+            make(seq, ack).encode(&mut outbox.frames);
+            (seq, unstable)
+        };
+        self.queued.notify_one();
+        if let Some((range, count)) = unstable {
+            self.check_unstable(range, count);
+        }
+        // fail_all may have drained the table between the liveness check and the insert:
+        // whoever removes the entry answers it, exactly once.
+        if wants_ack && !self.is_alive() {
+            self.answer(seq, PeerOutcome::Lost);
         }
         wants_ack
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
-        // The sender task owns what it sends, so the payload is copied once here; sharing the
-        // NBD request's buffer with the link would remove this copy (a later optimisation).
-        let bytes = data.to_vec();
         let range = Some((offset, offset + data.len() as u64));
-        self.submit(|seq, ack| Outgoing::Data { seq, offset, fua, ack, bytes }, fua, range, inbox, key)
+        let integrity = self.integrity;
+        let make = |seq, ack| {
+            let crc32c = if integrity { block_crc32c(data) } else { 0 };
+            Message::Data(Data { seq, offset, fua, ack, crc32c, data })
+        };
+        self.submit(make, fua, range, inbox, key)
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
-        let make = |seq, ack| Outgoing::Trim(Trim { seq, offset, len, fua, ack });
+        let make = |seq, ack| Message::Trim(Trim { seq, offset, len, fua, ack });
         self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
 
@@ -268,22 +259,17 @@ impl PeerLink {
         inbox: &Arc<Inbox>,
         key: usize,
     ) -> bool {
-        let make = |seq, ack| Outgoing::Zeroes(Zeroes { seq, offset, len, may_punch, fua, ack });
+        let make = |seq, ack| Message::Zeroes(Zeroes { seq, offset, len, may_punch, fua, ack });
         self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
 
     /// A flush always waits for the peer's FlushAck (durable there too).
     pub fn flush(&self, inbox: &Arc<Inbox>, key: usize) -> bool {
-        self.submit(|seq, _| Outgoing::Flush { seq }, true, None, inbox, key)
+        self.submit(|seq, _| Message::Flush { seq }, true, None, inbox, key)
     }
 
-    /// Records a write as unstable; asks for a flush of our own when too many are.
-    fn track_unstable(&self, seq: u64, range: (u64, u64)) {
-        let count = {
-            let mut unstable = self.unstable.lock().expect("unstable lock");
-            unstable.insert(seq, range);
-            unstable.len()
-        };
+    /// After a write was recorded as unstable: asks for a flush of our own when too many are.
+    fn check_unstable(&self, range: (u64, u64), count: usize) {
         if !self.is_alive() {
             // fail_all may already have taken the set: mark this one here (twice is harmless).
             (self.mark_out_of_sync)(&[range]);
@@ -298,10 +284,15 @@ impl PeerLink {
     fn auto_flush(&self) {
         let mut pending = self.auto_flush.lock().expect("auto flush lock");
         if pending.is_none() {
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            if self.tx.send(Outgoing::Flush { seq }).is_ok() {
-                *pending = Some(seq);
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            if outbox.closing {
+                return;
             }
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            Message::Flush { seq }.encode(&mut outbox.frames);
+            *pending = Some(seq);
+            drop(outbox);
+            self.queued.notify_one();
         }
     }
 
@@ -323,21 +314,30 @@ impl PeerLink {
     }
 
     /// Queues a frame that is not an application request (resync data, state).
-    fn send_other(&self, out: Outgoing) -> bool {
-        self.is_alive() && self.tx.send(out).is_ok()
+    fn send_other(&self, message: &Message<'_>) -> bool {
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        if !self.is_alive() || outbox.closing {
+            return false;
+        }
+        message.encode(&mut outbox.frames);
+        outbox.closing = matches!(message, Message::Disconnect { .. });
+        drop(outbox);
+        self.queued.notify_one();
+        true
     }
 
     /// Sends a block for the resync target after every write queued before it.
     pub fn send_resync_data(&self, offset: u64, buf: IoBuf) -> bool {
-        self.send_other(Outgoing::ResyncData { offset, buf })
+        let crc32c = if self.integrity { block_crc32c(&buf) } else { 0 };
+        self.send_other(&Message::ResyncData(ResyncData { offset, crc32c, data: &buf }))
     }
 
     pub fn send_state(&self, state: State) -> bool {
-        self.send_other(Outgoing::State(state))
+        self.send_other(&Message::State(state))
     }
 
     pub fn send_state_change(&self, role: u8, disk: u8) -> bool {
-        self.send_other(Outgoing::StateChange { role, disk })
+        self.send_other(&Message::StateChange { role, disk })
     }
 
     /// Makes every write sent so far stable on the peer (one flush), waiting at most `limit`;
@@ -356,7 +356,7 @@ impl PeerLink {
 
     /// Sends Disconnect after everything queued, then closes the link.
     pub async fn close(&self, reason: &str) {
-        if self.send_other(Outgoing::Disconnect(reason.to_owned())) {
+        if self.send_other(&Message::Disconnect { reason }) {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.closed.cancelled()).await;
         }
         self.fail_all();
@@ -394,79 +394,47 @@ impl PeerLink {
         }
     }
 
-    /// Queues `out` on the data channel; returns whether it closes the link (Disconnect).
-    fn encode(&self, data: &mut FrameWriter, out: &Outgoing) -> bool {
-        match out {
-            Outgoing::Data { seq, offset, fua, ack, bytes } => {
-                let crc32c = if self.integrity { block_crc32c(bytes) } else { 0 };
-                let m = Data { seq: *seq, offset: *offset, fua: *fua, ack: *ack, crc32c, data: bytes };
-                data.queue(&Message::Data(m));
-            }
-            Outgoing::Trim(t) => data.queue(&Message::Trim(*t)),
-            Outgoing::Zeroes(z) => data.queue(&Message::Zeroes(*z)),
-            Outgoing::Flush { seq } => data.queue(&Message::Flush { seq: *seq }),
-            Outgoing::ResyncData { offset, buf } => {
-                let crc32c = if self.integrity { block_crc32c(buf) } else { 0 };
-                data.queue(&Message::ResyncData(ResyncData { offset: *offset, crc32c, data: buf }));
-            }
-            Outgoing::State(state) => data.queue(&Message::State(*state)),
-            Outgoing::StateChange { role, disk } => {
-                data.queue(&Message::StateChange { role: *role, disk: *disk })
-            }
-            Outgoing::Disconnect(reason) => {
-                data.queue(&Message::Disconnect { reason });
-                return true;
-            }
-        }
-        false
-    }
-
     fn forward(&self, reply: ResyncReply) {
         if let Some(tx) = &self.resync_replies {
             let _ = tx.send(reply);
         }
     }
 
-    async fn send_loop(
-        self: Arc<Self>,
-        mut data: FrameWriter,
-        mut rx: mpsc::UnboundedReceiver<Outgoing>,
-        auto_flush_interval: std::time::Duration,
-    ) {
+    async fn send_loop(self: Arc<Self>, mut data: FrameWriter, auto_flush_interval: std::time::Duration) {
         // The first check comes one period in (a plain interval would fire at once).
         let start = tokio::time::Instant::now() + auto_flush_interval;
         let mut tick = tokio::time::interval_at(start, auto_flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Swapped with the outbox's, so frames are encoded into one while the other is written.
+        let mut sending = Vec::new();
         loop {
-            let out = tokio::select! {
+            let closing = {
+                let mut outbox = self.outbox.lock().expect("outbox lock");
+                std::mem::swap(&mut outbox.frames, &mut sending);
+                outbox.closing
+            };
+            if !sending.is_empty() {
+                if let Err(e) = data.write_encoded(&sending).await {
+                    warn!("replication data channel failed: {e}");
+                    break;
+                }
+                sending.clear();
+                if sending.capacity() > SEND_BUFFER_KEEP {
+                    sending.shrink_to(SEND_BUFFER_KEEP);
+                }
+                continue;
+            }
+            if closing {
+                break;
+            }
+            tokio::select! {
                 _ = self.closed.cancelled() => break,
                 _ = tick.tick() => {
                     if !self.unstable.lock().expect("unstable lock").is_empty() {
                         self.auto_flush();
                     }
-                    continue;
                 }
-                out = rx.recv() => match out {
-                    Some(out) => out,
-                    None => break,
-                },
-            };
-            // Everything queued by now goes out with this one in a single write.
-            let mut next = Some(out);
-            let mut closing = false;
-            while let Some(out) = next.take() {
-                closing |= self.encode(&mut data, &out);
-                if closing || data.queued() >= SEND_BATCH_BYTES {
-                    break;
-                }
-                next = rx.try_recv().ok();
-            }
-            if let Err(e) = data.flush().await {
-                warn!("replication data channel failed: {e}");
-                break;
-            }
-            if closing {
-                break;
+                () = self.queued.notified() => {}
             }
         }
         self.fail_all();

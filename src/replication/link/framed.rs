@@ -109,6 +109,13 @@ impl FrameWriter {
         self.out.len()
     }
 
+    /// Sends frames encoded elsewhere (a batch of whole frames).
+    pub async fn write_encoded(&mut self, frames: &[u8]) -> Result<(), FrameError> {
+        self.flush().await?;
+        self.stream.write_all(frames).await?;
+        Ok(())
+    }
+
     /// Sends every queued message.
     pub async fn flush(&mut self) -> Result<(), FrameError> {
         if !self.out.is_empty() {
