@@ -129,6 +129,6 @@ fn a_primary_that_crashed_alone_is_the_source_when_the_peer_was_not_promoted() {
     let resynced = b.field("last_resync_bytes").as_u64();
     // The 8 MiB written alone (random 4 KiB blocks in 32 MiB), within the extents the activity
     // log holds: at most the 32 MiB region.
-    assert!(resynced >= 4 * MIB && resynced <= 32 * MIB, "{b:?}");
+    assert!((4 * MIB..=32 * MIB).contains(&resynced), "{b:?}");
     cluster.assert_same_data();
 }

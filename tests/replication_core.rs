@@ -75,7 +75,7 @@ async fn pair_with(
     let secondary_dev = file_device(dir, "b.img");
     let secondary = tokio::spawn(async move {
         let ident = id("b", "a");
-        let mut est = listen(&listener, &ident, params(protocol), state()).await.unwrap();
+        let mut est = listen(&listener, &ident, params(protocol), state(), &mut |_| {}).await.unwrap();
         let mut applier = Applier::new(secondary_dev, true).unwrap();
         applier.run(&mut est.data, &mut est.meta).await.unwrap()
     });
@@ -235,7 +235,7 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     let secondary_dev = file_device(&dir, "c.img");
     tokio::spawn(async move {
         let ident = id("b", "a");
-        let mut est = listen(&listener, &ident, params(Protocol::C), state()).await.unwrap();
+        let mut est = listen(&listener, &ident, params(Protocol::C), state(), &mut |_| {}).await.unwrap();
         let mut applier = Applier::new(secondary_dev, true).unwrap();
         let _ = applier.run(&mut est.data, &mut est.meta).await;
     });
@@ -250,7 +250,7 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     let (tx, rx) = tokio::sync::oneshot::channel::<(Framed, Framed)>();
     tokio::spawn(async move {
         let ident = id("b", "a");
-        let est = listen(&listener, &ident, params(Protocol::C), state()).await.unwrap();
+        let est = listen(&listener, &ident, params(Protocol::C), state(), &mut |_| {}).await.unwrap();
         let _ = tx.send((est.data, est.meta)); // kept open, never read
     });
     let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();

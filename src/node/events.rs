@@ -8,7 +8,7 @@ use tracing::info;
 
 use super::session::{disk_from_wire, local_state, role_from_wire, role_to_wire};
 use super::Node;
-use crate::metadata::generations::Generations;
+use crate::metadata::generations::{Generations, PRIMARY_BIT};
 use crate::replication::apply::ApplyEvents;
 use crate::replication::source::SourceEvents;
 use crate::replication::states::{DiskState, ReplState};
@@ -34,9 +34,10 @@ impl ApplyEvents for NodeEvents {
 
     fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String> {
         let node = &self.0;
+        // The source's final State is sent after it closed the resync: adopt its set as it is
+        // (SPEC §6), so both nodes hold the same generations.
         let g = source.generations;
-        let source_gens = Generations { current: g.current, bitmap: g.bitmap, history: g.history };
-        let gens = node.generations().finish_resync_as_target(&source_gens);
+        let gens = Generations { current: g.current & !PRIMARY_BIT, bitmap: 0, history: g.history };
         node.persist_bitmap(false).map_err(|e| e.to_string())?;
         node.persist(|sb| {
             sb.generations = gens;

@@ -196,7 +196,12 @@ pub async fn run(node: Arc<Node>) {
         let (params, state) = (params(&node), local_state(&node));
         let attempt = async {
             match &listener {
-                Some(l) => listen(l, &id, params, state).await,
+                Some(l) => {
+                    // A stranger (or a misconfigured peer) is refused and logged; we keep
+                    // waiting for the real peer, and status shows the last refusal.
+                    let mut rejected = |e: &HandshakeError| node.state().last_error = Some(e.to_string());
+                    listen(l, &id, params, state, &mut rejected).await
+                }
                 None => {
                     let addr = resolve(&peer.address).await?;
                     dial(addr, &id, params, state).await
@@ -322,11 +327,13 @@ async fn session(node: &Arc<Node>, mut est: Established, sent: State, dialer: bo
         node.state().disk = DiskState::UpToDate;
     }
     node.state().skip_initial_sync = false;
-    if local.role == Role::Primary && peer.role == Role::Primary {
-        return refuse(&mut est, RefuseCode::Other, "both nodes are Primary: refusing to connect".into())
-            .await;
-    }
     let decision = decide(&local, &peer);
+    // Two Primaries whose data diverged are reported as the split brain they are.
+    let diverged = matches!(decision.outcome, SyncDecision::SplitBrain { .. } | SyncDecision::Unrelated);
+    if local.role == Role::Primary && peer.role == Role::Primary && !diverged {
+        let message = "both nodes are Primary: refusing to connect".to_string();
+        return refuse(&mut est, RefuseCode::Other, message).await;
+    }
     info!(outcome = ?decision.outcome, rule = decision.rule, reason = decision.reason, "sync decision");
     let outcome = decision.outcome;
     match outcome {

@@ -3,6 +3,8 @@
 //! RDBD_REQUIRE_TOOLS=1 (set by the project's test command), where a missing tool is a failure.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

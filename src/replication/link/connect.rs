@@ -6,14 +6,13 @@
 //! fails the handshake (a stale attempt, a stranger) drops it and keeps waiting.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use rdbd_protocol::repl::{Channel, Params, State};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::framed::{FrameError, Framed};
-use super::handshake::{exchange_state, greet, HandshakeError, Identity, PeerInfo};
+use super::handshake::{exchange_state, greet, greet_incoming, HandshakeError, Identity, PeerInfo};
 
 /// Which side of the connection this node takes: the lower node name dials.
 pub fn dials(local_node: &str, peer_node: &str) -> bool {
@@ -54,57 +53,45 @@ pub async fn dial(
     Ok(Established { data, meta, peer })
 }
 
-async fn accept_channel(
-    listener: &TcpListener,
-    channel: Channel,
-    id: &Identity<'_>,
-    within: Option<Duration>,
-) -> Result<(Framed, u16), HandshakeError> {
-    let accepted = match within {
-        Some(limit) => {
-            tokio::time::timeout(limit, listener.accept()).await.map_err(|_| FrameError::Timeout(limit))?
-        }
-        None => listener.accept().await,
-    };
-    let (stream, from) = accepted.map_err(FrameError::Io)?;
-    debug!(%from, ?channel, "replication connection accepted");
-    let mut framed = Framed::new(stream).map_err(FrameError::Io)?;
-    let version = greet(&mut framed, channel, id).await?;
-    Ok((framed, version))
-}
-
-/// The listening side: waits for the peer, dropping connections that fail the handshake,
-/// until both channels are established. Authentication and configuration refusals are returned
-/// (after being sent to the peer) so the caller can report them; other failures just wait on.
+/// The listening side: accepts connections until an authenticated data channel and meta
+/// channel of the peer are both there (in either order; a newer channel of a kind replaces an
+/// older one, so an attempt the dialer abandoned cannot be paired with its next one), then
+/// exchanges Params and State. Connections that fail the Hello or authentication are dropped
+/// and reported to `rejected`, and the wait goes on: whoever can reach the port must not be able
+/// to stop the node from connecting to its real peer. Refusals after both channels are
+/// authenticated (sizes, settings) are returned.
 pub async fn listen(
     listener: &TcpListener,
     id: &Identity<'_>,
     params: Params,
     state: State,
+    rejected: &mut (dyn FnMut(&HandshakeError) + Send),
 ) -> Result<Established, HandshakeError> {
+    let (mut data, mut meta): (Option<(Framed, u16)>, Option<Framed>) = (None, None);
     loop {
-        let (mut data, version) = match accept_channel(listener, Channel::Data, id, None).await {
-            Ok(ok) => ok,
-            Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
-                return Err(e)
-            }
+        let (stream, from) = listener.accept().await.map_err(FrameError::Io)?;
+        debug!(%from, "replication connection accepted");
+        let mut framed = match Framed::new(stream) {
+            Ok(f) => f,
             Err(e) => {
-                warn!("replication connection dropped during its handshake: {e}");
+                warn!(%from, "cannot set up a replication connection: {e}");
                 continue;
             }
         };
-        let meta = match accept_channel(listener, Channel::Meta, id, Some(id.step_timeout)).await {
-            Ok((meta, _)) => meta,
-            Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
-                return Err(e)
-            }
+        match greet_incoming(&mut framed, id).await {
+            Ok((version, Channel::Data)) => data = Some((framed, version)),
+            Ok((_, Channel::Meta)) => meta = Some(framed),
             Err(e) => {
-                warn!("the peer's meta channel did not arrive: {e}");
+                warn!(%from, "replication connection dropped during its handshake: {e}");
+                rejected(&e);
                 continue;
             }
-        };
-        let peer = exchange_state(&mut data, id, version, params, state).await?;
-        return Ok(Established { data, meta, peer });
+        }
+        if data.is_some() && meta.is_some() {
+            let ((mut data, version), meta) = (data.take().expect("checked"), meta.take().expect("checked"));
+            let peer = exchange_state(&mut data, id, version, params, state).await?;
+            return Ok(Established { data, meta, peer });
+        }
     }
 }
 
@@ -112,6 +99,7 @@ pub async fn listen(
 mod tests {
     use super::*;
     use rdbd_protocol::repl::{Generations, Message, Protocol, RefuseCode};
+    use std::time::Duration;
 
     fn id<'a>(local: &'a str, peer: &'a str, secret: &'a [u8]) -> Identity<'a> {
         Identity {
@@ -154,9 +142,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ida, idb) = (id("alpha", "beta", b"s3cret"), id("beta", "alpha", b"s3cret"));
+        let mut ignore = |_: &HandshakeError| {};
         let (a, b) = tokio::join!(
             dial(addr, &ida, params(), state(0xa)),
-            listen(&listener, &idb, params(), state(0xb)),
+            listen(&listener, &idb, params(), state(0xb), &mut ignore),
         );
         let (mut a, mut b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.peer.state.generations.current, 0xb);
@@ -173,7 +162,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ida, idb) = (id("alpha", "beta", b"k"), id("beta", "alpha", b"k"));
-        let server = listen(&listener, &idb, params(), state(2));
+        let mut ignore = |_: &HandshakeError| {};
+        let server = listen(&listener, &idb, params(), state(2), &mut ignore);
         let clients = async {
             // Garbage that is not a replication frame, then a client that gives up mid-handshake.
             use tokio::io::AsyncWriteExt;
@@ -189,18 +179,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wrong_secret_is_reported_on_both_sides() {
+    async fn a_wrong_secret_is_refused_and_the_listener_keeps_waiting() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ida, idb) = (id("alpha", "beta", b"one"), id("beta", "alpha", b"two"));
-        let (a, b) =
-            tokio::join!(dial(addr, &ida, params(), state(1)), listen(&listener, &idb, params(), state(2)));
-        for e in [a.err().unwrap(), b.err().unwrap()] {
-            let code = match e {
-                HandshakeError::Refused { code, .. } | HandshakeError::RefusedByPeer { code, .. } => code,
-                other => panic!("expected an authentication refusal, got {other}"),
-            };
-            assert_eq!(code, RefuseCode::AuthFailed);
+        let mut seen = Vec::new();
+        let mut record = |e: &HandshakeError| seen.push(e.to_string());
+        let server = tokio::time::timeout(
+            Duration::from_millis(500),
+            listen(&listener, &idb, params(), state(2), &mut record),
+        );
+        let (a, b) = tokio::join!(dial(addr, &ida, params(), state(1)), server);
+        match a.err().unwrap() {
+            HandshakeError::Refused { code, .. } | HandshakeError::RefusedByPeer { code, .. } => {
+                assert_eq!(code, RefuseCode::AuthFailed)
+            }
+            other => panic!("expected an authentication refusal, got {other}"),
         }
+        assert!(b.is_err(), "the listener is still waiting for its real peer");
+        assert!(seen.iter().any(|e| e.contains("shared secret")), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_channel_is_not_paired_with_the_next_attempt() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ida, idb) = (id("alpha", "beta", b"k"), id("beta", "alpha", b"k"));
+        let mut ignore = |_: &HandshakeError| {};
+        let server = listen(&listener, &idb, params(), state(2), &mut ignore);
+        let client = async {
+            // An authenticated data channel whose meta channel never comes.
+            let (abandoned, _) = connect_channel(addr, Channel::Data, &ida).await.unwrap();
+            drop(abandoned);
+            dial(addr, &ida, params(), state(1)).await
+        };
+        let (b, a) = tokio::join!(server, client);
+        assert_eq!(b.unwrap().peer.state.generations.current, 1);
+        assert_eq!(a.unwrap().peer.state.generations.current, 2);
     }
 }

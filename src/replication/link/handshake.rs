@@ -69,38 +69,74 @@ fn refused_by_peer(m: &Message<'_>) -> Option<HandshakeError> {
 
 /// Hello exchange and authentication on one channel; returns the negotiated version.
 pub async fn greet(ch: &mut Framed, channel: Channel, id: &Identity<'_>) -> Result<u16, HandshakeError> {
-    let hello = Hello {
+    ch.send(&Message::Hello(hello(channel, id))).await?;
+    let (checked, their_channel) = match ch.recv_within(id.step_timeout).await? {
+        Message::Hello(h) => (check_hello(&h, id), h.channel),
+        other => return Err(unexpected("Hello", &other)),
+    };
+    let theirs = match checked {
+        Ok(range) => range,
+        Err((code, message)) => return Err(refuse(ch, code, message).await),
+    };
+    if their_channel != channel {
+        let message = format!("expected the {channel:?} channel, peer opened {their_channel:?}");
+        return Err(refuse(ch, RefuseCode::Other, message).await);
+    }
+    negotiate_and_authenticate(ch, theirs, id).await
+}
+
+/// The listener's side of [`greet`]: the dialer names the channel in its Hello, and the answer
+/// names the same one, so the listener can pair channels in whatever order they arrive.
+pub async fn greet_incoming(ch: &mut Framed, id: &Identity<'_>) -> Result<(u16, Channel), HandshakeError> {
+    let (checked, channel) = match ch.recv_within(id.step_timeout).await? {
+        Message::Hello(h) => (check_hello(&h, id), h.channel),
+        other => return Err(unexpected("Hello", &other)),
+    };
+    let theirs = match checked {
+        Ok(range) => range,
+        Err((code, message)) => return Err(refuse(ch, code, message).await),
+    };
+    ch.send(&Message::Hello(hello(channel, id))).await?;
+    Ok((negotiate_and_authenticate(ch, theirs, id).await?, channel))
+}
+
+fn hello<'a>(channel: Channel, id: &Identity<'a>) -> Hello<'a> {
+    Hello {
         protocol_min: PROTOCOL_MIN,
         protocol_max: PROTOCOL_VERSION,
         channel,
         node_name: id.local_node,
         resource: id.resource,
-    };
-    ch.send(&Message::Hello(hello)).await?;
-    let (theirs, problem) = match ch.recv_within(id.step_timeout).await? {
-        Message::Hello(h) => {
-            let problem = if h.resource != id.resource {
-                Some((
-                    RefuseCode::ResourceMismatch,
-                    format!("expected resource {}, peer serves {}", id.resource, h.resource),
-                ))
-            } else if h.node_name != id.peer_node {
-                Some((RefuseCode::Other, format!("expected node {}, peer is {}", id.peer_node, h.node_name)))
-            } else if h.channel != channel {
-                Some((
-                    RefuseCode::Other,
-                    format!("expected the {channel:?} channel, peer opened {:?}", h.channel),
-                ))
-            } else {
-                None
-            };
-            ((h.protocol_min, h.protocol_max), problem)
-        }
-        other => return Err(unexpected("Hello", &other)),
-    };
-    if let Some((code, message)) = problem {
-        return Err(refuse(ch, code, message).await);
     }
+}
+
+/// Checks the peer's Hello names our resource and our peer; returns its version range, or the
+/// refusal to send.
+fn check_hello(h: &Hello<'_>, id: &Identity<'_>) -> Result<(u16, u16), (RefuseCode, String)> {
+    let problem = if h.resource != id.resource {
+        Some((
+            RefuseCode::ResourceMismatch,
+            format!("expected resource {}, peer serves {}", id.resource, h.resource),
+        ))
+    } else if h.node_name != id.peer_node {
+        Some((
+            RefuseCode::ResourceMismatch,
+            format!("expected node {}, peer is {}", id.peer_node, h.node_name),
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(refusal) => Err(refusal),
+        None => Ok((h.protocol_min, h.protocol_max)),
+    }
+}
+
+async fn negotiate_and_authenticate(
+    ch: &mut Framed,
+    theirs: (u16, u16),
+    id: &Identity<'_>,
+) -> Result<u16, HandshakeError> {
     let Some(version) = repl::negotiate((PROTOCOL_MIN, PROTOCOL_VERSION), theirs) else {
         let message = format!(
             "no common protocol version: we speak {PROTOCOL_MIN}..={PROTOCOL_VERSION}, peer {}..={}",

@@ -1,0 +1,601 @@
+//! Two rdbd nodes (alpha and beta) on loopback, driven through the real `rdbd` binary.
+//!
+//! Each [`Cluster`] has its own temporary directory holding the backing files, one config
+//! directory per node (so the nodes can be given different files, as two machines would have),
+//! a run directory (control sockets) and the daemons' logs, and its own ports. The daemons run
+//! as `rdbd up --foreground` children owned by the cluster: SIGKILL is one call, and dropping
+//! the cluster kills whatever is still running, so nothing outlives a test (not even when the
+//! test binary itself dies: PR_SET_PDEATHSIG sends them SIGKILL).
+//!
+//! Every wait is bounded; a timeout panics with both nodes' status and the tails of their logs.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{output_within, rdbd_bin, Json};
+
+pub const RES: &str = "r0";
+pub const MIB: u64 = 1 << 20;
+
+/// The verbs wait up to 60 s for the daemon themselves; the CLI gets a little more.
+const VERB_TIMEOUT: Duration = Duration::from_secs(90);
+/// `up` waits 20 s for a daemon to answer; so do we.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// Sorts lower: dials.
+    Alpha,
+    /// Listens.
+    Beta,
+}
+
+pub use Node::{Alpha, Beta};
+
+impl Node {
+    pub const BOTH: [Node; 2] = [Alpha, Beta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Alpha => "alpha",
+            Beta => "beta",
+        }
+    }
+
+    pub fn peer(self) -> Node {
+        match self {
+            Alpha => Beta,
+            Beta => Alpha,
+        }
+    }
+
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// How to build a cluster; the default is a healthy pair of 256 MiB disks with one secret.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Size of each node's backing file (the data area is smaller: metadata sits at its end).
+    pub file_size: [u64; 2],
+    /// `net.shared-secret` in each node's own config file.
+    pub secret: [Option<String>; 2],
+    pub protocol: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            file_size: [256 * MIB; 2],
+            secret: [Some("s3cret".into()), Some("s3cret".into())],
+            protocol: "C",
+        }
+    }
+}
+
+pub struct NodeInfo {
+    pub node: Node,
+    pub config_dir: PathBuf,
+    pub disk: PathBuf,
+    pub repl_port: u16,
+    pub nbd_port: u16,
+    /// The daemon's stdout and stderr, across restarts.
+    pub log: PathBuf,
+    /// Bytes of replicated data (from `show-md` right after `create-md`).
+    pub data_size: u64,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub run_dir: PathBuf,
+    pub nodes: [NodeInfo; 2],
+    daemons: [Option<Child>; 2],
+}
+
+/// Makes a child die with the test process (the kernel sends SIGKILL when the spawning thread
+/// exits; children are spawned from the test's own thread, which outlives them).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A TCP port free on 127.0.0.1 now. Taken below the kernel's ephemeral range when there is
+/// room, so no outgoing connection (of this or a parallel test) can grab it before rdbd binds it;
+/// a per-process counter keeps the tests of one binary apart.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    const BASE: u32 = 12000;
+    if low > BASE + 1000 {
+        let span = low - BASE;
+        let seed = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let port = BASE + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The last `n` lines of a daemon log, without the `status` requests the waits poll with.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.contains("req=Status")).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Cluster {
+    /// Writes the config files and backing files and runs `create-md` on both nodes; nothing
+    /// is started.
+    pub fn new(opts: Options) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
+        let nodes = Node::BOTH.map(|node| {
+            let i = node.idx();
+            let disk = dir.path().join(format!("{}.img", node.name()));
+            File::create(&disk).unwrap().set_len(opts.file_size[i]).unwrap();
+            NodeInfo {
+                node,
+                config_dir: dir.path().join(format!("etc-{}", node.name())),
+                disk,
+                repl_port: ports[i].0,
+                nbd_port: ports[i].1,
+                log: dir.path().join(format!("{}.log", node.name())),
+                data_size: 0,
+            }
+        });
+        let mut cluster = Cluster { dir, run_dir, nodes, daemons: [None, None] };
+        for node in Node::BOTH {
+            let config = cluster.config_text(&opts, node);
+            let info = cluster.info(node);
+            std::fs::create_dir_all(&info.config_dir).unwrap();
+            std::fs::write(info.config_dir.join(format!("{RES}.toml")), config).unwrap();
+            cluster.verb_ok(node, &["create-md"]);
+            let show = text(&cluster.verb_ok(node, &["show-md"]).stdout);
+            let size = show
+                .lines()
+                .find_map(|l| l.strip_prefix("data-size "))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no data-size in show-md output:\n{show}"));
+            cluster.nodes[node.idx()].data_size = size;
+        }
+        cluster
+    }
+
+    /// The resource file as `node` sees it: the same for both nodes except for its secret.
+    fn config_text(&self, opts: &Options, node: Node) -> String {
+        let mut out = format!("protocol = \"{}\"\n\n[net]\n", opts.protocol);
+        if let Some(secret) = &opts.secret[node.idx()] {
+            out += &format!("shared-secret = \"{secret}\"\n");
+        }
+        // Reconnect quickly after the peer comes back (the default is 10 s).
+        out += "connect-interval = \"500ms\"\n";
+        for n in &self.nodes {
+            out += &format!(
+                "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd-listen = \"127.0.0.1:{}\"\n",
+                n.node.name(),
+                n.repl_port,
+                n.disk.display(),
+                n.nbd_port
+            );
+        }
+        out
+    }
+
+    pub fn info(&self, node: Node) -> &NodeInfo {
+        &self.nodes[node.idx()]
+    }
+
+    /// The data area's size (both nodes' when they agree, which every test but one needs).
+    pub fn data_size(&self) -> u64 {
+        let (a, b) = (self.info(Alpha).data_size, self.info(Beta).data_size);
+        assert_eq!(a, b, "the nodes' data areas differ in size");
+        a
+    }
+
+    pub fn nbd_uri(&self, node: Node) -> String {
+        format!("nbd://127.0.0.1:{}/{RES}", self.info(node).nbd_port)
+    }
+
+    pub fn nbd_addr(&self, node: Node) -> String {
+        format!("127.0.0.1:{}", self.info(node).nbd_port)
+    }
+
+    pub fn repl_addr(&self, node: Node) -> String {
+        format!("127.0.0.1:{}", self.info(node).repl_port)
+    }
+
+    /// `rdbd <verb> r0 --node NODE <rest...>` as `node`'s machine would run it.
+    pub fn command(&self, node: Node, args: &[&str]) -> Command {
+        let info = self.info(node);
+        let mut cmd = Command::new(rdbd_bin());
+        cmd.arg(args[0])
+            .arg(RES)
+            .args(["--node", node.name()])
+            .args(&args[1..])
+            .env("RDBD_CONFIG_DIR", &info.config_dir)
+            .env("RDBD_RUN_DIR", &self.run_dir)
+            .env_remove("RDBD_NODE");
+        cmd
+    }
+
+    /// Runs a verb (bounded in time) and returns its output, whatever the exit status.
+    pub fn rdbd(&self, node: Node, args: &[&str]) -> Output {
+        let mut cmd = self.command(node, args);
+        cmd.env_remove("RDBD_LOG");
+        output_within(&mut cmd, VERB_TIMEOUT)
+    }
+
+    /// Runs a verb that must succeed.
+    pub fn verb_ok(&self, node: Node, args: &[&str]) -> Output {
+        let out = self.rdbd(node, args);
+        assert!(
+            out.status.success(),
+            "rdbd {args:?} on {} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}",
+            node.name(),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr),
+            self.diag()
+        );
+        out
+    }
+
+    /// Runs a verb that must fail cleanly (non-zero exit, no panic, no signal); returns stderr.
+    pub fn verb_fails(&self, node: Node, args: &[&str]) -> String {
+        let out = self.rdbd(node, args);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "rdbd {args:?} on {} succeeded; stdout:\n{}",
+            node.name(),
+            text(&out.stdout)
+        );
+        assert!(out.status.code().is_some(), "rdbd {args:?} died from a signal: {}", out.status);
+        assert_ne!(out.status.code(), Some(101), "rdbd {args:?} panicked:\n{stderr}");
+        stderr
+    }
+
+    /// Starts `rdbd up --foreground` for `node` and waits until it answers `status`.
+    pub fn start(&mut self, node: Node) {
+        assert!(self.daemons[node.idx()].is_none(), "{} is already started", node.name());
+        let info = self.info(node);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&info.log).unwrap();
+        let mut cmd = self.command(node, &["up", "--foreground"]);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let child = die_with_parent(&mut cmd).spawn().expect("spawn rdbd up --foreground");
+        self.daemons[node.idx()] = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.try_status(node).is_some() {
+                return;
+            }
+            if let Some(status) = self.daemons[node.idx()].as_mut().unwrap().try_wait().unwrap() {
+                self.daemons[node.idx()] = None;
+                panic!("{} exited at start ({status}); log:\n{}", node.name(), tail(&self.log(node), 40));
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not answer within {START_TIMEOUT:?}\n{}", node.name(), self.diag());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn start_both(&mut self) {
+        self.start(Alpha);
+        self.start(Beta);
+    }
+
+    /// SIGKILL: the daemon gets no chance to write anything.
+    pub fn kill(&mut self, node: Node) {
+        let mut child =
+            self.daemons[node.idx()].take().unwrap_or_else(|| panic!("{} is not running", node.name()));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Whether our daemon for `node` is still running.
+    pub fn is_running(&mut self, node: Node) -> bool {
+        match self.daemons[node.idx()].as_mut() {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Waits up to `timeout` for `node`'s daemon to exit (after `down`); its exit status.
+    pub fn wait_exit(&mut self, node: Node, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child =
+            self.daemons[node.idx()].as_mut().unwrap_or_else(|| panic!("{} is not running", node.name()));
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.daemons[node.idx()] = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit within {timeout:?}\n{}", node.name(), self.diag());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `rdbd down`, then the daemon must exit 0.
+    pub fn down(&mut self, node: Node) {
+        self.verb_ok(node, &["down"]);
+        let status = self.wait_exit(node, Duration::from_secs(20));
+        assert!(status.success(), "{} exited with {status} after down\n{}", node.name(), self.diag());
+    }
+
+    pub fn log(&self, node: Node) -> String {
+        std::fs::read_to_string(&self.info(node).log).unwrap_or_default()
+    }
+
+    /// `rdbd status --json`, or `None` when the daemon does not answer.
+    pub fn try_status(&self, node: Node) -> Option<Json> {
+        let out = self.rdbd(node, &["status", "--json"]);
+        out.status.success().then(|| Json::parse(text(&out.stdout).trim()))
+    }
+
+    pub fn status(&self, node: Node) -> Json {
+        let out = self.rdbd(node, &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status of {} failed: {}\n{}",
+            node.name(),
+            text(&out.stderr),
+            tail(&self.log(node), 40)
+        );
+        Json::parse(text(&out.stdout).trim())
+    }
+
+    /// Polls `node`'s status until `cond` holds; returns that status. Panics after `timeout`
+    /// with the last status seen and both logs.
+    pub fn wait_for(
+        &self,
+        node: Node,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Json) -> bool,
+    ) -> Json {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.try_status(node);
+            if let Some(s) = &status {
+                if cond(s) {
+                    return status.unwrap();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: not {what} within {timeout:?}; last status: {}\n{}",
+                    node.name(),
+                    status.map_or("(no answer)".to_string(), |s| format!("{s:?}")),
+                    self.diag()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Both connected, Established, and both disks UpToDate on both views.
+    pub fn wait_in_sync(&self, timeout: Duration) {
+        for node in Node::BOTH {
+            self.wait_for(node, "connected and in sync", timeout, in_sync);
+        }
+    }
+
+    /// Both StandAlone with a reason; returns each node's `last_error`.
+    pub fn wait_standalone(&self, timeout: Duration) -> [String; 2] {
+        Node::BOTH.map(|node| {
+            let s = self.wait_for(node, "StandAlone with a reason", timeout, |s| {
+                str_at(s, &["connection"]) == "StandAlone" && !matches!(s.field("last_error"), Json::Null)
+            });
+            s.field("last_error").as_str().to_string()
+        })
+    }
+
+    /// Up both, `primary --force` on alpha once they are connected, and wait for the initial
+    /// full sync to finish. (Promoting while alpha is still dialing can strand both nodes
+    /// StandAlone: see `an_abandoned_handshake_does_not_strand_the_pair` in tests/cluster.rs.)
+    pub fn start_primary_pair(&mut self) {
+        self.start_both();
+        for node in Node::BOTH {
+            self.wait_for(node, "connected", Duration::from_secs(30), |s| {
+                str_at(s, &["connection"]) == "Connected"
+            });
+        }
+        self.verb_ok(Alpha, &["primary", "--force"]);
+        self.wait_in_sync(Duration::from_secs(60));
+        let s = self.status(Alpha);
+        assert_eq!(str_at(&s, &["role"]), "Primary", "{s:?}");
+    }
+
+    /// Compares both backing files over the data area; on a difference, says where.
+    pub fn compare_data(&self) -> Result<(), String> {
+        let size = self.data_size();
+        let mut a = File::open(&self.info(Alpha).disk).unwrap();
+        let mut b = File::open(&self.info(Beta).disk).unwrap();
+        const CHUNK: usize = 4 << 20;
+        let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let (mut first, mut last, mut blocks) = (None, 0u64, 0u64);
+        let mut pos = 0u64;
+        while pos < size {
+            let n = CHUNK.min((size - pos) as usize);
+            a.read_exact(&mut ba[..n]).unwrap();
+            b.read_exact(&mut bb[..n]).unwrap();
+            if ba[..n] != bb[..n] {
+                for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
+                    if x != y {
+                        let at = pos + i as u64 * 4096;
+                        let byte = x.iter().zip(y).position(|(p, q)| p != q).unwrap() as u64;
+                        first.get_or_insert(at + byte);
+                        last = at;
+                        blocks += 1;
+                    }
+                }
+            }
+            pos += n as u64;
+        }
+        match first {
+            None => Ok(()),
+            Some(offset) => Err(format!(
+                "the data areas differ: first at byte {offset} ({offset:#x}); {blocks} differing 4 KiB blocks, \
+                 the last at {last:#x}"
+            )),
+        }
+    }
+
+    pub fn assert_same_data(&self) {
+        if let Err(e) = self.compare_data() {
+            panic!("{e}\n{}", self.diag());
+        }
+    }
+
+    /// `len` bytes of `node`'s backing file at `offset`.
+    pub fn read_disk(&self, node: Node, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        File::open(&self.info(node).disk).unwrap().read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    /// Both statuses and log tails, for failure messages.
+    pub fn diag(&self) -> String {
+        let mut out = String::new();
+        for node in Node::BOTH {
+            let status = self.try_status(node).map_or("(no answer)".into(), |s| format!("{s:?}"));
+            out += &format!(
+                "--- {} status: {status}\n--- {} log (tail):\n{}\n",
+                node.name(),
+                node.name(),
+                tail(&self.log(node), 30)
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in Node::BOTH {
+                eprintln!("--- {} log (tail):\n{}", node.name(), tail(&self.log(node), 60));
+            }
+        }
+        for child in self.daemons.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The string at `path` in a status document.
+pub fn str_at<'a>(s: &'a Json, path: &[&str]) -> &'a str {
+    path.iter().fold(s, |v, key| v.field(key)).as_str()
+}
+
+/// Connected and Established, this node and its peer UpToDate.
+pub fn in_sync(s: &Json) -> bool {
+    str_at(s, &["connection"]) == "Connected"
+        && str_at(s, &["replication"]) == "Established"
+        && str_at(s, &["disk"]) == "UpToDate"
+        && str_at(s, &["peer", "disk"]) == "UpToDate"
+}
+
+/// A client process (fio, python) run in the background, stopped and reaped by [`Self::stop`] or
+/// killed when dropped. Its output goes to files so it never blocks on a full pipe.
+pub struct Background {
+    child: Option<Child>,
+    what: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(cmd: &mut Command, dir: &Path, what: &str) -> Background {
+        let stdout = dir.join(format!("{what}.out"));
+        let stderr = dir.join(format!("{what}.err"));
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap());
+        let child = die_with_parent(cmd).spawn().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        Background { child: Some(child), what: what.into(), stdout, stderr }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends `signal` (unless it has exited already), waits up to `timeout` (then SIGKILL and
+    /// panic) and returns what it printed.
+    pub fn stop(&mut self, signal: Option<rustix::process::Signal>, timeout: Duration) -> Output {
+        let mut child = self.child.take().expect("stopped twice");
+        if let Some(signal) = signal {
+            if child.try_wait().unwrap().is_none() {
+                let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {timeout:?}; stderr:\n{}", self.what, self.read(&self.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: std::fs::read(&self.stdout).unwrap_or_default(),
+            stderr: std::fs::read(&self.stderr).unwrap_or_default(),
+        }
+    }
+
+    /// Waits for it to finish on its own.
+    pub fn wait(&mut self, timeout: Duration) -> Output {
+        self.stop(None, timeout)
+    }
+
+    fn read(&self, path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
