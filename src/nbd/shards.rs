@@ -43,6 +43,15 @@ impl Shards {
         Self::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
+    /// Runs `future` on shard `index` (modulo the shard count).
+    pub fn spawn_on<F>(&self, index: usize, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handles[index % self.handles.len()].spawn(future)
+    }
+
     /// Runs `future` on the next shard (round robin).
     pub fn spawn<F>(&self, future: F)
     where

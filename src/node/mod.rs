@@ -225,7 +225,9 @@ impl Node {
 
     /// Runs the node until `down` or `stop`: the connection to the peer, in the background.
     pub async fn run(self: &Arc<Self>) {
-        let connection = tokio::spawn(session::run(self.clone()));
+        // The replication link runs on the first shard, where the first NBD connection runs
+        // too: a write and its replication then never cross threads.
+        let connection = self.shards.spawn_on(0, session::run(self.clone()));
         self.shutdown.cancelled().await;
         let _ = connection.await;
     }

@@ -288,7 +288,21 @@ impl Applier {
                     return Err(ApplyError::PeerSilent(silence));
                 }
             }
+            // Everything the last read brought is handled before anything is answered, so one
+            // ack frame batch goes back per read instead of one per write.
+            while open {
+                match data.recv_buffered() {
+                    None => break,
+                    Some(Ok(Message::Disconnect { reason })) => {
+                        disconnect_reason = Some(reason.to_owned());
+                        open = false;
+                    }
+                    Some(Ok(message)) => self.accept(message)?,
+                    Some(Err(e)) => return Err(e.into()),
+                }
+            }
             self.start_ready();
+            self.collect_ready_completions();
             self.pump_resync();
             if !open && self.queue.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
@@ -301,6 +315,21 @@ impl Applier {
             Some(reason) => Err(ApplyError::Disconnected(reason)),
             None => Ok(self.stats),
         }
+    }
+
+    /// Takes the completions that are ready now (writes copied into the page cache complete at
+    /// once), without waiting, so their acks join this round's batch.
+    fn collect_ready_completions(&mut self) {
+        if self.queue.in_flight() == 0 {
+            return;
+        }
+        // The task's own waker is registered again by the select's poll before it sleeps.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = self.queue.poll_complete(&mut cx, &mut self.completions);
+        for c in std::mem::take(&mut self.completions) {
+            self.complete(c);
+        }
+        self.start_ready();
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(u64, u64), ApplyError> {

@@ -90,6 +90,11 @@ impl Framed {
     pub async fn recv_within(&mut self, limit: Duration) -> Result<Message<'_>, FrameError> {
         self.reader.recv_within(limit).await
     }
+
+    /// See [`FrameReader::recv_buffered`].
+    pub fn recv_buffered(&mut self) -> Option<Result<Message<'_>, FrameError>> {
+        self.reader.recv_buffered()
+    }
 }
 
 impl FrameWriter {
@@ -148,6 +153,27 @@ impl FrameReader {
         }
     }
 
+    /// The next frame if it is already wholly in the buffer; never reads the socket. Lets a
+    /// receiver handle everything one read brought before it answers.
+    pub fn recv_buffered(&mut self) -> Option<Result<Message<'_>, FrameError>> {
+        let pending = self.rbuf.len() - self.consumed;
+        if pending < FrameHeader::LEN {
+            return None;
+        }
+        let start = self.consumed;
+        let header = match FrameHeader::decode(&self.rbuf[start..start + FrameHeader::LEN]) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let total = FrameHeader::LEN + header.length as usize;
+        if pending < total {
+            return None;
+        }
+        self.rbuf.advance(std::mem::take(&mut self.consumed));
+        self.consumed = total;
+        Some(Message::decode(header.kind, &self.rbuf[FrameHeader::LEN..total]).map_err(FrameError::from))
+    }
+
     /// [`FrameReader::recv`] with a deadline.
     pub async fn recv_within(&mut self, limit: Duration) -> Result<Message<'_>, FrameError> {
         match tokio::time::timeout(limit, self.recv()).await {
@@ -178,5 +204,34 @@ mod tests {
             got.push(format!("{m:?}"));
         }
         assert_eq!(got, ["SyncUuid { uuid: 1 }", "Flush { seq: 2 }", "Flush { seq: 3 }", "Ping"]);
+    }
+
+    #[tokio::test]
+    async fn buffered_frames_are_taken_without_reading_and_interleave_with_recv() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut a, mut b) = (Framed::new(a.unwrap()).unwrap(), Framed::new(b.unwrap().0).unwrap());
+        let batch: Vec<Message<'_>> = (1..=5).map(|seq| Message::Flush { seq }).collect();
+        a.send_all(&batch).await.unwrap();
+        assert!(matches!(b.recv().await.unwrap(), Message::Flush { seq: 1 }));
+        let mut seqs = Vec::new();
+        while let Some(m) = b.recv_buffered() {
+            match m.unwrap() {
+                Message::Flush { seq } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        // One write, one read: normally all of it; whatever was not yet read comes by recv.
+        while seqs.len() < 4 {
+            match b.recv().await.unwrap() {
+                Message::Flush { seq } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seqs, [2, 3, 4, 5]);
+        a.send(&Message::Ping).await.unwrap();
+        assert!(b.recv_buffered().is_none() || matches!(b.recv_buffered(), None));
+        assert!(matches!(b.recv().await.unwrap(), Message::Ping));
     }
 }
