@@ -490,6 +490,33 @@ fn split_brain_after_both_sides_wrote_is_detected_on_both_nodes() {
     assert_eq!(zero_blocks(&c, Alpha, 4 * MIB..5 * MIB), 256, "beta's writes reached alpha");
 }
 
+/// DRBD's manual recovery: the victim (beta) becomes Secondary and connects with
+/// --discard-my-data, the survivor connects; only the blocks changed on either side since the
+/// split are resynced, and both end with the survivor's data.
+#[test]
+fn split_brain_manual_recovery_discards_the_victims_changes_only() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut c = Cluster::new(Options::default());
+    diverge(&mut c);
+    // A Primary cannot discard its data.
+    let stderr = c.verb_fails(Beta, &["connect", "--discard-my-data"]);
+    assert!(stderr.contains("Secondary first"), "{stderr}");
+    c.verb_ok(Beta, &["secondary"]);
+    c.verb_ok(Beta, &["connect", "--discard-my-data"]);
+    c.verb_ok(Alpha, &["connect"]);
+    c.wait_in_sync(Duration::from_secs(60));
+    let b = c.status(Beta);
+    assert_eq!(str_at(&b, &["role"]), "Secondary", "{b:?}");
+    // 64 blocks written on each side; the split's own generation change adds nothing else.
+    let resynced = b.field("last_resync_bytes").as_u64();
+    assert!((2 * 64 * 4096..=4 * 64 * 4096).contains(&resynced), "resynced {resynced} bytes: {b:?}");
+    assert_blocks(&c, Beta, 0, 256, 64);
+    assert_eq!(zero_blocks(&c, Beta, 4 * MIB..5 * MIB), 256, "beta's own writes were not discarded");
+    c.assert_same_data();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Roles and verbs
 // ---------------------------------------------------------------------------------------------

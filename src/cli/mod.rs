@@ -44,7 +44,7 @@ enum Command {
     /// Show role, disk, connection and replication state, as drbdadm status does.
     Status(verbs::StatusArgs),
     /// Try to connect to the peer again (after disconnect or a refusal).
-    Connect(verbs::PlainArgs),
+    Connect(verbs::ConnectArgs),
     /// Drop the connection to the peer and stay StandAlone.
     Disconnect(verbs::PlainArgs),
     /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
@@ -70,7 +70,7 @@ pub fn main() -> ExitCode {
             Command::Primary(args) => verbs::primary(args).await,
             Command::Secondary(args) => verbs::simple(args, Request::Secondary).await,
             Command::Status(args) => verbs::status(args).await,
-            Command::Connect(args) => verbs::simple(args, Request::Connect).await,
+            Command::Connect(args) => verbs::connect(args).await,
             Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
             Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
         }

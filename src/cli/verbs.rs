@@ -44,6 +44,22 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// After a split brain: give up this node's changes and take the peer's (this node must be
+    /// Secondary); only the blocks changed on either side are resynced.
+    #[arg(long)]
+    pub discard_my_data: bool,
+}
+
+pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    send(&res, Request::Connect { discard_my_data: args.discard_my_data }).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 pub struct NewCurrentUuidArgs {
     #[command(flatten)]
     pub resource: ResourceArgs,

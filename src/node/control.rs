@@ -17,11 +17,19 @@ use super::Node;
 #[serde(tag = "verb", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
-    Connect,
+    Connect {
+        /// Manual split-brain recovery: this node's changes are discarded.
+        #[serde(default)]
+        discard_my_data: bool,
+    },
     Disconnect,
-    NewCurrentUuid { clear_bitmap: bool },
+    NewCurrentUuid {
+        clear_bitmap: bool,
+    },
     Down,
 }
 
@@ -136,10 +144,7 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
         Request::Status => return Response { ok: true, error: None, status: Some(node.status().await) },
         Request::Primary { force } => node.promote(force).await,
         Request::Secondary => node.demote().await,
-        Request::Connect => {
-            node.connect();
-            Ok(())
-        }
+        Request::Connect { discard_my_data } => node.connect(discard_my_data),
         Request::Disconnect => {
             node.disconnect().await;
             Ok(())

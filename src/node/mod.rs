@@ -92,6 +92,8 @@ struct NodeState {
     last_error: Option<String>,
     /// `new-current-uuid --clear-bitmap` ran: announced at the next handshake.
     skip_initial_sync: bool,
+    /// `connect --discard-my-data`: at the next handshake this node gives up its changes.
+    discard_my_data: bool,
     /// Whether the node tries to connect (false after `disconnect` or a refused handshake).
     want_connection: bool,
     link: Option<Arc<PeerLink>>,
@@ -193,6 +195,7 @@ impl Node {
                 last_resync_bytes: None,
                 last_error: None,
                 skip_initial_sync: false,
+                discard_my_data: false,
                 want_connection: true,
                 link: None,
             }),
@@ -347,13 +350,22 @@ impl Node {
         Ok(())
     }
 
-    /// `rdbd connect`: leave StandAlone and try to reach the peer.
-    pub fn connect(&self) {
+    /// `rdbd connect [--discard-my-data]`: leave StandAlone and try to reach the peer; with
+    /// `discard_my_data`, a split brain is resolved by taking the peer's data (DRBD's manual
+    /// recovery), which a Primary cannot do.
+    pub fn connect(&self, discard_my_data: bool) -> Result<(), NodeError> {
         let mut s = self.state();
+        if discard_my_data && s.role == Role::Primary {
+            return Err(NodeError::Refused(
+                "--discard-my-data on a Primary: make this node Secondary first".into(),
+            ));
+        }
         s.want_connection = true;
         s.last_error = None;
+        s.discard_my_data |= discard_my_data;
         drop(s);
         self.renegotiate.notify_one();
+        Ok(())
     }
 
     /// `rdbd disconnect`: drop the connection and stay StandAlone.

@@ -128,7 +128,7 @@ fn params(node: &Node) -> Params {
         device_size: node.device.info_size(),
         bitmap_block: node.device.bitmap_block(),
         data_integrity: node.config.net.data_integrity,
-        discard_my_data: false,
+        discard_my_data: node.state().discard_my_data,
     }
 }
 
@@ -218,7 +218,7 @@ pub async fn run(node: Arc<Node>) {
                 backoff = Duration::from_millis(50);
                 info!(peer = %peer.name, "connected");
                 node.state().last_error = None;
-                let outcome = session(&node, est, state, dialer).await;
+                let outcome = session(&node, est, state, params.discard_my_data, dialer).await;
                 end_session(&node);
                 if let Outcome::StandAlone(message) = outcome {
                     set_standalone(&node, message);
@@ -300,10 +300,16 @@ async fn refuse(est: &mut Established, code: RefuseCode, message: String) -> Out
 }
 
 /// One established connection: the sync decision, then replication until the link ends.
-/// `sent` is the State this node sent in the handshake: the decision must use exactly what the
-/// peer saw, or the two nodes could decide differently.
-async fn session(node: &Arc<Node>, mut est: Established, sent: State, dialer: bool) -> Outcome {
-    let mut local = view(&sent, false, dialer);
+/// `sent` and `discard` are the State and discard-my-data flag this node sent in the handshake:
+/// the decision must use exactly what the peer saw, or the two nodes could decide differently.
+async fn session(
+    node: &Arc<Node>,
+    mut est: Established,
+    sent: State,
+    discard: bool,
+    dialer: bool,
+) -> Outcome {
+    let mut local = view(&sent, discard, dialer);
     let mut peer = view(&est.peer.state, est.peer.params.discard_my_data, !dialer);
     let adopted = apply_skip_initial_sync(
         &mut local,
@@ -326,7 +332,12 @@ async fn session(node: &Arc<Node>, mut est: Established, sent: State, dialer: bo
         });
         node.state().disk = DiskState::UpToDate;
     }
-    node.state().skip_initial_sync = false;
+    {
+        // Both flags are for one handshake (DRBD clears discard-my-data once it connected).
+        let mut s = node.state();
+        s.skip_initial_sync = false;
+        s.discard_my_data = false;
+    }
     let decision = decide(&local, &peer);
     // Two Primaries whose data diverged are reported as the split brain they are.
     let diverged = matches!(decision.outcome, SyncDecision::SplitBrain { .. } | SyncDecision::Unrelated);

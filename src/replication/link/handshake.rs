@@ -201,6 +201,11 @@ pub async fn exchange_state(
         );
         return Err(refuse(ch, RefuseCode::SizeMismatch, message).await);
     }
+    if params.discard_my_data && ours.discard_my_data {
+        let message = "both nodes were told to discard their data (connect --discard-my-data): only one can"
+            .to_string();
+        return Err(refuse(ch, RefuseCode::ConfigMismatch, message).await);
+    }
     if (params.protocol, params.bitmap_block, params.data_integrity)
         != (ours.protocol, ours.bitmap_block, ours.data_integrity)
     {
