@@ -84,8 +84,9 @@ struct NodeState {
     repl: ReplState,
     peer_role: Role,
     peer_disk: DiskState,
-    /// Dirty blocks when the running resync started (for progress).
+    /// Dirty blocks when the running resync started, and when it started (for progress).
     resync_total: u64,
+    resync_started: Option<std::time::Instant>,
     /// Resync data sent or received by the last completed resync.
     last_resync_bytes: Option<u64>,
     /// The last refusal or connection failure, for `status`.
@@ -192,6 +193,7 @@ impl Node {
                 peer_role: Role::Unknown,
                 peer_disk: DiskState::DUnknown,
                 resync_total: 0,
+                resync_started: None,
                 last_resync_bytes: None,
                 last_error: None,
                 skip_initial_sync: false,

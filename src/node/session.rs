@@ -450,6 +450,7 @@ async fn prepare_resync(
         let mut s = node.state();
         s.repl = ReplState::SyncSource;
         s.resync_total = total;
+        s.resync_started = Some(std::time::Instant::now());
         s.peer_disk = DiskState::Inconsistent;
     } else {
         let uuid = match est.data.recv_within(step).await? {
@@ -466,6 +467,7 @@ async fn prepare_resync(
         s.disk = DiskState::Inconsistent;
         s.repl = ReplState::SyncTarget;
         s.resync_total = total;
+        s.resync_started = Some(std::time::Instant::now());
     }
     info!(blocks = total, full = outcome.is_full(), "resync starting");
     Ok(())

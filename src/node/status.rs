@@ -46,6 +46,10 @@ pub struct ResyncProgress {
     pub total_bytes: u64,
     pub remaining_bytes: u64,
     pub done_percent: f64,
+    /// Average since the resync started.
+    pub rate_bytes_per_sec: u64,
+    /// At that rate; none before anything moved.
+    pub eta_secs: Option<u64>,
 }
 
 /// Generation identifiers in hex, as `drbdadm show-gi` prints them.
@@ -72,7 +76,16 @@ impl Node {
             let done = total_bytes.saturating_sub(out_of_sync_bytes);
             let done_percent =
                 if total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / total_bytes as f64 };
-            ResyncProgress { total_bytes, remaining_bytes: out_of_sync_bytes, done_percent }
+            let elapsed = s.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            let rate = if elapsed > 0.0 { (done as f64 / elapsed) as u64 } else { 0 };
+            let eta_secs = (rate > 0).then(|| out_of_sync_bytes.div_ceil(rate));
+            ResyncProgress {
+                total_bytes,
+                remaining_bytes: out_of_sync_bytes,
+                done_percent,
+                rate_bytes_per_sec: rate,
+                eta_secs,
+            }
         });
         let hex = |v: u64| format!("{v:016X}");
         Status {
@@ -117,6 +130,12 @@ impl Status {
             let mut line = format!("    replication:{} peer-disk:{}", self.replication, self.peer.disk);
             if let Some(r) = &self.resync {
                 let _ = write!(line, " done:{:.2}", r.done_percent);
+                if r.rate_bytes_per_sec > 0 {
+                    let _ = write!(line, " rate:{}KiB/s", r.rate_bytes_per_sec / 1024);
+                }
+                if let Some(eta) = r.eta_secs {
+                    let _ = write!(line, " eta:{eta}s");
+                }
             }
             if self.out_of_sync_bytes > 0 {
                 let _ = write!(line, " out-of-sync:{}KiB", self.out_of_sync_bytes / 1024);
@@ -159,6 +178,8 @@ mod tests {
                 total_bytes: 4 << 20,
                 remaining_bytes: 1 << 20,
                 done_percent: 75.0,
+                rate_bytes_per_sec: 3 << 20,
+                eta_secs: Some(1),
             }),
             last_resync_bytes: None,
             nbd: Some("127.0.0.1:10809".into()),
@@ -177,7 +198,7 @@ mod tests {
         assert_eq!(
             status().to_text(),
             "res0 role:Primary\n  disk:UpToDate\n  beta role:Secondary\n    replication:SyncSource \
-             peer-disk:Inconsistent done:75.00 out-of-sync:1024KiB\n  nbd:127.0.0.1:10809 clients:1\n"
+             peer-disk:Inconsistent done:75.00 rate:3072KiB/s eta:1s out-of-sync:1024KiB\n  nbd:127.0.0.1:10809 clients:1\n"
         );
         let mut s = status();
         s.connection = ConnState::StandAlone;

@@ -108,7 +108,8 @@ impl Demo {
             }
             if let Some(r) = &s.resync {
                 if last_print.elapsed() > Duration::from_millis(500) {
-                    println!("  resync {:?}: {:.1}% done", s.replication, r.done_percent);
+                    let rate = r.rate_bytes_per_sec / (1 << 20);
+                    println!("  resync {:?}: {:.1}% done, {rate} MiB/s", s.replication, r.done_percent);
                     last_print = Instant::now();
                 }
             }
