@@ -4,7 +4,7 @@
 //! writer can mark its blocks out of sync instead of waiting forever.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
@@ -55,17 +55,34 @@ impl Inbox {
 struct Waiter {
     inbox: Arc<Inbox>,
     key: usize,
+    /// A FUA write: stable on the peer once WriteAcked.
+    fua: bool,
 }
 
-/// Frames encoded and waiting for the sender task. Requests are encoded here, under the lock
-/// that also hands out sequence numbers, so the data channel carries them in `seq` order (a
-/// FlushAck then covers exactly the writes with smaller numbers) and no request is copied or
-/// allocated on its way to the socket beyond this one encoding.
-#[derive(Default)]
-struct Outbox {
+/// Everything the link tracks, under one lock. Requests are encoded into `frames` under the same
+/// lock that hands out their sequence numbers, so the data channel carries them in `seq` order (a
+/// FlushAck then covers exactly the writes with smaller numbers), and a request costs one lock and
+/// one encoding on its way to the socket.
+struct Ledger {
+    /// Encoded frames waiting for the sender task.
     frames: Vec<u8>,
-    /// A Disconnect is queued: the sender closes after writing it.
+    /// A Disconnect is queued: the sender closes after writing it, nothing more is accepted.
     closing: bool,
+    next_seq: u64,
+    waiting: HashMap<u64, Waiter>,
+    /// Writes sent and not yet stable on the peer's disk (no FlushAck covering them, not a
+    /// WriteAcked FUA write), by sequence number. All of them are marked out of sync if the link
+    /// dies: an acknowledged write may still sit in the peer's volatile cache.
+    unstable: BTreeMap<u64, (u64, u64)>,
+    /// Sequence number of the flush we sent on our own and that is not answered yet.
+    auto_flush: Option<u64>,
+}
+
+impl Ledger {
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
 }
 
 /// The peer's answer to a block sent for resync, for the sync source.
@@ -115,21 +132,11 @@ impl LinkOptions {
 
 /// The connected peer, shared by every queue of the replicated device.
 pub struct PeerLink {
-    outbox: Mutex<Outbox>,
+    ledger: Mutex<Ledger>,
     /// Wakes the sender task when frames are queued.
     queued: tokio::sync::Notify,
-    waiting: Mutex<HashMap<u64, Waiter>>,
-    /// Writes sent and not yet stable on the peer's disk (no FlushAck covering them, not a
-    /// WriteAcked FUA write), by sequence number. All of them are marked out of sync if the link
-    /// dies: an acknowledged write may still sit in the peer's volatile cache.
-    unstable: Mutex<BTreeMap<u64, (u64, u64)>>,
-    /// Sequence number of the flush we sent on our own and that is not answered yet.
-    auto_flush: Mutex<Option<u64>>,
     mark_out_of_sync: MarkOutOfSync,
-    /// FUA writes awaiting their WriteAck.
-    fua: Mutex<std::collections::HashSet<u64>>,
-    /// Next sequence number; only advanced under the outbox lock.
-    next_seq: AtomicU64,
+    /// Cleared (before the ledger is emptied) when the link dies.
     alive: AtomicBool,
     protocol: Protocol,
     integrity: bool,
@@ -151,14 +158,16 @@ impl PeerLink {
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
         let link = Arc::new(Self {
-            outbox: Mutex::new(Outbox::default()),
+            ledger: Mutex::new(Ledger {
+                frames: Vec::new(),
+                closing: false,
+                next_seq: 0,
+                waiting: HashMap::new(),
+                unstable: BTreeMap::new(),
+                auto_flush: None,
+            }),
             queued: tokio::sync::Notify::new(),
-            waiting: Mutex::new(HashMap::new()),
-            unstable: Mutex::new(BTreeMap::new()),
-            auto_flush: Mutex::new(None),
             mark_out_of_sync,
-            fua: Mutex::new(std::collections::HashSet::new()),
-            next_seq: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             protocol,
             integrity,
@@ -172,7 +181,11 @@ impl PeerLink {
 
     /// Writes sent that a peer crash could still lose (for status).
     pub fn unstable_writes(&self) -> usize {
-        self.unstable.lock().expect("unstable lock").len()
+        self.ledger().unstable.len()
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().expect("ledger lock")
     }
 
     pub fn is_alive(&self) -> bool {
@@ -201,36 +214,28 @@ impl PeerLink {
     ) -> bool {
         let ack = self.ack_for(fua);
         let wants_ack = ack != AckMode::None;
-        let (seq, unstable) = {
-            let mut outbox = self.outbox.lock().expect("outbox lock");
-            if !self.is_alive() || outbox.closing {
-                drop(outbox);
+        let unstable = {
+            let mut ledger = self.ledger();
+            // fail_all clears `alive` before it empties the ledger under this lock: seen alive
+            // here, whatever is recorded below is answered or marked by it.
+            if !self.is_alive() || ledger.closing {
+                drop(ledger);
                 inbox.deliver(key, PeerOutcome::Lost);
                 return true;
             }
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let seq = ledger.take_seq();
             if wants_ack {
-                self.waiting.lock().expect("waiting lock").insert(seq, Waiter { inbox: inbox.clone(), key });
+                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, fua });
             }
-            let unstable = range.map(|range| {
-                if fua {
-                    self.fua.lock().expect("fua lock").insert(seq);
-                }
-                let mut unstable = self.unstable.lock().expect("unstable lock");
-                unstable.insert(seq, range);
-                (range, unstable.len())
-            });
-            make(seq, ack).encode(&mut outbox.frames);
-            (seq, unstable)
+            if let Some(range) = range {
+                ledger.unstable.insert(seq, range);
+            }
+            make(seq, ack).encode(&mut ledger.frames);
+            ledger.unstable.len()
         };
         self.queued.notify_one();
-        if let Some((range, count)) = unstable {
-            self.check_unstable(range, count);
-        }
-        // fail_all may have drained the table between the liveness check and the insert:
-        // whoever removes the entry answers it, exactly once.
-        if wants_ack && !self.is_alive() {
-            self.answer(seq, PeerOutcome::Lost);
+        if range.is_some() && unstable >= AUTO_FLUSH_WRITES {
+            self.auto_flush();
         }
         wants_ack
     }
@@ -268,44 +273,17 @@ impl PeerLink {
         self.submit(|seq, _| Message::Flush { seq }, true, None, inbox, key)
     }
 
-    /// After a write was recorded as unstable: asks for a flush of our own when too many are.
-    fn check_unstable(&self, range: (u64, u64), count: usize) {
-        if !self.is_alive() {
-            // fail_all may already have taken the set: mark this one here (twice is harmless).
-            (self.mark_out_of_sync)(&[range]);
-            return;
-        }
-        if count >= AUTO_FLUSH_WRITES {
-            self.auto_flush();
-        }
-    }
-
     /// Sends a flush nobody waits for, unless one is already on its way.
     fn auto_flush(&self) {
-        let mut pending = self.auto_flush.lock().expect("auto flush lock");
-        if pending.is_none() {
-            let mut outbox = self.outbox.lock().expect("outbox lock");
-            if outbox.closing {
-                return;
-            }
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            Message::Flush { seq }.encode(&mut outbox.frames);
-            *pending = Some(seq);
-            drop(outbox);
-            self.queued.notify_one();
+        let mut ledger = self.ledger();
+        if ledger.auto_flush.is_some() || ledger.closing || !self.is_alive() {
+            return;
         }
-    }
-
-    /// The peer's disk holds everything it received before flush `seq`.
-    fn flushed(&self, seq: u64) {
-        let mut unstable = self.unstable.lock().expect("unstable lock");
-        let still = unstable.split_off(&seq);
-        *unstable = still;
-        drop(unstable);
-        let mut pending = self.auto_flush.lock().expect("auto flush lock");
-        if *pending == Some(seq) {
-            *pending = None;
-        }
+        let seq = ledger.take_seq();
+        Message::Flush { seq }.encode(&mut ledger.frames);
+        ledger.auto_flush = Some(seq);
+        drop(ledger);
+        self.queued.notify_one();
     }
 
     /// Drops the connection at once; outstanding requests are reported lost.
@@ -315,13 +293,13 @@ impl PeerLink {
 
     /// Queues a frame that is not an application request (resync data, state).
     fn send_other(&self, message: &Message<'_>) -> bool {
-        let mut outbox = self.outbox.lock().expect("outbox lock");
-        if !self.is_alive() || outbox.closing {
+        let mut ledger = self.ledger();
+        if !self.is_alive() || ledger.closing {
             return false;
         }
-        message.encode(&mut outbox.frames);
-        outbox.closing = matches!(message, Message::Disconnect { .. });
-        drop(outbox);
+        message.encode(&mut ledger.frames);
+        ledger.closing = matches!(message, Message::Disconnect { .. });
+        drop(ledger);
         self.queued.notify_one();
         true
     }
@@ -345,7 +323,11 @@ impl PeerLink {
     pub async fn settle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while self.is_alive() && tokio::time::Instant::now() < deadline {
-            if self.unstable_writes() == 0 && self.waiting.lock().expect("waiting lock").is_empty() {
+            let settled = {
+                let ledger = self.ledger();
+                ledger.unstable.is_empty() && ledger.waiting.is_empty()
+            };
+            if settled {
                 return true;
             }
             self.auto_flush();
@@ -371,25 +353,36 @@ impl PeerLink {
     fn fail_all(&self) {
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
-        let unstable: Vec<(u64, u64)> =
-            std::mem::take(&mut *self.unstable.lock().expect("unstable lock")).into_values().collect();
+        let (unstable, waiting) = {
+            let mut ledger = self.ledger();
+            (std::mem::take(&mut ledger.unstable), std::mem::take(&mut ledger.waiting))
+        };
         if !unstable.is_empty() {
-            (self.mark_out_of_sync)(&unstable);
+            (self.mark_out_of_sync)(&unstable.into_values().collect::<Vec<_>>());
         }
-        let waiting: Vec<Waiter> =
-            self.waiting.lock().expect("waiting lock").drain().map(|(_, w)| w).collect();
-        for w in waiting {
+        for w in waiting.into_values() {
             w.inbox.deliver(w.key, PeerOutcome::Lost);
         }
     }
 
-    /// Whether `seq` was a FUA write (stable once WriteAcked).
-    fn answer_fua(&self, seq: u64) -> bool {
-        self.fua.lock().expect("fua lock").remove(&seq)
-    }
-
-    fn answer(&self, seq: u64, outcome: PeerOutcome) {
-        if let Some(w) = self.waiting.lock().expect("waiting lock").remove(&seq) {
+    /// The peer answered request `seq`. `flushed`: a FlushAck, so every write before it is
+    /// stable on the peer; a WriteAck makes a FUA write stable.
+    fn answer(&self, seq: u64, outcome: PeerOutcome, flushed: bool) {
+        let waiter = {
+            let mut ledger = self.ledger();
+            if flushed {
+                ledger.unstable = ledger.unstable.split_off(&seq);
+                if ledger.auto_flush == Some(seq) {
+                    ledger.auto_flush = None;
+                }
+            }
+            let waiter = ledger.waiting.remove(&seq);
+            if outcome == PeerOutcome::Done && waiter.as_ref().is_some_and(|w| w.fua) {
+                ledger.unstable.remove(&seq);
+            }
+            waiter
+        };
+        if let Some(w) = waiter {
             w.inbox.deliver(w.key, outcome);
         }
     }
@@ -405,13 +398,13 @@ impl PeerLink {
         let start = tokio::time::Instant::now() + auto_flush_interval;
         let mut tick = tokio::time::interval_at(start, auto_flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Swapped with the outbox's, so frames are encoded into one while the other is written.
+        // Swapped with the ledger's, so frames are encoded into one while the other is written.
         let mut sending = Vec::new();
         loop {
             let closing = {
-                let mut outbox = self.outbox.lock().expect("outbox lock");
-                std::mem::swap(&mut outbox.frames, &mut sending);
-                outbox.closing
+                let mut ledger = self.ledger();
+                std::mem::swap(&mut ledger.frames, &mut sending);
+                ledger.closing
             };
             if !sending.is_empty() {
                 if let Err(e) = data.write_encoded(&sending).await {
@@ -430,7 +423,7 @@ impl PeerLink {
             tokio::select! {
                 _ = self.closed.cancelled() => break,
                 _ = tick.tick() => {
-                    if !self.unstable.lock().expect("unstable lock").is_empty() {
+                    if self.unstable_writes() > 0 {
                         self.auto_flush();
                     }
                 }
@@ -463,20 +456,13 @@ impl PeerLink {
             };
             pinged = false;
             match received {
-                Ok(Message::FlushAck { seq }) => {
-                    self.flushed(seq);
-                    self.answer(seq, PeerOutcome::Done)
+                Ok(Message::FlushAck { seq }) => self.answer(seq, PeerOutcome::Done, true),
+                Ok(Message::WriteAck { seq }) | Ok(Message::RecvAck { seq }) => {
+                    self.answer(seq, PeerOutcome::Done, false)
                 }
-                Ok(Message::WriteAck { seq }) => {
-                    if self.answer_fua(seq) {
-                        self.unstable.lock().expect("unstable lock").remove(&seq);
-                    }
-                    self.answer(seq, PeerOutcome::Done)
-                }
-                Ok(Message::RecvAck { seq }) => self.answer(seq, PeerOutcome::Done),
                 Ok(Message::NegAck { seq, errno }) => {
                     warn!(seq, errno, "peer failed a write; its blocks are out of sync");
-                    self.answer(seq, PeerOutcome::Failed)
+                    self.answer(seq, PeerOutcome::Failed, false)
                 }
                 Ok(Message::Ping) => {
                     if meta.send(&Message::PingAck).await.is_err() {
