@@ -855,15 +855,6 @@ fn rdbd_fails(args: &[&str]) -> String {
     stderr
 }
 
-fn assert_one_line_error(stderr: &str, needles: &[&str]) {
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{stderr}");
-    assert!(lines[0].starts_with("rdbd: error: "), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error does not mention {needle:?}: {stderr}");
-    }
-}
-
 #[test]
 fn cli_missing_file_without_size() {
     let dir = tempfile::tempdir().unwrap();

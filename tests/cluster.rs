@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::cluster::{str_at, Alpha, Background, Beta, Cluster, Node, Options, MIB, RES};
-use common::{have_python_nbd, have_tool, output_within, python_nbd, Json};
+use common::{assert_one_line_error, have_python_nbd, have_tool, output_within, python_nbd, Json};
 use rdbd_protocol::repl::{Channel, Hello, Message, RefuseCode};
 use rustix::process::Signal;
 
@@ -520,15 +520,6 @@ fn split_brain_manual_recovery_discards_the_victims_changes_only() {
 // ---------------------------------------------------------------------------------------------
 // Roles and verbs
 // ---------------------------------------------------------------------------------------------
-
-fn assert_one_line_error(stderr: &str, needles: &[&str]) {
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{stderr}");
-    assert!(lines[0].starts_with("rdbd: error: "), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error does not mention {needle:?}: {stderr}");
-    }
-}
 
 #[test]
 fn roles_promotion_demotion_and_verbs_without_a_daemon() {

@@ -54,9 +54,6 @@ impl Resource {
 
     /// Where this node keeps its metadata.
     pub fn meta_location(&self) -> MetaLocation {
-        match &self.me().meta_disk {
-            config::MetaDisk::Internal => MetaLocation::Internal,
-            config::MetaDisk::External(path) => MetaLocation::External(path.clone()),
-        }
+        MetaLocation::from(&self.me().meta_disk)
     }
 }

@@ -24,6 +24,15 @@ pub enum MetaLocation {
     External(PathBuf),
 }
 
+impl From<&crate::config::MetaDisk> for MetaLocation {
+    fn from(meta_disk: &crate::config::MetaDisk) -> Self {
+        match meta_disk {
+            crate::config::MetaDisk::Internal => MetaLocation::Internal,
+            crate::config::MetaDisk::External(path) => MetaLocation::External(path.clone()),
+        }
+    }
+}
+
 /// Parameters chosen at `create-md` time.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {

@@ -142,11 +142,7 @@ impl Node {
     /// marks the metadata in use. The node starts Secondary and not yet connected.
     pub fn attach(config: ResourceConfig, me: usize) -> Result<Arc<Self>, NodeError> {
         let node = &config.nodes[me];
-        let location = match &node.meta_disk {
-            crate::config::MetaDisk::Internal => MetaLocation::Internal,
-            crate::config::MetaDisk::External(path) => MetaLocation::External(path.clone()),
-        };
-        let attached = store::attach(&node.disk, &location, &node.name)?;
+        let attached = store::attach(&node.disk, &MetaLocation::from(&node.meta_disk), &node.name)?;
         for damage in &attached.report.damage {
             warn!("metadata damage detected: {damage}");
         }

@@ -18,7 +18,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{output_within, rdbd_bin, Json};
+use super::{output_within, rdbd_bin, wait_exit_within, Json};
 
 pub const RES: &str = "r0";
 pub const MIB: u64 = 1 << 20;
@@ -331,18 +331,14 @@ impl Cluster {
 
     /// Waits up to `timeout` for `node`'s daemon to exit (after `down`); its exit status.
     pub fn wait_exit(&mut self, node: Node, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
         let child =
             self.daemons[node.idx()].as_mut().unwrap_or_else(|| panic!("{} is not running", node.name()));
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
+        match wait_exit_within(child, timeout) {
+            Some(status) => {
                 self.daemons[node.idx()] = None;
-                return status;
+                status
             }
-            if Instant::now() > deadline {
-                panic!("{} did not exit within {timeout:?}\n{}", node.name(), self.diag());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            None => panic!("{} did not exit within {timeout:?}\n{}", node.name(), self.diag()),
         }
     }
 
@@ -562,17 +558,10 @@ impl Background {
                 let _ = rustix::process::kill_process(pid, signal);
             }
         }
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not exit within {timeout:?}; stderr:\n{}", self.what, self.read(&self.stderr));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = wait_exit_within(&mut child, timeout) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} did not exit within {timeout:?}; stderr:\n{}", self.what, self.read(&self.stderr));
         };
         Output {
             status,

@@ -220,6 +220,11 @@ impl Drop for Server {
 /// Runs a command and returns its output; panics with stdout/stderr when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert_success(cmd, out)
+}
+
+/// `out`, after asserting that `cmd` succeeded (showing what it printed if not).
+fn assert_success(cmd: &Command, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
@@ -228,6 +233,16 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Asserts that `stderr` is one `rdbd: error:` line mentioning every needle.
+pub fn assert_one_line_error(stderr: &str, needles: &[&str]) {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{stderr}");
+    assert!(lines[0].starts_with("rdbd: error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error does not mention {needle:?}: {stderr}");
+    }
 }
 
 /// A file of `len` pseudo-random bytes (deterministic for a seed).
@@ -266,38 +281,38 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
         let _ = err_pipe.read_to_end(&mut buf);
         buf
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stdout = out_reader.join().unwrap_or_default();
-            let stderr = err_reader.join().unwrap_or_default();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_exit_within(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stdout = out_reader.join().unwrap_or_default();
+        let stderr = err_reader.join().unwrap_or_default();
+        panic!(
+            "{cmd:?} did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
     };
     Output { status, stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() }
+}
+
+/// Waits for `child` to exit, at most `timeout`; `None` if it is still running then.
+pub fn wait_exit_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Like [`run_ok`], bounded by `timeout`.
 pub fn run_ok_within(cmd: &mut Command, timeout: Duration) -> Output {
     let out = output_within(cmd, timeout);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    assert_success(cmd, out)
 }
 
 /// `nbdsh`, made to run under the system python that has the libnbd bindings (the script
