@@ -38,6 +38,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nbd_vs_peers import cpu_model  # noqa: E402  (one definition for both benchmarks)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = "r0"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -462,17 +465,6 @@ def parse_size(text):
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().rstrip("IB")
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def source_version(binary):
