@@ -170,7 +170,6 @@ impl ResyncTarget {
 
 /// Applies the peer's replication stream to a device.
 pub struct Applier {
-    device: Arc<dyn BlockDevice>,
     queue: Box<dyn IoQueue>,
     pool: BufPool,
     integrity: bool,
@@ -195,10 +194,9 @@ pub struct Applier {
 
 impl Applier {
     pub fn new(device: Arc<dyn BlockDevice>, integrity: bool) -> Result<Self, ApplyError> {
-        let queue = device.clone().open_queue().map_err(ApplyError::Queue)?;
         let size = device.info().size;
+        let queue = device.open_queue().map_err(ApplyError::Queue)?;
         Ok(Self {
-            device,
             queue,
             pool: BufPool::new(),
             integrity,
@@ -571,10 +569,6 @@ impl Applier {
                 }));
             }
         }
-    }
-
-    pub fn device(&self) -> &Arc<dyn BlockDevice> {
-        &self.device
     }
 }
 

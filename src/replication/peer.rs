@@ -314,10 +314,6 @@ impl PeerLink {
         self.send_other(&Message::State(state))
     }
 
-    pub fn send_state_change(&self, role: u8, disk: u8) -> bool {
-        self.send_other(&Message::StateChange { role, disk })
-    }
-
     /// Makes every write sent so far stable on the peer (one flush), waiting at most `limit`;
     /// returns whether it did. Called before a deliberate disconnect so nothing needs a resync.
     pub async fn settle(&self, limit: Duration) -> bool {

@@ -58,11 +58,6 @@ impl Framed {
         (self.reader, self.writer)
     }
 
-    /// Puts the halves of one channel back together.
-    pub fn join(reader: FrameReader, writer: FrameWriter) -> Self {
-        Self { reader, writer }
-    }
-
     /// Both halves, borrowed, to send and receive at the same time.
     pub fn halves(&mut self) -> (&mut FrameReader, &mut FrameWriter) {
         (&mut self.reader, &mut self.writer)
