@@ -46,6 +46,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(6);
 pub const DEFAULT_CONNECT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const DEFAULT_BITMAP_BLOCK: u64 = 4096;
+/// Resync defaults. DRBD's controller defaults cap a resync at 100 MiB/s and keep 50 KiB in
+/// flight; rdbd's aim at the speed of the disks: no cap, a deeper fill, and a floor under
+/// application load that still finishes a resync in reasonable time.
+pub const DEFAULT_RESYNC_RATE: u64 = 250 << 10;
+pub const DEFAULT_C_PLAN_AHEAD: Duration = Duration::from_secs(2);
+pub const DEFAULT_C_FILL_TARGET: u64 = 32 << 20;
+pub const DEFAULT_C_DELAY_TARGET: Duration = Duration::from_secs(1);
+pub const DEFAULT_C_MAX_RATE: u64 = 0;
+pub const DEFAULT_C_MIN_RATE: u64 = 16 << 20;
 
 /// The activity-log size range the DRBD kernel module accepts (drbd_limits.h; its man page's
 /// lower bound of 7 is out of date).
@@ -67,6 +76,7 @@ pub struct ResourceConfig {
     pub protocol: Protocol,
     pub net: NetConfig,
     pub disk: DiskConfig,
+    pub handlers: HandlersConfig,
     /// Exactly two nodes, in file order.
     pub nodes: [NodeConfig; 2],
 }
@@ -108,6 +118,127 @@ pub struct NetConfig {
     pub connect_interval: Duration,
     /// Send a crc32c with every data block so corruption on the wire is caught.
     pub data_integrity: bool,
+    /// Split brain with no Primary: which side's changes are discarded, if any.
+    pub after_sb_0pri: AfterSb0Pri,
+    /// Split brain with one Primary.
+    pub after_sb_1pri: AfterSb1Pri,
+    /// Split brain with two Primaries.
+    pub after_sb_2pri: AfterSb2Pri,
+    /// The sync decision would make a Primary the sync target.
+    pub rr_conflict: RrConflict,
+    /// Checksum-based resync: the target sends digests, the source sends only blocks that differ.
+    pub csums_alg: Option<DigestAlg>,
+    /// Only the first resync after a Primary crash uses checksums (the rest send everything).
+    pub csums_after_crash_only: bool,
+    /// Digest `rdbd verify` compares blocks with.
+    pub verify_alg: DigestAlg,
+}
+
+/// `after-sb-0pri`: split brain detected while neither node is Primary (DRBD's values).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AfterSb0Pri {
+    /// Refuse to connect; the operator resolves it.
+    #[default]
+    Disconnect,
+    /// The node that was Primary last (its bitmap generation carries the Primary bit) loses.
+    DiscardYoungerPrimary,
+    /// The node that was Primary first loses.
+    DiscardOlderPrimary,
+    /// A side with no changes loses; if both changed, disconnect.
+    DiscardZeroChanges,
+    /// The side with fewer changed blocks loses.
+    DiscardLeastChanges,
+    /// The named node loses.
+    DiscardNode(String),
+}
+
+/// `after-sb-1pri`: split brain detected while exactly one node is Primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSb1Pri {
+    #[default]
+    Disconnect,
+    /// Apply the after-sb-0pri outcome only if it discards the Secondary.
+    Consensus,
+    /// The Secondary always loses.
+    DiscardSecondary,
+    /// Apply the after-sb-0pri outcome; a losing Primary runs the pri-lost-after-sb handler.
+    CallPriLostAfterSb,
+}
+
+/// `after-sb-2pri`: split brain detected while both nodes are Primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSb2Pri {
+    #[default]
+    Disconnect,
+    /// Apply the after-sb-0pri outcome; the losing Primary runs the pri-lost-after-sb handler.
+    CallPriLostAfterSb,
+}
+
+/// `rr-conflict`: the sync decision would make a Primary the sync target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RrConflict {
+    /// Refuse to connect (StandAlone).
+    #[default]
+    Disconnect,
+    /// Run the pri-lost handler on the Primary, then refuse.
+    CallPriLost,
+    /// Keep trying to connect (the Primary may be demoted meanwhile).
+    RetryConnect,
+}
+
+/// A block digest for checksum-based resync and online verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigestAlg {
+    /// 4 bytes, hardware-accelerated; detects corruption, not collisions made on purpose.
+    Crc32c,
+    /// 32 bytes (SHA-NI where the CPU has it).
+    #[default]
+    Sha256,
+}
+
+/// Resync pace (DRBD's dynamic resync controller and its fixed-rate fallback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncConfig {
+    /// Fixed rate in bytes/s, used when `c_plan_ahead` is zero.
+    pub resync_rate: u64,
+    /// How far ahead the controller plans; zero turns it off (fixed `resync_rate`).
+    pub c_plan_ahead: Duration,
+    /// Bytes the controller keeps in flight; zero: aim at `c_delay_target` instead.
+    pub c_fill_target: u64,
+    /// With no fill target: keep this much time's worth of data in flight.
+    pub c_delay_target: Duration,
+    /// Upper bound in bytes/s; zero: no bound (as fast as disks and link allow).
+    pub c_max_rate: u64,
+    /// While the application does I/O, the resync is slowed down to this rate (bytes/s), not
+    /// further; zero: the resync never yields.
+    pub c_min_rate: u64,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig {
+            resync_rate: DEFAULT_RESYNC_RATE,
+            c_plan_ahead: DEFAULT_C_PLAN_AHEAD,
+            c_fill_target: DEFAULT_C_FILL_TARGET,
+            c_delay_target: DEFAULT_C_DELAY_TARGET,
+            c_max_rate: DEFAULT_C_MAX_RATE,
+            c_min_rate: DEFAULT_C_MIN_RATE,
+        }
+    }
+}
+
+/// Commands the daemon runs on events, with `RDBD_RESOURCE`, `RDBD_NODE`, `RDBD_PEER` (and
+/// `RDBD_EVENT`) in their environment; run through `/bin/sh -c`. None: nothing runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HandlersConfig {
+    /// A split brain was detected (whether or not a policy resolved it).
+    pub split_brain: Option<String>,
+    /// This Primary lost a split-brain resolution (after-sb-*pri call-pri-lost-after-sb).
+    pub pri_lost_after_sb: Option<String>,
+    /// This Primary would become sync target (rr-conflict call-pri-lost).
+    pub pri_lost: Option<String>,
+    /// Online verify found blocks out of sync.
+    pub out_of_sync: Option<String>,
 }
 
 impl Default for NetConfig {
@@ -119,6 +250,13 @@ impl Default for NetConfig {
             timeout: DEFAULT_TIMEOUT,
             connect_interval: DEFAULT_CONNECT_INTERVAL,
             data_integrity: false,
+            after_sb_0pri: AfterSb0Pri::default(),
+            after_sb_1pri: AfterSb1Pri::default(),
+            after_sb_2pri: AfterSb2Pri::default(),
+            rr_conflict: RrConflict::default(),
+            csums_alg: None,
+            csums_after_crash_only: false,
+            verify_alg: DigestAlg::default(),
         }
     }
 }
@@ -130,11 +268,16 @@ pub struct DiskConfig {
     pub al_extents: u32,
     /// Bytes of data per bitmap bit.
     pub bitmap_block: u64,
+    pub resync: ResyncConfig,
 }
 
 impl Default for DiskConfig {
     fn default() -> Self {
-        DiskConfig { al_extents: DEFAULT_AL_EXTENTS, bitmap_block: DEFAULT_BITMAP_BLOCK }
+        DiskConfig {
+            al_extents: DEFAULT_AL_EXTENTS,
+            bitmap_block: DEFAULT_BITMAP_BLOCK,
+            resync: ResyncConfig::default(),
+        }
     }
 }
 

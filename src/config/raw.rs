@@ -201,7 +201,15 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
     let net = build_net(src, raw.net)?;
     let disk = build_disk(src, raw.disk)?;
     let nodes = build_nodes(src, raw.node)?;
-    Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, nodes })
+    Ok(ResourceConfig {
+        name,
+        file: src.file.to_path_buf(),
+        protocol,
+        net,
+        disk,
+        handlers: super::HandlersConfig::default(),
+        nodes,
+    })
 }
 
 /// The file stem names the resource; a `resource` key, when present, must agree with it so a
@@ -332,6 +340,7 @@ fn build_net(src: &Source, raw: Option<RawNet>) -> Result<NetConfig, ConfigError
         timeout,
         connect_interval,
         data_integrity: raw.data_integrity.unwrap_or(false),
+        ..NetConfig::default()
     })
 }
 
@@ -382,7 +391,7 @@ fn build_disk(src: &Source, raw: Option<RawDisk>) -> Result<DiskConfig, ConfigEr
             bytes
         }
     };
-    Ok(DiskConfig { al_extents, bitmap_block })
+    Ok(DiskConfig { al_extents, bitmap_block, ..DiskConfig::default() })
 }
 
 fn build_nodes(
