@@ -23,12 +23,13 @@ use super::events::NodeEvents;
 use super::{random_u64, Node};
 use crate::metadata::generations::Generations;
 use crate::metadata::superblock::flags;
-use crate::replication::apply::{Applier, ResyncTarget};
+use crate::replication::apply::Applier;
 use crate::replication::bitmap_exchange;
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
+use crate::replication::resync::target::ResyncTarget;
 use crate::replication::source;
 use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
 use crate::replication::sync_decision::{apply_skip_initial_sync, decide, SideView, SyncDecision};
@@ -487,7 +488,8 @@ async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome
     node.state().link = Some(link.clone());
     node.device.release_writes();
     let events = Box::new(NodeEvents(node.clone()));
-    let served = source::serve(node.device.clone(), link.clone(), reader, replies_rx, events);
+    let served =
+        source::serve(node.device.clone(), link.clone(), reader, replies_rx, node.config.disk.resync, events);
     tokio::select! {
         result = served => {
             link.disconnect();
@@ -514,7 +516,10 @@ async fn run_receiver(node: &Arc<Node>, est: Established, target: bool) -> Outco
         Err(e) => return Outcome::StandAlone(e.to_string()),
     };
     if target {
-        applier = applier.with_resync(ResyncTarget::new(node.device.clone()));
+        applier = match applier.with_resync(ResyncTarget::new(node.device.clone(), node.config.disk.resync)) {
+            Ok(a) => a,
+            Err(e) => return Outcome::StandAlone(e.to_string()),
+        };
     }
     let net = &node.config.net;
     let mut applier = applier

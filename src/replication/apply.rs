@@ -7,7 +7,7 @@
 //! FLUSH is a barrier: every write received before it completes, then the device is made
 //! durable (fdatasync), then FlushAck — so a FLUSH acknowledged means durable here too.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +15,9 @@ use rdbd_protocol::repl::{block_crc32c, AckMode, Message, State};
 use slab::Slab;
 use tracing::{info, warn};
 
-use super::device::ReplicatedDevice;
 use super::link::framed::{FrameError, Framed};
+use super::resync::controller::STEP;
+use super::resync::target::{Answers, ResyncTarget, Unrequested};
 use crate::storage::{BlockDevice, BufPool, Completion, IoError, IoOp, IoQueue};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +32,8 @@ pub enum ApplyError {
     Unexpected(u16),
     #[error("cannot open a queue on the local device: {0}")]
     Queue(std::io::Error),
-    #[error("peer sent resync data at offset {offset} ({len} bytes) that matches no request")]
-    UnrequestedResync { offset: u64, len: usize },
+    #[error("peer sent {0}")]
+    UnrequestedResync(#[from] Unrequested),
     #[error("the sync source could not read {len} bytes at offset {offset} (errno {errno})")]
     SourceReadError { offset: u64, len: u32, errno: u32 },
     #[error("the resync could not be completed: {0}")]
@@ -108,69 +109,16 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
-/// Largest range asked for in one ResyncRequest.
-const RESYNC_REQUEST_MAX: u64 = 1 << 20;
-/// ResyncRequests in flight per batch; a batch is written, flushed once, then acknowledged.
-const RESYNC_WINDOW: usize = 16;
-
-/// The sync target's side of a resync: which blocks to pull, and what is on its way.
-pub struct ResyncTarget {
-    device: Arc<ReplicatedDevice>,
-    /// Next bitmap block to look at.
-    cursor: u64,
-    /// Requested and not yet received, by offset.
-    requested: BTreeMap<u64, u32>,
-    /// Received and being written.
-    writing: usize,
-    /// Written, waiting for the batch's flush before the acknowledgement.
-    written: Vec<(u64, u32)>,
-    flushing: bool,
-    /// The whole bitmap has been requested.
-    scanned: bool,
-}
-
-impl ResyncTarget {
-    /// Pulls every block marked in `device`'s bitmap.
-    pub fn new(device: Arc<ReplicatedDevice>) -> Self {
-        Self {
-            device,
-            cursor: 0,
-            requested: BTreeMap::new(),
-            writing: 0,
-            written: Vec::new(),
-            flushing: false,
-            scanned: false,
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.requested.is_empty() && self.writing == 0 && self.written.is_empty() && !self.flushing
-    }
-
-    /// The next dirty run from the cursor, at most [`RESYNC_REQUEST_MAX`] bytes.
-    fn next_request(&mut self, size: u64) -> Option<(u64, u32)> {
-        let block = u64::from(self.device.bitmap_block());
-        let max_blocks = (RESYNC_REQUEST_MAX / block).max(1);
-        let run = self.device.with_tracking(|t| t.bitmap.runs_from(self.cursor).next());
-        let Some((start, len)) = run else {
-            self.scanned = true;
-            return None;
-        };
-        let len = len.min(max_blocks);
-        self.cursor = start + len;
-        let offset = start * block;
-        let bytes = (len * block).min(size.saturating_sub(offset));
-        if bytes == 0 {
-            self.scanned = true;
-            return None;
-        }
-        Some((offset, bytes as u32))
-    }
-}
+/// Tag bit of operations on the resync queue.
+const RESYNC_QUEUE: u32 = 1 << 31;
 
 /// Applies the peer's replication stream to a device.
 pub struct Applier {
     queue: Box<dyn IoQueue>,
+    /// Resync writes go to their own queue on the device opened for resync (O_DIRECT where
+    /// possible: a bulk copy has nothing to gain from the page cache); its tags carry
+    /// [`RESYNC_QUEUE`].
+    resync_queue: Option<Box<dyn IoQueue>>,
     pool: BufPool,
     integrity: bool,
     size: u64,
@@ -186,6 +134,8 @@ pub struct Applier {
     requests: Vec<Message<'static>>,
     completions: Vec<Completion>,
     resync: Option<ResyncTarget>,
+    /// What the resync bookkeeping decided to acknowledge (reused).
+    answers: Answers,
     events: Box<dyn ApplyEvents>,
     /// Silence on both channels for this long means the peer is gone.
     silence_limit: Option<Duration>,
@@ -198,6 +148,7 @@ impl Applier {
         let queue = device.open_queue().map_err(ApplyError::Queue)?;
         Ok(Self {
             queue,
+            resync_queue: None,
             pool: BufPool::new(),
             integrity,
             size,
@@ -209,6 +160,7 @@ impl Applier {
             requests: Vec::new(),
             completions: Vec::new(),
             resync: None,
+            answers: Answers::default(),
             events: Box::new(NoEvents),
             silence_limit: None,
             stats: ApplyStats::default(),
@@ -216,9 +168,33 @@ impl Applier {
     }
 
     /// Also pulls the blocks `target` marks, as the sync target.
-    pub fn with_resync(mut self, target: ResyncTarget) -> Self {
+    pub fn with_resync(mut self, target: ResyncTarget) -> Result<Self, ApplyError> {
+        let device = target.device().resync_local().clone();
+        self.resync_queue = Some(device.open_queue().map_err(ApplyError::Queue)?);
         self.resync = Some(target);
-        self
+        Ok(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queue.in_flight() + self.resync_queue.as_ref().map_or(0, |q| q.in_flight())
+    }
+
+    /// Completions from both queues (resync tags marked), registering `cx` with both.
+    fn poll_queues(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let before = self.completions.len();
+        let _ = self.queue.poll_complete(cx, &mut self.completions);
+        if let Some(q) = self.resync_queue.as_mut() {
+            let start = self.completions.len();
+            let _ = q.poll_complete(cx, &mut self.completions);
+            for c in &mut self.completions[start..] {
+                c.tag &= !RESYNC_QUEUE;
+            }
+        }
+        if self.completions.len() > before || self.in_flight() == 0 {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     pub fn with_events(mut self, events: Box<dyn ApplyEvents>) -> Self {
@@ -241,6 +217,9 @@ impl Applier {
         // Without a limit, a day stands for "never" (an Instant cannot hold more without overflow).
         let silence = self.silence_limit.unwrap_or(Duration::from_secs(86_400));
         let mut heard = tokio::time::Instant::now();
+        // The resync controller's steps.
+        let mut tick = tokio::time::interval(STEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.pump_resync();
         while open || !self.running.is_empty() || !self.waiting.is_empty() {
             // Everything due goes out in one write per channel.
@@ -252,7 +231,7 @@ impl Applier {
                 data.send_all(&self.requests).await?;
                 self.requests.clear();
             }
-            let busy = self.queue.in_flight() > 0;
+            let busy = self.in_flight() > 0;
             tokio::select! {
                 received = data.recv(), if open => {
                     heard = tokio::time::Instant::now();
@@ -277,13 +256,18 @@ impl Applier {
                         Err(e) => return Err(e.into()),
                     }
                 },
-                () = std::future::poll_fn(|cx| self.queue.poll_complete(cx, &mut self.completions)), if busy => {
+                () = std::future::poll_fn(|cx| self.poll_queues(cx)), if busy => {
                     for c in std::mem::take(&mut self.completions) {
                         self.complete(c);
                     }
                 }
                 () = tokio::time::sleep_until(heard + silence), if open => {
                     return Err(ApplyError::PeerSilent(silence));
+                }
+                _ = tick.tick(), if self.resync.is_some() => {
+                    if let Some(target) = self.resync.as_mut() {
+                        target.step();
+                    }
                 }
             }
             // Everything the last read brought is handled before anything is answered, so one
@@ -302,7 +286,7 @@ impl Applier {
             self.start_ready();
             self.collect_ready_completions();
             self.pump_resync();
-            if !open && self.queue.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
+            if !open && self.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
                 break;
             }
@@ -318,12 +302,12 @@ impl Applier {
     /// Takes the completions that are ready now (writes copied into the page cache complete at
     /// once), without waiting, so their acks join this round's batch.
     fn collect_ready_completions(&mut self) {
-        if self.queue.in_flight() == 0 {
+        if self.in_flight() == 0 {
             return;
         }
         // The task's own waker is registered again by the select's poll before it sleeps.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let _ = self.queue.poll_complete(&mut cx, &mut self.completions);
+        let _ = self.poll_queues(&mut cx);
         for c in std::mem::take(&mut self.completions) {
             self.complete(c);
         }
@@ -369,25 +353,17 @@ impl Applier {
                     return Err(ApplyError::Unexpected(message.kind()));
                 };
                 let len = d.data.len();
-                if target.requested.get(&d.offset).map(|&l| l as usize) != Some(len) {
-                    return Err(ApplyError::UnrequestedResync { offset: d.offset, len });
-                }
                 if self.integrity && block_crc32c(d.data) != d.crc32c {
                     return Err(ApplyError::Integrity { offset: d.offset });
                 }
-                target.requested.remove(&d.offset);
-                target.writing += 1;
+                target.data(d.offset, len)?;
                 let range = (d.offset, d.offset + len as u64);
                 let mut buf = self.pool.take(len);
                 buf.copy_from_slice(d.data);
                 self.stats.resync_bytes += len as u64;
-                (
-                    0,
-                    AckMode::None,
-                    range,
-                    IoOp::Write { offset: d.offset, buf, fua: false },
-                    Kind::ResyncWrite,
-                )
+                // The request's offset stands in for a sequence number: it names the request.
+                let op = IoOp::Write { offset: d.offset, buf, fua: false };
+                (d.offset, AckMode::None, range, op, Kind::ResyncWrite)
             }
             Message::ResyncReadError { offset, len, errno } => {
                 return Err(ApplyError::SourceReadError { offset, len, errno })
@@ -424,7 +400,7 @@ impl Applier {
         let Some(target) = &self.resync else {
             return Err(ApplyError::Unexpected(Message::State(*state).kind()));
         };
-        let remaining = target.device.out_of_sync_blocks();
+        let remaining = target.device().out_of_sync_blocks();
         if !target.idle() || remaining > 0 {
             return Err(ApplyError::ResyncFinish(format!(
                 "the source finished while {remaining} blocks were still out of sync here"
@@ -438,27 +414,33 @@ impl Applier {
         Ok(())
     }
 
-    /// Asks for the next batch of dirty blocks, or flushes and acknowledges the finished one.
+    /// Requests what the controller allows, starts a flush when one is due, and sends the
+    /// acknowledgements the bookkeeping decided.
     fn pump_resync(&mut self) {
-        let size = self.size;
         let Some(target) = self.resync.as_mut() else { return };
-        if target.flushing || !target.requested.is_empty() || target.writing > 0 {
-            return;
+        while let Some((offset, len)) = target.next_request() {
+            self.requests.push(Message::ResyncRequest { offset, len });
         }
-        if !target.written.is_empty() {
-            // The batch is written: make it durable before the source forgets it.
-            target.flushing = true;
+        let now = std::time::Instant::now();
+        let flush = target.flush_due(now);
+        if flush {
+            target.flush_started();
+        }
+        if target.persist_due(now) {
+            // Cleared bits reach the metadata, so an interrupted resync resumes from here.
+            if let Err(e) = target.device().write_stale_bitmap_pages(false) {
+                warn!("cannot record the resync's progress in the metadata: {e}");
+            }
+        }
+        self.acks.extend(self.answers.acks.drain(..).map(|(offset, len)| Message::ResyncAck { offset, len }));
+        self.acks.extend(self.answers.failed.drain(..).map(|(offset, len, errno)| Message::ResyncNegAck {
+            offset,
+            len,
+            errno,
+        }));
+        if flush {
             self.enqueue(0, AckMode::None, (0, 0), IoOp::Flush, Kind::ResyncFlush);
             self.start_ready();
-            return;
-        }
-        if target.scanned {
-            return;
-        }
-        while target.requested.len() < RESYNC_WINDOW {
-            let Some((offset, len)) = target.next_request(size) else { break };
-            target.requested.insert(offset, len);
-            self.requests.push(Message::ResyncRequest { offset, len });
         }
     }
 
@@ -489,8 +471,12 @@ impl Applier {
             }
             let mut r = self.waiting.remove(i).expect("index in range");
             let op = r.op.take().expect("waiting requests hold their operation");
-            let tag = self.running.insert(r);
-            self.queue.submit(tag as u32, op);
+            let resync = r.kind == Kind::ResyncWrite;
+            let tag = self.running.insert(r) as u32;
+            match self.resync_queue.as_mut() {
+                Some(q) if resync => q.submit(tag | RESYNC_QUEUE, op),
+                _ => self.queue.submit(tag, op),
+            }
         }
     }
 
@@ -508,7 +494,7 @@ impl Applier {
                 self.stats.writes += 1;
                 self.stats.bytes += r.range.1 - r.range.0;
             }
-            Kind::ResyncWrite => return self.resync_written(r.range, c.result),
+            Kind::ResyncWrite => return self.resync_written(r.seq, c.result),
             Kind::ResyncFlush => return self.resync_flushed(c.result),
         }
         match c.result {
@@ -527,48 +513,20 @@ impl Applier {
         }
     }
 
-    fn resync_written(&mut self, (start, end): (u64, u64), result: Result<(), IoError>) {
+    fn resync_written(&mut self, request: u64, result: Result<(), IoError>) {
         let Some(target) = self.resync.as_mut() else { return };
-        target.writing -= 1;
-        let len = (end - start) as u32;
-        match result {
-            Ok(()) => target.written.push((start, len)),
-            Err(e) => {
-                warn!(offset = start, len, "writing resync data failed: {e:?}");
-                self.stats.failed += 1;
-                self.acks.push(Message::ResyncNegAck { offset: start, len, errno: errno_of(e) });
-            }
+        if let Err(e) = result {
+            warn!(offset = request, "writing resync data failed: {e:?}");
+            self.stats.failed += 1;
         }
+        target.written(request, result.map_err(errno_of), &mut self.answers);
     }
 
-    /// The batch is durable: its bits are cleared here first, then acknowledged (SPEC §6).
+    /// The flush made the written resync data durable: the bookkeeping clears and acknowledges
+    /// it (SPEC §6).
     fn resync_flushed(&mut self, result: Result<(), IoError>) {
         let Some(target) = self.resync.as_mut() else { return };
-        target.flushing = false;
-        let written = std::mem::take(&mut target.written);
-        match result {
-            Ok(()) => {
-                let block = target.device.bitmap_block();
-                target.device.with_tracking(|t| {
-                    for &(offset, len) in &written {
-                        t.bitmap.clear(crate::metadata::bitmap::DirtyBitmap::blocks_of(
-                            offset,
-                            u64::from(len),
-                            block,
-                        ));
-                    }
-                });
-                self.acks.extend(written.into_iter().map(|(offset, len)| Message::ResyncAck { offset, len }));
-            }
-            Err(e) => {
-                let errno = errno_of(e);
-                self.acks.extend(written.into_iter().map(|(offset, len)| Message::ResyncNegAck {
-                    offset,
-                    len,
-                    errno,
-                }));
-            }
-        }
+        target.flush_done(result.map_err(errno_of), &mut self.answers);
     }
 }
 

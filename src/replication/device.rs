@@ -24,6 +24,8 @@ use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError
 
 pub struct ReplicatedDevice {
     local: Arc<dyn BlockDevice>,
+    /// The same disk for resync I/O (opened with O_DIRECT where possible), else `local`.
+    resync_local: Arc<dyn BlockDevice>,
     peer: RwLock<Option<Arc<PeerLink>>>,
     tracking: Mutex<Tracking>,
     bitmap_block: u32,
@@ -31,8 +33,11 @@ pub struct ReplicatedDevice {
     writes_in_flight: Mutex<Vec<(u64, u64)>>,
     /// While set, new writes wait (the bitmap is being exchanged with a connecting peer).
     held: std::sync::atomic::AtomicBool,
-    /// Queues with parked writes, woken when a range is released or the hold ends.
+    /// Queues with parked writes (and a sync source waiting for a range), woken when a range
+    /// is released or the hold ends.
     parked_wakers: Mutex<Vec<std::task::Waker>>,
+    /// Application requests submitted so far (the resync yields while this moves).
+    app_requests: std::sync::atomic::AtomicU64,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -44,15 +49,64 @@ pub struct Tracking {
 
 impl ReplicatedDevice {
     pub fn new(local: Arc<dyn BlockDevice>, tracking: Tracking, bitmap_block: u32) -> Arc<Self> {
+        Self::with_resync_device(local.clone(), local, tracking, bitmap_block)
+    }
+
+    /// Like [`ReplicatedDevice::new`], with a second handle on the same disk for resync I/O.
+    pub fn with_resync_device(
+        local: Arc<dyn BlockDevice>,
+        resync_local: Arc<dyn BlockDevice>,
+        tracking: Tracking,
+        bitmap_block: u32,
+    ) -> Arc<Self> {
         Arc::new(Self {
             local,
+            resync_local,
             peer: RwLock::new(None),
             tracking: Mutex::new(tracking),
             bitmap_block,
             writes_in_flight: Mutex::new(Vec::new()),
             held: std::sync::atomic::AtomicBool::new(false),
             parked_wakers: Mutex::new(Vec::new()),
+            app_requests: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Application requests submitted so far, on every queue.
+    pub fn app_requests(&self) -> u64 {
+        self.app_requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the bitmap pages changed since they were last written (`all`: every page) to the
+    /// metadata, durably.
+    pub fn write_stale_bitmap_pages(&self, all: bool) -> Result<(), crate::metadata::store::MetaError> {
+        self.with_tracking(|t| {
+            let Some((_, meta)) = &t.activity else { return Ok(()) };
+            if all {
+                t.bitmap.mark_all_pages_stale();
+            }
+            let pages = t.bitmap.take_stale_pages();
+            meta.write_bitmap_pages(&t.bitmap, &pages)
+        })
+    }
+
+    /// Claims `range` for a resync read like [`ReplicatedDevice::claim_range`]; when a write
+    /// holds it, arranges for `cx` to be woken when a range is released and returns `Pending`.
+    pub fn poll_claim_range(&self, range: (u64, u64), cx: &mut Context<'_>) -> Poll<()> {
+        if self.try_claim(range) {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.parked_wakers.lock().expect("wakers lock");
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        drop(wakers);
+        // Released between the first try and the registration: not missed.
+        if self.try_claim(range) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Stops new writes from starting and waits (at most `limit`) until none is in flight, so
@@ -178,6 +232,11 @@ impl ReplicatedDevice {
     /// The backing device under the replication.
     pub fn local(&self) -> &Arc<dyn BlockDevice> {
         &self.local
+    }
+
+    /// The backing device for resync reads and writes.
+    pub fn resync_local(&self) -> &Arc<dyn BlockDevice> {
+        &self.resync_local
     }
 
     pub fn info_size(&self) -> u64 {
@@ -369,6 +428,7 @@ impl ReplicatedQueue {
 
 impl IoQueue for ReplicatedQueue {
     fn submit(&mut self, tag: u32, op: IoOp) {
+        self.device.app_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(range) = write_range(&op) {
             if !self.parked.is_empty() {
                 self.parked.push_back((tag, op));

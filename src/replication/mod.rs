@@ -5,6 +5,7 @@ pub mod bitmap_exchange;
 pub mod device;
 pub mod link;
 pub mod peer;
+pub mod resync;
 pub mod source;
 pub mod states;
 pub mod sync_decision;

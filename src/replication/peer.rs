@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::link::framed::{FrameWriter, Framed};
-use crate::storage::IoBuf;
 
 /// How the peer answered one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,9 +304,9 @@ impl PeerLink {
     }
 
     /// Sends a block for the resync target after every write queued before it.
-    pub fn send_resync_data(&self, offset: u64, buf: IoBuf) -> bool {
-        let crc32c = if self.integrity { block_crc32c(&buf) } else { 0 };
-        self.send_other(&Message::ResyncData(ResyncData { offset, crc32c, data: &buf }))
+    pub fn send_resync_data(&self, offset: u64, data: &[u8]) -> bool {
+        let crc32c = if self.integrity { block_crc32c(data) } else { 0 };
+        self.send_other(&Message::ResyncData(ResyncData { offset, crc32c, data }))
     }
 
     pub fn send_state(&self, state: State) -> bool {

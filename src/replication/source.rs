@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdbd_protocol::repl::{Message, State};
 use slab::Slab;
@@ -17,6 +16,9 @@ use tracing::warn;
 use super::device::ReplicatedDevice;
 use super::link::framed::{FrameError, FrameReader};
 use super::peer::{PeerLink, ResyncReply};
+use super::resync::controller::STEP;
+use super::resync::throttle::Throttle;
+use crate::config::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::storage::{BufPool, Completion, IoOp, IoQueue};
 
@@ -39,6 +41,8 @@ pub enum SourceError {
     Finish(String),
     #[error("the replication link is down")]
     LinkDown,
+    #[error("the sync target could not write {len} bytes at offset {offset} (errno {errno})")]
+    TargetWriteFailed { offset: u64, len: u32, errno: u32 },
 }
 
 /// What the inbound task reports to the node.
@@ -52,35 +56,42 @@ pub trait SourceEvents: Send {
 
 /// The sync source's bookkeeping.
 struct Resync {
+    device: Arc<ReplicatedDevice>,
     queue: Box<dyn IoQueue>,
     pool: BufPool,
-    /// Requests waiting for their range to be free of application writes.
+    /// Requests not yet read, in arrival order (the target asks in disk order).
     pending: VecDeque<(u64, u32)>,
+    /// The front of `pending` has its range claimed (an application write held it before).
+    front_claimed: bool,
     /// Reads in flight, by queue tag.
     reading: Slab<(u64, u32)>,
-    /// Blocks sent and not yet acknowledged.
-    unacked: usize,
+    /// Yields to application I/O (c-min-rate).
+    throttle: Throttle,
     /// Resync data sent.
     bytes: u64,
     finished: bool,
 }
 
 /// Serves the peer's data-channel frames until the link ends. With `resync`, this node is the
-/// sync source: it answers ResyncRequests and, once its bitmap is clean, finishes the resync.
+/// sync source: it answers ResyncRequests, yielding to application I/O as `pace` says, and
+/// once its bitmap is clean, finishes the resync.
 pub async fn serve(
     device: Arc<ReplicatedDevice>,
     link: Arc<PeerLink>,
     mut data: FrameReader,
     mut replies: Option<mpsc::UnboundedReceiver<ResyncReply>>,
+    pace: ResyncConfig,
     mut events: Box<dyn SourceEvents>,
 ) -> Result<(), SourceError> {
     let mut resync = match replies {
         Some(_) => Some(Resync {
-            queue: device.local().clone().open_queue().map_err(SourceError::Queue)?,
+            device: device.clone(),
+            queue: device.resync_local().clone().open_queue().map_err(SourceError::Queue)?,
             pool: BufPool::new(),
             pending: VecDeque::new(),
+            front_claimed: false,
             reading: Slab::new(),
-            unacked: 0,
+            throttle: Throttle::new(pace.c_min_rate, device.app_requests()),
             bytes: 0,
             finished: false,
         }),
@@ -89,14 +100,14 @@ pub async fn serve(
     let size = device.info_size();
     let block = device.bitmap_block();
     let mut completions: Vec<Completion> = Vec::new();
+    let mut tick = tokio::time::interval(STEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Some(r) = resync.as_mut() {
             r.start_reads(&device);
-            if !r.finished
-                && r.pending.is_empty()
-                && r.reading.is_empty()
-                && r.unacked == 0
-                && device.out_of_sync_blocks() == 0
+            // Bits are cleared only by the target's acknowledgements: a clean bitmap with
+            // nothing left to read means every block is durable on the target.
+            if !r.finished && r.pending.is_empty() && r.reading.is_empty() && device.out_of_sync_blocks() == 0
             {
                 let state = events.resync_finished(r.bytes).map_err(SourceError::Finish)?;
                 if !link.send_state(state) {
@@ -106,7 +117,7 @@ pub async fn serve(
             }
         }
         let reading = resync.as_ref().is_some_and(|r| r.queue.in_flight() > 0);
-        let waiting_claims = resync.as_ref().is_some_and(|r| !r.pending.is_empty());
+        let claim = resync.as_ref().and_then(|r| r.wants_claim());
         tokio::select! {
             received = data.recv() => match received? {
                 Message::ResyncRequest { offset, len } => {
@@ -126,17 +137,14 @@ pub async fn serve(
                 Message::Disconnect { reason } => return Err(SourceError::Disconnected(reason.to_owned())),
                 other => return Err(SourceError::Unexpected(other.kind())),
             },
-            reply = next_reply(&mut replies) => {
-                let Some(reply) = reply else { return Err(SourceError::LinkDown) };
-                let r = resync.as_mut().expect("replies only with a resync");
-                r.unacked = r.unacked.saturating_sub(1);
-                match reply {
-                    ResyncReply::Ack { offset, len } => device.with_tracking(|t| {
-                        t.bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
-                    }),
-                    ResyncReply::Failed { offset, len, errno } => {
-                        warn!(offset, len, errno, "the sync target could not write a block; it stays out of sync");
-                    }
+            reply = next_reply(&mut replies) => match reply {
+                None => return Err(SourceError::LinkDown),
+                Some(ResyncReply::Ack { offset, len }) => device.with_tracking(|t| {
+                    t.bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
+                }),
+                Some(ResyncReply::Failed { offset, len, errno }) => {
+                    // The block stays dirty here; the next connection resyncs it again.
+                    return Err(SourceError::TargetWriteFailed { offset, len, errno });
                 }
             },
             () = poll_reads(&mut resync, &mut completions), if reading => {
@@ -146,12 +154,12 @@ pub async fn serve(
                     let range = (offset, offset + u64::from(len));
                     match (c.result, c.buf) {
                         (Ok(()), Some(buf)) => {
-                            let sent = link.send_resync_data(offset, buf);
+                            let sent = link.send_resync_data(offset, &buf);
+                            r.pool.give(buf);
                             device.release_range(range);
                             if !sent {
                                 return Err(SourceError::LinkDown);
                             }
-                            r.unacked += 1;
                             r.bytes += u64::from(len);
                         }
                         (result, _) => {
@@ -163,26 +171,68 @@ pub async fn serve(
                     }
                 }
             },
-            // An application write holds a range we want: look again shortly.
-            () = tokio::time::sleep(Duration::from_millis(1)), if waiting_claims => {}
+            // An application write holds the range we want next: woken when it is released.
+            () = claim_range(&device, claim), if claim.is_some() => {
+                if let Some(r) = resync.as_mut() {
+                    r.front_claimed = true;
+                }
+            }
+            _ = tick.tick(), if resync.is_some() => {
+                if let Some(r) = resync.as_mut() {
+                    r.throttle.step(device.app_requests());
+                }
+            }
             () = link.closed() => return Err(SourceError::LinkDown),
         }
     }
 }
 
+impl Drop for Resync {
+    /// Ranges still claimed when the connection ends are released, or application writes to
+    /// them would wait forever.
+    fn drop(&mut self) {
+        if self.front_claimed {
+            if let Some(&(offset, len)) = self.pending.front() {
+                self.device.release_range((offset, offset + u64::from(len)));
+            }
+        }
+        for (_, &(offset, len)) in self.reading.iter() {
+            self.device.release_range((offset, offset + u64::from(len)));
+        }
+    }
+}
+
 impl Resync {
-    /// Starts reads for pending requests whose ranges are free.
+    /// The range of the front request, when it waits for it (and the throttle lets it go).
+    fn wants_claim(&self) -> Option<(u64, u64)> {
+        let &(offset, len) = self.pending.front()?;
+        (!self.front_claimed && self.throttle.may_send()).then_some((offset, offset + u64::from(len)))
+    }
+
+    /// Starts reads for pending requests whose ranges are claimed or free, as far as the
+    /// throttle allows.
     fn start_reads(&mut self, device: &ReplicatedDevice) {
         while let Some(&(offset, len)) = self.pending.front() {
-            if !device.claim_range((offset, offset + u64::from(len))) {
+            if !self.throttle.may_send() {
+                break;
+            }
+            let claimed = std::mem::take(&mut self.front_claimed);
+            if !claimed && !device.claim_range((offset, offset + u64::from(len))) {
                 break;
             }
             self.pending.pop_front();
+            self.throttle.sent(u64::from(len));
             let buf = self.pool.take(len as usize);
             let tag = self.reading.insert((offset, len));
             self.queue.submit(tag as u32, IoOp::Read { offset, buf });
         }
     }
+}
+
+/// Resolves once `range` is claimed (woken by the device when a write releases a range).
+async fn claim_range(device: &ReplicatedDevice, range: Option<(u64, u64)>) {
+    let Some(range) = range else { return std::future::pending().await };
+    std::future::poll_fn(|cx| device.poll_claim_range(range, cx)).await
 }
 
 async fn next_reply(replies: &mut Option<mpsc::UnboundedReceiver<ResyncReply>>) -> Option<ResyncReply> {

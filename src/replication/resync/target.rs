@@ -1,0 +1,393 @@
+//! The sync target's bookkeeping (SPEC §6): which dirty runs to request next, what has arrived,
+//! what is written, what a flush has made durable, and the acknowledgements that allows.
+//!
+//! The target pulls continuously: requests go out in disk order while the controller's budget
+//! and the in-flight window allow, data is written as it arrives, and every so often one flush
+//! makes everything written so far durable. Only then are those blocks cleared here and
+//! acknowledged, so the source never forgets a block that a crash of this node could still lose.
+//! The caller (the applier) does the I/O and sends the messages; this type decides.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::controller::Controller;
+use crate::config::ResyncConfig;
+use crate::metadata::bitmap::DirtyBitmap;
+use crate::replication::device::ReplicatedDevice;
+
+/// Largest range asked for in one request.
+pub const REQUEST_MAX: u64 = 1 << 20;
+/// Requests outstanding at once, whatever the budget.
+const MAX_REQUESTS: usize = 256;
+/// Bytes outstanding at once: the controller's fill target, within these bounds.
+const MIN_WINDOW: u64 = 8 << 20;
+const MAX_WINDOW: u64 = 256 << 20;
+/// A flush is due once this much is written and not yet durable...
+const FLUSH_BYTES: u64 = 64 << 20;
+/// ...or once the oldest such write is this old.
+const FLUSH_AGE: Duration = Duration::from_millis(200);
+/// Acknowledgements of adjacent requests are merged up to this size (the SPEC's limit).
+const ACK_MAX: u64 = 32 << 20;
+/// Cleared bits are written to the metadata at least this often during a resync, so an
+/// interrupted resync resumes where it stopped.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a resync message answered, for the caller's error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("resync data at offset {offset} ({len} bytes) matches no outstanding request")]
+pub struct Unrequested {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A request sent to the source and not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    len: u32,
+    /// Its data (or, for a checksum request, its closing message) has arrived.
+    answered: bool,
+    /// Writes of its data not yet complete.
+    writing: u32,
+    /// A write of its data failed (errno).
+    failed: Option<u32>,
+}
+
+/// What the applier must send or do after a step of the bookkeeping.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answers {
+    /// `ResyncAck { offset, len }`: durable here, cleared in the bitmap.
+    pub acks: Vec<(u64, u32)>,
+    /// `ResyncNegAck { offset, len, errno }`: could not be written.
+    pub failed: Vec<(u64, u32, u32)>,
+}
+
+pub struct ResyncTarget {
+    device: Arc<ReplicatedDevice>,
+    size: u64,
+    block: u64,
+    /// Next bitmap block to look at.
+    cursor: u64,
+    /// The whole bitmap has been requested.
+    scanned: bool,
+    /// Outstanding requests by offset (not overlapping).
+    requests: BTreeMap<u64, Request>,
+    /// Bytes requested and not yet answered.
+    in_flight: u64,
+    /// Bytes answered since the last controller step.
+    received: u64,
+    /// Requests wholly written, waiting for a flush.
+    written: Vec<(u64, u32)>,
+    written_bytes: u64,
+    oldest_written: Option<Instant>,
+    /// What the flush in progress covers.
+    flushing: Option<Vec<(u64, u32)>>,
+    controller: Controller,
+    /// Bytes that may still be requested in this step (negative: the last request overshot);
+    /// `None`: no limit but the window.
+    budget: Option<i64>,
+    window: u64,
+    last_persist: Instant,
+    /// Resync data received and written.
+    pub bytes: u64,
+}
+
+impl ResyncTarget {
+    /// Pulls every block marked in `device`'s bitmap, paced by `pace`.
+    pub fn new(device: Arc<ReplicatedDevice>, pace: ResyncConfig) -> Self {
+        let size = device.info_size();
+        let block = u64::from(device.bitmap_block());
+        let mut controller = Controller::new(pace);
+        let budget = controller.step(0, 0).map(|b| b as i64);
+        let window = controller.window().clamp(MIN_WINDOW, MAX_WINDOW);
+        Self {
+            device,
+            size,
+            block,
+            cursor: 0,
+            scanned: false,
+            requests: BTreeMap::new(),
+            in_flight: 0,
+            received: 0,
+            written: Vec::new(),
+            written_bytes: 0,
+            oldest_written: None,
+            flushing: None,
+            controller,
+            budget,
+            window,
+            last_persist: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    pub fn device(&self) -> &Arc<ReplicatedDevice> {
+        &self.device
+    }
+
+    /// Nothing requested, being written or waiting for durability.
+    pub fn idle(&self) -> bool {
+        self.requests.is_empty() && self.written.is_empty() && self.flushing.is_none()
+    }
+
+    /// One controller step (every [`super::controller::STEP`]): refills the request budget.
+    pub fn step(&mut self) {
+        let allow = self.controller.step(std::mem::take(&mut self.received), self.in_flight);
+        // Debt from an overshooting request is carried; an unused budget is not (no bursts).
+        self.budget = allow.map(|allow| self.budget.unwrap_or(0).min(0) + allow as i64);
+    }
+
+    /// The next range to request, if the budget and the window allow and a dirty block is left.
+    pub fn next_request(&mut self) -> Option<(u64, u32)> {
+        if self.scanned
+            || self.budget.is_some_and(|b| b <= 0)
+            || self.in_flight >= self.window
+            || self.requests.len() >= MAX_REQUESTS
+        {
+            return None;
+        }
+        let max_blocks = (REQUEST_MAX / self.block).max(1);
+        let run = self.device.with_tracking(|t| t.bitmap.runs_from(self.cursor).next());
+        let Some((start, len)) = run else {
+            self.scanned = true;
+            return None;
+        };
+        let len = len.min(max_blocks);
+        self.cursor = start + len;
+        let offset = start * self.block;
+        let bytes = (len * self.block).min(self.size.saturating_sub(offset));
+        if bytes == 0 {
+            self.scanned = true;
+            return None;
+        }
+        self.requests
+            .insert(offset, Request { len: bytes as u32, answered: false, writing: 0, failed: None });
+        self.in_flight += bytes;
+        if let Some(budget) = self.budget.as_mut() {
+            *budget -= bytes as i64;
+        }
+        Some((offset, bytes as u32))
+    }
+
+    /// ResyncData for exactly an outstanding request arrived; the caller writes it and reports
+    /// with [`Self::written`].
+    pub fn data(&mut self, offset: u64, len: usize) -> Result<(), Unrequested> {
+        let unrequested = Unrequested { offset, len: len as u64 };
+        let r = self.requests.get_mut(&offset).ok_or(unrequested)?;
+        if r.answered || r.len as usize != len {
+            return Err(unrequested);
+        }
+        r.answered = true;
+        r.writing += 1;
+        self.in_flight -= len as u64;
+        self.received += len as u64;
+        self.bytes += len as u64;
+        Ok(())
+    }
+
+    /// A write of the request at `offset` completed (`Err(errno)`: failed).
+    pub fn written(&mut self, offset: u64, result: Result<(), u32>, out: &mut Answers) {
+        let Some(r) = self.requests.get_mut(&offset) else { return };
+        r.writing -= 1;
+        if let Err(errno) = result {
+            r.failed.get_or_insert(errno);
+        }
+        if !r.answered || r.writing > 0 {
+            return;
+        }
+        let r = self.requests.remove(&offset).expect("present above");
+        match r.failed {
+            Some(errno) => out.failed.push((offset, r.len, errno)),
+            None => {
+                self.written.push((offset, r.len));
+                self.written_bytes += u64::from(r.len);
+                self.oldest_written.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Whether a flush should start now.
+    pub fn flush_due(&self, now: Instant) -> bool {
+        if self.flushing.is_some() || self.written.is_empty() {
+            return false;
+        }
+        self.written_bytes >= FLUSH_BYTES
+            || self.requests.is_empty()
+            || self.oldest_written.is_some_and(|t| now.duration_since(t) >= FLUSH_AGE)
+    }
+
+    /// The caller starts a flush: it covers everything written so far.
+    pub fn flush_started(&mut self) {
+        self.flushing = Some(std::mem::take(&mut self.written));
+        self.written_bytes = 0;
+        self.oldest_written = None;
+    }
+
+    /// The flush finished: clears the blocks it made durable and acknowledges them (or, if it
+    /// failed, reports them failed).
+    pub fn flush_done(&mut self, result: Result<(), u32>, out: &mut Answers) {
+        let Some(mut done) = self.flushing.take() else { return };
+        match result {
+            Ok(()) => {
+                let block = self.device.bitmap_block();
+                self.device.with_tracking(|t| {
+                    for &(offset, len) in &done {
+                        t.bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
+                    }
+                });
+                done.sort_unstable();
+                out.acks.extend(merge_adjacent(&done));
+            }
+            Err(errno) => out.failed.extend(done.into_iter().map(|(o, l)| (o, l, errno))),
+        }
+    }
+
+    /// Whether the cleared bits should be written to the metadata now (and marks them so).
+    pub fn persist_due(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.last_persist) < PERSIST_INTERVAL {
+            return false;
+        }
+        self.last_persist = now;
+        true
+    }
+}
+
+/// Adjacent ranges merged, each at most [`ACK_MAX`]; `ranges` sorted by offset.
+fn merge_adjacent(ranges: &[(u64, u32)]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &(offset, len) in ranges {
+        match out.last_mut() {
+            Some((o, l)) if *o + u64::from(*l) == offset && u64::from(*l) + u64::from(len) <= ACK_MAX => {
+                *l += len;
+            }
+            _ => out.push((offset, len)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::device::Tracking;
+    use crate::storage::{BlockDevice, FileDevice, OpenOptions};
+
+    const MIB: u64 = 1 << 20;
+
+    fn device(size: u64, dirty: &[std::ops::Range<u64>]) -> (tempfile::TempDir, Arc<ReplicatedDevice>) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions { size: Some(size), ..Default::default() };
+        let local: Arc<dyn BlockDevice> =
+            Arc::new(FileDevice::open_file(&dir.path().join("d"), &opts).unwrap());
+        let mut bitmap = DirtyBitmap::new(size / 4096);
+        for r in dirty {
+            bitmap.set(r.clone());
+        }
+        (dir, ReplicatedDevice::new(local, Tracking { bitmap, activity: None }, 4096))
+    }
+
+    #[test]
+    fn requests_cover_the_dirty_runs_in_order_and_in_pieces_of_at_most_a_mebibyte() {
+        // Blocks 0..10, 300..900 (2.3 MiB) and the last block.
+        let size = 16 * MIB;
+        let last = size / 4096 - 1;
+        let (_d, dev) = device(size, &[0..10, 300..900, last..last + 1]);
+        let mut t = ResyncTarget::new(dev, ResyncConfig::default());
+        let mut got = Vec::new();
+        while let Some(r) = t.next_request() {
+            got.push(r);
+        }
+        assert_eq!(
+            got,
+            vec![
+                (0, 40960),
+                (300 * 4096, MIB as u32),
+                (556 * 4096, MIB as u32),
+                (812 * 4096, 88 * 4096),
+                (last * 4096, 4096)
+            ]
+        );
+        assert!(t.next_request().is_none());
+    }
+
+    #[test]
+    fn blocks_are_acknowledged_only_after_the_flush_that_made_them_durable() {
+        let (_d, dev) = device(4 * MIB, &[0..512]);
+        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
+        let (a, b) = (t.next_request().unwrap(), t.next_request().unwrap());
+        assert_eq!((a, b), ((0, MIB as u32), (MIB, MIB as u32)));
+        let mut out = Answers::default();
+        assert_eq!(t.data(MIB, 4096), Err(Unrequested { offset: MIB, len: 4096 }), "wrong length");
+        assert!(t.data(3 * MIB, MIB as usize).is_err(), "never requested");
+        t.data(0, MIB as usize).unwrap();
+        assert!(t.data(0, MIB as usize).is_err(), "answered twice");
+        t.written(0, Ok(()), &mut out);
+        assert!(!t.flush_due(Instant::now()), "young, small, and another request is outstanding");
+        assert!(t.flush_due(Instant::now() + FLUSH_AGE));
+        t.data(MIB, MIB as usize).unwrap();
+        t.written(MIB, Ok(()), &mut out);
+        assert!(t.flush_due(Instant::now()), "nothing else outstanding");
+        t.flush_started();
+        assert_eq!(dev.out_of_sync_blocks(), 512, "nothing cleared before the flush completes");
+        assert_eq!(out, Answers::default());
+        t.flush_done(Ok(()), &mut out);
+        assert_eq!(out.acks, vec![(0, 2 * MIB as u32)], "adjacent requests merged into one ack");
+        assert_eq!(dev.out_of_sync_blocks(), 0);
+        assert!(t.idle());
+        assert_eq!(t.bytes, 2 * MIB);
+    }
+
+    #[test]
+    fn a_failed_write_or_flush_is_reported_and_leaves_the_blocks_dirty() {
+        let (_d, dev) = device(4 * MIB, &[0..1024]);
+        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
+        let mut out = Answers::default();
+        while t.next_request().is_some() {}
+        t.data(0, MIB as usize).unwrap();
+        t.written(0, Err(5), &mut out);
+        assert_eq!(out.failed, vec![(0, MIB as u32, 5)]);
+        for at in [MIB, 2 * MIB] {
+            t.data(at, MIB as usize).unwrap();
+            t.written(at, Ok(()), &mut out);
+        }
+        t.flush_started();
+        t.flush_done(Err(28), &mut out);
+        assert_eq!(out.failed[1..], [(MIB, MIB as u32, 28), (2 * MIB, MIB as u32, 28)]);
+        assert!(out.acks.is_empty());
+        assert_eq!(dev.out_of_sync_blocks(), 1024);
+    }
+
+    #[test]
+    fn the_budget_and_the_window_bound_what_is_outstanding() {
+        let (_d, dev) = device(512 * MIB, &[0..(512 * MIB / 4096)]);
+        let pace = ResyncConfig { c_fill_target: 16 * MIB, ..ResyncConfig::default() };
+        let mut t = ResyncTarget::new(dev, pace);
+        let mut n = 0;
+        while t.next_request().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 16, "the window is the fill target");
+        t.data(0, MIB as usize).unwrap();
+        assert!(t.next_request().is_some(), "one answered, one more at once");
+        assert!(t.next_request().is_none());
+        // With a rate cap, the budget bounds each step too.
+        let (_d, dev) = device(512 * MIB, &[0..(512 * MIB / 4096)]);
+        let pace = ResyncConfig { c_max_rate: 20 * MIB, ..ResyncConfig::default() };
+        let mut t = ResyncTarget::new(dev, pace);
+        let mut n = 0;
+        while t.next_request().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 2, "20 MiB/s is 2 MiB per step");
+        t.step();
+        assert_eq!((t.next_request().is_some(), t.next_request().is_some()), (true, true));
+        assert!(t.next_request().is_none());
+    }
+
+    #[test]
+    fn merging_stops_at_gaps_and_at_the_limit() {
+        let m = MIB as u32;
+        let ranges: Vec<(u64, u32)> = (0..40).map(|i| (i * MIB, m)).chain([(50 * MIB, m)]).collect();
+        assert_eq!(merge_adjacent(&ranges), vec![(0, 32 * m), (32 * MIB, 8 * m), (50 * MIB, m)]);
+    }
+}

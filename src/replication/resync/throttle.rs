@@ -1,0 +1,89 @@
+//! The source's side of "application I/O keeps priority" (DRBD's `c-min-rate`): during a step
+//! in which the application did I/O on this node, the resync sends at most `c-min-rate` worth of
+//! data; in a step without application I/O it is not held back at all. So an idle device
+//! resyncs as fast as the disks and the link allow, and a busy one still makes progress at the
+//! floor. Pure code: the caller counts application requests and drives the steps.
+
+use super::controller::per_step;
+
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// Bytes per step while the application is busy; 0: never held back.
+    floor: u64,
+    /// Application requests seen at the start of the current step.
+    app_seen: u64,
+    busy: bool,
+    sent: u64,
+}
+
+impl Throttle {
+    /// `min_rate` in bytes per second (0 turns the throttle off); `app_requests` is the
+    /// application's request counter now.
+    pub fn new(min_rate: u64, app_requests: u64) -> Self {
+        Throttle { floor: per_step(min_rate), app_seen: app_requests, busy: false, sent: 0 }
+    }
+
+    /// Starts a step: busy if the application made requests during the last one.
+    pub fn step(&mut self, app_requests: u64) {
+        self.busy = app_requests != self.app_seen;
+        self.app_seen = app_requests;
+        self.sent = 0;
+    }
+
+    /// Whether another block may be sent in this step.
+    pub fn may_send(&self) -> bool {
+        self.floor == 0 || !self.busy || self.sent < self.floor
+    }
+
+    pub fn sent(&mut self, bytes: u64) {
+        self.sent += bytes;
+    }
+
+    /// The application was busy during the last step (for status).
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn idle_application_never_holds_the_resync_back() {
+        let mut t = Throttle::new(10 * MIB, 7);
+        for _ in 0..3 {
+            t.step(7);
+            for _ in 0..100 {
+                assert!(t.may_send());
+                t.sent(MIB);
+            }
+        }
+    }
+
+    #[test]
+    fn busy_application_limits_a_step_to_the_floor() {
+        let mut t = Throttle::new(10 * MIB, 0);
+        t.step(5);
+        assert!(t.is_busy());
+        let mut sent = 0;
+        while t.may_send() {
+            t.sent(256 << 10);
+            sent += 256 << 10;
+        }
+        assert_eq!(sent, MIB, "10 MiB/s is 1 MiB per 100 ms step");
+        // The application went quiet: full speed again.
+        t.step(5);
+        assert!(t.may_send() && !t.is_busy());
+    }
+
+    #[test]
+    fn zero_floor_turns_the_throttle_off() {
+        let mut t = Throttle::new(0, 0);
+        t.step(100);
+        t.sent(1 << 40);
+        assert!(t.may_send());
+    }
+}
