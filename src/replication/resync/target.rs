@@ -274,14 +274,15 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn device(size: u64, dirty: &[std::ops::Range<u64>]) -> (tempfile::TempDir, Arc<ReplicatedDevice>) {
+    /// A device of `size` bytes whose bitmap has the runs `dirty` (first block, blocks) set.
+    fn device(size: u64, dirty: &[(u64, u64)]) -> (tempfile::TempDir, Arc<ReplicatedDevice>) {
         let dir = tempfile::tempdir().unwrap();
         let opts = OpenOptions { size: Some(size), ..Default::default() };
         let local: Arc<dyn BlockDevice> =
             Arc::new(FileDevice::open_file(&dir.path().join("d"), &opts).unwrap());
         let mut bitmap = DirtyBitmap::new(size / 4096);
-        for r in dirty {
-            bitmap.set(r.clone());
+        for &(start, len) in dirty {
+            bitmap.set(start..start + len);
         }
         (dir, ReplicatedDevice::new(local, Tracking { bitmap, activity: None }, 4096))
     }
@@ -291,7 +292,7 @@ mod tests {
         // Blocks 0..10, 300..900 (2.3 MiB) and the last block.
         let size = 16 * MIB;
         let last = size / 4096 - 1;
-        let (_d, dev) = device(size, &[0..10, 300..900, last..last + 1]);
+        let (_d, dev) = device(size, &[(0, 10), (300, 600), (last, 1)]);
         let mut t = ResyncTarget::new(dev, ResyncConfig::default());
         let mut got = Vec::new();
         while let Some(r) = t.next_request() {
@@ -312,7 +313,7 @@ mod tests {
 
     #[test]
     fn blocks_are_acknowledged_only_after_the_flush_that_made_them_durable() {
-        let (_d, dev) = device(4 * MIB, &[0..512]);
+        let (_d, dev) = device(4 * MIB, &[(0, 512)]);
         let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
         let (a, b) = (t.next_request().unwrap(), t.next_request().unwrap());
         assert_eq!((a, b), ((0, MIB as u32), (MIB, MIB as u32)));
@@ -339,7 +340,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_or_flush_is_reported_and_leaves_the_blocks_dirty() {
-        let (_d, dev) = device(4 * MIB, &[0..1024]);
+        let (_d, dev) = device(4 * MIB, &[(0, 1024)]);
         let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
         let mut out = Answers::default();
         while t.next_request().is_some() {}
@@ -359,7 +360,7 @@ mod tests {
 
     #[test]
     fn the_budget_and_the_window_bound_what_is_outstanding() {
-        let (_d, dev) = device(512 * MIB, &[0..(512 * MIB / 4096)]);
+        let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_fill_target: 16 * MIB, ..ResyncConfig::default() };
         let mut t = ResyncTarget::new(dev, pace);
         let mut n = 0;
@@ -371,7 +372,7 @@ mod tests {
         assert!(t.next_request().is_some(), "one answered, one more at once");
         assert!(t.next_request().is_none());
         // With a rate cap, the budget bounds each step too.
-        let (_d, dev) = device(512 * MIB, &[0..(512 * MIB / 4096)]);
+        let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_max_rate: 20 * MIB, ..ResyncConfig::default() };
         let mut t = ResyncTarget::new(dev, pace);
         let mut n = 0;
