@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::status::ResyncProgress;
 use super::{Node, NodeState};
@@ -300,17 +301,16 @@ impl Node {
     }
 }
 
-/// Turns state changes into events until the node shuts down; ends with `destroy`.
-pub(super) async fn watch(node: Arc<Node>) {
+/// Turns state changes into events until `done` (the node has stopped); ends with `destroy`.
+pub(super) async fn watch(node: Arc<Node>, done: CancellationToken) {
     let Some(mut adhoc) = node.events.adhoc_rx.lock().expect("event queue lock").take() else {
         return; // Already watched.
     };
-    let shutdown = node.shutdown_token();
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = done.cancelled() => break,
             _ = node.events.changed.notified() => node.publish_changes(false),
             _ = tick.tick() => node.publish_changes(true),
             Some(event) = adhoc.recv() => {
@@ -330,6 +330,76 @@ pub(super) async fn watch(node: Arc<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::metadata::store::{self, CreateOptions, MetaLocation};
+
+    /// A node of a two-node resource on a small file, attached but not connected.
+    fn node(dir: &std::path::Path) -> Arc<Node> {
+        let disk = dir.join("alpha.img");
+        std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+        let text = format!(
+            "[[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:1\"\ndisk = \"{}\"\n\n\
+             [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:2\"\ndisk = \"/nonexistent\"\n",
+            disk.display()
+        );
+        let config = crate::config::parse(&dir.join("r0.toml"), &text).unwrap();
+        let me = &config.nodes[0];
+        let opts = CreateOptions {
+            bitmap_block: config.disk.bitmap_block as u32,
+            al_extents: config.disk.al_extents,
+            node_name: me.name.clone(),
+        };
+        store::create(&me.disk, &MetaLocation::from(&me.meta_disk), &opts, false).unwrap();
+        Node::attach(config, 0).unwrap()
+    }
+
+    async fn next(events: &mut broadcast::Receiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("an event").unwrap()
+    }
+
+    #[tokio::test]
+    async fn changes_follow_the_exists_block_and_adhoc_events_follow_the_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let done = CancellationToken::new();
+        let watcher = tokio::spawn(watch(node.clone(), done.clone()));
+        let Subscription { exists, mut events } = node.subscribe_events();
+        let objects: Vec<_> = exists.iter().map(|e| (e.event, e.object.clone())).collect();
+        assert_eq!(objects[0], (EventKind::Exists, EventObject::Resource { role: Role::Secondary }));
+        assert_eq!(objects[4], (EventKind::Exists, EventObject::EndOfExists));
+        assert_eq!(exists.len(), 5);
+
+        node.state().role = Role::Primary;
+        let e = next(&mut events).await;
+        assert_eq!((e.event, e.object), (EventKind::Change, EventObject::Resource { role: Role::Primary }));
+
+        // Reading the state reports nothing; emitting while holding it does not deadlock, and
+        // the change made under the same lock comes first.
+        let _ = node.state().role;
+        {
+            let mut s = node.state();
+            s.conn = ConnState::StandAlone;
+            s.last_error = Some("split brain detected".into());
+            let detail = "both changed".to_string();
+            node.emit_event(EventKind::Detected, EventObject::SplitBrain { peer: "beta".into(), detail });
+        }
+        let e = next(&mut events).await;
+        assert_eq!(e.event, EventKind::Change);
+        assert!(
+            matches!(&e.object, EventObject::Connection { connection: ConnState::StandAlone, reason: Some(r), .. }
+                if r == "split brain detected"),
+            "{e:?}"
+        );
+        let e = next(&mut events).await;
+        assert_eq!(e.event, EventKind::Detected);
+        assert!(matches!(e.object, EventObject::SplitBrain { .. }), "{e:?}");
+
+        done.cancel();
+        let e = next(&mut events).await;
+        assert_eq!((e.event, e.object), (EventKind::Destroy, EventObject::Resource { role: Role::Primary }));
+        watcher.await.unwrap();
+        assert!(events.try_recv().is_err(), "nothing after destroy");
+    }
 
     #[test]
     fn rfc3339_dates() {

@@ -267,13 +267,16 @@ impl Node {
 
     /// Runs the node until `down` or `stop`: the connection to the peer, in the background.
     pub async fn run(self: &Arc<Self>) {
-        let watcher = tokio::spawn(event_stream::watch(self.clone()));
+        let watcher_done = CancellationToken::new();
+        let watcher = tokio::spawn(event_stream::watch(self.clone(), watcher_done.clone()));
         // The replication link runs on the first shard, where the first NBD connection runs
         // too: a write and its replication then never cross threads.
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
         self.shutdown.cancelled().await;
         let _ = connection.await;
-        // The last changes and `destroy` are broadcast before the daemon exits.
+        // The watcher ends after the session's last changes, which it broadcasts, then
+        // `destroy`, before the daemon exits.
+        watcher_done.cancel();
         let _ = watcher.await;
     }
 
