@@ -3,11 +3,13 @@
 mod daemon;
 mod demo;
 mod dump;
+mod events;
 mod listen;
 mod metadata;
 mod resource;
 mod serve;
 mod verbs;
+mod wait_sync;
 
 use std::process::ExitCode;
 
@@ -49,6 +51,10 @@ enum Command {
     Disconnect(verbs::PlainArgs),
     /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
     NewCurrentUuid(verbs::NewCurrentUuidArgs),
+    /// Stream state changes as JSON lines, as drbdsetup events2 does (--now: current state first).
+    Events(events::EventsArgs),
+    /// Wait until this node and its peer are connected and both UpToDate, showing resync progress.
+    WaitSync(wait_sync::WaitSyncArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -73,6 +79,8 @@ pub fn main() -> ExitCode {
             Command::Connect(args) => verbs::connect(args).await,
             Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
             Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
+            Command::Events(args) => events::run(args).await,
+            Command::WaitSync(args) => wait_sync::run(args).await,
         }
     });
     match result {

@@ -1,6 +1,7 @@
 //! The verbs that talk to a running daemon: down, primary, secondary, status, connect,
 //! disconnect, new-current-uuid.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -143,17 +144,23 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `status` without a resource: every resource file whose daemon answers, as drbdadm does.
-async fn status_of_all(
-    args: &StatusArgs,
-    resource_args: impl Fn(String) -> ResourceArgs,
-) -> anyhow::Result<()> {
-    let dir = rdbd::config::config_dir(args.config_dir.as_deref());
+/// The config directory and the resources it names (`<name>.toml`), sorted.
+pub(super) fn resource_names(config_dir: Option<&Path>) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let dir = rdbd::config::config_dir(config_dir);
     let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".toml").map(str::to_owned))
         .collect();
     names.sort();
+    Ok((dir, names))
+}
+
+/// `status` without a resource: every resource file whose daemon answers, as drbdadm does.
+async fn status_of_all(
+    args: &StatusArgs,
+    resource_args: impl Fn(String) -> ResourceArgs,
+) -> anyhow::Result<()> {
+    let (dir, names) = resource_names(args.config_dir.as_deref())?;
     let mut all = Vec::new();
     for name in names {
         let res = Resource::load(&resource_args(name))?;

@@ -1,5 +1,9 @@
 //! The control socket: one JSON request per line from the `rdbd` verbs, one JSON response per
 //! line back. Requests are served one at a time, so role changes never interleave.
+//!
+//! The one exception is `events`: its response line is followed by one event per line until
+//! the client goes away or the node goes down, on a task of its own so that it blocks no
+//! other request.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,9 +11,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use super::event_stream::{Event, EventKind, EventObject};
 use super::status::Status;
 use super::Node;
 
@@ -31,6 +37,11 @@ pub enum Request {
         clear_bitmap: bool,
     },
     Down,
+    /// Subscribe to the event stream; with `now`, the current state comes first.
+    Events {
+        #[serde(default)]
+        now: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,6 +68,16 @@ pub enum ControlError {
 
 /// Sends one request to the daemon listening on `path` and returns its response.
 pub async fn request(path: &Path, req: &Request, limit: Duration) -> Result<Response, ControlError> {
+    let (response, _) = exchange(path, req, limit).await?;
+    Ok(response)
+}
+
+/// Sends `req` and reads the response line; returns the connection too, positioned after it.
+async fn exchange(
+    path: &Path,
+    req: &Request,
+    limit: Duration,
+) -> Result<(Response, BufReader<UnixStream>), ControlError> {
     let io = |error| ControlError::Io { path: path.to_owned(), error };
     let mut stream = match UnixStream::connect(path).await {
         Ok(s) => s,
@@ -71,19 +92,66 @@ pub async fn request(path: &Path, req: &Request, limit: Duration) -> Result<Resp
     line.push('\n');
     let exchange = async {
         stream.write_all(line.as_bytes()).await?;
-        let mut reader = BufReader::new(&mut stream);
+        let mut reader = BufReader::new(stream);
         let mut answer = String::new();
         reader.read_line(&mut answer).await?;
-        Ok::<_, std::io::Error>(answer)
+        Ok::<_, std::io::Error>((answer, reader))
     };
-    let answer = tokio::time::timeout(limit, exchange)
+    let (answer, reader) = tokio::time::timeout(limit, exchange)
         .await
         .map_err(|_| io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")))?
         .map_err(io)?;
     if answer.is_empty() {
         return Err(ControlError::Malformed("the daemon closed the connection without answering".into()));
     }
-    serde_json::from_str(&answer).map_err(|e| ControlError::Malformed(e.to_string()))
+    let response = serde_json::from_str(&answer).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    Ok((response, reader))
+}
+
+/// A subscription to a daemon's events, as the client sees it.
+pub struct EventStream {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    line: String,
+}
+
+/// Subscribes to the events of the daemon on `path` (`now`: the current state first). A
+/// refusal comes back as the response, with no stream.
+pub async fn subscribe(
+    path: &Path,
+    now: bool,
+    limit: Duration,
+) -> Result<Result<EventStream, Response>, ControlError> {
+    let (response, reader) = exchange(path, &Request::Events { now }, limit).await?;
+    if !response.ok {
+        return Ok(Err(response));
+    }
+    Ok(Ok(EventStream { path: path.to_owned(), reader, line: String::new() }))
+}
+
+impl EventStream {
+    /// The next event line as the daemon sent it (without the newline); `None` once the daemon
+    /// ended the stream or went away.
+    pub async fn next_line(&mut self) -> Result<Option<&str>, ControlError> {
+        self.line.clear();
+        match self.reader.read_line(&mut self.line).await {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(self.line.trim_end())),
+            // A daemon killed mid-stream resets the connection: that is the end too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+            Err(error) => Err(ControlError::Io { path: self.path.clone(), error }),
+        }
+    }
+
+    /// The next event, parsed.
+    pub async fn next(&mut self) -> Result<Option<Event>, ControlError> {
+        match self.next_line().await? {
+            None => Ok(None),
+            Some(line) => {
+                serde_json::from_str(line).map(Some).map_err(|e| ControlError::Malformed(e.to_string()))
+            }
+        }
+    }
 }
 
 /// Binds the control socket (replacing a stale file nobody answers on).
@@ -116,22 +184,91 @@ pub async fn serve(node: Arc<Node>, listener: UnixListener, path: PathBuf) {
     let _ = std::fs::remove_file(&path);
 }
 
-async fn handle(node: &Arc<Node>, mut stream: UnixStream) {
-    let (read, mut write) = stream.split();
+async fn handle(node: &Arc<Node>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
     let response = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events { now }) => {
+                info!(now, "control request: events");
+                tokio::spawn(stream_events(node.clone(), reader, write, now));
+                return;
+            }
             Ok(req) => execute(node, req).await,
             Err(e) => failure(format!("malformed request: {e}")),
         },
         Ok(Err(e)) => failure(format!("cannot read the request: {e}")),
         Err(_) => failure("no request within 5 s".into()),
     };
-    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+    let _ = write_line(&mut write, &response).await;
+}
+
+async fn write_line(write: &mut OwnedWriteHalf, value: &impl Serialize) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(value).unwrap_or_else(|_| "{\"ok\":false}".into());
     text.push('\n');
-    let _ = write.write_all(text.as_bytes()).await;
+    write.write_all(text.as_bytes()).await
+}
+
+/// How long a subscriber is served after the node stopped without the watcher's `destroy`.
+const STREAM_DRAIN: Duration = Duration::from_secs(1);
+
+/// Serves one `events` subscription: the response line, the `exists` block with `now`, then
+/// every event until the client goes away or the node goes down (after `destroy`).
+async fn stream_events(
+    node: Arc<Node>,
+    mut reader: BufReader<tokio::io::Take<OwnedReadHalf>>,
+    mut write: OwnedWriteHalf,
+    now: bool,
+) {
+    // Subscribed before anything is written, so no change is lost meanwhile.
+    let subscription = node.subscribe_events();
+    let mut events = subscription.events;
+    let ok = Response { ok: true, error: None, status: None };
+    if write_line(&mut write, &ok).await.is_err() {
+        return;
+    }
+    if now {
+        for event in &subscription.exists {
+            if write_line(&mut write, event).await.is_err() {
+                return;
+            }
+        }
+    }
+    let shutdown = node.shutdown_token();
+    let mut ignored = [0u8; 64];
+    loop {
+        let received = tokio::select! {
+            received = events.recv() => received,
+            // The client sends nothing more: a read returning means it closed or broke.
+            _ = reader.read(&mut ignored) => return,
+            _ = shutdown.cancelled() => match tokio::time::timeout(STREAM_DRAIN, events.recv()).await {
+                Ok(received) => received,
+                Err(_) => return,
+            },
+        };
+        let batch = match received {
+            Ok(event) => vec![event],
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                // Subscribed afresh: the full state as changes, then what follows it.
+                warn!(missed, "an events subscriber fell behind: sending the full state instead");
+                let fresh = node.subscribe_events();
+                events = fresh.events;
+                let state = fresh.exists.into_iter().filter(|e| e.object != EventObject::EndOfExists);
+                state.map(|e| Event { event: EventKind::Change, ..e }).collect()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        for event in &batch {
+            if write_line(&mut write, event).await.is_err() {
+                return;
+            }
+            if event.event == EventKind::Destroy && matches!(event.object, EventObject::Resource { .. }) {
+                return;
+            }
+        }
+    }
 }
 
 fn failure(error: String) -> Response {
@@ -151,6 +288,8 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
         }
         Request::NewCurrentUuid { clear_bitmap } => node.new_current_uuid(clear_bitmap),
         Request::Down => node.down(false).await,
+        // Served by `handle` on a task of its own.
+        Request::Events { .. } => return failure("events: not a one-line request".into()),
     };
     match result {
         Ok(()) => Response { ok: true, error: None, status: Some(node.status().await) },

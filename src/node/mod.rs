@@ -5,9 +5,11 @@
 //! - [`session`]: connecting to the peer, the sync handshake, resync, replication.
 //! - [`control`]: the control socket and its requests.
 //! - [`status`]: what `rdbd status` shows.
+//! - [`event_stream`]: what `rdbd events` streams (state changes as JSON lines).
 //! - [`nbd_service`]: the NBD server a Primary runs.
 
 pub mod control;
+pub mod event_stream;
 mod events;
 mod nbd_service;
 mod session;
@@ -111,6 +113,39 @@ pub struct Node {
     shutdown: CancellationToken,
     nbd: tokio::sync::Mutex<Option<NbdService>>,
     shards: Arc<Shards>,
+    events: event_stream::EventHub,
+}
+
+/// The node state, locked. Dropping it after a mutation pokes the event watcher, so every
+/// state change is reported without each call site having to remember it.
+struct StateGuard<'a> {
+    guard: std::sync::MutexGuard<'a, NodeState>,
+    changed: &'a Notify,
+    mutated: bool,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = NodeState;
+
+    fn deref(&self) -> &NodeState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut NodeState {
+        self.mutated = true;
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if self.mutated {
+            // A stored permit if the watcher is busy: the change is picked up at its next diff.
+            self.changed.notify_one();
+        }
+    }
 }
 
 /// A random generation identifier.
@@ -189,26 +224,28 @@ impl Node {
         let tracking = Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, meta)) };
         let device = ReplicatedDevice::with_resync_device(local, resync_local, tracking, bitmap_block);
         let shards = Arc::new(Shards::per_cpu()?);
+        let state = NodeState {
+            role: Role::Secondary,
+            disk,
+            conn: ConnState::Unconnected,
+            repl: ReplState::Off,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            resync_total: 0,
+            resync_started: None,
+            last_resync_bytes: None,
+            last_error: None,
+            skip_initial_sync: false,
+            discard_my_data: false,
+            want_connection: true,
+            link: None,
+        };
         Ok(Arc::new(Self {
             config,
             me,
             device,
-            state: Mutex::new(NodeState {
-                role: Role::Secondary,
-                disk,
-                conn: ConnState::Unconnected,
-                repl: ReplState::Off,
-                peer_role: Role::Unknown,
-                peer_disk: DiskState::DUnknown,
-                resync_total: 0,
-                resync_started: None,
-                last_resync_bytes: None,
-                last_error: None,
-                skip_initial_sync: false,
-                discard_my_data: false,
-                want_connection: true,
-                link: None,
-            }),
+            events: event_stream::EventHub::new(&state),
+            state: Mutex::new(state),
             renegotiate: Notify::new(),
             shutdown: CancellationToken::new(),
             nbd: tokio::sync::Mutex::new(None),
@@ -232,17 +269,27 @@ impl Node {
         &self.device
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, NodeState> {
-        self.state.lock().expect("node state lock")
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.state.lock().expect("node state lock"),
+            changed: &self.events.changed,
+            mutated: false,
+        }
     }
 
     /// Runs the node until `down` or `stop`: the connection to the peer, in the background.
     pub async fn run(self: &Arc<Self>) {
+        let watcher_done = CancellationToken::new();
+        let watcher = tokio::spawn(event_stream::watch(self.clone(), watcher_done.clone()));
         // The replication link runs on the first shard, where the first NBD connection runs
         // too: a write and its replication then never cross threads.
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
         self.shutdown.cancelled().await;
         let _ = connection.await;
+        // The watcher ends after the session's last changes, which it broadcasts, then
+        // `destroy`, before the daemon exits.
+        watcher_done.cancel();
+        let _ = watcher.await;
     }
 
     /// A token cancelled when the node stops.

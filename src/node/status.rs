@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::Node;
+use super::{Node, NodeState};
 use crate::replication::states::{ConnState, DiskState, ReplState, Role};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,26 +67,9 @@ impl Node {
             None => (None, 0),
         };
         let gens = self.generations();
-        let block = u64::from(self.device.bitmap_block());
-        let size = self.device.info_size();
-        let out_of_sync_bytes = (self.device.out_of_sync_blocks() * block).min(size);
+        let out_of_sync_bytes = self.out_of_sync_bytes();
         let s = self.state().clone();
-        let resync = matches!(s.repl, ReplState::SyncSource | ReplState::SyncTarget).then(|| {
-            let total_bytes = (s.resync_total * block).min(size);
-            let done = total_bytes.saturating_sub(out_of_sync_bytes);
-            let done_percent =
-                if total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / total_bytes as f64 };
-            let elapsed = s.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            let rate = if elapsed > 0.0 { (done as f64 / elapsed) as u64 } else { 0 };
-            let eta_secs = (rate > 0).then(|| out_of_sync_bytes.div_ceil(rate));
-            ResyncProgress {
-                total_bytes,
-                remaining_bytes: out_of_sync_bytes,
-                done_percent,
-                rate_bytes_per_sec: rate,
-                eta_secs,
-            }
-        });
+        let resync = self.resync_progress(&s, out_of_sync_bytes);
         let hex = |v: u64| format!("{v:016X}");
         Status {
             resource: self.config.name.clone(),
@@ -109,6 +92,35 @@ impl Node {
             },
             last_error: s.last_error,
         }
+    }
+}
+
+impl Node {
+    /// Bytes this node knows differ from the peer.
+    pub(super) fn out_of_sync_bytes(&self) -> u64 {
+        let block = u64::from(self.device.bitmap_block());
+        (self.device.out_of_sync_blocks() * block).min(self.device.info_size())
+    }
+
+    /// How far the running resync is; `None` when none runs.
+    pub(super) fn resync_progress(&self, s: &NodeState, out_of_sync_bytes: u64) -> Option<ResyncProgress> {
+        if !matches!(s.repl, ReplState::SyncSource | ReplState::SyncTarget) {
+            return None;
+        }
+        let block = u64::from(self.device.bitmap_block());
+        let total_bytes = (s.resync_total * block).min(self.device.info_size());
+        let done = total_bytes.saturating_sub(out_of_sync_bytes);
+        let done_percent = if total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / total_bytes as f64 };
+        let elapsed = s.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let rate = if elapsed > 0.0 { (done as f64 / elapsed) as u64 } else { 0 };
+        let eta_secs = (rate > 0).then(|| out_of_sync_bytes.div_ceil(rate));
+        Some(ResyncProgress {
+            total_bytes,
+            remaining_bytes: out_of_sync_bytes,
+            done_percent,
+            rate_bytes_per_sec: rate,
+            eta_secs,
+        })
     }
 }
 
