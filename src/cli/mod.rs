@@ -51,6 +51,10 @@ enum Command {
     Disconnect(verbs::PlainArgs),
     /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
     NewCurrentUuid(verbs::NewCurrentUuidArgs),
+    /// Declare this node's data bad and resync it from the peer (refused on a Primary).
+    Invalidate(verbs::InvalidateArgs),
+    /// Declare the peer's data bad and resync it from this node.
+    InvalidateRemote(verbs::InvalidateArgs),
     /// Stream state changes as JSON lines, as drbdsetup events2 does (--now: current state first).
     Events(events::EventsArgs),
     /// Wait until this node and its peer are connected and both UpToDate, showing resync progress.
@@ -79,6 +83,8 @@ pub fn main() -> ExitCode {
             Command::Connect(args) => verbs::connect(args).await,
             Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
             Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
+            Command::Invalidate(args) => verbs::invalidate(args, false).await,
+            Command::InvalidateRemote(args) => verbs::invalidate(args, true).await,
             Command::Events(args) => events::run(args).await,
             Command::WaitSync(args) => wait_sync::run(args).await,
         }

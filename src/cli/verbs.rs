@@ -69,6 +69,35 @@ pub struct NewCurrentUuidArgs {
     pub clear_bitmap: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct InvalidateArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// `no`: resync only the blocks already marked out of sync (by `verify`), not all of them.
+    #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = parse_yes_no, action = clap::ArgAction::Set)]
+    pub reset_bitmap: bool,
+}
+
+fn parse_yes_no(text: &str) -> Result<bool, String> {
+    match text {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => Err(format!("expected yes or no, not {other:?}")),
+    }
+}
+
+pub async fn invalidate(args: InvalidateArgs, remote: bool) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    let reset_bitmap = args.reset_bitmap;
+    let req = if remote {
+        Request::InvalidateRemote { reset_bitmap }
+    } else {
+        Request::Invalidate { reset_bitmap }
+    };
+    send(&res, req).await?;
+    Ok(())
+}
+
 /// Sends `req` to this node's daemon; a refusal becomes the error.
 async fn send(res: &Resource, req: Request) -> anyhow::Result<Response> {
     let response = control::request(&res.control_socket(), &req, VERB_LIMIT).await?;

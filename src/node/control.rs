@@ -37,6 +37,15 @@ pub enum Request {
         clear_bitmap: bool,
     },
     Down,
+    /// This node's blocks are declared bad: pull them from the peer (all of them, or with
+    /// `reset_bitmap` false only those already marked out of sync).
+    Invalidate {
+        reset_bitmap: bool,
+    },
+    /// The peer's blocks are declared bad: push this node's (all, or only the marked ones).
+    InvalidateRemote {
+        reset_bitmap: bool,
+    },
     /// Subscribe to the event stream; with `now`, the current state comes first.
     Events {
         #[serde(default)]
@@ -288,6 +297,8 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
         }
         Request::NewCurrentUuid { clear_bitmap } => node.new_current_uuid(clear_bitmap),
         Request::Down => node.down(false).await,
+        Request::Invalidate { reset_bitmap } => node.invalidate(reset_bitmap),
+        Request::InvalidateRemote { reset_bitmap } => node.invalidate_remote(reset_bitmap),
         // Served by `handle` on a task of its own.
         Request::Events { .. } => return failure("events: not a one-line request".into()),
     };

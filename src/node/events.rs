@@ -50,6 +50,7 @@ impl ApplyEvents for NodeEvents {
         s.peer_disk = DiskState::UpToDate;
         s.repl = ReplState::Established;
         s.last_resync_bytes = Some(bytes);
+        s.resyncs_completed += 1;
         Ok((role_to_wire(s.role), wire_disk::UP_TO_DATE))
     }
 }
@@ -68,7 +69,10 @@ impl SourceEvents for NodeEvents {
             sb.set(crate::metadata::superblock::flags::CRASHED_PRIMARY, false);
         })
         .map_err(|e| e.to_string())?;
-        node.state().last_resync_bytes = Some(bytes);
+        let mut s = node.state();
+        s.last_resync_bytes = Some(bytes);
+        s.resyncs_completed += 1;
+        drop(s);
         Ok(local_state(node))
     }
 }

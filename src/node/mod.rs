@@ -91,6 +91,8 @@ struct NodeState {
     resync_started: Option<std::time::Instant>,
     /// Resync data sent or received by the last completed resync.
     last_resync_bytes: Option<u64>,
+    /// Resyncs completed since the daemon started.
+    resyncs_completed: u64,
     /// The last refusal or connection failure, for `status`.
     last_error: Option<String>,
     /// `new-current-uuid --clear-bitmap` ran: announced at the next handshake.
@@ -234,6 +236,7 @@ impl Node {
             resync_total: 0,
             resync_started: None,
             last_resync_bytes: None,
+            resyncs_completed: 0,
             last_error: None,
             skip_initial_sync: false,
             discard_my_data: false,
@@ -471,6 +474,80 @@ impl Node {
             let new = gens.new_current(random_u64(), s.role == Role::Primary);
             self.persist(|sb| sb.generations = new)?;
         }
+        Ok(())
+    }
+
+    /// What `invalidate` and `invalidate-remote` need: connected, in sync, no resync running.
+    fn check_invalidate(&self, verb: &str) -> Result<(), NodeError> {
+        let s = self.state();
+        if s.conn != ConnState::Connected {
+            return Err(NodeError::Refused(format!("{verb} needs the peer connected (now {})", s.conn)));
+        }
+        if s.repl != ReplState::Established {
+            return Err(NodeError::Refused(format!("{verb}: a resync or verify is running ({})", s.repl)));
+        }
+        Ok(())
+    }
+
+    /// Marks every block out of sync (`reset_bitmap`), or keeps the marks verify left, durably.
+    fn mark_for_resync(&self, reset_bitmap: bool) -> Result<(), NodeError> {
+        if reset_bitmap {
+            self.device.with_tracking(|t| t.bitmap.set_all());
+        }
+        self.persist_bitmap(reset_bitmap)
+    }
+
+    /// `rdbd invalidate [--reset-bitmap=no]`: this node's data is declared bad and is pulled
+    /// from the peer. The disk becomes Inconsistent, which makes the peer the sync source at
+    /// the reconnect that follows, whatever the generations say.
+    pub fn invalidate(&self, reset_bitmap: bool) -> Result<(), NodeError> {
+        self.check_invalidate("invalidate")?;
+        let (role, peer_disk) = {
+            let s = self.state();
+            (s.role, s.peer_disk)
+        };
+        if role == Role::Primary {
+            return Err(NodeError::Refused(
+                "invalidate on a Primary: its clients would read data being replaced; make it Secondary first"
+                    .into(),
+            ));
+        }
+        if peer_disk != DiskState::UpToDate {
+            return Err(NodeError::Refused(format!(
+                "invalidate needs an UpToDate peer to pull from (the peer is {peer_disk})"
+            )));
+        }
+        self.mark_for_resync(reset_bitmap)?;
+        self.set_disk(DiskState::Inconsistent)?;
+        info!(reset_bitmap, "invalidated: pulling from the peer");
+        self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// `rdbd invalidate-remote [--reset-bitmap=no]`: the peer's data is declared bad and this
+    /// node's is pushed. A new data generation makes this node's data the newer one, so the
+    /// reconnect that follows makes it the sync source (rule 70) of the marked blocks.
+    pub fn invalidate_remote(&self, reset_bitmap: bool) -> Result<(), NodeError> {
+        self.check_invalidate("invalidate-remote")?;
+        let (role, disk, peer_role) = {
+            let s = self.state();
+            (s.role, s.disk, s.peer_role)
+        };
+        if peer_role == Role::Primary {
+            return Err(NodeError::Refused(
+                "invalidate-remote while the peer is Primary: make it Secondary first".into(),
+            ));
+        }
+        if disk != DiskState::UpToDate {
+            return Err(NodeError::Refused(format!(
+                "invalidate-remote needs this node UpToDate (it is {disk})"
+            )));
+        }
+        self.mark_for_resync(reset_bitmap)?;
+        let new = self.generations().new_current(random_u64(), role == Role::Primary);
+        self.persist(|sb| sb.generations = new)?;
+        info!(reset_bitmap, "peer invalidated: pushing to it");
+        self.renegotiate.notify_one();
         Ok(())
     }
 

@@ -26,6 +26,8 @@ pub struct Status {
     pub resync: Option<ResyncProgress>,
     /// Bytes of data the last completed resync moved (sent as source, received as target).
     pub last_resync_bytes: Option<u64>,
+    /// Resyncs completed (as source or target) since the daemon started.
+    pub resyncs_completed: u64,
     /// Where a Primary serves NBD.
     pub nbd: Option<String>,
     pub nbd_clients: usize,
@@ -83,6 +85,7 @@ impl Node {
             out_of_sync_bytes,
             resync,
             last_resync_bytes: s.last_resync_bytes,
+            resyncs_completed: s.resyncs_completed,
             nbd,
             nbd_clients,
             generations: GenerationsStatus {
@@ -194,6 +197,7 @@ mod tests {
                 eta_secs: Some(1),
             }),
             last_resync_bytes: None,
+            resyncs_completed: 0,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             generations: GenerationsStatus {

@@ -69,6 +69,10 @@ pub struct Options {
     /// `net.shared-secret` in each node's own config file.
     pub secret: [Option<String>; 2],
     pub protocol: &'static str,
+    /// More `key = value` lines for the `[net]` table.
+    pub net: String,
+    /// More tables (`[disk]`, `[handlers]`...), written before the nodes.
+    pub tables: String,
 }
 
 impl Default for Options {
@@ -77,6 +81,8 @@ impl Default for Options {
             file_size: [256 * MIB; 2],
             secret: [Some("s3cret".into()), Some("s3cret".into())],
             protocol: "C",
+            net: String::new(),
+            tables: String::new(),
         }
     }
 }
@@ -197,6 +203,9 @@ impl Cluster {
         }
         // Reconnect quickly after the peer comes back (the default is 10 s).
         out += "connect-interval = \"500ms\"\n";
+        out += &opts.net;
+        out += "\n";
+        out += &opts.tables;
         for n in &self.nodes {
             out += &format!(
                 "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd-listen = \"127.0.0.1:{}\"\n",
