@@ -9,6 +9,7 @@
 
 pub mod control;
 mod events;
+pub mod handlers;
 mod nbd_service;
 mod session;
 pub mod status;
