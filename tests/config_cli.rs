@@ -130,7 +130,8 @@ fn file_with_an_error() {
     std::fs::write(&path, "protocol = \"C\"\n\n[net]\nping-int = \"10s\"\n").unwrap();
     let message = format!(
         "{}:4: net.ping-int: unknown key, expected one of `shared-secret`, `ping-interval`, `ping-timeout`, \
-         `timeout`, `connect-interval`, `data-integrity`",
+         `timeout`, `connect-interval`, `data-integrity`, `after-sb-0pri`, `after-sb-1pri`, `after-sb-2pri`, \
+         `rr-conflict`, `csums-alg`, `csums-after-crash-only`, `verify-alg`",
         path.display()
     );
     assert_fails_with(rdbd().args(["dump", "res0"]).arg("--config-dir").arg(dir.path()), &message);

@@ -63,6 +63,18 @@ pub const AL_EXTENTS_MAX: u32 = 65534;
 /// Bytes covered by one bitmap bit: DRBD 9.3 allows 4 KiB to 1 MiB, powers of two.
 pub const BITMAP_BLOCK_MIN: u64 = 4 << 10;
 pub const BITMAP_BLOCK_MAX: u64 = 1 << 20;
+/// Resync rates: at least 1 KiB/s (`resync-rate`; 0 means "no bound" for the controller's
+/// limits), at most 1 TiB/s, far above any disk yet small enough that no arithmetic on a rate
+/// overflows.
+pub const RATE_MIN: u64 = 1 << 10;
+pub const RATE_MAX: u64 = 1 << 40;
+/// `c-plan-ahead` up to DRBD's 30 s (0 turns the controller off).
+pub const C_PLAN_AHEAD_MAX: Duration = Duration::from_secs(30);
+/// `c-fill-target` up to 1 GiB in flight (0: aim at the delay target instead).
+pub const C_FILL_TARGET_MAX: u64 = 1 << 30;
+/// `c-delay-target` from 100 ms to 10 s.
+pub const C_DELAY_TARGET_MIN: Duration = Duration::from_millis(100);
+pub const C_DELAY_TARGET_MAX: Duration = Duration::from_secs(10);
 /// DRBD's limit on `shared-secret`; longer secrets add nothing to an HMAC key anyway.
 pub const SHARED_SECRET_MAX: usize = 64;
 
@@ -140,9 +152,10 @@ pub enum AfterSb0Pri {
     /// Refuse to connect; the operator resolves it.
     #[default]
     Disconnect,
-    /// The node that was Primary last (its bitmap generation carries the Primary bit) loses.
+    /// The node that became Primary after the split loses: its bitmap generation lacks the
+    /// Primary bit (it was Secondary when it started its generation), the other's has it.
     DiscardYoungerPrimary,
-    /// The node that was Primary first loses.
+    /// The node that was Primary at the split (its bitmap generation has the Primary bit) loses.
     DiscardOlderPrimary,
     /// A side with no changes loses; if both changed, disconnect.
     DiscardZeroChanges,
@@ -194,6 +207,72 @@ pub enum DigestAlg {
     /// 32 bytes (SHA-NI where the CPU has it).
     #[default]
     Sha256,
+}
+
+/// The spelling of each value in resource files (DRBD's), for fieldless enums: `ALL`,
+/// `as_str` and `Display`.
+macro_rules! spellings {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The value as written in a resource file.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+spellings!(AfterSb1Pri {
+    Disconnect => "disconnect",
+    Consensus => "consensus",
+    DiscardSecondary => "discard-secondary",
+    CallPriLostAfterSb => "call-pri-lost-after-sb",
+});
+spellings!(AfterSb2Pri { Disconnect => "disconnect", CallPriLostAfterSb => "call-pri-lost-after-sb" });
+spellings!(RrConflict {
+    Disconnect => "disconnect",
+    CallPriLost => "call-pri-lost",
+    RetryConnect => "retry-connect",
+});
+spellings!(DigestAlg { Crc32c => "crc32c", Sha256 => "sha256" });
+
+impl AfterSb0Pri {
+    /// Written before the node name in `discard-node-NAME`.
+    pub const DISCARD_NODE_PREFIX: &'static str = "discard-node-";
+    /// The accepted spellings, for messages.
+    pub const NAMES: &'static [&'static str] = &[
+        "disconnect",
+        "discard-younger-primary",
+        "discard-older-primary",
+        "discard-zero-changes",
+        "discard-least-changes",
+        "discard-node-NAME",
+    ];
+}
+
+impl std::fmt::Display for AfterSb0Pri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            AfterSb0Pri::Disconnect => "disconnect",
+            AfterSb0Pri::DiscardYoungerPrimary => "discard-younger-primary",
+            AfterSb0Pri::DiscardOlderPrimary => "discard-older-primary",
+            AfterSb0Pri::DiscardZeroChanges => "discard-zero-changes",
+            AfterSb0Pri::DiscardLeastChanges => "discard-least-changes",
+            AfterSb0Pri::DiscardNode(node) => return write!(f, "{}{node}", Self::DISCARD_NODE_PREFIX),
+        };
+        f.write_str(name)
+    }
 }
 
 /// Resync pace (DRBD's dynamic resync controller and its fixed-rate fallback).
@@ -431,9 +510,40 @@ impl ResourceConfig {
         writeln!(out, "timeout = {}", quote(&format_duration(net.timeout)))?;
         writeln!(out, "connect-interval = {}", quote(&format_duration(net.connect_interval)))?;
         writeln!(out, "data-integrity = {}", net.data_integrity)?;
+        writeln!(out, "after-sb-0pri = {}", quote(&net.after_sb_0pri.to_string()))?;
+        writeln!(out, "after-sb-1pri = {}", quote(net.after_sb_1pri.as_str()))?;
+        writeln!(out, "after-sb-2pri = {}", quote(net.after_sb_2pri.as_str()))?;
+        writeln!(out, "rr-conflict = {}", quote(net.rr_conflict.as_str()))?;
+        match net.csums_alg {
+            Some(alg) => writeln!(out, "csums-alg = {}", quote(alg.as_str()))?,
+            // Absence is the value: there is no spelling for "off".
+            None => writeln!(out, "# csums-alg not set: a resync sends every out-of-sync block")?,
+        }
+        writeln!(out, "csums-after-crash-only = {}", net.csums_after_crash_only)?;
+        writeln!(out, "verify-alg = {}", quote(net.verify_alg.as_str()))?;
+        let disk = &self.disk;
         writeln!(out, "\n[disk]")?;
-        writeln!(out, "al-extents = {}", self.disk.al_extents)?;
-        writeln!(out, "bitmap-block = {}", quote(&format_size(self.disk.bitmap_block)))?;
+        writeln!(out, "al-extents = {}", disk.al_extents)?;
+        writeln!(out, "bitmap-block = {}", quote(&format_size(disk.bitmap_block)))?;
+        let resync = &disk.resync;
+        writeln!(out, "resync-rate = {}", size_literal(resync.resync_rate))?;
+        writeln!(out, "c-plan-ahead = {}", quote(&format_duration(resync.c_plan_ahead)))?;
+        writeln!(out, "c-fill-target = {}", size_literal(resync.c_fill_target))?;
+        writeln!(out, "c-delay-target = {}", quote(&format_duration(resync.c_delay_target)))?;
+        writeln!(out, "c-max-rate = {}", size_literal(resync.c_max_rate))?;
+        writeln!(out, "c-min-rate = {}", size_literal(resync.c_min_rate))?;
+        let handlers = &self.handlers;
+        writeln!(out, "\n[handlers]")?;
+        for (key, command) in [
+            ("split-brain", &handlers.split_brain),
+            ("pri-lost-after-sb", &handlers.pri_lost_after_sb),
+            ("pri-lost", &handlers.pri_lost),
+            ("out-of-sync", &handlers.out_of_sync),
+        ] {
+            if let Some(command) = command {
+                writeln!(out, "{key} = {}", quote(command))?;
+            }
+        }
         for node in &self.nodes {
             writeln!(out, "\n[[node]]")?;
             writeln!(out, "name = {}", quote(&node.name))?;
@@ -456,6 +566,16 @@ impl ResourceConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A size or rate: "250KiB" when a binary unit divides it, else a bare integer (0, 1000).
+fn size_literal(bytes: u64) -> String {
+    let text = format_size(bytes);
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        text
+    } else {
+        quote(&text)
     }
 }
 

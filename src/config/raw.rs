@@ -12,10 +12,13 @@ use toml::Spanned;
 use super::locate::{key_at, line_of};
 use super::units::{format_duration, format_size, parse_duration, parse_size};
 use super::{
-    ConfigError, DiskConfig, MetaDisk, NbdDevice, NetConfig, NodeConfig, Protocol, ResourceConfig,
-    AL_EXTENTS_MAX, AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, DEFAULT_AL_EXTENTS,
-    DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT,
-    DEFAULT_TIMEOUT, SHARED_SECRET_MAX,
+    AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaDisk,
+    NbdDevice, NetConfig, NodeConfig, Protocol, ResourceConfig, ResyncConfig, RrConflict, AL_EXTENTS_MAX,
+    AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX, C_DELAY_TARGET_MIN,
+    C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL,
+    DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE, DEFAULT_C_MIN_RATE,
+    DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT,
+    RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
 };
 
 #[derive(Deserialize)]
@@ -25,6 +28,7 @@ struct RawResource {
     protocol: Option<Spanned<String>>,
     net: Option<RawNet>,
     disk: Option<RawDisk>,
+    handlers: Option<RawHandlers>,
     node: Option<Spanned<Vec<Spanned<RawNode>>>>,
 }
 
@@ -37,6 +41,13 @@ struct RawNet {
     timeout: Option<Spanned<String>>,
     connect_interval: Option<Spanned<String>>,
     data_integrity: Option<bool>,
+    after_sb_0pri: Option<Spanned<String>>,
+    after_sb_1pri: Option<Spanned<String>>,
+    after_sb_2pri: Option<Spanned<String>>,
+    rr_conflict: Option<Spanned<String>>,
+    csums_alg: Option<Spanned<String>>,
+    csums_after_crash_only: Option<bool>,
+    verify_alg: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +56,21 @@ struct RawDisk {
     /// Signed so that a negative number gets the range message rather than a type error.
     al_extents: Option<Spanned<i64>>,
     bitmap_block: Option<Spanned<SizeValue>>,
+    resync_rate: Option<Spanned<RateValue>>,
+    c_plan_ahead: Option<Spanned<String>>,
+    c_fill_target: Option<Spanned<SizeValue>>,
+    c_delay_target: Option<Spanned<String>>,
+    c_max_rate: Option<Spanned<RateValue>>,
+    c_min_rate: Option<Spanned<RateValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawHandlers {
+    split_brain: Option<Spanned<String>>,
+    pri_lost_after_sb: Option<Spanned<String>>,
+    pri_lost: Option<Spanned<String>>,
+    out_of_sync: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -64,25 +90,42 @@ enum SizeValue {
     Bytes(i64),
 }
 
+/// A rate in bytes per second, written like a size ("100MiB", optionally "100MiB/s") or as a
+/// plain number. Its own type so that a type error says "rate", not "size".
+struct RateValue(SizeValue);
+
+/// Reads a [`SizeValue`]; `.0` is what a type error says was expected.
+struct SizeVisitor(&'static str);
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = SizeValue;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<SizeValue, E> {
+        Ok(SizeValue::Text(v.to_string()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<SizeValue, E> {
+        Ok(SizeValue::Bytes(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeValue, E> {
+        i64::try_from(v).map(SizeValue::Bytes).map_err(|_| E::custom("size too large"))
+    }
+}
+
 impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SizeValue;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a size like \"4KiB\" or a number of bytes")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<SizeValue, E> {
-                Ok(SizeValue::Text(v.to_string()))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<SizeValue, E> {
-                Ok(SizeValue::Bytes(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeValue, E> {
-                i64::try_from(v).map(SizeValue::Bytes).map_err(|_| E::custom("size too large"))
-            }
-        }
-        deserializer.deserialize_any(Visitor)
+        deserializer.deserialize_any(SizeVisitor("a size like \"4KiB\" or a number of bytes"))
+    }
+}
+
+impl<'de> Deserialize<'de> for RateValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(SizeVisitor(
+                "a rate like \"100MiB\" (per second) or a number of bytes per second",
+            ))
+            .map(RateValue)
     }
 }
 
@@ -198,18 +241,14 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
             }
         },
     };
-    let net = build_net(src, raw.net)?;
+    let (net, discard_node_span) = build_net(src, raw.net)?;
     let disk = build_disk(src, raw.disk)?;
+    let handlers = build_handlers(src, raw.handlers)?;
     let nodes = build_nodes(src, raw.node)?;
-    Ok(ResourceConfig {
-        name,
-        file: src.file.to_path_buf(),
-        protocol,
-        net,
-        disk,
-        handlers: super::HandlersConfig::default(),
-        nodes,
-    })
+    if let (AfterSb0Pri::DiscardNode(victim), Some(span)) = (&net.after_sb_0pri, discard_node_span) {
+        check_discard_node(src, &span, victim, &nodes)?;
+    }
+    Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, handlers, nodes })
 }
 
 /// The file stem names the resource; a `resource` key, when present, must agree with it so a
@@ -283,8 +322,10 @@ const PING_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Du
 const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(60));
 const CONNECT_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
 
-fn build_net(src: &Source, raw: Option<RawNet>) -> Result<NetConfig, ConfigError> {
-    let Some(raw) = raw else { return Ok(NetConfig::default()) };
+/// The `[net]` table, and the span of an `after-sb-0pri = "discard-node-NAME"`, whose name can
+/// only be checked once the nodes are known.
+fn build_net(src: &Source, raw: Option<RawNet>) -> Result<(NetConfig, Option<Range<usize>>), ConfigError> {
+    let Some(raw) = raw else { return Ok((NetConfig::default(), None)) };
     let shared_secret = match raw.shared_secret {
         None => None,
         Some(secret) => {
@@ -333,15 +374,109 @@ fn build_net(src: &Source, raw: Option<RawNet>) -> Result<NetConfig, ConfigError
         };
         return Err(src.invalid(&span, key, message));
     }
-    Ok(NetConfig {
+    let discard_node_span = raw.after_sb_0pri.as_ref().map(Spanned::span);
+    let after_sb_0pri = after_sb_0pri(src, raw.after_sb_0pri)?;
+    let discard_node_span =
+        discard_node_span.filter(|_| matches!(after_sb_0pri, AfterSb0Pri::DiscardNode(_)));
+    let defaults = NetConfig::default();
+    let net = NetConfig {
         shared_secret,
         ping_interval,
         ping_timeout,
         timeout,
         connect_interval,
-        data_integrity: raw.data_integrity.unwrap_or(false),
-        ..NetConfig::default()
+        data_integrity: raw.data_integrity.unwrap_or(defaults.data_integrity),
+        after_sb_0pri,
+        after_sb_1pri: choice(
+            src,
+            raw.after_sb_1pri,
+            "net.after-sb-1pri",
+            AfterSb1Pri::ALL,
+            defaults.after_sb_1pri,
+        )?,
+        after_sb_2pri: choice(
+            src,
+            raw.after_sb_2pri,
+            "net.after-sb-2pri",
+            AfterSb2Pri::ALL,
+            defaults.after_sb_2pri,
+        )?,
+        rr_conflict: choice(src, raw.rr_conflict, "net.rr-conflict", RrConflict::ALL, defaults.rr_conflict)?,
+        csums_alg: match raw.csums_alg {
+            None => defaults.csums_alg,
+            Some(alg) => Some(choice(src, Some(alg), "net.csums-alg", DigestAlg::ALL, DigestAlg::default())?),
+        },
+        csums_after_crash_only: raw.csums_after_crash_only.unwrap_or(defaults.csums_after_crash_only),
+        verify_alg: choice(src, raw.verify_alg, "net.verify-alg", DigestAlg::ALL, defaults.verify_alg)?,
+    };
+    Ok((net, discard_node_span))
+}
+
+/// One of a fixed set of spellings (`as_str` of the values in `all`).
+fn choice<T: Copy + std::fmt::Display>(
+    src: &Source,
+    value: Option<Spanned<String>>,
+    key: &str,
+    all: &[T],
+    default: T,
+) -> Result<T, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    let text = value.get_ref();
+    all.iter().copied().find(|v| v.to_string() == *text).ok_or_else(|| {
+        let names: Vec<String> = all.iter().map(T::to_string).collect();
+        src.invalid(
+            &value.span(),
+            key,
+            format!("invalid value {text:?}, expected one of: {}", names.join(", ")),
+        )
     })
+}
+
+fn after_sb_0pri(src: &Source, value: Option<Spanned<String>>) -> Result<AfterSb0Pri, ConfigError> {
+    const KEY: &str = "net.after-sb-0pri";
+    let Some(value) = value else { return Ok(AfterSb0Pri::default()) };
+    let text = value.get_ref().as_str();
+    Ok(match text {
+        "disconnect" => AfterSb0Pri::Disconnect,
+        "discard-younger-primary" => AfterSb0Pri::DiscardYoungerPrimary,
+        "discard-older-primary" => AfterSb0Pri::DiscardOlderPrimary,
+        "discard-zero-changes" => AfterSb0Pri::DiscardZeroChanges,
+        "discard-least-changes" => AfterSb0Pri::DiscardLeastChanges,
+        _ => match text.strip_prefix(AfterSb0Pri::DISCARD_NODE_PREFIX) {
+            Some("") => {
+                return Err(src.invalid(&value.span(), KEY, "discard-node- must be followed by a node name"))
+            }
+            Some(node) => AfterSb0Pri::DiscardNode(node.to_string()),
+            None => {
+                return Err(src.invalid(
+                    &value.span(),
+                    KEY,
+                    format!("invalid value {text:?}, expected one of: {}", AfterSb0Pri::NAMES.join(", ")),
+                ))
+            }
+        },
+    })
+}
+
+/// `discard-node-NAME` must name one of the two nodes: a typo would otherwise silently leave
+/// split brains unresolved.
+fn check_discard_node(
+    src: &Source,
+    span: &Range<usize>,
+    victim: &str,
+    nodes: &[NodeConfig; 2],
+) -> Result<(), ConfigError> {
+    if nodes.iter().any(|n| n.name == victim) {
+        return Ok(());
+    }
+    Err(src.invalid(
+        span,
+        "net.after-sb-0pri",
+        format!(
+            "discard-node-{victim}: {victim:?} is not a node of this resource (nodes: {}, {})",
+            nodes[0].name, nodes[1].name
+        ),
+    ))
 }
 
 fn build_disk(src: &Source, raw: Option<RawDisk>) -> Result<DiskConfig, ConfigError> {
@@ -391,7 +526,134 @@ fn build_disk(src: &Source, raw: Option<RawDisk>) -> Result<DiskConfig, ConfigEr
             bytes
         }
     };
-    Ok(DiskConfig { al_extents, bitmap_block, ..DiskConfig::default() })
+    let (c_plan_ahead, _) = duration(
+        src,
+        raw.c_plan_ahead,
+        "disk.c-plan-ahead",
+        DEFAULT_C_PLAN_AHEAD,
+        (Duration::ZERO, C_PLAN_AHEAD_MAX),
+    )?;
+    let (c_delay_target, _) = duration(
+        src,
+        raw.c_delay_target,
+        "disk.c-delay-target",
+        DEFAULT_C_DELAY_TARGET,
+        (C_DELAY_TARGET_MIN, C_DELAY_TARGET_MAX),
+    )?;
+    const RATE: Limits = Limits { min: RATE_MIN, max: RATE_MAX, zero: None, per_second: true };
+    const RATE_OR_ZERO: Limits = Limits { zero: Some("0"), ..RATE };
+    let resync = ResyncConfig {
+        resync_rate: bytes(src, raw.resync_rate.map(rate), "disk.resync-rate", DEFAULT_RESYNC_RATE, RATE)?,
+        c_plan_ahead,
+        c_fill_target: bytes(
+            src,
+            raw.c_fill_target,
+            "disk.c-fill-target",
+            DEFAULT_C_FILL_TARGET,
+            Limits { min: 0, max: C_FILL_TARGET_MAX, zero: None, per_second: false },
+        )?,
+        c_delay_target,
+        c_max_rate: bytes(
+            src,
+            raw.c_max_rate.map(rate),
+            "disk.c-max-rate",
+            DEFAULT_C_MAX_RATE,
+            RATE_OR_ZERO,
+        )?,
+        c_min_rate: bytes(
+            src,
+            raw.c_min_rate.map(rate),
+            "disk.c-min-rate",
+            DEFAULT_C_MIN_RATE,
+            RATE_OR_ZERO,
+        )?,
+    };
+    Ok(DiskConfig { al_extents, bitmap_block, resync })
+}
+
+fn rate(value: Spanned<RateValue>) -> Spanned<SizeValue> {
+    let span = value.span();
+    Spanned::new(span, value.into_inner().0)
+}
+
+/// The values a size or rate key accepts.
+struct Limits {
+    min: u64,
+    max: u64,
+    /// 0 is accepted too, outside `min..=max` (it means "no limit"); the text shown for it.
+    zero: Option<&'static str>,
+    /// A rate: "/s" may follow the unit, and messages say "rate".
+    per_second: bool,
+}
+
+/// A size or rate key, in bytes (per second).
+fn bytes(
+    src: &Source,
+    value: Option<Spanned<SizeValue>>,
+    key: &str,
+    default: u64,
+    limits: Limits,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    let span = value.span();
+    let (shown, parsed) = match value.into_inner() {
+        SizeValue::Text(text) => {
+            let number = if limits.per_second { text.strip_suffix("/s").unwrap_or(&text) } else { &text };
+            let Some(n) = parse_size(number) else {
+                let message = if limits.per_second {
+                    format!("invalid rate {text:?}, expected bytes per second like \"100MiB\" or \"250KiB\"")
+                } else {
+                    format!("invalid size {text:?}, expected e.g. \"32MiB\"")
+                };
+                return Err(src.invalid(&span, key, message));
+            };
+            (text, Some(n))
+        }
+        SizeValue::Bytes(n) => (n.to_string(), u64::try_from(n).ok()),
+    };
+    match parsed {
+        Some(0) if limits.zero.is_some() => Ok(0),
+        Some(n) if (limits.min..=limits.max).contains(&n) => Ok(n),
+        _ => {
+            let range = format!("{} to {}", format_size_or_zero(limits.min), format_size(limits.max));
+            let allowed = match limits.zero {
+                Some(zero) => format!("{zero} or {range}"),
+                None => range,
+            };
+            let unit = if limits.per_second { " per second" } else { "" };
+            Err(src.invalid(&span, key, format!("{shown} is out of range: must be {allowed}{unit}")))
+        }
+    }
+}
+
+fn format_size_or_zero(bytes: u64) -> String {
+    if bytes == 0 {
+        "0".to_string()
+    } else {
+        format_size(bytes)
+    }
+}
+
+fn build_handlers(src: &Source, raw: Option<RawHandlers>) -> Result<HandlersConfig, ConfigError> {
+    let Some(raw) = raw else { return Ok(HandlersConfig::default()) };
+    let command = |value: Option<Spanned<String>>, key: &str| -> Result<Option<String>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let text = value.get_ref();
+        if text.trim().is_empty() {
+            return Err(src.invalid(&value.span(), key, "empty; remove the key to run nothing"));
+        }
+        // exec cannot pass a NUL byte; refusing it here beats a failure at the worst moment.
+        if text.contains('\0') {
+            return Err(src.invalid(&value.span(), key, "contains a NUL character"));
+        }
+        Ok(Some(value.into_inner()))
+    };
+    Ok(HandlersConfig {
+        split_brain: command(raw.split_brain, "handlers.split-brain")?,
+        pri_lost_after_sb: command(raw.pri_lost_after_sb, "handlers.pri-lost-after-sb")?,
+        pri_lost: command(raw.pri_lost, "handlers.pri-lost")?,
+        out_of_sync: command(raw.out_of_sync, "handlers.out-of-sync")?,
+    })
 }
 
 fn build_nodes(

@@ -27,10 +27,29 @@ ping-timeout = "1s"
 timeout = "3s"
 connect-interval = "2m"
 data-integrity = true
+after-sb-0pri = "discard-node-beta"
+after-sb-1pri = "consensus"
+after-sb-2pri = "call-pri-lost-after-sb"
+rr-conflict = "retry-connect"
+csums-alg = "crc32c"
+csums-after-crash-only = true
+verify-alg = "crc32c"
 
 [disk]
 al-extents = 6007
 bitmap-block = "64KiB"
+resync-rate = "100MiB"
+c-plan-ahead = "0s"
+c-fill-target = 0
+c-delay-target = "500ms"
+c-max-rate = "1GiB/s"
+c-min-rate = 0
+
+[handlers]
+split-brain = "/usr/lib/rdbd/notify split-brain"
+pri-lost-after-sb = "echo b > /proc/sysrq-trigger"
+pri-lost = "logger -t rdbd \"pri-lost on $RDBD_NODE\""
+out-of-sync = "/usr/local/bin/page-oncall"
 
 [[node]]
 name = "alpha"
@@ -96,10 +115,34 @@ fn minimal_file_gets_every_default() {
             timeout: Duration::from_secs(6),
             connect_interval: Duration::from_secs(10),
             data_integrity: false,
-            ..NetConfig::default()
+            after_sb_0pri: AfterSb0Pri::Disconnect,
+            after_sb_1pri: AfterSb1Pri::Disconnect,
+            after_sb_2pri: AfterSb2Pri::Disconnect,
+            rr_conflict: RrConflict::Disconnect,
+            csums_alg: None,
+            csums_after_crash_only: false,
+            verify_alg: DigestAlg::Sha256,
         }
     );
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 1237, bitmap_block: 4096, ..DiskConfig::default() });
+    assert_eq!(
+        cfg.disk,
+        DiskConfig {
+            al_extents: 1237,
+            bitmap_block: 4096,
+            resync: ResyncConfig {
+                resync_rate: 250 << 10,
+                c_plan_ahead: Duration::from_secs(2),
+                c_fill_target: 32 << 20,
+                c_delay_target: Duration::from_secs(1),
+                c_max_rate: 0,
+                c_min_rate: 16 << 20,
+            },
+        }
+    );
+    assert_eq!(
+        cfg.handlers,
+        HandlersConfig { split_brain: None, pri_lost_after_sb: None, pri_lost: None, out_of_sync: None }
+    );
     let [a, b] = &cfg.nodes;
     assert_eq!(
         *a,
@@ -118,9 +161,10 @@ fn minimal_file_gets_every_default() {
 
 #[test]
 fn empty_tables_get_defaults_too() {
-    let cfg = parse_ok(&with("[net]\n[disk]"));
+    let cfg = parse_ok(&with("[net]\n[disk]\n[handlers]"));
     assert_eq!(cfg.net, NetConfig::default());
     assert_eq!(cfg.disk, DiskConfig::default());
+    assert_eq!(cfg.handlers, HandlersConfig::default());
 }
 
 #[test]
@@ -136,10 +180,39 @@ fn full_file() {
             timeout: Duration::from_secs(3),
             connect_interval: Duration::from_secs(120),
             data_integrity: true,
-            ..NetConfig::default()
+            after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
+            after_sb_1pri: AfterSb1Pri::Consensus,
+            after_sb_2pri: AfterSb2Pri::CallPriLostAfterSb,
+            rr_conflict: RrConflict::RetryConnect,
+            csums_alg: Some(DigestAlg::Crc32c),
+            csums_after_crash_only: true,
+            verify_alg: DigestAlg::Crc32c,
         }
     );
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 6007, bitmap_block: 64 << 10, ..DiskConfig::default() });
+    assert_eq!(
+        cfg.disk,
+        DiskConfig {
+            al_extents: 6007,
+            bitmap_block: 64 << 10,
+            resync: ResyncConfig {
+                resync_rate: 100 << 20,
+                c_plan_ahead: Duration::ZERO,
+                c_fill_target: 0,
+                c_delay_target: Duration::from_millis(500),
+                c_max_rate: 1 << 30,
+                c_min_rate: 0,
+            },
+        }
+    );
+    assert_eq!(
+        cfg.handlers,
+        HandlersConfig {
+            split_brain: Some("/usr/lib/rdbd/notify split-brain".into()),
+            pri_lost_after_sb: Some("echo b > /proc/sysrq-trigger".into()),
+            pri_lost: Some("logger -t rdbd \"pri-lost on $RDBD_NODE\"".into()),
+            out_of_sync: Some("/usr/local/bin/page-oncall".into()),
+        }
+    );
     let [a, b] = &cfg.nodes;
     assert_eq!(a.address, "[fd00::1]:7789");
     assert_eq!(a.meta_disk, MetaDisk::External("/dev/sdc1".into()));
@@ -160,7 +233,7 @@ fn protocols_and_sizes_in_other_spellings() {
         assert_eq!(parse_ok(&with(&format!("protocol = \"{p}\""))).protocol, want);
     }
     let cfg = parse_ok(&with("[disk]\nbitmap-block = 1048576\nal-extents = 67"));
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 67, bitmap_block: 1 << 20, ..DiskConfig::default() });
+    assert_eq!((cfg.disk.al_extents, cfg.disk.bitmap_block), (67, 1 << 20));
     assert_eq!(parse_ok(&with("[disk]\nbitmap-block = \"8k\"")).disk.bitmap_block, 8192);
     assert_eq!(parse_ok(&with("[disk]\nal-extents = 65534")).disk.al_extents, 65534);
     // Inline tables and dotted keys are the same document to TOML.
@@ -187,11 +260,51 @@ fn dump_round_trips() {
         "al-extents = 1237",
         "bitmap-block = \"4KiB\"",
         "meta-disk = \"internal\"",
+        "after-sb-0pri = \"disconnect\"",
+        "after-sb-1pri = \"disconnect\"",
+        "after-sb-2pri = \"disconnect\"",
+        "rr-conflict = \"disconnect\"",
+        "csums-after-crash-only = false",
+        "verify-alg = \"sha256\"",
+        "resync-rate = \"250KiB\"",
+        "c-plan-ahead = \"2s\"",
+        "c-fill-target = \"32MiB\"",
+        "c-delay-target = \"1s\"",
+        "c-max-rate = 0",
+        "c-min-rate = \"16MiB\"",
+        "[handlers]",
     ] {
         assert!(dumped.lines().any(|l| l == line), "{line:?} missing from\n{dumped}");
     }
     assert!(!dumped.contains("shared-secret"));
     assert!(!dumped.contains("nbd-"));
+    assert!(!dumped.lines().any(|l| l.starts_with("csums-alg")), "{dumped}");
+    let dumped = parse_ok(FULL).to_toml();
+    for line in [
+        "after-sb-0pri = \"discard-node-beta\"",
+        "csums-alg = \"crc32c\"",
+        "c-plan-ahead = \"0s\"",
+        "c-fill-target = 0",
+        "c-max-rate = \"1GiB\"",
+        "split-brain = \"/usr/lib/rdbd/notify split-brain\"",
+    ] {
+        assert!(dumped.lines().any(|l| l == line), "{line:?} missing from\n{dumped}");
+    }
+    // Every value of every policy, and rates no unit divides, read back unchanged.
+    let values = [
+        "after-sb-0pri = \"discard-younger-primary\"\nresync-rate = 1025",
+        "after-sb-0pri = \"discard-older-primary\"\nc-min-rate = 1000000",
+        "after-sb-0pri = \"discard-zero-changes\"\nafter-sb-1pri = \"discard-secondary\"",
+        "after-sb-0pri = \"discard-least-changes\"\nafter-sb-1pri = \"call-pri-lost-after-sb\"",
+        "after-sb-0pri = \"discard-node-alpha\"\nrr-conflict = \"call-pri-lost\"\ncsums-alg = \"sha256\"",
+    ];
+    for extra in values {
+        let (net, disk): (Vec<&str>, Vec<&str>) =
+            extra.lines().partition(|l| !l.contains("rate") && !l.starts_with("c-"));
+        let text = with(&format!("[net]\n{}\n[disk]\n{}", net.join("\n"), disk.join("\n")));
+        let cfg = parse_ok(&text);
+        assert_eq!(parse_ok(&cfg.to_toml()), cfg, "{}", cfg.to_toml());
+    }
 }
 
 #[test]
@@ -234,7 +347,9 @@ fn unknown_keys() {
         "net.ping-int",
         "unknown key, expected one of `shared-secret`",
     );
-    assert_error(&with("[disk]\n\nresync-rate = 1"), 4, "disk.resync-rate", "unknown key");
+    assert_error(&with("[disk]\n\nresync-speed = 1"), 4, "disk.resync-speed", "unknown key");
+    assert_error(&with("[handlers]\nbefore-resync = \"true\""), 3, "handlers.before-resync", "unknown key");
+    assert_error(&with("[net]\nafter-sb-3pri = \"disconnect\""), 3, "net.after-sb-3pri", "unknown key");
     assert_error(&with("[nett]"), 2, "nett", "unknown key");
     let text = MINIMAL.replace("disk = \"/dev/vg/res0\"\n\n", "disk = \"/dev/vg/res0\"\nport = 1\n\n");
     assert_error(&text, 6, "node[0].port", "unknown key, expected one of `name`");
@@ -476,4 +591,214 @@ fn config_dir_resolution() {
     assert_eq!(config_dir(Some(Path::new("/x"))), Path::new("/x"));
     // The environment is process-wide, so only the explicit case is tested here; the CLI test
     // covers RDBD_CONFIG_DIR in a child process.
+}
+
+#[test]
+fn split_brain_policies() {
+    let net = |extra: &str| parse_ok(&with(&format!("[net]\n{extra}"))).net;
+    let cases = [
+        ("disconnect", AfterSb0Pri::Disconnect),
+        ("discard-younger-primary", AfterSb0Pri::DiscardYoungerPrimary),
+        ("discard-older-primary", AfterSb0Pri::DiscardOlderPrimary),
+        ("discard-zero-changes", AfterSb0Pri::DiscardZeroChanges),
+        ("discard-least-changes", AfterSb0Pri::DiscardLeastChanges),
+        ("discard-node-alpha", AfterSb0Pri::DiscardNode("alpha".into())),
+        ("discard-node-beta", AfterSb0Pri::DiscardNode("beta".into())),
+    ];
+    for (text, want) in cases {
+        assert_eq!(net(&format!("after-sb-0pri = \"{text}\"")).after_sb_0pri, want, "{text}");
+        assert_eq!(want.to_string(), text);
+    }
+    for &want in AfterSb1Pri::ALL {
+        assert_eq!(net(&format!("after-sb-1pri = \"{want}\"")).after_sb_1pri, want);
+    }
+    for &want in AfterSb2Pri::ALL {
+        assert_eq!(net(&format!("after-sb-2pri = \"{want}\"")).after_sb_2pri, want);
+    }
+    for &want in RrConflict::ALL {
+        assert_eq!(net(&format!("rr-conflict = \"{want}\"")).rr_conflict, want);
+    }
+    assert_eq!(
+        AfterSb1Pri::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        ["disconnect", "consensus", "discard-secondary", "call-pri-lost-after-sb"]
+    );
+    assert_eq!(
+        AfterSb2Pri::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        ["disconnect", "call-pri-lost-after-sb"]
+    );
+    assert_eq!(
+        RrConflict::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        ["disconnect", "call-pri-lost", "retry-connect"]
+    );
+}
+
+#[test]
+fn split_brain_policy_errors() {
+    assert_error(
+        &with("[net]\nafter-sb-0pri = \"discard-local\""),
+        3,
+        "net.after-sb-0pri",
+        "invalid value \"discard-local\", expected one of: disconnect, discard-younger-primary, \
+         discard-older-primary, discard-zero-changes, discard-least-changes, discard-node-NAME",
+    );
+    assert_error(
+        &with("[net]\nafter-sb-0pri = \"discard-node-\""),
+        3,
+        "net.after-sb-0pri",
+        "must be followed by a node name",
+    );
+    assert_error(
+        &with("[net]\nafter-sb-1pri = \"violently-as0p\""),
+        3,
+        "net.after-sb-1pri",
+        "invalid value \"violently-as0p\", expected one of: disconnect, consensus, discard-secondary, \
+         call-pri-lost-after-sb",
+    );
+    assert_error(
+        &with("[net]\nafter-sb-2pri = \"consensus\""),
+        3,
+        "net.after-sb-2pri",
+        "expected one of: disconnect, call-pri-lost-after-sb",
+    );
+    assert_error(
+        &with("[net]\n\nrr-conflict = \"violently\""),
+        4,
+        "net.rr-conflict",
+        "expected one of: disconnect, call-pri-lost, retry-connect",
+    );
+    assert_error(&with("[net]\nafter-sb-1pri = \"Consensus\""), 3, "net.after-sb-1pri", "invalid value");
+    assert_error(&with("[net]\nafter-sb-0pri = 0"), 3, "net.after-sb-0pri", "expected a string");
+}
+
+#[test]
+fn discard_node_must_name_a_node() {
+    // The line of the key, though the check needs the [[node]] tables further down.
+    assert_error(
+        &with("[net]\nping-interval = \"5s\"\nafter-sb-0pri = \"discard-node-gamma\""),
+        4,
+        "net.after-sb-0pri",
+        "discard-node-gamma: \"gamma\" is not a node of this resource (nodes: alpha, beta)",
+    );
+    // Node names are matched exactly, as --node is.
+    assert_error(&with("[net]\nafter-sb-0pri = \"discard-node-Alpha\""), 3, "net.after-sb-0pri", "\"Alpha\"");
+    let text = MINIMAL.replace("\"beta\"", "\"gamma\"");
+    let cfg = parse_ok(&format!("[net]\nafter-sb-0pri = \"discard-node-gamma\"\n{text}"));
+    assert_eq!(cfg.net.after_sb_0pri, AfterSb0Pri::DiscardNode("gamma".into()));
+}
+
+#[test]
+fn digests() {
+    let net = |extra: &str| parse_ok(&with(&format!("[net]\n{extra}"))).net;
+    assert_eq!(net("csums-alg = \"crc32c\"").csums_alg, Some(DigestAlg::Crc32c));
+    assert_eq!(net("csums-alg = \"sha256\"").csums_alg, Some(DigestAlg::Sha256));
+    assert_eq!(net("verify-alg = \"crc32c\"").verify_alg, DigestAlg::Crc32c);
+    assert_eq!(net("verify-alg = \"sha256\"").verify_alg, DigestAlg::Sha256);
+    assert!(net("csums-after-crash-only = true").csums_after_crash_only);
+    assert!(!net("csums-after-crash-only = false").csums_after_crash_only);
+    assert_error(
+        &with("[net]\ncsums-alg = \"md5\""),
+        3,
+        "net.csums-alg",
+        "invalid value \"md5\", expected one of: crc32c, sha256",
+    );
+    assert_error(&with("[net]\nverify-alg = \"\""), 3, "net.verify-alg", "expected one of: crc32c, sha256");
+    assert_error(
+        &with("[net]\ncsums-after-crash-only = 1"),
+        3,
+        "net.csums-after-crash-only",
+        "expected a boolean",
+    );
+}
+
+#[test]
+fn resync_pace() {
+    let resync = |extra: &str| parse_ok(&with(&format!("[disk]\n{extra}"))).disk.resync;
+    for (text, bytes) in [
+        ("\"250KiB\"", 250 << 10),
+        ("\"100MiB\"", 100 << 20),
+        ("\"1GiB\"", 1 << 30),
+        ("\"100MiB/s\"", 100 << 20),
+        ("\"1K\"", 1024),
+        ("1024", 1024),
+        ("\"1TiB\"", 1 << 40),
+    ] {
+        assert_eq!(resync(&format!("resync-rate = {text}")).resync_rate, bytes, "{text}");
+    }
+    assert_eq!(resync("c-max-rate = 0").c_max_rate, 0);
+    assert_eq!(resync("c-max-rate = \"2GiB\"").c_max_rate, 2 << 30);
+    assert_eq!(resync("c-min-rate = 0").c_min_rate, 0);
+    assert_eq!(resync("c-min-rate = \"4MiB\"").c_min_rate, 4 << 20);
+    assert_eq!(resync("c-plan-ahead = \"0s\"").c_plan_ahead, Duration::ZERO);
+    assert_eq!(resync("c-plan-ahead = \"30s\"").c_plan_ahead, Duration::from_secs(30));
+    assert_eq!(resync("c-fill-target = 0").c_fill_target, 0);
+    assert_eq!(resync("c-fill-target = \"1GiB\"").c_fill_target, 1 << 30);
+    assert_eq!(resync("c-fill-target = \"100KiB\"").c_fill_target, 100 << 10);
+    assert_eq!(resync("c-delay-target = \"100ms\"").c_delay_target, Duration::from_millis(100));
+    assert_eq!(resync("c-delay-target = \"10s\"").c_delay_target, Duration::from_secs(10));
+}
+
+#[test]
+fn resync_pace_errors() {
+    let cases = [
+        (
+            "resync-rate = \"1000\"",
+            "disk.resync-rate",
+            "1000 is out of range: must be 1KiB to 1TiB per second",
+        ),
+        ("resync-rate = 0", "disk.resync-rate", "0 is out of range: must be 1KiB to 1TiB"),
+        ("resync-rate = -1", "disk.resync-rate", "-1 is out of range"),
+        ("resync-rate = \"2TiB\"", "disk.resync-rate", "2TiB is out of range"),
+        ("resync-rate = \"fast\"", "disk.resync-rate", "invalid rate \"fast\", expected bytes per second"),
+        ("resync-rate = \"100MiB/h\"", "disk.resync-rate", "invalid rate \"100MiB/h\""),
+        ("resync-rate = true", "disk.resync-rate", "expected a rate like \"100MiB\" (per second)"),
+        ("c-max-rate = 512", "disk.c-max-rate", "512 is out of range: must be 0 or 1KiB to 1TiB per second"),
+        ("c-min-rate = \"-4MiB\"", "disk.c-min-rate", "invalid rate \"-4MiB\""),
+        ("c-min-rate = 100", "disk.c-min-rate", "must be 0 or 1KiB to 1TiB"),
+        ("c-plan-ahead = \"31s\"", "disk.c-plan-ahead", "31s is out of range: must be 0s to 30s"),
+        ("c-plan-ahead = \"2\"", "disk.c-plan-ahead", "invalid duration \"2\""),
+        ("c-plan-ahead = 2", "disk.c-plan-ahead", "expected a string"),
+        ("c-fill-target = \"2GiB\"", "disk.c-fill-target", "2GiB is out of range: must be 0 to 1GiB"),
+        ("c-fill-target = \"lots\"", "disk.c-fill-target", "invalid size \"lots\""),
+        ("c-fill-target = \"100MiB/s\"", "disk.c-fill-target", "invalid size \"100MiB/s\""),
+        ("c-fill-target = false", "disk.c-fill-target", "expected a size like \"4KiB\""),
+        ("c-delay-target = \"0s\"", "disk.c-delay-target", "0s is out of range: must be 100ms to 10s"),
+        ("c-delay-target = \"11s\"", "disk.c-delay-target", "must be 100ms to 10s"),
+    ];
+    for (extra, key, fragment) in cases {
+        assert_error(&with(&format!("[disk]\nal-extents = 67\n{extra}")), 4, key, fragment);
+    }
+}
+
+#[test]
+fn handlers() {
+    let cfg = parse_ok(&with(
+        "[handlers]\nsplit-brain = \"/usr/lib/rdbd/notify.sh root\"\nout-of-sync = \"logger oos\"",
+    ));
+    assert_eq!(
+        cfg.handlers,
+        HandlersConfig {
+            split_brain: Some("/usr/lib/rdbd/notify.sh root".into()),
+            pri_lost_after_sb: None,
+            pri_lost: None,
+            out_of_sync: Some("logger oos".into()),
+        }
+    );
+    let cfg = parse_ok(&with("[handlers]\npri-lost-after-sb = \"halt -f\"\npri-lost = \"true\""));
+    assert_eq!(cfg.handlers.pri_lost_after_sb.as_deref(), Some("halt -f"));
+    assert_eq!(cfg.handlers.pri_lost.as_deref(), Some("true"));
+    assert_error(
+        &with("[handlers]\nsplit-brain = \"\""),
+        3,
+        "handlers.split-brain",
+        "empty; remove the key to run nothing",
+    );
+    assert_error(&with("[handlers]\n\npri-lost = \"  \""), 4, "handlers.pri-lost", "empty");
+    assert_error(&with("[handlers]\nout-of-sync = \"a\\u0000b\""), 3, "handlers.out-of-sync", "NUL");
+    assert_error(
+        &with("[handlers]\npri-lost-after-sb = [\"halt\"]"),
+        3,
+        "handlers.pri-lost-after-sb",
+        "expected a string",
+    );
+    assert_error(&with("handlers = \"x\""), 2, "handlers", "expected a table");
 }

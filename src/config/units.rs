@@ -31,9 +31,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_millis(total_ms))
 }
 
-/// The shortest form in the largest unit that divides the duration exactly: "10s", "500ms", "2m".
+/// The shortest form in the largest unit that divides the duration exactly: "10s", "500ms", "2m";
+/// zero is "0s".
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
     for (unit, ms_per_unit) in UNITS {
         let per = u128::from(ms_per_unit);
         if ms != 0 && ms % per == 0 {
@@ -50,7 +54,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// "4KiB", "1MiB", or a plain byte count when no binary unit divides it.
 pub fn format_size(bytes: u64) -> String {
-    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
         if bytes != 0 && bytes % (1 << shift) == 0 {
             return format!("{}{unit}", bytes >> shift);
         }
@@ -86,7 +90,8 @@ mod tests {
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(text), Some(d));
         }
-        assert_eq!(format_duration(Duration::ZERO), "0ms");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(parse_duration("0ms"), Some(Duration::ZERO));
     }
 
     #[test]
@@ -99,5 +104,8 @@ mod tests {
         assert_eq!(format_size(4096), "4KiB");
         assert_eq!(format_size(1 << 20), "1MiB");
         assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(1 << 40), "1TiB");
+        assert_eq!(parse_size("1TiB"), Some(1 << 40));
+        assert_eq!(parse_size("250KiB"), Some(250 << 10));
     }
 }

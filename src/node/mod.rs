@@ -11,6 +11,7 @@
 pub mod control;
 pub mod event_stream;
 mod events;
+pub mod handlers;
 mod nbd_service;
 mod session;
 pub mod status;

@@ -1,4 +1,5 @@
-//! Replication decisions: node and connection states, and the sync decision at connect time.
+//! Replication decisions: node and connection states, the sync decision at connect time and
+//! split-brain recovery.
 
 pub mod apply;
 pub mod bitmap_exchange;
@@ -7,5 +8,6 @@ pub mod link;
 pub mod peer;
 pub mod resync;
 pub mod source;
+pub mod split_brain;
 pub mod states;
 pub mod sync_decision;
