@@ -17,6 +17,7 @@ use super::device::ReplicatedDevice;
 use super::link::framed::{FrameError, FrameReader};
 use super::peer::{PeerLink, ResyncReply};
 use super::resync::controller::STEP;
+use super::resync::target::PERSIST_INTERVAL;
 use super::resync::throttle::Throttle;
 use crate::config::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
@@ -70,6 +71,7 @@ struct Resync {
     /// Resync data sent.
     bytes: u64,
     finished: bool,
+    last_persist: std::time::Instant,
 }
 
 /// Serves the peer's data-channel frames until the link ends. With `resync`, this node is the
@@ -94,6 +96,7 @@ pub async fn serve(
             throttle: Throttle::new(pace.c_min_rate, device.app_requests()),
             bytes: 0,
             finished: false,
+            last_persist: std::time::Instant::now(),
         }),
         None => None,
     };
@@ -180,6 +183,14 @@ pub async fn serve(
             _ = tick.tick(), if resync.is_some() => {
                 if let Some(r) = resync.as_mut() {
                     r.throttle.step(device.app_requests());
+                    if !r.finished && r.last_persist.elapsed() >= PERSIST_INTERVAL {
+                        // Bits cleared by acknowledgements reach the metadata, so a resync
+                        // interrupted by a crash of this node resumes from here.
+                        r.last_persist = std::time::Instant::now();
+                        if let Err(e) = device.write_stale_bitmap_pages(false) {
+                            warn!("cannot record the resync's progress in the metadata: {e}");
+                        }
+                    }
                 }
             }
             () = link.closed() => return Err(SourceError::LinkDown),

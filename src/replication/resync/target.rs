@@ -31,7 +31,7 @@ const FLUSH_AGE: Duration = Duration::from_millis(200);
 const ACK_MAX: u64 = 32 << 20;
 /// Cleared bits are written to the metadata at least this often during a resync, so an
 /// interrupted resync resumes where it stopped.
-const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a resync message answered, for the caller's error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
