@@ -96,9 +96,13 @@ fn minimal_file_gets_every_default() {
             timeout: Duration::from_secs(6),
             connect_interval: Duration::from_secs(10),
             data_integrity: false,
+            ..NetConfig::default()
         }
     );
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 1237, bitmap_block: 4096 });
+    assert_eq!(
+        cfg.disk,
+        DiskConfig { al_extents: 1237, bitmap_block: 4096, resync: ResyncConfig::default() }
+    );
     let [a, b] = &cfg.nodes;
     assert_eq!(
         *a,
@@ -135,9 +139,13 @@ fn full_file() {
             timeout: Duration::from_secs(3),
             connect_interval: Duration::from_secs(120),
             data_integrity: true,
+            ..NetConfig::default()
         }
     );
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 6007, bitmap_block: 64 << 10 });
+    assert_eq!(
+        cfg.disk,
+        DiskConfig { al_extents: 6007, bitmap_block: 64 << 10, resync: ResyncConfig::default() }
+    );
     let [a, b] = &cfg.nodes;
     assert_eq!(a.address, "[fd00::1]:7789");
     assert_eq!(a.meta_disk, MetaDisk::External("/dev/sdc1".into()));
@@ -158,7 +166,10 @@ fn protocols_and_sizes_in_other_spellings() {
         assert_eq!(parse_ok(&with(&format!("protocol = \"{p}\""))).protocol, want);
     }
     let cfg = parse_ok(&with("[disk]\nbitmap-block = 1048576\nal-extents = 67"));
-    assert_eq!(cfg.disk, DiskConfig { al_extents: 67, bitmap_block: 1 << 20 });
+    assert_eq!(
+        cfg.disk,
+        DiskConfig { al_extents: 67, bitmap_block: 1 << 20, resync: ResyncConfig::default() }
+    );
     assert_eq!(parse_ok(&with("[disk]\nbitmap-block = \"8k\"")).disk.bitmap_block, 8192);
     assert_eq!(parse_ok(&with("[disk]\nal-extents = 65534")).disk.al_extents, 65534);
     // Inline tables and dotted keys are the same document to TOML.
