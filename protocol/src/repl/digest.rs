@@ -1,4 +1,4 @@
-//! Block digests for checksum-based resync and online verify (SPEC §6.2, §6.4).
+//! Block digests for checksum-based resync and online verify (SPEC §6.2, §6.7, §6.8).
 //!
 //! Both messages that carry digests (ResyncCsumRequest, VerifyReply) hold one digest per
 //! bitmap block of their range, back to back, with the algorithm agreed in Params. The codec
