@@ -742,7 +742,7 @@ fn recv_frame<T>(stream: &mut TcpStream, f: impl FnOnce(Message<'_>) -> T) -> T 
 /// stale, the new one is the real peer.
 #[test]
 fn an_abandoned_handshake_does_not_strand_the_pair() {
-    use rdbd_protocol::repl::{auth_response, verify_response, NONCE_LEN};
+    use rdbd_protocol::repl::{auth_response, verify_response, NONCE_LEN, PROTOCOL_MIN, PROTOCOL_VERSION};
     let secret = b"s3cret";
     let mut c = Cluster::new(Options::default());
     c.start(Beta);
@@ -750,8 +750,8 @@ fn an_abandoned_handshake_does_not_strand_the_pair() {
         let mut stream = TcpStream::connect(c.repl_addr(Beta)).expect("beta listens for alpha");
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let hello = Hello {
-            protocol_min: 1,
-            protocol_max: 1,
+            protocol_min: PROTOCOL_MIN,
+            protocol_max: PROTOCOL_VERSION,
             channel: Channel::Data,
             node_name: "alpha",
             resource: RES,

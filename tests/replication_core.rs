@@ -11,7 +11,7 @@ use rdbd::replication::link::connect::{dial, listen};
 use rdbd::replication::link::handshake::Identity;
 use rdbd::replication::peer::LinkOptions;
 use rdbd::storage::{BlockDevice, BufPool, Completion, FileDevice, IoOp, IoQueue, OpenOptions};
-use rdbd_protocol::repl::{Generations, Params, Protocol, State};
+use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Params, Protocol, State};
 
 const SIZE: u64 = 16 << 20;
 
@@ -31,7 +31,18 @@ fn id<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
 }
 
 fn params(protocol: Protocol) -> Params {
-    Params { protocol, device_size: SIZE, bitmap_block: 4096, data_integrity: true, discard_my_data: false }
+    Params {
+        protocol,
+        device_size: SIZE,
+        bitmap_block: 4096,
+        data_integrity: true,
+        discard_my_data: false,
+        csums_alg: None,
+        verify_alg: DigestAlg::Sha256,
+        after_sb_0pri: AfterSb0::Disconnect,
+        after_sb_1pri: AfterSb1::Disconnect,
+        after_sb_2pri: AfterSb2::Disconnect,
+    }
 }
 
 fn state() -> State {

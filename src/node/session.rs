@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::events::NodeEvents;
 use super::{random_u64, Node};
+use crate::config::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, DigestAlg};
 use crate::metadata::generations::Generations;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
@@ -123,13 +124,62 @@ fn wire_protocol(p: crate::config::Protocol) -> repl::Protocol {
     }
 }
 
+fn wire_digest(alg: DigestAlg) -> repl::DigestAlg {
+    match alg {
+        DigestAlg::Crc32c => repl::DigestAlg::Crc32c,
+        DigestAlg::Sha256 => repl::DigestAlg::Sha256,
+    }
+}
+
+/// `after-sb-0pri` as sent in Params. A named node is sent as its position (dialer or listener,
+/// SPEC §3), which both nodes derive alike from the two names.
+fn wire_after_sb_0pri(policy: &AfterSb0Pri, me: &str, peer: &str) -> repl::AfterSb0 {
+    match policy {
+        AfterSb0Pri::Disconnect => repl::AfterSb0::Disconnect,
+        AfterSb0Pri::DiscardYoungerPrimary => repl::AfterSb0::DiscardYoungerPrimary,
+        AfterSb0Pri::DiscardOlderPrimary => repl::AfterSb0::DiscardOlderPrimary,
+        AfterSb0Pri::DiscardZeroChanges => repl::AfterSb0::DiscardZeroChanges,
+        AfterSb0Pri::DiscardLeastChanges => repl::AfterSb0::DiscardLeastChanges,
+        AfterSb0Pri::DiscardNode(name) => {
+            let dialer = if dials(me, peer) { me } else { peer };
+            if name.as_str() == dialer {
+                repl::AfterSb0::DiscardDialer
+            } else {
+                repl::AfterSb0::DiscardListener
+            }
+        }
+    }
+}
+
+fn wire_after_sb_1pri(policy: AfterSb1Pri) -> repl::AfterSb1 {
+    match policy {
+        AfterSb1Pri::Disconnect => repl::AfterSb1::Disconnect,
+        AfterSb1Pri::Consensus => repl::AfterSb1::Consensus,
+        AfterSb1Pri::DiscardSecondary => repl::AfterSb1::DiscardSecondary,
+        AfterSb1Pri::CallPriLostAfterSb => repl::AfterSb1::CallPriLostAfterSb,
+    }
+}
+
+fn wire_after_sb_2pri(policy: AfterSb2Pri) -> repl::AfterSb2 {
+    match policy {
+        AfterSb2Pri::Disconnect => repl::AfterSb2::Disconnect,
+        AfterSb2Pri::CallPriLostAfterSb => repl::AfterSb2::CallPriLostAfterSb,
+    }
+}
+
 fn params(node: &Node) -> Params {
+    let net = &node.config.net;
     Params {
         protocol: wire_protocol(node.config.protocol),
         device_size: node.device.info_size(),
         bitmap_block: node.device.bitmap_block(),
-        data_integrity: node.config.net.data_integrity,
+        data_integrity: net.data_integrity,
         discard_my_data: node.state().discard_my_data,
+        csums_alg: net.csums_alg.map(wire_digest),
+        verify_alg: wire_digest(net.verify_alg),
+        after_sb_0pri: wire_after_sb_0pri(&net.after_sb_0pri, &node.me().name, &node.peer_config().name),
+        after_sb_1pri: wire_after_sb_1pri(net.after_sb_1pri),
+        after_sb_2pri: wire_after_sb_2pri(net.after_sb_2pri),
     }
 }
 
@@ -534,4 +584,23 @@ async fn run_receiver(node: &Arc<Node>, est: Established, target: bool) -> Outco
         _ = node.shutdown.cancelled() => {}
     }
     Outcome::Retry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discard_node_is_sent_as_dialer_or_listener_alike_on_both_nodes() {
+        let alpha = AfterSb0Pri::DiscardNode("alpha".into());
+        let beta = AfterSb0Pri::DiscardNode("beta".into());
+        // "alpha" sorts lower, so it dials; both nodes send the same code for the same name.
+        for (me, peer) in [("alpha", "beta"), ("beta", "alpha")] {
+            assert_eq!(wire_after_sb_0pri(&alpha, me, peer), repl::AfterSb0::DiscardDialer);
+            assert_eq!(wire_after_sb_0pri(&beta, me, peer), repl::AfterSb0::DiscardListener);
+        }
+        assert_eq!(wire_after_sb_0pri(&AfterSb0Pri::Disconnect, "a", "b"), repl::AfterSb0::Disconnect);
+        let least = AfterSb0Pri::DiscardLeastChanges;
+        assert_eq!(wire_after_sb_0pri(&least, "a", "b"), repl::AfterSb0::DiscardLeastChanges);
+    }
 }

@@ -9,7 +9,8 @@ use std::fmt;
 use bytes::BufMut;
 
 use super::bitmap::BitmapRuns;
-use super::{kind, payload_bounds, Channel, FrameHeader, MAX_STRING_LEN, MIN_BITMAP_BLOCK};
+use super::digest::{csums_from_wire, csums_to_wire, DigestAlg};
+use super::{kind, payload_bounds, Channel, FrameHeader, MAX_DATA_LEN, MAX_STRING_LEN, MIN_BITMAP_BLOCK};
 use crate::wire::{truncate_utf8, DecodeError, Reader};
 
 /// Flag bits of Data, Trim and Zeroes (u16). A receiver rejects bits the message does not
@@ -191,6 +192,112 @@ impl AckMode {
     }
 }
 
+/// `after-sb-0pri`: what to do about a split brain while neither node is Primary. Both nodes
+/// must configure the same policy (Params).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AfterSb0 {
+    /// Refuse the connection; the operator resolves it.
+    Disconnect,
+    /// The node that became Primary last loses its changes.
+    DiscardYoungerPrimary,
+    /// The node that became Primary first loses its changes.
+    DiscardOlderPrimary,
+    /// A node without changes loses; if both changed, disconnect.
+    DiscardZeroChanges,
+    /// The node with fewer changed blocks loses.
+    DiscardLeastChanges,
+    /// A named node loses, and that node is the dialer (its name sorts lower, SPEC §3). The
+    /// name is sent as its position so that both sides compare the same value.
+    DiscardDialer,
+    /// A named node loses, and that node is the listener (its name sorts higher).
+    DiscardListener,
+}
+
+impl AfterSb0 {
+    pub fn from_wire(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(AfterSb0::Disconnect),
+            1 => Some(AfterSb0::DiscardYoungerPrimary),
+            2 => Some(AfterSb0::DiscardOlderPrimary),
+            3 => Some(AfterSb0::DiscardZeroChanges),
+            4 => Some(AfterSb0::DiscardLeastChanges),
+            5 => Some(AfterSb0::DiscardDialer),
+            6 => Some(AfterSb0::DiscardListener),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> u8 {
+        match self {
+            AfterSb0::Disconnect => 0,
+            AfterSb0::DiscardYoungerPrimary => 1,
+            AfterSb0::DiscardOlderPrimary => 2,
+            AfterSb0::DiscardZeroChanges => 3,
+            AfterSb0::DiscardLeastChanges => 4,
+            AfterSb0::DiscardDialer => 5,
+            AfterSb0::DiscardListener => 6,
+        }
+    }
+}
+
+/// `after-sb-1pri`: split brain while exactly one node is Primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AfterSb1 {
+    Disconnect,
+    /// Apply the after-sb-0pri outcome only if it discards the Secondary; else disconnect.
+    Consensus,
+    /// The Secondary loses.
+    DiscardSecondary,
+    /// Apply the after-sb-0pri outcome; a losing Primary runs its pri-lost-after-sb handler.
+    CallPriLostAfterSb,
+}
+
+impl AfterSb1 {
+    pub fn from_wire(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(AfterSb1::Disconnect),
+            1 => Some(AfterSb1::Consensus),
+            2 => Some(AfterSb1::DiscardSecondary),
+            3 => Some(AfterSb1::CallPriLostAfterSb),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> u8 {
+        match self {
+            AfterSb1::Disconnect => 0,
+            AfterSb1::Consensus => 1,
+            AfterSb1::DiscardSecondary => 2,
+            AfterSb1::CallPriLostAfterSb => 3,
+        }
+    }
+}
+
+/// `after-sb-2pri`: split brain while both nodes are Primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AfterSb2 {
+    Disconnect,
+    /// Apply the after-sb-0pri outcome; the losing Primary runs its pri-lost-after-sb handler.
+    CallPriLostAfterSb,
+}
+
+impl AfterSb2 {
+    pub fn from_wire(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(AfterSb2::Disconnect),
+            1 => Some(AfterSb2::CallPriLostAfterSb),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> u8 {
+        match self {
+            AfterSb2::Disconnect => 0,
+            AfterSb2::CallPriLostAfterSb => 1,
+        }
+    }
+}
+
 /// First frame on each channel, in both directions. Its layout never changes between versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello<'a> {
@@ -215,10 +322,18 @@ pub struct Params {
     /// The operator asked this node to become the sync target if the sync decision is split
     /// brain.
     pub discard_my_data: bool,
+    /// Checksum-based resync with this digest, or `None` for plain resync.
+    pub csums_alg: Option<DigestAlg>,
+    /// The digest online verify compares blocks with.
+    pub verify_alg: DigestAlg,
+    /// Split-brain policies; see [`AfterSb0`], [`AfterSb1`], [`AfterSb2`].
+    pub after_sb_0pri: AfterSb0,
+    pub after_sb_1pri: AfterSb1,
+    pub after_sb_2pri: AfterSb2,
 }
 
 impl Params {
-    pub const LEN: usize = 14;
+    pub const LEN: usize = 19;
 }
 
 /// Generation identifiers (see the reference on generation identifiers): the basis of the sync
@@ -397,12 +512,53 @@ pub enum Message<'a> {
         len: u32,
         errno: u32,
     },
+    /// From the sync target, with checksum-based resync: resync `len` bytes at `offset`,
+    /// sending only the blocks whose digest differs from the target's. `digests` holds one
+    /// digest (`csums_alg`) per bitmap block of the range; the receiver checks the count.
+    ResyncCsumRequest {
+        offset: u64,
+        len: u32,
+        digests: &'a [u8],
+    },
+    /// From the sync source: the ResyncCsumRequest at (`offset`, `len`) is fully answered;
+    /// whatever part of it came in no ResyncData was identical.
+    ResyncInSync {
+        offset: u64,
+        len: u32,
+    },
     StateChange {
         role: u8,
         disk: u8,
     },
     Disconnect {
         reason: &'a str,
+    },
+    /// From the verify sender: read `len` bytes at `offset` (ordered like a write) and answer
+    /// with their digests.
+    VerifyRequest {
+        offset: u64,
+        len: u32,
+    },
+    /// Answer to VerifyRequest: one digest (`verify_alg`) per bitmap block of the range.
+    VerifyReply {
+        offset: u64,
+        len: u32,
+        digests: &'a [u8],
+    },
+    /// From the connection's receiver: please run an online verify starting at `offset`.
+    VerifyStart {
+        offset: u64,
+    },
+    /// From the verify sender: the verify is over.
+    VerifyDone {
+        checked_bytes: u64,
+        out_of_sync_blocks: u64,
+    },
+    /// Mark these bytes out of sync in your bitmap (verify found them different, or a write to
+    /// them failed on one side).
+    OutOfSync {
+        offset: u64,
+        len: u32,
     },
 }
 
@@ -435,6 +591,13 @@ impl<'a> Message<'a> {
             Message::ResyncReadError { .. } => kind::RESYNC_READ_ERROR,
             Message::StateChange { .. } => kind::STATE_CHANGE,
             Message::Disconnect { .. } => kind::DISCONNECT,
+            Message::ResyncCsumRequest { .. } => kind::RESYNC_CSUM_REQUEST,
+            Message::ResyncInSync { .. } => kind::RESYNC_IN_SYNC,
+            Message::VerifyRequest { .. } => kind::VERIFY_REQUEST,
+            Message::VerifyReply { .. } => kind::VERIFY_REPLY,
+            Message::VerifyStart { .. } => kind::VERIFY_START,
+            Message::VerifyDone { .. } => kind::VERIFY_DONE,
+            Message::OutOfSync { .. } => kind::OUT_OF_SYNC,
         }
     }
 
@@ -450,8 +613,8 @@ impl<'a> Message<'a> {
     /// Appends the whole frame, header and payload.
     ///
     /// The caller keeps strings within [`MAX_STRING_LEN`] (longer ones are truncated), data
-    /// within [`super::MAX_DATA_LEN`] and bitmap messages within [`super::MAX_BITMAP_RUNS`];
-    /// a frame outside these limits is rejected by the peer.
+    /// within [`MAX_DATA_LEN`], digests within [`super::MAX_DIGESTS_LEN`] and bitmap messages
+    /// within [`super::MAX_BITMAP_RUNS`]; a frame outside these limits is rejected by the peer.
     pub fn encode(&self, out: &mut Vec<u8>) {
         self.encode_head(out);
         out.extend_from_slice(self.trailing_data());
@@ -498,6 +661,11 @@ impl<'a> Message<'a> {
                     flags |= params_flags::DISCARD_MY_DATA;
                 }
                 out.put_u8(flags);
+                out.put_u8(csums_to_wire(p.csums_alg));
+                out.put_u8(p.verify_alg.to_wire());
+                out.put_u8(p.after_sb_0pri.to_wire());
+                out.put_u8(p.after_sb_1pri.to_wire());
+                out.put_u8(p.after_sb_2pri.to_wire());
             }
             Message::State(s) => {
                 out.put_u8(s.role);
@@ -534,7 +702,11 @@ impl<'a> Message<'a> {
                 out.put_u32(errno);
             }
             Message::Ping | Message::PingAck => {}
-            Message::ResyncRequest { offset, len } | Message::ResyncAck { offset, len } => {
+            Message::ResyncRequest { offset, len }
+            | Message::ResyncAck { offset, len }
+            | Message::ResyncInSync { offset, len }
+            | Message::VerifyRequest { offset, len }
+            | Message::OutOfSync { offset, len } => {
                 out.put_u64(offset);
                 out.put_u32(len);
             }
@@ -553,6 +725,17 @@ impl<'a> Message<'a> {
                 out.put_u8(disk);
             }
             Message::Disconnect { reason } => put_str(out, reason),
+            Message::ResyncCsumRequest { offset, len, digests }
+            | Message::VerifyReply { offset, len, digests } => {
+                out.put_u64(offset);
+                out.put_u32(len);
+                out.put_slice(digests);
+            }
+            Message::VerifyStart { offset } => out.put_u64(offset),
+            Message::VerifyDone { checked_bytes, out_of_sync_blocks } => {
+                out.put_u64(checked_bytes);
+                out.put_u64(out_of_sync_blocks);
+            }
         }
     }
 
@@ -618,7 +801,7 @@ impl<'a> Message<'a> {
             kind::PING => Message::Ping,
             kind::PING_ACK => Message::PingAck,
             kind::RESYNC_REQUEST => {
-                let (offset, len) = decode_resync_range(&mut r)?;
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
                 Message::ResyncRequest { offset, len }
             }
             kind::RESYNC_DATA => {
@@ -628,20 +811,44 @@ impl<'a> Message<'a> {
                 Message::ResyncData(ResyncData { offset, crc32c, data })
             }
             kind::RESYNC_ACK => {
-                let (offset, len) = decode_resync_range(&mut r)?;
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
                 Message::ResyncAck { offset, len }
             }
             kind::RESYNC_NEG_ACK => {
-                let (offset, len) = decode_resync_range(&mut r)?;
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
                 Message::ResyncNegAck { offset, len, errno: r.u32()? }
             }
             kind::RESYNC_READ_ERROR => {
-                let (offset, len) = decode_resync_range(&mut r)?;
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
                 Message::ResyncReadError { offset, len, errno: r.u32()? }
             }
             kind::STATE_CHANGE => Message::StateChange { role: r.u8()?, disk: r.u8()? },
             kind::DISCONNECT => {
                 Message::Disconnect { reason: r.string16("disconnect reason", MAX_STRING_LEN)? }
+            }
+            kind::RESYNC_CSUM_REQUEST => {
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
+                Message::ResyncCsumRequest { offset, len, digests: r.rest() }
+            }
+            kind::RESYNC_IN_SYNC => {
+                let (offset, len) = decode_range32(&mut r, "resync block")?;
+                Message::ResyncInSync { offset, len }
+            }
+            kind::VERIFY_REQUEST => {
+                let (offset, len) = decode_range32(&mut r, "verify block")?;
+                Message::VerifyRequest { offset, len }
+            }
+            kind::VERIFY_REPLY => {
+                let (offset, len) = decode_range32(&mut r, "verify block")?;
+                Message::VerifyReply { offset, len, digests: r.rest() }
+            }
+            kind::VERIFY_START => Message::VerifyStart { offset: r.u64()? },
+            kind::VERIFY_DONE => {
+                Message::VerifyDone { checked_bytes: r.u64()?, out_of_sync_blocks: r.u64()? }
+            }
+            kind::OUT_OF_SYNC => {
+                let (offset, len) = decode_range32(&mut r, "out-of-sync range")?;
+                Message::OutOfSync { offset, len }
             }
             other => return Err(DecodeError::Invalid { what: "message kind", value: other.into() }),
         };
@@ -695,11 +902,12 @@ fn check_range(offset: u64, len: u64) -> Result<(), DecodeError> {
     }
 }
 
-fn decode_resync_range(r: &mut Reader<'_>) -> Result<(u64, u32), DecodeError> {
+/// An (offset u64, len u32) range: `len` at most [`MAX_DATA_LEN`], and not wrapping.
+fn decode_range32(r: &mut Reader<'_>, what: &'static str) -> Result<(u64, u32), DecodeError> {
     let (offset, len) = (r.u64()?, r.u32()?);
-    if len as usize > super::MAX_DATA_LEN {
-        let limit = super::MAX_DATA_LEN as u64;
-        return Err(DecodeError::TooLong { what: "resync block", len: len.into(), limit });
+    if len as usize > MAX_DATA_LEN {
+        let limit = MAX_DATA_LEN as u64;
+        return Err(DecodeError::TooLong { what, len: len.into(), limit });
     }
     check_range(offset, len.into())?;
     Ok((offset, len))
@@ -718,12 +926,31 @@ fn decode_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
     if flags & !params_flags::KNOWN != 0 {
         return Err(DecodeError::Invalid { what: "params flags", value: flags.into() });
     }
+    let v = r.u8()?;
+    let csums_alg = csums_from_wire(v).ok_or(DecodeError::Invalid { what: "csums alg", value: v.into() })?;
+    let v = r.u8()?;
+    let verify_alg =
+        DigestAlg::from_wire(v).ok_or(DecodeError::Invalid { what: "verify alg", value: v.into() })?;
+    let v = r.u8()?;
+    let after_sb_0pri =
+        AfterSb0::from_wire(v).ok_or(DecodeError::Invalid { what: "after-sb-0pri", value: v.into() })?;
+    let v = r.u8()?;
+    let after_sb_1pri =
+        AfterSb1::from_wire(v).ok_or(DecodeError::Invalid { what: "after-sb-1pri", value: v.into() })?;
+    let v = r.u8()?;
+    let after_sb_2pri =
+        AfterSb2::from_wire(v).ok_or(DecodeError::Invalid { what: "after-sb-2pri", value: v.into() })?;
     Ok(Params {
         protocol,
         device_size,
         bitmap_block,
         data_integrity: flags & params_flags::DATA_INTEGRITY != 0,
         discard_my_data: flags & params_flags::DISCARD_MY_DATA != 0,
+        csums_alg,
+        verify_alg,
+        after_sb_0pri,
+        after_sb_1pri,
+        after_sb_2pri,
     })
 }
 

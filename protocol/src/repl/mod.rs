@@ -12,10 +12,12 @@
 
 mod auth;
 mod bitmap;
+mod digest;
 mod message;
 
 pub use auth::{auth_response, is_reflected, verify_response, MAC_LEN, NONCE_LEN};
 pub use bitmap::{BitmapCursor, BitmapRun, BitmapRunIter, BitmapRuns, RunLengths};
+pub use digest::{append_digests, csums_from_wire, csums_to_wire, DigestAlg};
 pub use message::*;
 
 use bytes::BufMut;
@@ -27,9 +29,10 @@ use crate::wire::{DecodeError, Reader};
 pub const MAGIC: u32 = 0x5244_4244;
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest version this build still speaks.
-pub const PROTOCOL_MIN: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version this build still speaks. Version 1 is not spoken any more (rdbd is
+/// pre-release; SPEC.md §11).
+pub const PROTOCOL_MIN: u16 = 2;
 
 /// Largest data block one Data or ResyncData message carries: the largest NBD request rdbd
 /// accepts, so one client write is always one message.
@@ -49,8 +52,14 @@ pub const MAX_BITMAP_RUNS: usize = 16 * 1024;
 /// Smallest bitmap block (bytes of device per bitmap bit) a peer may announce.
 pub const MIN_BITMAP_BLOCK: u32 = 512;
 
+/// Most digest bytes in one ResyncCsumRequest or VerifyReply: one SHA-256 digest per 512-byte
+/// block of a 32 MiB range, the most any valid request needs.
+pub const MAX_DIGESTS_LEN: usize = 2 << 20;
+
 const _: () = assert!((24 + MAX_DATA_LEN) as u64 <= MAX_PAYLOAD as u64);
 const _: () = assert!((8 + 4 * MAX_BITMAP_RUNS) as u64 <= MAX_PAYLOAD as u64);
+const _: () = assert!(MAX_DATA_LEN / MIN_BITMAP_BLOCK as usize * DigestAlg::Sha256.len() <= MAX_DIGESTS_LEN);
+const _: () = assert!((12 + MAX_DIGESTS_LEN) as u64 <= MAX_PAYLOAD as u64);
 
 /// Message kinds (the `kind` field of the header), grouped by purpose in the high byte. Hello
 /// and Refuse keep their numbers and layouts in every version, since they are exchanged before
@@ -82,6 +91,8 @@ pub mod kind {
     pub const RESYNC_ACK: u16 = 0x0503;
     pub const RESYNC_NEG_ACK: u16 = 0x0504;
     pub const RESYNC_READ_ERROR: u16 = 0x0505;
+    pub const RESYNC_CSUM_REQUEST: u16 = 0x0506;
+    pub const RESYNC_IN_SYNC: u16 = 0x0507;
 
     pub const PING: u16 = 0x0601;
     pub const PING_ACK: u16 = 0x0602;
@@ -89,8 +100,14 @@ pub mod kind {
     pub const STATE_CHANGE: u16 = 0x0701;
     pub const DISCONNECT: u16 = 0x0702;
 
+    pub const VERIFY_REQUEST: u16 = 0x0801;
+    pub const VERIFY_REPLY: u16 = 0x0802;
+    pub const VERIFY_START: u16 = 0x0803;
+    pub const VERIFY_DONE: u16 = 0x0804;
+    pub const OUT_OF_SYNC: u16 = 0x0805;
+
     /// Every kind of this version, for tests and fuzzers.
-    pub const ALL: [u16; 26] = [
+    pub const ALL: [u16; 33] = [
         HELLO,
         REFUSE,
         AUTH_CHALLENGE,
@@ -113,10 +130,17 @@ pub mod kind {
         RESYNC_ACK,
         RESYNC_NEG_ACK,
         RESYNC_READ_ERROR,
+        RESYNC_CSUM_REQUEST,
+        RESYNC_IN_SYNC,
         PING,
         PING_ACK,
         STATE_CHANGE,
         DISCONNECT,
+        VERIFY_REQUEST,
+        VERIFY_REPLY,
+        VERIFY_START,
+        VERIFY_DONE,
+        OUT_OF_SYNC,
     ];
 }
 
@@ -126,6 +150,7 @@ pub mod kind {
 pub fn payload_bounds(kind: u16) -> Option<(u32, u32)> {
     const STR: u32 = 2 + MAX_STRING_LEN as u32;
     const DATA: u32 = MAX_DATA_LEN as u32;
+    const DIGESTS: u32 = MAX_DIGESTS_LEN as u32;
     let fixed = |n: u32| Some((n, n));
     match kind {
         kind::HELLO => Some((9, 5 + 2 * STR)),
@@ -142,6 +167,10 @@ pub fn payload_bounds(kind: u16) -> Option<(u32, u32)> {
         kind::RESYNC_REQUEST | kind::RESYNC_ACK => fixed(12),
         kind::RESYNC_DATA => Some((ResyncData::HEAD_LEN as u32, ResyncData::HEAD_LEN as u32 + DATA)),
         kind::RESYNC_NEG_ACK | kind::RESYNC_READ_ERROR => fixed(16),
+        kind::RESYNC_CSUM_REQUEST | kind::VERIFY_REPLY => Some((12, 12 + DIGESTS)),
+        kind::RESYNC_IN_SYNC | kind::VERIFY_REQUEST | kind::OUT_OF_SYNC => fixed(12),
+        kind::VERIFY_START => fixed(8),
+        kind::VERIFY_DONE => fixed(16),
         kind::PING | kind::PING_ACK => fixed(0),
         kind::STATE_CHANGE => fixed(2),
         kind::DISCONNECT => Some((2, STR)),
@@ -313,6 +342,8 @@ mod tests {
         assert_eq!(FrameHeader::decode(&b), Err(DecodeError::Invalid { what: "message kind", value: 0 }));
         let b = FrameHeader { kind: 0x0703, length: 0 }.encode();
         assert!(FrameHeader::decode(&b).is_err());
+        let b = FrameHeader { kind: 0x0806, length: 0 }.encode();
+        assert!(FrameHeader::decode(&b).is_err());
         assert!(matches!(FrameHeader::decode(&good[..11]), Err(DecodeError::Truncated { needed: 1 })));
     }
 
@@ -341,6 +372,14 @@ mod tests {
         assert!(ok(kind::BITMAP_RUNS, 8 + 4 * MAX_BITMAP_RUNS as u32));
         assert!(!ok(kind::BITMAP_RUNS, 8 + 4 * MAX_BITMAP_RUNS as u32 + 1));
         assert!(!ok(kind::HELLO, 5 + 2 * (2 + MAX_STRING_LEN as u32) + 1));
+        for k in [kind::RESYNC_CSUM_REQUEST, kind::VERIFY_REPLY] {
+            assert!(ok(k, 12));
+            assert!(!ok(k, 11));
+            assert!(ok(k, 12 + MAX_DIGESTS_LEN as u32));
+            assert!(!ok(k, 12 + MAX_DIGESTS_LEN as u32 + 1));
+        }
+        assert!(ok(kind::VERIFY_START, 8) && !ok(kind::VERIFY_START, 12));
+        assert!(ok(kind::VERIFY_DONE, 16) && !ok(kind::VERIFY_DONE, 12));
         for k in kind::ALL {
             let (min, max) = payload_bounds(k).unwrap();
             assert!(min <= max && max <= MAX_PAYLOAD, "kind {k:#x}");
@@ -369,7 +408,17 @@ mod tests {
         for k in [PARAMS, STATE, BITMAP_RUNS, BITMAP_DONE, SYNC_UUID, DATA, TRIM, ZEROES, FLUSH] {
             assert!(allowed_on(k, Channel::Data) && !allowed_on(k, Channel::Meta), "{k:#x}");
         }
-        for k in [RESYNC_REQUEST, RESYNC_DATA, RESYNC_READ_ERROR, STATE_CHANGE] {
+        for k in [
+            RESYNC_REQUEST,
+            RESYNC_DATA,
+            RESYNC_READ_ERROR,
+            RESYNC_CSUM_REQUEST,
+            RESYNC_IN_SYNC,
+            STATE_CHANGE,
+        ] {
+            assert!(allowed_on(k, Channel::Data) && !allowed_on(k, Channel::Meta), "{k:#x}");
+        }
+        for k in [VERIFY_REQUEST, VERIFY_REPLY, VERIFY_START, VERIFY_DONE, OUT_OF_SYNC] {
             assert!(allowed_on(k, Channel::Data) && !allowed_on(k, Channel::Meta), "{k:#x}");
         }
         assert!(!allowed_on(0, Channel::Data) && !allowed_on(0, Channel::Meta));

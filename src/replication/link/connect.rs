@@ -98,7 +98,9 @@ pub async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdbd_protocol::repl::{Generations, Message, Protocol, RefuseCode};
+    use rdbd_protocol::repl::{
+        AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Message, Protocol, RefuseCode,
+    };
     use std::time::Duration;
 
     fn id<'a>(local: &'a str, peer: &'a str, secret: &'a [u8]) -> Identity<'a> {
@@ -118,6 +120,11 @@ mod tests {
             bitmap_block: 4096,
             data_integrity: true,
             discard_my_data: false,
+            csums_alg: None,
+            verify_alg: DigestAlg::Sha256,
+            after_sb_0pri: AfterSb0::Disconnect,
+            after_sb_1pri: AfterSb1::Disconnect,
+            after_sb_2pri: AfterSb2::Disconnect,
         }
     }
 

@@ -220,6 +220,26 @@ pub async fn exchange_state(
         );
         return Err(refuse(ch, RefuseCode::ConfigMismatch, message).await);
     }
+    if (params.csums_alg, params.verify_alg) != (ours.csums_alg, ours.verify_alg)
+        || (params.after_sb_0pri, params.after_sb_1pri, params.after_sb_2pri)
+            != (ours.after_sb_0pri, ours.after_sb_1pri, ours.after_sb_2pri)
+    {
+        let message = format!(
+            "settings differ: csums-alg {:?}/{:?}, verify-alg {:?}/{:?}, after-sb-0pri {:?}/{:?}, \
+             after-sb-1pri {:?}/{:?}, after-sb-2pri {:?}/{:?}",
+            ours.csums_alg,
+            params.csums_alg,
+            ours.verify_alg,
+            params.verify_alg,
+            ours.after_sb_0pri,
+            params.after_sb_0pri,
+            ours.after_sb_1pri,
+            params.after_sb_1pri,
+            ours.after_sb_2pri,
+            params.after_sb_2pri
+        );
+        return Err(refuse(ch, RefuseCode::ConfigMismatch, message).await);
+    }
     ch.send(&Message::State(state)).await?;
     let state = match ch.recv_within(id.step_timeout).await? {
         Message::State(s) => s,
@@ -231,7 +251,7 @@ pub async fn exchange_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdbd_protocol::repl::{Generations, Protocol};
+    use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Protocol};
     use tokio::net::{TcpListener, TcpStream};
 
     fn identity<'a>(local: &'a str, peer: &'a str, secret: Option<&'a [u8]>) -> Identity<'a> {
@@ -251,6 +271,11 @@ mod tests {
             bitmap_block: 4096,
             data_integrity: false,
             discard_my_data: false,
+            csums_alg: None,
+            verify_alg: DigestAlg::Sha256,
+            after_sb_0pri: AfterSb0::Disconnect,
+            after_sb_1pri: AfterSb1::Disconnect,
+            after_sb_2pri: AfterSb2::Disconnect,
         }
     }
 
@@ -353,6 +378,32 @@ mod tests {
         let e = ra.unwrap_err().to_string();
         assert!(e.contains("SizeMismatch") && e.contains(&(1u64 << 30).to_string()), "{e}");
         assert!(rb.is_err());
+    }
+
+    #[tokio::test]
+    async fn different_digest_or_split_brain_settings_are_refused_with_both_values_named() {
+        let base = params(4096);
+        let cases = [
+            (Params { csums_alg: Some(DigestAlg::Crc32c), ..base }, "csums-alg None/Some(Crc32c)"),
+            (Params { verify_alg: DigestAlg::Crc32c, ..base }, "verify-alg Sha256/Crc32c"),
+            (
+                Params { after_sb_0pri: AfterSb0::DiscardDialer, ..base },
+                "after-sb-0pri Disconnect/DiscardDialer",
+            ),
+            (Params { after_sb_1pri: AfterSb1::Consensus, ..base }, "after-sb-1pri Disconnect/Consensus"),
+            (
+                Params { after_sb_2pri: AfterSb2::CallPriLostAfterSb, ..base },
+                "after-sb-2pri Disconnect/CallPriLostAfterSb",
+            ),
+        ];
+        for (theirs, named) in cases {
+            let (ra, rb) =
+                handshake(identity("alpha", "beta", None), identity("beta", "alpha", None), base, theirs)
+                    .await;
+            let e = ra.unwrap_err().to_string();
+            assert!(e.contains("ConfigMismatch") && e.contains(named), "{e}");
+            assert!(rb.is_err());
+        }
     }
 
     #[tokio::test]

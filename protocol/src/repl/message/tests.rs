@@ -1,6 +1,7 @@
 use super::*;
 use crate::repl::{
-    allowed_on, decode_frame, BitmapRuns, Channel, MAX_BITMAP_RUNS, MAX_DATA_LEN, MAX_PAYLOAD,
+    allowed_on, decode_frame, BitmapRuns, Channel, DigestAlg, MAX_BITMAP_RUNS, MAX_DATA_LEN, MAX_DIGESTS_LEN,
+    MAX_PAYLOAD,
 };
 use proptest::prelude::*;
 use proptest::strategy::Union;
@@ -60,9 +61,14 @@ fn layout_of_every_message() {
                 bitmap_block: 4096,
                 data_integrity: true,
                 discard_my_data: false,
+                csums_alg: Some(DigestAlg::Crc32c),
+                verify_alg: DigestAlg::Sha256,
+                after_sb_0pri: AfterSb0::DiscardListener,
+                after_sb_1pri: AfterSb1::DiscardSecondary,
+                after_sb_2pri: AfterSb2::CallPriLostAfterSb,
             }),
             0x0105,
-            cat(&[&be64(0x0102_0304_0506_0708), &be32(4096), b"C", &[0x01]]),
+            cat(&[&be64(0x0102_0304_0506_0708), &be32(4096), b"C", &[0x01], &[1, 2, 6, 2, 1]]),
         ),
         (
             Message::State(State {
@@ -137,10 +143,33 @@ fn layout_of_every_message() {
             0x0505,
             cat(&[&be64(0x5000), &be32(512), &be32(61)]),
         ),
+        (
+            Message::ResyncCsumRequest { offset: 0x6000, len: 8192, digests: &[1, 2, 3, 4, 5, 6, 7, 8] },
+            0x0506,
+            cat(&[&be64(0x6000), &be32(8192), &[1, 2, 3, 4, 5, 6, 7, 8]]),
+        ),
+        (Message::ResyncInSync { offset: 0x7000, len: 4096 }, 0x0507, cat(&[&be64(0x7000), &be32(4096)])),
         (Message::Ping, 0x0601, vec![]),
         (Message::PingAck, 0x0602, vec![]),
         (Message::StateChange { role: 2, disk: 8 }, 0x0701, vec![2, 8]),
         (Message::Disconnect { reason: "bye" }, 0x0702, cat(&[&be16(3), b"bye"])),
+        (
+            Message::VerifyRequest { offset: 0x10_0000, len: 0x10_0000 },
+            0x0801,
+            cat(&[&be64(0x10_0000), &be32(0x10_0000)]),
+        ),
+        (
+            Message::VerifyReply { offset: 0x8000, len: 4096, digests: &[0xab; 4] },
+            0x0802,
+            cat(&[&be64(0x8000), &be32(4096), &[0xab; 4]]),
+        ),
+        (Message::VerifyStart { offset: 0x9000 }, 0x0803, be64(0x9000).to_vec()),
+        (
+            Message::VerifyDone { checked_bytes: 1 << 30, out_of_sync_blocks: 3 },
+            0x0804,
+            cat(&[&be64(1 << 30), &be64(3)]),
+        ),
+        (Message::OutOfSync { offset: 0xa000, len: 512 }, 0x0805, cat(&[&be64(0xa000), &be32(512)])),
     ];
     let mut seen: Vec<u16> = Vec::new();
     for (m, k, payload) in &cases {
@@ -176,6 +205,22 @@ fn enum_wire_values() {
         [AckMode::None, AckMode::Recv, AckMode::Write]
     );
     assert_eq!(AckMode::from_wire(3), None);
+    for v in 0..=u8::MAX {
+        if let Some(a) = AfterSb0::from_wire(v) {
+            assert_eq!(a.to_wire(), v);
+        }
+        if let Some(a) = AfterSb1::from_wire(v) {
+            assert_eq!(a.to_wire(), v);
+        }
+        if let Some(a) = AfterSb2::from_wire(v) {
+            assert_eq!(a.to_wire(), v);
+        }
+    }
+    assert_eq!((0..=u8::MAX).filter_map(AfterSb0::from_wire).count(), 7);
+    assert_eq!((0..=u8::MAX).filter_map(AfterSb1::from_wire).count(), 4);
+    assert_eq!((0..=u8::MAX).filter_map(AfterSb2::from_wire).count(), 2);
+    assert_eq!(AfterSb0::from_wire(5), Some(AfterSb0::DiscardDialer));
+    assert_eq!(AfterSb0::from_wire(6), Some(AfterSb0::DiscardListener));
 }
 
 #[test]
@@ -205,8 +250,9 @@ fn hello_rejects_bad_fields() {
 
 #[test]
 fn params_and_state_reject_bad_fields() {
-    let params =
-        |block: u32, protocol: u8, flags: u8| cat(&[&be64(1 << 30), &be32(block), &[protocol, flags]]);
+    let params = |block: u32, protocol: u8, flags: u8| {
+        cat(&[&be64(1 << 30), &be32(block), &[protocol, flags], &[0, 2, 0, 0, 0]])
+    };
     assert!(Message::decode(kind::PARAMS, &params(4096, b'A', 3)).is_ok());
     assert!(Message::decode(kind::PARAMS, &params(512, b'B', 0)).is_ok());
     for block in [0, 256, 1000, 4097, u32::MAX] {
@@ -217,6 +263,29 @@ fn params_and_state_reject_bad_fields() {
     assert!(Message::decode(kind::PARAMS, &params(4096, b'D', 0)).is_err());
     assert!(Message::decode(kind::PARAMS, &params(4096, 3, 0)).is_err());
     assert!(Message::decode(kind::PARAMS, &params(4096, b'C', 4)).is_err());
+    // The five policy bytes: each one's largest value decodes, the next one does not.
+    let with = |at: usize, v: u8| {
+        let mut p = params(4096, b'C', 0);
+        p[14 + at] = v;
+        p
+    };
+    let names = ["csums alg", "verify alg", "after-sb-0pri", "after-sb-1pri", "after-sb-2pri"];
+    for (at, (what, max)) in names.into_iter().zip([2u8, 2, 6, 3, 1]).enumerate() {
+        assert!(Message::decode(kind::PARAMS, &with(at, max)).is_ok(), "{what}");
+        let p = with(at, max + 1);
+        let e = Message::decode(kind::PARAMS, &p);
+        assert_eq!(e, Err(DecodeError::Invalid { what, value: u64::from(max) + 1 }));
+    }
+    assert_eq!(
+        Message::decode(kind::PARAMS, &with(1, 0)),
+        Err(DecodeError::Invalid { what: "verify alg", value: 0 }),
+        "verify needs an algorithm"
+    );
+    let Ok(Message::Params(p)) = Message::decode(kind::PARAMS, &with(0, 0)) else { panic!() };
+    assert_eq!(p.csums_alg, None);
+    // A version-1 Params (14 bytes) is too short.
+    let p = params(4096, b'C', 0);
+    assert!(Message::decode(kind::PARAMS, &p[..14]).is_err());
 
     let state = |flags: u32| cat(&[&[1, 2], &be32(flags), &[0; 40]]);
     assert!(Message::decode(kind::STATE, &state(state_flags::KNOWN)).is_ok());
@@ -257,6 +326,33 @@ fn writes_reject_bad_flags_ack_and_wrapping_ranges() {
     assert!(Message::decode(kind::RESYNC_ACK, &resync(u64::MAX, 1)).is_err());
     let rd = cat(&[&be64(u64::MAX), &be32(0), b"z"]);
     assert!(Message::decode(kind::RESYNC_DATA, &rd).is_err());
+
+    // The new range messages follow the same rules.
+    for k in [kind::RESYNC_IN_SYNC, kind::VERIFY_REQUEST, kind::OUT_OF_SYNC] {
+        assert!(Message::decode(k, &resync(u64::MAX - 8, 8)).is_ok(), "{k:#x}");
+        assert!(Message::decode(k, &resync(u64::MAX - 8, 9)).is_err(), "{k:#x}");
+        assert!(Message::decode(k, &resync(0, MAX_DATA_LEN as u32)).is_ok(), "{k:#x}");
+        assert!(matches!(
+            Message::decode(k, &resync(0, MAX_DATA_LEN as u32 + 1)),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+    for k in [kind::RESYNC_CSUM_REQUEST, kind::VERIFY_REPLY] {
+        let with = |offset: u64, len: u32, digests: &[u8]| cat(&[&resync(offset, len), digests]);
+        let p = with(0, 4096, &[]);
+        let Ok(m) = Message::decode(k, &p) else { panic!("{k:#x}") };
+        assert_eq!(m.kind(), k);
+        assert!(Message::decode(k, &with(u64::MAX, 1, &[0; 4])).is_err(), "{k:#x}");
+        assert!(matches!(
+            Message::decode(k, &with(0, MAX_DATA_LEN as u32 + 1, &[0; 4])),
+            Err(DecodeError::TooLong { .. })
+        ));
+        assert!(Message::decode(k, &with(0, MAX_DATA_LEN as u32, &vec![0; MAX_DIGESTS_LEN])).is_ok());
+        assert!(matches!(
+            Message::decode(k, &with(0, MAX_DATA_LEN as u32, &vec![0; MAX_DIGESTS_LEN + 1])),
+            Err(DecodeError::TooLong { what: "payload", .. })
+        ));
+    }
 }
 
 #[test]
@@ -395,6 +491,31 @@ fn arb_protocol() -> impl Strategy<Value = Protocol> {
     prop_oneof![Just(Protocol::A), Just(Protocol::B), Just(Protocol::C)]
 }
 
+fn arb_digest_alg() -> impl Strategy<Value = DigestAlg> {
+    prop_oneof![Just(DigestAlg::Crc32c), Just(DigestAlg::Sha256)]
+}
+
+/// The five policy fields of Params: (csums, verify, after-sb-0pri, -1pri, -2pri).
+fn arb_policies() -> impl Strategy<Value = (Option<DigestAlg>, DigestAlg, AfterSb0, AfterSb1, AfterSb2)> {
+    (
+        proptest::option::of(arb_digest_alg()),
+        arb_digest_alg(),
+        (0u8..=6).prop_map(|v| AfterSb0::from_wire(v).unwrap()),
+        (0u8..=3).prop_map(|v| AfterSb1::from_wire(v).unwrap()),
+        (0u8..=1).prop_map(|v| AfterSb2::from_wire(v).unwrap()),
+    )
+}
+
+static LARGEST_DIGESTS: [u8; MAX_DIGESTS_LEN] = [0x5a; MAX_DIGESTS_LEN];
+
+/// Raw digest bytes: usually a few digests, sometimes the most a message may carry.
+fn arb_digests() -> impl Strategy<Value = &'static [u8]> {
+    prop_oneof![
+        16 => proptest::collection::vec(any::<u8>(), 0..256).prop_map(leak_bytes),
+        1 => Just(&LARGEST_DIGESTS[..]),
+    ]
+}
+
 /// (offset, len) with offset + len <= 2^64.
 fn arb_range(max_len: u64) -> impl Strategy<Value = (u64, u64)> {
     (any::<u64>(), 0..=max_len).prop_map(|(o, l)| (o.min(u64::MAX - l), l))
@@ -427,14 +548,20 @@ fn arb_message() -> impl Strategy<Value = Message<'static>> {
             .boxed(),
         any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }).boxed(),
         any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse { mac }).boxed(),
-        (arb_protocol(), any::<u64>(), 9u32..32, any::<bool>(), any::<bool>())
-            .prop_map(|(protocol, device_size, shift, data_integrity, discard_my_data)| {
+        (arb_protocol(), any::<u64>(), 9u32..32, any::<bool>(), any::<bool>(), arb_policies())
+            .prop_map(|(protocol, device_size, shift, data_integrity, discard_my_data, policies)| {
+                let (csums_alg, verify_alg, after_sb_0pri, after_sb_1pri, after_sb_2pri) = policies;
                 Message::Params(Params {
                     protocol,
                     device_size,
                     bitmap_block: 1 << shift,
                     data_integrity,
                     discard_my_data,
+                    csums_alg,
+                    verify_alg,
+                    after_sb_0pri,
+                    after_sb_1pri,
+                    after_sb_2pri,
                 })
             })
             .boxed(),
@@ -489,6 +616,22 @@ fn arb_message() -> impl Strategy<Value = Message<'static>> {
             .boxed(),
         any::<(u8, u8)>().prop_map(|(role, disk)| Message::StateChange { role, disk }).boxed(),
         arb_str().prop_map(|reason| Message::Disconnect { reason }).boxed(),
+        (arb_resync_range(), arb_digests())
+            .prop_map(|((offset, len), digests)| Message::ResyncCsumRequest { offset, len, digests })
+            .boxed(),
+        arb_resync_range().prop_map(|(offset, len)| Message::ResyncInSync { offset, len }).boxed(),
+        arb_resync_range().prop_map(|(offset, len)| Message::VerifyRequest { offset, len }).boxed(),
+        (arb_resync_range(), arb_digests())
+            .prop_map(|((offset, len), digests)| Message::VerifyReply { offset, len, digests })
+            .boxed(),
+        any::<u64>().prop_map(|offset| Message::VerifyStart { offset }).boxed(),
+        any::<(u64, u64)>()
+            .prop_map(|(checked_bytes, out_of_sync_blocks)| Message::VerifyDone {
+                checked_bytes,
+                out_of_sync_blocks,
+            })
+            .boxed(),
+        arb_resync_range().prop_map(|(offset, len)| Message::OutOfSync { offset, len }).boxed(),
     ];
     assert_eq!(arms.len(), kind::ALL.len(), "one arm per kind");
     Union::new(arms)
