@@ -9,6 +9,7 @@ mod metadata;
 mod resource;
 mod serve;
 mod verbs;
+mod verify;
 mod wait_sync;
 
 use std::process::ExitCode;
@@ -51,6 +52,8 @@ enum Command {
     Disconnect(verbs::PlainArgs),
     /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
     NewCurrentUuid(verbs::NewCurrentUuidArgs),
+    /// Compare both replicas by digests while in use; mark and report the blocks that differ.
+    Verify(verify::VerifyArgs),
     /// Declare this node's data bad and resync it from the peer (refused on a Primary).
     Invalidate(verbs::InvalidateArgs),
     /// Declare the peer's data bad and resync it from this node.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
             Command::Connect(args) => verbs::connect(args).await,
             Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
             Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
+            Command::Verify(args) => verify::run(args).await,
             Command::Invalidate(args) => verbs::invalidate(args, false).await,
             Command::InvalidateRemote(args) => verbs::invalidate(args, true).await,
             Command::Events(args) => events::run(args).await,

@@ -99,7 +99,7 @@ pub async fn invalidate(args: InvalidateArgs, remote: bool) -> anyhow::Result<()
 }
 
 /// Sends `req` to this node's daemon; a refusal becomes the error.
-async fn send(res: &Resource, req: Request) -> anyhow::Result<Response> {
+pub(super) async fn send(res: &Resource, req: Request) -> anyhow::Result<Response> {
     let response = control::request(&res.control_socket(), &req, VERB_LIMIT).await?;
     if !response.ok {
         bail!("{}: {}", res.config.name, response.error.unwrap_or_else(|| "refused".into()));

@@ -46,6 +46,11 @@ pub enum Request {
     InvalidateRemote {
         reset_bitmap: bool,
     },
+    /// Compare both replicas by digests (from `start`, in bytes).
+    Verify {
+        #[serde(default)]
+        start: u64,
+    },
     /// Subscribe to the event stream; with `now`, the current state comes first.
     Events {
         #[serde(default)]
@@ -298,6 +303,7 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
         Request::NewCurrentUuid { clear_bitmap } => node.new_current_uuid(clear_bitmap),
         Request::Down => node.down(false).await,
         Request::Invalidate { reset_bitmap } => node.invalidate(reset_bitmap),
+        Request::Verify { start } => node.verify(start),
         Request::InvalidateRemote { reset_bitmap } => node.invalidate_remote(reset_bitmap),
         // Served by `handle` on a task of its own.
         Request::Events { .. } => return failure("events: not a one-line request".into()),

@@ -12,6 +12,7 @@ use crate::metadata::generations::{Generations, PRIMARY_BIT};
 use crate::replication::apply::ApplyEvents;
 use crate::replication::source::SourceEvents;
 use crate::replication::states::{DiskState, ReplState};
+use crate::replication::verify::VerifyReport;
 
 pub struct NodeEvents(pub Arc<Node>);
 
@@ -28,6 +29,19 @@ impl NodeEvents {
 }
 
 impl ApplyEvents for NodeEvents {
+    fn verify_answered(&mut self, offset: u64, len: u32) {
+        self.0.verify_answered(offset, len);
+    }
+
+    fn out_of_sync(&mut self, offset: u64, len: u32) {
+        self.0.verify_out_of_sync(offset, len);
+    }
+
+    fn verify_done(&mut self, checked_bytes: u64, out_of_sync_blocks: u64) {
+        let report = VerifyReport { checked_bytes, out_of_sync_blocks, ranges: Vec::new() };
+        self.0.verify_finished(Some(&report));
+    }
+
     fn peer_state(&mut self, role: u8, disk: u8) {
         NodeEvents::peer_state(self, role, disk);
     }
@@ -56,6 +70,19 @@ impl ApplyEvents for NodeEvents {
 }
 
 impl SourceEvents for NodeEvents {
+    fn verify_started(&mut self, total: u64) {
+        self.0.verify_started(total, true);
+    }
+
+    fn verify_progress(&mut self, report: &VerifyReport) {
+        self.0.verify_progress(report);
+    }
+
+    fn verify_finished(&mut self, report: &VerifyReport) {
+        self.0.verify_progress(report);
+        self.0.verify_finished(Some(report));
+    }
+
     fn peer_state(&mut self, role: u8, disk: u8) {
         NodeEvents::peer_state(self, role, disk);
     }

@@ -15,6 +15,9 @@ pub mod handlers;
 mod nbd_service;
 mod session;
 pub mod status;
+mod verify;
+
+pub use verify::VerifyResult;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -103,6 +106,10 @@ struct NodeState {
     /// Whether the node tries to connect (false after `disconnect` or a refused handshake).
     want_connection: bool,
     link: Option<Arc<PeerLink>>,
+    /// The online verify running, the last one that ended, and how many have ended.
+    verify: Option<verify::RunningVerify>,
+    last_verify: Option<verify::VerifyResult>,
+    verifies_ended: u64,
 }
 
 /// One node of one resource, running.
@@ -117,6 +124,8 @@ pub struct Node {
     nbd: tokio::sync::Mutex<Option<NbdService>>,
     shards: Arc<Shards>,
     events: event_stream::EventHub,
+    /// Where `verify` sends its start offset: the current connection's sender or receiver.
+    verify_starts: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u64>>>,
 }
 
 /// The node state, locked. Dropping it after a mutation pokes the event watcher, so every
@@ -243,6 +252,9 @@ impl Node {
             discard_my_data: false,
             want_connection: true,
             link: None,
+            verify: None,
+            last_verify: None,
+            verifies_ended: 0,
         };
         Ok(Arc::new(Self {
             config,
@@ -254,6 +266,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             nbd: tokio::sync::Mutex::new(None),
             shards,
+            verify_starts: Mutex::new(None),
         }))
     }
 

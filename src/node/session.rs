@@ -31,7 +31,7 @@ use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
 use crate::replication::resync::target::ResyncTarget;
-use crate::replication::source;
+use crate::replication::source::{self, SourceOptions};
 use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
 use crate::replication::sync_decision::{apply_skip_initial_sync, decide, SideView, SyncDecision};
 
@@ -183,6 +183,25 @@ fn params(node: &Node) -> Params {
     }
 }
 
+/// How this node answers resync requests and verifies as the connection's sender.
+fn source_options(node: &Node) -> SourceOptions {
+    let net = &node.config.net;
+    SourceOptions {
+        pace: node.config.disk.resync,
+        csums: net.csums_alg.map(wire_digest),
+        verify_alg: wire_digest(net.verify_alg),
+    }
+}
+
+/// The digest this resync's requests carry as target: `csums-alg` when set, and with
+/// `csums-after-crash-only` only for the resync after a Primary crash (rules 40/41).
+fn resync_csums(node: &Node, rule: u32) -> Option<repl::DigestAlg> {
+    use crate::replication::sync_decision::rules;
+    let net = &node.config.net;
+    let after_crash = matches!(rule, rules::CRASHED_PRIMARY | rules::CRASHED_PRIMARY_NOW_PRIMARY);
+    net.csums_alg.filter(|_| !net.csums_after_crash_only || after_crash).map(wire_digest)
+}
+
 fn link_options(node: &Node) -> LinkOptions {
     let net = &node.config.net;
     let mut options = LinkOptions::new(wire_protocol(node.config.protocol), net.data_integrity);
@@ -313,6 +332,8 @@ fn set_standalone(node: &Node, message: String) {
 /// The link is gone: forget the peer's state, keep what the bitmap learned, and, as Primary,
 /// start a new generation so the peer is recognisably behind.
 fn end_session(node: &Node) {
+    *node.verify_starts.lock().expect("verify lock") = None;
+    node.verify_interrupted();
     {
         let mut s = node.state();
         s.link = None;
@@ -461,7 +482,8 @@ async fn session(
     if sender {
         run_sender(node, est, outcome.is_source()).await
     } else {
-        run_receiver(node, est, outcome.is_target()).await
+        let csums = outcome.is_target().then(|| resync_csums(node, decision.rule)).flatten();
+        run_receiver(node, est, outcome.is_target(), csums).await
     }
 }
 
@@ -535,11 +557,20 @@ async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome
         (None, None)
     };
     let link = node.device.connect_peer(writer, meta, link_options(node), replies_tx);
+    let (verify_tx, verify_rx) = mpsc::unbounded_channel();
+    *node.verify_starts.lock().expect("verify lock") = Some(verify_tx);
     node.state().link = Some(link.clone());
     node.device.release_writes();
     let events = Box::new(NodeEvents(node.clone()));
-    let served =
-        source::serve(node.device.clone(), link.clone(), reader, replies_rx, node.config.disk.resync, events);
+    let served = source::serve(
+        node.device.clone(),
+        link.clone(),
+        reader,
+        replies_rx,
+        verify_rx,
+        source_options(node),
+        events,
+    );
     tokio::select! {
         result = served => {
             link.disconnect();
@@ -558,7 +589,12 @@ async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome
 }
 
 /// The receiving side: apply the peer's writes (and pull the resync as target).
-async fn run_receiver(node: &Arc<Node>, est: Established, target: bool) -> Outcome {
+async fn run_receiver(
+    node: &Arc<Node>,
+    est: Established,
+    target: bool,
+    csums: Option<repl::DigestAlg>,
+) -> Outcome {
     let Established { mut data, mut meta, .. } = est;
     let local = node.device.local().clone();
     let mut applier = match Applier::new(local, node.config.net.data_integrity) {
@@ -566,13 +602,18 @@ async fn run_receiver(node: &Arc<Node>, est: Established, target: bool) -> Outco
         Err(e) => return Outcome::StandAlone(e.to_string()),
     };
     if target {
-        applier = match applier.with_resync(ResyncTarget::new(node.device.clone(), node.config.disk.resync)) {
-            Ok(a) => a,
-            Err(e) => return Outcome::StandAlone(e.to_string()),
-        };
+        applier =
+            match applier.with_resync(ResyncTarget::new(node.device.clone(), node.config.disk.resync, csums))
+            {
+                Ok(a) => a,
+                Err(e) => return Outcome::StandAlone(e.to_string()),
+            };
     }
     let net = &node.config.net;
+    let (verify_tx, verify_rx) = mpsc::unbounded_channel();
+    *node.verify_starts.lock().expect("verify lock") = Some(verify_tx);
     let mut applier = applier
+        .with_verify(wire_digest(net.verify_alg), node.device.bitmap_block(), verify_rx)
         .with_events(Box::new(NodeEvents(node.clone())))
         .with_silence_limit(net.ping_interval * 2 + net.ping_timeout);
     tokio::select! {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Node, NodeState};
+use super::{Node, NodeState, VerifyResult};
 use crate::replication::states::{ConnState, DiskState, ReplState, Role};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +28,14 @@ pub struct Status {
     pub last_resync_bytes: Option<u64>,
     /// Resyncs completed (as source or target) since the daemon started.
     pub resyncs_completed: u64,
+    /// While an online verify runs: how far it is and what it found so far.
+    #[serde(default)]
+    pub verify: Option<VerifyProgress>,
+    /// The last online verify that ended, and how many have ended since the daemon started.
+    #[serde(default)]
+    pub last_verify: Option<VerifyResult>,
+    #[serde(default)]
+    pub verifies_ended: u64,
     /// Where a Primary serves NBD.
     pub nbd: Option<String>,
     pub nbd_clients: usize,
@@ -54,6 +62,13 @@ pub struct ResyncProgress {
     pub eta_secs: Option<u64>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyProgress {
+    #[serde(flatten)]
+    pub progress: ResyncProgress,
+    pub out_of_sync_blocks: u64,
+}
+
 /// Generation identifiers in hex, as `drbdadm show-gi` prints them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GenerationsStatus {
@@ -72,6 +87,13 @@ impl Node {
         let out_of_sync_bytes = self.out_of_sync_bytes();
         let s = self.state().clone();
         let resync = self.resync_progress(&s, out_of_sync_bytes);
+        let verify = s.verify.as_ref().map(|v| {
+            let done = v.report.checked_bytes.min(v.total);
+            VerifyProgress {
+                progress: progress(v.total, v.total - done, v.started.elapsed().as_secs_f64()),
+                out_of_sync_blocks: v.report.out_of_sync_blocks,
+            }
+        });
         let hex = |v: u64| format!("{v:016X}");
         Status {
             resource: self.config.name.clone(),
@@ -86,6 +108,9 @@ impl Node {
             resync,
             last_resync_bytes: s.last_resync_bytes,
             resyncs_completed: s.resyncs_completed,
+            verify,
+            last_verify: s.last_verify.clone(),
+            verifies_ended: s.verifies_ended,
             nbd,
             nbd_clients,
             generations: GenerationsStatus {
@@ -112,19 +137,19 @@ impl Node {
         }
         let block = u64::from(self.device.bitmap_block());
         let total_bytes = (s.resync_total * block).min(self.device.info_size());
-        let done = total_bytes.saturating_sub(out_of_sync_bytes);
-        let done_percent = if total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / total_bytes as f64 };
         let elapsed = s.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let rate = if elapsed > 0.0 { (done as f64 / elapsed) as u64 } else { 0 };
-        let eta_secs = (rate > 0).then(|| out_of_sync_bytes.div_ceil(rate));
-        Some(ResyncProgress {
-            total_bytes,
-            remaining_bytes: out_of_sync_bytes,
-            done_percent,
-            rate_bytes_per_sec: rate,
-            eta_secs,
-        })
+        Some(progress(total_bytes, out_of_sync_bytes.min(total_bytes), elapsed))
     }
+}
+
+/// Done percentage, average rate and time left of `total` bytes with `remaining` left after
+/// `elapsed` seconds.
+fn progress(total_bytes: u64, remaining_bytes: u64, elapsed: f64) -> ResyncProgress {
+    let done = total_bytes.saturating_sub(remaining_bytes);
+    let done_percent = if total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / total_bytes as f64 };
+    let rate = if elapsed > 0.0 { (done as f64 / elapsed) as u64 } else { 0 };
+    let eta_secs = (rate > 0).then(|| remaining_bytes.div_ceil(rate));
+    ResyncProgress { total_bytes, remaining_bytes, done_percent, rate_bytes_per_sec: rate, eta_secs }
 }
 
 impl Status {
@@ -143,7 +168,7 @@ impl Status {
         if self.connection == ConnState::Connected {
             let _ = writeln!(out, "  {} role:{}", self.peer.node, self.peer.role);
             let mut line = format!("    replication:{} peer-disk:{}", self.replication, self.peer.disk);
-            if let Some(r) = &self.resync {
+            if let Some(r) = self.resync.as_ref().or(self.verify.as_ref().map(|v| &v.progress)) {
                 let _ = write!(line, " done:{:.2}", r.done_percent);
                 if r.rate_bytes_per_sec > 0 {
                     let _ = write!(line, " rate:{}KiB/s", r.rate_bytes_per_sec / 1024);
@@ -198,6 +223,9 @@ mod tests {
             }),
             last_resync_bytes: None,
             resyncs_completed: 0,
+            verify: None,
+            last_verify: None,
+            verifies_ended: 0,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             generations: GenerationsStatus {

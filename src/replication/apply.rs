@@ -11,8 +11,9 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdbd_protocol::repl::{block_crc32c, AckMode, Message, State};
+use rdbd_protocol::repl::{append_digests, block_crc32c, AckMode, DigestAlg, Message, State};
 use slab::Slab;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::link::framed::{FrameError, Framed};
@@ -42,6 +43,8 @@ pub enum ApplyError {
     PeerSilent(Duration),
     #[error("peer disconnected: {0}")]
     Disconnected(String),
+    #[error("reading the local disk at offset {offset} failed")]
+    LocalRead { offset: u64 },
 }
 
 /// Counters of what was applied.
@@ -63,6 +66,12 @@ pub trait ApplyEvents: Send {
     /// UpToDate in the source's generation, durably. `bytes`: resync data received. Returns the
     /// (role, disk) to announce.
     fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String>;
+    /// The peer's verify asked for `len` bytes at `offset`, and their digests went back.
+    fn verify_answered(&mut self, _offset: u64, _len: u32) {}
+    /// The peer found these bytes out of sync (verify): mark them here too.
+    fn out_of_sync(&mut self, _offset: u64, _len: u32) {}
+    /// The peer's verify is over.
+    fn verify_done(&mut self, _checked_bytes: u64, _out_of_sync_blocks: u64) {}
 }
 
 /// Events nobody listens to (tests, a plain replica).
@@ -85,6 +94,11 @@ enum Kind {
     ResyncWrite,
     /// The flush that makes written resync data durable before it is acknowledged.
     ResyncFlush,
+    /// Reading a range to send its digests in a checksum-based resync request.
+    CsumRead,
+    /// Reading a range for the peer's online verify: ordered like a write, so it sees exactly
+    /// the writes the peer sent before the request.
+    VerifyRead,
 }
 
 /// A request received and not yet acknowledged.
@@ -100,8 +114,10 @@ struct Received {
 }
 
 impl Received {
+    /// Ordered against overlapping writes (a verify read counts: it must not overtake or be
+    /// overtaken by a write to its range).
     fn is_write(&self) -> bool {
-        matches!(self.kind, Kind::Write | Kind::ResyncWrite)
+        matches!(self.kind, Kind::Write | Kind::ResyncWrite | Kind::VerifyRead)
     }
 }
 
@@ -130,8 +146,19 @@ pub struct Applier {
     open_writes: BTreeSet<u64>,
     next_index: u64,
     acks: Vec<Message<'static>>,
-    /// Frames for the peer's data channel (resync requests, state changes).
-    requests: Vec<Message<'static>>,
+    /// Digests being encoded (reused).
+    digests: Vec<u8>,
+    /// A read for digests failed at this offset: the connection ends.
+    read_failed: Option<u64>,
+    /// Frames for the peer's data channel (resync requests, verify replies, state changes),
+    /// encoded, since some carry digests computed here.
+    outgoing: Vec<u8>,
+    /// Digest and block size of online verify, as agreed in Params.
+    verify_alg: DigestAlg,
+    block: u32,
+    /// This node's operator asks for a verify (from this offset): sent to the peer, which
+    /// drives it.
+    verify_starts: Option<mpsc::UnboundedReceiver<u64>>,
     completions: Vec<Completion>,
     resync: Option<ResyncTarget>,
     /// What the resync bookkeeping decided to acknowledge (reused).
@@ -157,7 +184,12 @@ impl Applier {
             open_writes: BTreeSet::new(),
             next_index: 0,
             acks: Vec::new(),
-            requests: Vec::new(),
+            outgoing: Vec::new(),
+            digests: Vec::new(),
+            read_failed: None,
+            verify_alg: DigestAlg::Sha256,
+            block: 4096,
+            verify_starts: None,
             completions: Vec::new(),
             resync: None,
             answers: Answers::default(),
@@ -202,6 +234,15 @@ impl Applier {
         self
     }
 
+    /// Answers the peer's online verify with `alg` digests per `block` bytes, and forwards this
+    /// node's requests for a verify (`starts`) to the peer.
+    pub fn with_verify(mut self, alg: DigestAlg, block: u32, starts: mpsc::UnboundedReceiver<u64>) -> Self {
+        self.verify_alg = alg;
+        self.block = block;
+        self.verify_starts = Some(starts);
+        self
+    }
+
     /// Declares the peer dead after `limit` without any frame (the primary pings when idle).
     pub fn with_silence_limit(mut self, limit: Duration) -> Self {
         self.silence_limit = Some(limit);
@@ -217,6 +258,7 @@ impl Applier {
         // Without a limit, a day stands for "never" (an Instant cannot hold more without overflow).
         let silence = self.silence_limit.unwrap_or(Duration::from_secs(86_400));
         let mut heard = tokio::time::Instant::now();
+        let mut verify_starts = self.verify_starts.take();
         // The resync controller's steps.
         let mut tick = tokio::time::interval(STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,9 +269,9 @@ impl Applier {
                 meta.send_all(&self.acks).await?;
                 self.acks.clear();
             }
-            if !self.requests.is_empty() {
-                data.send_all(&self.requests).await?;
-                self.requests.clear();
+            if !self.outgoing.is_empty() {
+                data.halves().1.write_encoded(&self.outgoing).await?;
+                self.outgoing.clear();
             }
             let busy = self.in_flight() > 0;
             tokio::select! {
@@ -264,6 +306,12 @@ impl Applier {
                 () = tokio::time::sleep_until(heard + silence), if open => {
                     return Err(ApplyError::PeerSilent(silence));
                 }
+                start = next_start(&mut verify_starts) => {
+                    match start {
+                        Some(offset) => Message::VerifyStart { offset }.encode(&mut self.outgoing),
+                        None => verify_starts = None,
+                    }
+                }
                 _ = tick.tick(), if self.resync.is_some() => {
                     if let Some(target) = self.resync.as_mut() {
                         target.step();
@@ -286,6 +334,9 @@ impl Applier {
             self.start_ready();
             self.collect_ready_completions();
             self.pump_resync();
+            if let Some(offset) = self.read_failed {
+                return Err(ApplyError::LocalRead { offset });
+            }
             if !open && self.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
                 break;
@@ -356,14 +407,35 @@ impl Applier {
                 if self.integrity && block_crc32c(d.data) != d.crc32c {
                     return Err(ApplyError::Integrity { offset: d.offset });
                 }
-                target.data(d.offset, len)?;
+                let request = target.data(d.offset, len)?;
                 let range = (d.offset, d.offset + len as u64);
                 let mut buf = self.pool.take(len);
                 buf.copy_from_slice(d.data);
                 self.stats.resync_bytes += len as u64;
                 // The request's offset stands in for a sequence number: it names the request.
                 let op = IoOp::Write { offset: d.offset, buf, fua: false };
-                (d.offset, AckMode::None, range, op, Kind::ResyncWrite)
+                (request, AckMode::None, range, op, Kind::ResyncWrite)
+            }
+            Message::ResyncInSync { offset, len } => {
+                let Some(target) = self.resync.as_mut() else {
+                    return Err(ApplyError::Unexpected(message.kind()));
+                };
+                target.in_sync(offset, len, &mut self.answers)?;
+                return Ok(());
+            }
+            Message::VerifyRequest { offset, len } => {
+                let range = self.check_range(offset, u64::from(len))?;
+                let buf = self.pool.take(len as usize);
+                (0, AckMode::None, range, IoOp::Read { offset, buf }, Kind::VerifyRead)
+            }
+            Message::OutOfSync { offset, len } => {
+                self.check_range(offset, u64::from(len))?;
+                self.events.out_of_sync(offset, len);
+                return Ok(());
+            }
+            Message::VerifyDone { checked_bytes, out_of_sync_blocks } => {
+                self.events.verify_done(checked_bytes, out_of_sync_blocks);
+                return Ok(());
             }
             Message::ResyncReadError { offset, len, errno } => {
                 return Err(ApplyError::SourceReadError { offset, len, errno })
@@ -410,7 +482,7 @@ impl Applier {
             self.events.resync_finished(state, self.stats.resync_bytes).map_err(ApplyError::ResyncFinish)?;
         self.resync = None;
         info!(bytes = self.stats.resync_bytes, "resync finished: this node is UpToDate");
-        self.requests.push(Message::StateChange { role, disk });
+        Message::StateChange { role, disk }.encode(&mut self.outgoing);
         Ok(())
     }
 
@@ -419,7 +491,23 @@ impl Applier {
     fn pump_resync(&mut self) {
         let Some(target) = self.resync.as_mut() else { return };
         while let Some((offset, len)) = target.next_request() {
-            self.requests.push(Message::ResyncRequest { offset, len });
+            if target.csums().is_none() {
+                Message::ResyncRequest { offset, len }.encode(&mut self.outgoing);
+                continue;
+            }
+            // A checksum request carries the digests of what this node has: read it first.
+            // Not ordered against application writes: a write racing the read only makes the
+            // digests differ, and then the source sends the block.
+            let buf = self.pool.take(len as usize);
+            let range = (offset, offset + u64::from(len));
+            let r =
+                Received { seq: offset, ack: AckMode::None, index: 0, range, op: None, kind: Kind::CsumRead };
+            let tag = self.running.insert(r) as u32;
+            let op = IoOp::Read { offset, buf };
+            match self.resync_queue.as_mut() {
+                Some(q) => q.submit(tag | RESYNC_QUEUE, op),
+                None => self.queue.submit(tag, op),
+            }
         }
         let now = std::time::Instant::now();
         let flush = target.flush_due(now);
@@ -454,7 +542,9 @@ impl Applier {
                 Kind::Flush => self.open_writes.first().is_some_and(|&first| first < r.index),
                 // Issued only when no resync write is in flight.
                 Kind::ResyncFlush => false,
-                Kind::Write | Kind::ResyncWrite => {
+                // Submitted directly, never waiting.
+                Kind::CsumRead => false,
+                Kind::Write | Kind::ResyncWrite | Kind::VerifyRead => {
                     let running =
                         self.running.iter().any(|(_, o)| o.is_write() && overlaps(o.range, r.range));
                     let earlier = self
@@ -482,6 +572,10 @@ impl Applier {
 
     fn complete(&mut self, c: Completion) {
         let Some(r) = self.running.try_remove(c.tag as usize) else { return };
+        if matches!(r.kind, Kind::CsumRead | Kind::VerifyRead) {
+            self.open_writes.remove(&r.index);
+            return self.digests_read(r, c);
+        }
         if let Some(buf) = c.buf {
             self.pool.give(buf);
         }
@@ -496,6 +590,7 @@ impl Applier {
             }
             Kind::ResyncWrite => return self.resync_written(r.seq, c.result),
             Kind::ResyncFlush => return self.resync_flushed(c.result),
+            Kind::CsumRead | Kind::VerifyRead => unreachable!("handled above"),
         }
         match c.result {
             Ok(()) => {
@@ -513,6 +608,31 @@ impl Applier {
         }
     }
 
+    /// A read for digests finished: the checksum request or the verify reply goes out. A read
+    /// error ends the connection (this disk is failing; the peer treats it as lost).
+    fn digests_read(&mut self, r: Received, c: Completion) {
+        let (offset, len) = (r.range.0, (r.range.1 - r.range.0) as u32);
+        let Some(buf) = c.buf.filter(|_| c.result.is_ok()) else {
+            warn!(offset, len, "reading for digests failed: {:?}", c.result);
+            self.read_failed = Some(offset);
+            return;
+        };
+        self.digests.clear();
+        match r.kind {
+            Kind::CsumRead => {
+                let Some(alg) = self.resync.as_ref().and_then(|t| t.csums()) else { return };
+                append_digests(alg, self.block as usize, &buf, &mut self.digests);
+                Message::ResyncCsumRequest { offset, len, digests: &self.digests }.encode(&mut self.outgoing);
+            }
+            _ => {
+                append_digests(self.verify_alg, self.block as usize, &buf, &mut self.digests);
+                Message::VerifyReply { offset, len, digests: &self.digests }.encode(&mut self.outgoing);
+                self.events.verify_answered(offset, len);
+            }
+        }
+        self.pool.give(buf);
+    }
+
     fn resync_written(&mut self, request: u64, result: Result<(), IoError>) {
         let Some(target) = self.resync.as_mut() else { return };
         if let Err(e) = result {
@@ -527,6 +647,13 @@ impl Applier {
     fn resync_flushed(&mut self, result: Result<(), IoError>) {
         let Some(target) = self.resync.as_mut() else { return };
         target.flush_done(result.map_err(errno_of), &mut self.answers);
+    }
+}
+
+async fn next_start(starts: &mut Option<mpsc::UnboundedReceiver<u64>>) -> Option<u64> {
+    match starts {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

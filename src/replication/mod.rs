@@ -11,3 +11,4 @@ pub mod source;
 pub mod split_brain;
 pub mod states;
 pub mod sync_decision;
+pub mod verify;

@@ -291,7 +291,7 @@ impl PeerLink {
     }
 
     /// Queues a frame that is not an application request (resync data, state).
-    fn send_other(&self, message: &Message<'_>) -> bool {
+    pub fn send_other(&self, message: &Message<'_>) -> bool {
         let mut ledger = self.ledger();
         if !self.is_alive() || ledger.closing {
             return false;

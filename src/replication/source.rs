@@ -1,14 +1,17 @@
-//! What the sending node (the Primary, or the sync source) receives on the data channel: resync
-//! requests while it is sync source, the peer's state changes, and Disconnect.
+//! What the sending node (the Primary, or the sync source) receives on the data channel, and the
+//! work it drives from there: resync requests while it is sync source (plain or checksum-based),
+//! online verify (started here or by the peer's VerifyStart), the peer's state changes, and
+//! Disconnect.
 //!
-//! A requested range is read with the range claimed on the replicated device, and the claim is
-//! released only after the block is queued on the link: an application write to the same range
-//! waits, so the data channel carries the two in the order the local disk saw them (SPEC §5.5).
+//! A range is read with the range claimed on the replicated device, and the claim is released
+//! only after what answers it is queued on the link: an application write to the same range
+//! waits, so the data channel carries the two in the order the local disk saw them (SPEC §5.5,
+//! §6.y).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rdbd_protocol::repl::{Message, State};
+use rdbd_protocol::repl::{append_digests, DigestAlg, Message, State};
 use slab::Slab;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -19,6 +22,7 @@ use super::peer::{PeerLink, ResyncReply};
 use super::resync::controller::STEP;
 use super::resync::target::PERSIST_INTERVAL;
 use super::resync::throttle::Throttle;
+use super::verify::{differing_runs, VerifyError, VerifyReport, VerifyRun};
 use crate::config::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::storage::{BufPool, Completion, IoOp, IoQueue};
@@ -44,6 +48,10 @@ pub enum SourceError {
     LinkDown,
     #[error("the sync target could not write {len} bytes at offset {offset} (errno {errno})")]
     TargetWriteFailed { offset: u64, len: u32, errno: u32 },
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("local read error at {offset} (errno {errno})")]
+    LocalRead { offset: u64, errno: u32 },
 }
 
 /// What the inbound task reports to the node.
@@ -53,6 +61,34 @@ pub trait SourceEvents: Send {
     /// Every block is in sync on the peer: close the resync durably (generations) and return
     /// the final State to send. `bytes`: resync data sent.
     fn resync_finished(&mut self, bytes: u64) -> Result<State, String>;
+    /// An online verify of `total` bytes started.
+    fn verify_started(&mut self, total: u64);
+    /// What the running verify found so far.
+    fn verify_progress(&mut self, report: &VerifyReport);
+    /// The verify compared everything; the differing blocks are marked out of sync.
+    fn verify_finished(&mut self, report: &VerifyReport);
+}
+
+/// How this node answers as sync source and verifies.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceOptions {
+    pub pace: ResyncConfig,
+    /// Checksum-based resync agreed in Params: the digest the target's requests carry.
+    pub csums: Option<DigestAlg>,
+    pub verify_alg: DigestAlg,
+}
+
+/// A resync request: plain, or with the target's digests (one per bitmap block).
+struct Request {
+    offset: u64,
+    len: u32,
+    digests: Option<Vec<u8>>,
+}
+
+impl Request {
+    fn range(&self) -> (u64, u64) {
+        (self.offset, self.offset + u64::from(self.len))
+    }
 }
 
 /// The sync source's bookkeeping.
@@ -61,11 +97,11 @@ struct Resync {
     queue: Box<dyn IoQueue>,
     pool: BufPool,
     /// Requests not yet read, in arrival order (the target asks in disk order).
-    pending: VecDeque<(u64, u32)>,
+    pending: VecDeque<Request>,
     /// The front of `pending` has its range claimed (an application write held it before).
     front_claimed: bool,
     /// Reads in flight, by queue tag.
-    reading: Slab<(u64, u32)>,
+    reading: Slab<Request>,
     /// Yields to application I/O (c-min-rate).
     throttle: Throttle,
     /// Resync data sent.
@@ -74,15 +110,29 @@ struct Resync {
     last_persist: std::time::Instant,
 }
 
-/// Serves the peer's data-channel frames until the link ends. With `resync`, this node is the
-/// sync source: it answers ResyncRequests, yielding to application I/O as `pace` says, and
-/// once its bitmap is clean, finishes the resync.
+/// A running online verify, driven from this side.
+struct Verifier {
+    device: Arc<ReplicatedDevice>,
+    run: VerifyRun,
+    queue: Box<dyn IoQueue>,
+    pool: BufPool,
+    /// The next range, waiting for its claim (`claimed`: got it, not yet read).
+    next: Option<(u64, u32)>,
+    claimed: bool,
+    reading: Slab<(u64, u32)>,
+}
+
+/// Serves the peer's data-channel frames until the link ends. With `replies`, this node is
+/// the sync source: it answers resync requests, yielding to application I/O as the pace says,
+/// and once its bitmap is clean, finishes the resync. A verify starts when `verify_starts`
+/// (this node's operator) or the peer asks for one.
 pub async fn serve(
     device: Arc<ReplicatedDevice>,
     link: Arc<PeerLink>,
     mut data: FrameReader,
     mut replies: Option<mpsc::UnboundedReceiver<ResyncReply>>,
-    pace: ResyncConfig,
+    mut verify_starts: mpsc::UnboundedReceiver<u64>,
+    options: SourceOptions,
     mut events: Box<dyn SourceEvents>,
 ) -> Result<(), SourceError> {
     let mut resync = match replies {
@@ -93,16 +143,18 @@ pub async fn serve(
             pending: VecDeque::new(),
             front_claimed: false,
             reading: Slab::new(),
-            throttle: Throttle::new(pace.c_min_rate, device.app_requests()),
+            throttle: Throttle::new(options.pace.c_min_rate, device.app_requests()),
             bytes: 0,
             finished: false,
             last_persist: std::time::Instant::now(),
         }),
         None => None,
     };
+    let mut verify: Option<Verifier> = None;
     let size = device.info_size();
     let block = device.bitmap_block();
     let mut completions: Vec<Completion> = Vec::new();
+    let mut verify_completions: Vec<Completion> = Vec::new();
     let mut tick = tokio::time::interval(STEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,27 +171,66 @@ pub async fn serve(
                 r.finished = true;
             }
         }
+        if let Some(v) = verify.as_mut() {
+            v.start_reads();
+            if v.run.is_done() {
+                let report = std::mem::take(&mut v.run.report);
+                verify = None;
+                let done = Message::VerifyDone {
+                    checked_bytes: report.checked_bytes,
+                    out_of_sync_blocks: report.out_of_sync_blocks,
+                };
+                if !link.send_other(&done) {
+                    return Err(SourceError::LinkDown);
+                }
+                if let Err(e) = device.write_stale_bitmap_pages(false) {
+                    warn!("cannot record the blocks verify found in the metadata: {e}");
+                }
+                events.verify_finished(&report);
+            }
+        }
         let reading = resync.as_ref().is_some_and(|r| r.queue.in_flight() > 0);
         let claim = resync.as_ref().and_then(|r| r.wants_claim());
+        let verify_reading = verify.as_ref().is_some_and(|v| v.queue.in_flight() > 0);
+        let verify_claim = verify.as_ref().and_then(|v| v.wants_claim());
         tokio::select! {
             received = data.recv() => match received? {
                 Message::ResyncRequest { offset, len } => {
-                    let Some(r) = resync.as_mut() else {
-                        return Err(SourceError::Unexpected(Message::ResyncRequest { offset, len }.kind()));
-                    };
-                    let valid = len > 0
-                        && len <= RESYNC_REQUEST_LIMIT
-                        && offset.checked_add(u64::from(len)).is_some_and(|end| end <= size)
-                        && offset % u64::from(block) == 0;
-                    if !valid {
+                    let r = resync.as_mut().ok_or(SourceError::Unexpected(repl_kind::RESYNC_REQUEST))?;
+                    check_request(offset, len, size, block)?;
+                    r.pending.push_back(Request { offset, len, digests: None });
+                }
+                Message::ResyncCsumRequest { offset, len, digests } => {
+                    let r = resync.as_mut().ok_or(SourceError::Unexpected(repl_kind::RESYNC_CSUM_REQUEST))?;
+                    let alg = options.csums.ok_or(SourceError::Unexpected(repl_kind::RESYNC_CSUM_REQUEST))?;
+                    check_request(offset, len, size, block)?;
+                    if digests.len() as u64 != alg.digests_len(u64::from(len), block) {
                         return Err(SourceError::BadRequest { offset, len });
                     }
-                    r.pending.push_back((offset, len));
+                    r.pending.push_back(Request { offset, len, digests: Some(digests.to_vec()) });
+                }
+                Message::VerifyReply { offset, len, digests } => {
+                    let v = verify.as_mut().ok_or(SourceError::Unexpected(repl_kind::VERIFY_REPLY))?;
+                    for (start, run) in v.run.reply(offset, len, digests)? {
+                        device.mark_out_of_sync((start, start + u64::from(run)));
+                        if !link.send_other(&Message::OutOfSync { offset: start, len: run }) {
+                            return Err(SourceError::LinkDown);
+                        }
+                    }
+                    events.verify_progress(&v.run.report);
+                }
+                Message::VerifyStart { offset } => {
+                    verify = start_verify(&device, verify, offset, options.verify_alg, &mut *events)?;
                 }
                 Message::StateChange { role, disk } => events.peer_state(role, disk),
                 Message::Disconnect { reason } => return Err(SourceError::Disconnected(reason.to_owned())),
                 other => return Err(SourceError::Unexpected(other.kind())),
             },
+            start = verify_starts.recv() => {
+                if let Some(offset) = start {
+                    verify = start_verify(&device, verify, offset, options.verify_alg, &mut *events)?;
+                }
+            }
             reply = next_reply(&mut replies) => match reply {
                 None => return Err(SourceError::LinkDown),
                 Some(ResyncReply::Ack { offset, len }) => device.with_tracking(|t| {
@@ -150,34 +241,33 @@ pub async fn serve(
                     return Err(SourceError::TargetWriteFailed { offset, len, errno });
                 }
             },
-            () = poll_reads(&mut resync, &mut completions), if reading => {
+            () = poll_queue(resync.as_mut().map(|r| &mut r.queue), &mut completions), if reading => {
                 let r = resync.as_mut().expect("reading implies a resync");
                 for c in completions.drain(..) {
-                    let (offset, len) = r.reading.remove(c.tag as usize);
-                    let range = (offset, offset + u64::from(len));
-                    match (c.result, c.buf) {
-                        (Ok(()), Some(buf)) => {
-                            let sent = link.send_resync_data(offset, &buf);
-                            r.pool.give(buf);
-                            device.release_range(range);
-                            if !sent {
-                                return Err(SourceError::LinkDown);
-                            }
-                            r.bytes += u64::from(len);
-                        }
-                        (result, _) => {
-                            device.release_range(range);
-                            let errno = match result { Err(crate::storage::IoError::Io(e)) => e as u32, _ => libc::EIO as u32 };
-                            warn!(offset, len, errno, "reading a block for the resync failed");
-                            return Err(SourceError::Finish(format!("local read error at {offset} (errno {errno})")));
-                        }
-                    }
+                    let request = r.reading.remove(c.tag as usize);
+                    let sent = r.answer(&link, &request, c, block);
+                    device.release_range(request.range());
+                    sent?;
+                }
+            },
+            () = poll_queue(verify.as_mut().map(|v| &mut v.queue), &mut verify_completions), if verify_reading => {
+                let v = verify.as_mut().expect("reading implies a verify");
+                for c in verify_completions.drain(..) {
+                    let (offset, len) = v.reading.remove(c.tag as usize);
+                    let queued = v.local_read(&link, offset, len, c);
+                    device.release_range((offset, offset + u64::from(len)));
+                    queued?;
                 }
             },
             // An application write holds the range we want next: woken when it is released.
             () = claim_range(&device, claim), if claim.is_some() => {
                 if let Some(r) = resync.as_mut() {
                     r.front_claimed = true;
+                }
+            }
+            () = claim_range(&device, verify_claim), if verify_claim.is_some() => {
+                if let Some(v) = verify.as_mut() {
+                    v.claimed = true;
                 }
             }
             _ = tick.tick(), if resync.is_some() => {
@@ -198,12 +288,145 @@ pub async fn serve(
     }
 }
 
+use rdbd_protocol::repl::kind as repl_kind;
+
+fn check_request(offset: u64, len: u32, size: u64, block: u32) -> Result<(), SourceError> {
+    let valid = len > 0
+        && len <= RESYNC_REQUEST_LIMIT
+        && offset.checked_add(u64::from(len)).is_some_and(|end| end <= size)
+        && offset % u64::from(block) == 0;
+    if valid {
+        Ok(())
+    } else {
+        Err(SourceError::BadRequest { offset, len })
+    }
+}
+
+/// Starts a verify from `offset` unless one runs already (then that one goes on).
+fn start_verify(
+    device: &Arc<ReplicatedDevice>,
+    running: Option<Verifier>,
+    offset: u64,
+    alg: DigestAlg,
+    events: &mut dyn SourceEvents,
+) -> Result<Option<Verifier>, SourceError> {
+    if running.is_some() {
+        return Ok(running);
+    }
+    let run = VerifyRun::new(alg, device.bitmap_block(), device.info_size(), offset);
+    events.verify_started(run.remaining());
+    Ok(Some(Verifier {
+        device: device.clone(),
+        run,
+        // Through the page cache, like the application's writes it is compared after.
+        queue: device.local().clone().open_queue().map_err(SourceError::Queue)?,
+        pool: BufPool::new(),
+        next: None,
+        claimed: false,
+        reading: Slab::new(),
+    }))
+}
+
+fn read_errno(result: Result<(), crate::storage::IoError>) -> u32 {
+    match result {
+        Err(crate::storage::IoError::Io(e)) => e as u32,
+        _ => libc::EIO as u32,
+    }
+}
+
 impl Drop for Resync {
     /// Ranges still claimed when the connection ends are released, or application writes to
     /// them would wait forever.
     fn drop(&mut self) {
         if self.front_claimed {
-            if let Some(&(offset, len)) = self.pending.front() {
+            if let Some(front) = self.pending.front() {
+                self.device.release_range(front.range());
+            }
+        }
+        for (_, request) in self.reading.iter() {
+            self.device.release_range(request.range());
+        }
+    }
+}
+
+impl Resync {
+    /// The range of the front request, when it waits for it (and the throttle lets it go).
+    fn wants_claim(&self) -> Option<(u64, u64)> {
+        let front = self.pending.front()?;
+        (!self.front_claimed && self.throttle.may_send()).then_some(front.range())
+    }
+
+    /// Starts reads for pending requests whose ranges are claimed or free, as far as the
+    /// throttle allows.
+    fn start_reads(&mut self, device: &ReplicatedDevice) {
+        while let Some(front) = self.pending.front() {
+            if !self.throttle.may_send() {
+                break;
+            }
+            let claimed = std::mem::take(&mut self.front_claimed);
+            if !claimed && !device.claim_range(front.range()) {
+                break;
+            }
+            let request = self.pending.pop_front().expect("front exists");
+            self.throttle.sent(u64::from(request.len));
+            let (offset, len) = (request.offset, request.len);
+            let buf = self.pool.take(len as usize);
+            let tag = self.reading.insert(request);
+            self.queue.submit(tag as u32, IoOp::Read { offset, buf });
+        }
+    }
+
+    /// Answers a request whose read finished: all of it, or with the target's digests only
+    /// the blocks that differ, then ResyncInSync.
+    fn answer(
+        &mut self,
+        link: &PeerLink,
+        request: &Request,
+        c: Completion,
+        block: u32,
+    ) -> Result<(), SourceError> {
+        let (offset, len) = (request.offset, request.len);
+        let buf = match (c.result, c.buf) {
+            (Ok(()), Some(buf)) => buf,
+            (result, _) => {
+                let errno = read_errno(result);
+                warn!(offset, len, errno, "reading a block for the resync failed");
+                return Err(SourceError::LocalRead { offset, errno });
+            }
+        };
+        let sent = match &request.digests {
+            None => {
+                self.bytes += u64::from(len);
+                link.send_resync_data(offset, &buf)
+            }
+            Some(theirs) => {
+                let alg_len = theirs.len() / (len as usize).div_ceil(block as usize);
+                let alg =
+                    if alg_len == DigestAlg::Crc32c.len() { DigestAlg::Crc32c } else { DigestAlg::Sha256 };
+                let mut ours = Vec::with_capacity(theirs.len());
+                append_digests(alg, block as usize, &buf, &mut ours);
+                let mut sent = true;
+                for (start, run) in differing_runs(alg.len(), block, offset, len, &ours, theirs) {
+                    let at = (start - offset) as usize;
+                    self.bytes += u64::from(run);
+                    sent &= link.send_resync_data(start, &buf[at..at + run as usize]);
+                }
+                sent && link.send_other(&Message::ResyncInSync { offset, len })
+            }
+        };
+        self.pool.give(buf);
+        if sent {
+            Ok(())
+        } else {
+            Err(SourceError::LinkDown)
+        }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        if self.claimed {
+            if let Some((offset, len)) = self.next {
                 self.device.release_range((offset, offset + u64::from(len)));
             }
         }
@@ -213,29 +436,49 @@ impl Drop for Resync {
     }
 }
 
-impl Resync {
-    /// The range of the front request, when it waits for it (and the throttle lets it go).
+impl Verifier {
     fn wants_claim(&self) -> Option<(u64, u64)> {
-        let &(offset, len) = self.pending.front()?;
-        (!self.front_claimed && self.throttle.may_send()).then_some((offset, offset + u64::from(len)))
+        let (offset, len) = self.next?;
+        (!self.claimed).then_some((offset, offset + u64::from(len)))
     }
 
-    /// Starts reads for pending requests whose ranges are claimed or free, as far as the
-    /// throttle allows.
-    fn start_reads(&mut self, device: &ReplicatedDevice) {
-        while let Some(&(offset, len)) = self.pending.front() {
-            if !self.throttle.may_send() {
-                break;
+    /// Reads the next ranges whose claims succeed.
+    fn start_reads(&mut self) {
+        loop {
+            if self.next.is_none() {
+                self.next = self.run.next_range();
             }
-            let claimed = std::mem::take(&mut self.front_claimed);
-            if !claimed && !device.claim_range((offset, offset + u64::from(len))) {
-                break;
+            let Some((offset, len)) = self.next else { return };
+            let claimed = std::mem::take(&mut self.claimed);
+            if !claimed && !self.device.claim_range((offset, offset + u64::from(len))) {
+                return;
             }
-            self.pending.pop_front();
-            self.throttle.sent(u64::from(len));
+            self.next = None;
             let buf = self.pool.take(len as usize);
             let tag = self.reading.insert((offset, len));
             self.queue.submit(tag as u32, IoOp::Read { offset, buf });
+        }
+    }
+
+    /// The local read of a range finished: keep its digests and queue VerifyRequest while the
+    /// range is still claimed, so the peer reads it after exactly the writes this read saw.
+    fn local_read(
+        &mut self,
+        link: &PeerLink,
+        offset: u64,
+        len: u32,
+        c: Completion,
+    ) -> Result<(), SourceError> {
+        let buf = match (c.result, c.buf) {
+            (Ok(()), Some(buf)) => buf,
+            (result, _) => return Err(SourceError::LocalRead { offset, errno: read_errno(result) }),
+        };
+        self.run.local_read(offset, &buf);
+        self.pool.give(buf);
+        if link.send_other(&Message::VerifyRequest { offset, len }) {
+            Ok(())
+        } else {
+            Err(SourceError::LinkDown)
         }
     }
 }
@@ -253,7 +496,7 @@ async fn next_reply(replies: &mut Option<mpsc::UnboundedReceiver<ResyncReply>>) 
     }
 }
 
-async fn poll_reads(resync: &mut Option<Resync>, out: &mut Vec<Completion>) {
-    let Some(r) = resync.as_mut() else { return std::future::pending().await };
-    std::future::poll_fn(|cx| r.queue.poll_complete(cx, out)).await
+async fn poll_queue(queue: Option<&mut Box<dyn IoQueue>>, out: &mut Vec<Completion>) {
+    let Some(queue) = queue else { return std::future::pending().await };
+    std::future::poll_fn(|cx| queue.poll_complete(cx, out)).await
 }

@@ -150,11 +150,14 @@ pub enum ReplState {
     WFBitMapT,
     SyncSource,
     SyncTarget,
+    /// Online verify, on the side that drives it / on the side that answers.
+    VerifyS,
+    VerifyT,
 }
 drbd_spellings!(
     ReplState,
     "replication state",
-    [Off, Established, WFBitMapS, WFBitMapT, SyncSource, SyncTarget]
+    [Off, Established, WFBitMapS, WFBitMapT, SyncSource, SyncTarget, VerifyS, VerifyT]
 );
 
 /// Why a promotion to Primary is refused.

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::controller::Controller;
+use rdbd_protocol::repl::DigestAlg;
+
 use crate::config::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::replication::device::ReplicatedDevice;
@@ -45,6 +47,10 @@ pub struct Unrequested {
 #[derive(Debug, Clone, Copy)]
 struct Request {
     len: u32,
+    /// Checksum-based: answered by ResyncData for the blocks that differ, then ResyncInSync.
+    csum: bool,
+    /// Where the next ResyncData of a checksum request may start (they come in order).
+    next: u64,
     /// Its data (or, for a checksum request, its closing message) has arrived.
     answered: bool,
     /// Writes of its data not yet complete.
@@ -88,13 +94,18 @@ pub struct ResyncTarget {
     budget: Option<i64>,
     window: u64,
     last_persist: Instant,
+    /// Checksum-based resync with this digest.
+    csums: Option<DigestAlg>,
     /// Resync data received and written.
     pub bytes: u64,
+    /// Bytes a checksum request found identical (not sent).
+    pub same_bytes: u64,
 }
 
 impl ResyncTarget {
-    /// Pulls every block marked in `device`'s bitmap, paced by `pace`.
-    pub fn new(device: Arc<ReplicatedDevice>, pace: ResyncConfig) -> Self {
+    /// Pulls every block marked in `device`'s bitmap, paced by `pace`; with `csums`, by
+    /// checksum requests (the caller reads each range first and sends its digests).
+    pub fn new(device: Arc<ReplicatedDevice>, pace: ResyncConfig, csums: Option<DigestAlg>) -> Self {
         let size = device.info_size();
         let block = u64::from(device.bitmap_block());
         let mut controller = Controller::new(pace);
@@ -117,8 +128,15 @@ impl ResyncTarget {
             budget,
             window,
             last_persist: Instant::now(),
+            csums,
             bytes: 0,
+            same_bytes: 0,
         }
+    }
+
+    /// The digest of checksum-based requests, if this resync uses them.
+    pub fn csums(&self) -> Option<DigestAlg> {
+        self.csums
     }
 
     pub fn device(&self) -> &Arc<ReplicatedDevice> {
@@ -160,8 +178,10 @@ impl ResyncTarget {
             self.scanned = true;
             return None;
         }
-        self.requests
-            .insert(offset, Request { len: bytes as u32, answered: false, writing: 0, failed: None });
+        let csum = self.csums.is_some();
+        let request =
+            Request { len: bytes as u32, csum, next: offset, answered: false, writing: 0, failed: None };
+        self.requests.insert(offset, request);
         self.in_flight += bytes;
         if let Some(budget) = self.budget.as_mut() {
             *budget -= bytes as i64;
@@ -169,19 +189,48 @@ impl ResyncTarget {
         Some((offset, bytes as u32))
     }
 
-    /// ResyncData for exactly an outstanding request arrived; the caller writes it and reports
-    /// with [`Self::written`].
-    pub fn data(&mut self, offset: u64, len: usize) -> Result<(), Unrequested> {
+    /// ResyncData arrived: for exactly an outstanding plain request, or inside a checksum
+    /// request after what came before. Returns the request it belongs to; the caller writes the
+    /// data and reports with [`Self::written`] under that key.
+    pub fn data(&mut self, offset: u64, len: usize) -> Result<u64, Unrequested> {
         let unrequested = Unrequested { offset, len: len as u64 };
+        let (&key, r) = self.requests.range_mut(..=offset).next_back().ok_or(unrequested)?;
+        let end = key + u64::from(r.len);
+        let fits = if r.csum {
+            offset >= r.next && offset + len as u64 <= end && len > 0
+        } else {
+            key == offset && r.len as usize == len
+        };
+        if r.answered || !fits {
+            return Err(unrequested);
+        }
+        r.writing += 1;
+        self.bytes += len as u64;
+        if r.csum {
+            r.next = offset + len as u64;
+        } else {
+            r.answered = true;
+            self.in_flight -= len as u64;
+            self.received += len as u64;
+        }
+        Ok(key)
+    }
+
+    /// ResyncInSync closed the checksum request at `offset`: what came in no ResyncData was
+    /// identical.
+    pub fn in_sync(&mut self, offset: u64, len: u32, out: &mut Answers) -> Result<(), Unrequested> {
+        let unrequested = Unrequested { offset, len: u64::from(len) };
         let r = self.requests.get_mut(&offset).ok_or(unrequested)?;
-        if r.answered || r.len as usize != len {
+        if !r.csum || r.answered || r.len != len {
             return Err(unrequested);
         }
         r.answered = true;
-        r.writing += 1;
-        self.in_flight -= len as u64;
-        self.received += len as u64;
-        self.bytes += len as u64;
+        self.same_bytes += (offset + u64::from(len)) - r.next;
+        self.in_flight -= u64::from(len);
+        self.received += u64::from(len);
+        if r.writing == 0 {
+            self.complete(offset, out);
+        }
         Ok(())
     }
 
@@ -192,10 +241,14 @@ impl ResyncTarget {
         if let Err(errno) = result {
             r.failed.get_or_insert(errno);
         }
-        if !r.answered || r.writing > 0 {
-            return;
+        if r.answered && r.writing == 0 {
+            self.complete(offset, out);
         }
-        let r = self.requests.remove(&offset).expect("present above");
+    }
+
+    /// Every part of the request at `offset` arrived and is written: it waits for a flush.
+    fn complete(&mut self, offset: u64, out: &mut Answers) {
+        let r = self.requests.remove(&offset).expect("completing an outstanding request");
         match r.failed {
             Some(errno) => out.failed.push((offset, r.len, errno)),
             None => {
@@ -293,7 +346,7 @@ mod tests {
         let size = 16 * MIB;
         let last = size / 4096 - 1;
         let (_d, dev) = device(size, &[(0, 10), (300, 600), (last, 1)]);
-        let mut t = ResyncTarget::new(dev, ResyncConfig::default());
+        let mut t = ResyncTarget::new(dev, ResyncConfig::default(), None);
         let mut got = Vec::new();
         while let Some(r) = t.next_request() {
             got.push(r);
@@ -314,7 +367,7 @@ mod tests {
     #[test]
     fn blocks_are_acknowledged_only_after_the_flush_that_made_them_durable() {
         let (_d, dev) = device(4 * MIB, &[(0, 512)]);
-        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
+        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
         let (a, b) = (t.next_request().unwrap(), t.next_request().unwrap());
         assert_eq!((a, b), ((0, MIB as u32), (MIB, MIB as u32)));
         let mut out = Answers::default();
@@ -341,7 +394,7 @@ mod tests {
     #[test]
     fn a_failed_write_or_flush_is_reported_and_leaves_the_blocks_dirty() {
         let (_d, dev) = device(4 * MIB, &[(0, 1024)]);
-        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default());
+        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
         let mut out = Answers::default();
         while t.next_request().is_some() {}
         t.data(0, MIB as usize).unwrap();
@@ -362,7 +415,7 @@ mod tests {
     fn the_budget_and_the_window_bound_what_is_outstanding() {
         let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_fill_target: 16 * MIB, ..ResyncConfig::default() };
-        let mut t = ResyncTarget::new(dev, pace);
+        let mut t = ResyncTarget::new(dev, pace, None);
         let mut n = 0;
         while t.next_request().is_some() {
             n += 1;
@@ -374,7 +427,7 @@ mod tests {
         // With a rate cap, the budget bounds each step too.
         let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_max_rate: 20 * MIB, ..ResyncConfig::default() };
-        let mut t = ResyncTarget::new(dev, pace);
+        let mut t = ResyncTarget::new(dev, pace, None);
         let mut n = 0;
         while t.next_request().is_some() {
             n += 1;
@@ -383,6 +436,29 @@ mod tests {
         t.step();
         assert_eq!((t.next_request().is_some(), t.next_request().is_some()), (true, true));
         assert!(t.next_request().is_none());
+    }
+
+    #[test]
+    fn a_checksum_request_takes_partial_data_in_order_and_closes_with_in_sync() {
+        let (_d, dev) = device(4 * MIB, &[(0, 256)]);
+        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), Some(DigestAlg::Crc32c));
+        let mut out = Answers::default();
+        assert_eq!(t.next_request(), Some((0, MIB as u32)));
+        assert_eq!(t.data(8192, 4096), Ok(0), "a differing block inside the request");
+        assert!(t.data(4096, 4096).is_err(), "not before what came already");
+        assert!(t.data(MIB - 4096, 8192).is_err(), "not past the request");
+        assert_eq!(t.data(65536, 8192), Ok(0));
+        t.written(0, Ok(()), &mut out);
+        assert!(t.in_sync(0, 4096, &mut out).is_err(), "the whole request or nothing");
+        t.in_sync(0, MIB as u32, &mut out).unwrap();
+        assert!(!t.flush_due(Instant::now() + FLUSH_AGE), "one write is still running");
+        t.written(0, Ok(()), &mut out);
+        assert!(t.flush_due(Instant::now()));
+        t.flush_started();
+        t.flush_done(Ok(()), &mut out);
+        assert_eq!(out.acks, vec![(0, MIB as u32)], "identical blocks are acknowledged too");
+        assert_eq!((t.bytes, t.same_bytes), (12288, MIB - 73728));
+        assert_eq!(dev.out_of_sync_blocks(), 0);
     }
 
     #[test]
