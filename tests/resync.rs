@@ -274,8 +274,40 @@ fn verify_finds_corrupted_blocks_and_never_reports_writes_in_flight() {
     let out = c.verb_ok(Beta, &["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no blocks out of sync"));
 
+    // As DRBD users know it: after a verify, a disconnect/connect resyncs the marked blocks
+    // from the Primary.
+    corrupt(&c, Beta, 11 * MIB, 4096, 0x66);
+    let out = c.verb_ok(Alpha, &["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 blocks out of sync"));
+    let before = resyncs_completed(&c, Alpha);
+    c.verb_ok(Beta, &["disconnect"]);
+    c.verb_ok(Beta, &["connect"]);
+    assert_eq!(wait_resync_after(&c, Alpha, before), 4096);
+    c.assert_same_data();
+
     // Refused where it cannot run.
     c.verb_ok(Alpha, &["disconnect"]);
     let err = c.verb_fails(Alpha, &["verify"]);
     assert_one_line_error(&err, &["verify needs the peer connected"]);
+}
+
+/// With `csums-alg`, the target sends digests and the source only the blocks that differ: an
+/// initial sync of two blank disks moves no data, and `invalidate` of a replica that differs in
+/// five blocks moves exactly those five.
+#[test]
+fn checksum_resync_sends_only_the_blocks_that_differ() {
+    let net = "csums-alg = \"sha256\"\n".to_string();
+    let mut c = Cluster::new(Options { net, ..Options::default() });
+    c.start_primary_pair();
+    assert_eq!(c.status(Alpha).field("last_resync_bytes").as_u64(), 0, "blank disks are identical");
+    c.assert_same_data();
+
+    corrupt(&c, Beta, 3 * MIB, 4096, 0x44);
+    corrupt(&c, Beta, 77 * MIB, 4 * 4096, 0x55);
+    let before = resyncs_completed(&c, Alpha);
+    c.verb_ok(Beta, &["invalidate"]);
+    let moved = wait_resync_after(&c, Alpha, before);
+    assert_eq!(moved, 5 * 4096, "only the differing blocks are sent");
+    assert_eq!(c.status(Beta).field("last_resync_bytes").as_u64(), 5 * 4096);
+    c.assert_same_data();
 }

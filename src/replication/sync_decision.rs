@@ -155,7 +155,25 @@ pub fn decide(local: &SideView, peer: &SideView) -> Decision {
     let d = compare_generations(local, peer);
     let d = resolve_by_disk_states(d, local.disk, peer.disk);
     let d = resolve_by_discard_my_data(d, local.discard_my_data, peer.discard_my_data);
+    let d = resolve_marked_blocks(d, local, peer);
     require_usable_source(d, local.disk, peer.disk)
+}
+
+/// Same data generation, but blocks are marked out of sync (an online verify found them, or a
+/// damaged bitmap page was taken as dirty): with exactly one Primary, its data — what clients
+/// see — is resynced over the marked blocks, as DRBD users expect from a disconnect/connect
+/// after a verify. Without a Primary neither side is known to be right: the marks stay for
+/// `invalidate --reset-bitmap=no` or `invalidate-remote --reset-bitmap=no`.
+pub fn resolve_marked_blocks(d: Decision, local: &SideView, peer: &SideView) -> Decision {
+    if d.outcome != SyncDecision::InSync || (local.dirty_blocks == 0 && peer.dirty_blocks == 0) {
+        return d;
+    }
+    let (outcome, reason) = match (local.role == Role::Primary, peer.role == Role::Primary) {
+        (true, false) => (SyncDecision::SourceBitmap, "in sync but blocks are marked: the Primary is source"),
+        (false, true) => (SyncDecision::TargetBitmap, "in sync but blocks are marked: the Primary is source"),
+        _ => return d,
+    };
+    Decision { outcome, rule: d.rule, reason }
 }
 
 /// `new-current-uuid --clear-bitmap` ran on a side (its State carried SKIP_INITIAL_SYNC): when

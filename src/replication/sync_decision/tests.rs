@@ -420,7 +420,7 @@ fn complete_resync(
 /// The views after a completed resync: same roles and ids, both UpToDate, no
 /// crash flags, no discard requests.
 fn after_sync(v: &SideView, gens: Generations) -> SideView {
-    SideView { gens, disk: UpToDate, crashed_primary: false, discard_my_data: false, ..*v }
+    SideView { gens, disk: UpToDate, crashed_primary: false, discard_my_data: false, dirty_blocks: 0, ..*v }
 }
 
 proptest! {
@@ -572,4 +572,25 @@ fn a_cleared_bitmap_is_not_adopted_by_a_peer_with_data() {
     assert!(!apply_skip_initial_sync(&mut local, &mut peer, false, true));
     assert_eq!(local, with_data);
     assert_eq!(decide(&local, &peer).outcome, Unrelated);
+}
+
+#[test]
+fn marked_blocks_in_the_same_generation_resync_from_the_primary() {
+    let gens = Generations { current: 0x1234_5678_0000, bitmap: 0, history: [0, 0] };
+    let side = |role, dirty_blocks, node_id| SideView {
+        gens,
+        role,
+        disk: UpToDate,
+        crashed_primary: false,
+        dirty_blocks,
+        discard_my_data: false,
+        node_id,
+    };
+    let (p, s) = (side(Role::Primary, 0, 0), side(Role::Secondary, 5, 1));
+    assert_eq!(decide(&p, &s).outcome, SourceBitmap);
+    assert_eq!(decide(&s, &p).outcome, TargetBitmap);
+    let (a, b) = (side(Role::Secondary, 5, 0), side(Role::Secondary, 5, 1));
+    assert_eq!(decide(&a, &b).outcome, InSync, "no Primary: neither side is known to be right");
+    let (a, b) = (side(Role::Primary, 0, 0), side(Role::Secondary, 0, 1));
+    assert_eq!(decide(&a, &b).outcome, InSync, "nothing marked");
 }
