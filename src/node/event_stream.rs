@@ -5,7 +5,7 @@
 //! when dropped after a mutation. The watcher task ([`watch`]) then snapshots the fields
 //! events report, diffs them with the last snapshot and broadcasts one `change` per object that
 //! differs. A change that is undone before the watcher wakes is coalesced away; what is
-//! reported last is always the current state. While a resync runs, a `progress` line follows
+//! reported last is always the current state. While a resync or an online verify runs, a `progress` line follows
 //! every second.
 //!
 //! The line shape (one JSON object per line; every line carries the object's full state):
@@ -44,7 +44,7 @@ pub enum EventKind {
     Exists,
     /// The object's state changed; the line carries its new full state.
     Change,
-    /// A resync's periodic progress (the peer-device's full state, with `progress`).
+    /// A resync's or verify's periodic progress (the peer-device's full state, with `progress`).
     Progress,
     /// Something happened that is not a state: a split brain was found.
     Detected,
@@ -77,7 +77,7 @@ pub enum EventObject {
         peer: String,
         replication: ReplState,
         peer_disk: DiskState,
-        /// While a resync runs.
+        /// While a resync or a verify runs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         progress: Option<ResyncProgress>,
     },
@@ -131,8 +131,12 @@ impl Snapshot {
         }
     }
 
+    /// A resync or an online verify runs (both report progress).
     fn syncing(&self) -> bool {
-        matches!(self.repl, ReplState::SyncSource | ReplState::SyncTarget)
+        matches!(
+            self.repl,
+            ReplState::SyncSource | ReplState::SyncTarget | ReplState::VerifyS | ReplState::VerifyT
+        )
     }
 }
 
@@ -231,6 +235,7 @@ impl Node {
         let progress = if s.syncing() {
             let state = self.state.lock().expect("node state lock");
             self.resync_progress(&state, self.out_of_sync_bytes())
+                .or_else(|| super::status::verify_progress(&state).map(|v| v.progress))
         } else {
             None
         };

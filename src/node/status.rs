@@ -87,13 +87,7 @@ impl Node {
         let out_of_sync_bytes = self.out_of_sync_bytes();
         let s = self.state().clone();
         let resync = self.resync_progress(&s, out_of_sync_bytes);
-        let verify = s.verify.as_ref().map(|v| {
-            let done = v.report.checked_bytes.min(v.total);
-            VerifyProgress {
-                progress: progress(v.total, v.total - done, v.started.elapsed().as_secs_f64()),
-                out_of_sync_blocks: v.report.out_of_sync_blocks,
-            }
-        });
+        let verify = verify_progress(&s);
         let hex = |v: u64| format!("{v:016X}");
         Status {
             resource: self.config.name.clone(),
@@ -140,6 +134,17 @@ impl Node {
         let elapsed = s.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         Some(progress(total_bytes, out_of_sync_bytes.min(total_bytes), elapsed))
     }
+}
+
+/// How far the running online verify is; `None` when none runs.
+pub(super) fn verify_progress(s: &NodeState) -> Option<VerifyProgress> {
+    s.verify.as_ref().map(|v| {
+        let done = v.report.checked_bytes.min(v.total);
+        VerifyProgress {
+            progress: progress(v.total, v.total - done, v.started.elapsed().as_secs_f64()),
+            out_of_sync_blocks: v.report.out_of_sync_blocks,
+        }
+    })
 }
 
 /// Done percentage, average rate and time left of `total` bytes with `remaining` left after
