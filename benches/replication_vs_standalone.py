@@ -353,7 +353,7 @@ class Connected:
     def status(self, node):
         return json.loads(self.verb("status", RES, "--node", node, "--json").stdout)
 
-    def wait(self, what, pred, timeout=30):
+    def wait(self, what, pred, timeout=30, interval=0.1):
         deadline = time.time() + timeout
         last = None
         while time.time() < deadline:
@@ -367,27 +367,36 @@ class Connected:
                     return last
             except (RuntimeError, ValueError) as e:
                 last = str(e)
-            time.sleep(0.1)
+            time.sleep(interval)
         raise RuntimeError("timed out waiting for %s; last status: %s" % (what, json.dumps(last)))
 
-    def start(self, file_size):
+    def write_config(self, disks):
+        """The resource file, both nodes on this machine; disks maps a node name to its backing file."""
         os.makedirs(self.env["RDBD_CONFIG_DIR"], exist_ok=True)
         os.makedirs(self.env["RDBD_RUN_DIR"], exist_ok=True)
         conf = 'resource = "%s"\nprotocol = "C"\n' % RES
         for node, (repl, nbd) in self.ports.items():
-            disk = os.path.join(self.workdir, node + ".img")
-            with open(disk, "wb") as f:
-                f.truncate(file_size)
             conf += ('\n[[node]]\nname = "%s"\naddress = "127.0.0.1:%d"\ndisk = "%s"\nnbd-listen = "127.0.0.1:%d"\n'
-                     % (node, repl, disk, nbd))
+                     % (node, repl, disks[node], nbd))
         with open(os.path.join(self.env["RDBD_CONFIG_DIR"], RES + ".toml"), "w") as f:
             f.write(conf)
+
+    def up(self, node):
+        """`rdbd up --foreground` as a child of this script (so that it is stopped on exit)."""
+        self.procs[node] = self.daemons.start(
+            "rdbd up (%s)" % node, [self.rdbd, "up", RES, "--node", node, "--foreground"], self.env,
+            os.path.join(self.workdir, node + ".log"))
+
+    def start(self, file_size):
+        disks = {node: os.path.join(self.workdir, node + ".img") for node in self.ports}
+        for disk in disks.values():
+            with open(disk, "wb") as f:
+                f.truncate(file_size)
+        self.write_config(disks)
         for node in self.ports:
             self.verb("create-md", RES, "--node", node)
         for node in self.ports:
-            self.procs[node] = self.daemons.start(
-                "rdbd up (%s)" % node, [self.rdbd, "up", RES, "--node", node, "--foreground"], self.env,
-                os.path.join(self.workdir, node + ".log"))
+            self.up(node)
         self.wait("the nodes to connect", lambda s: s["alpha"]["connection"] == "Connected")
         # blank disks on both sides: skip the initial full sync
         self.verb("new-current-uuid", RES, "--node", "alpha", "--clear-bitmap")
