@@ -541,8 +541,9 @@ async fn session(
             format!("{primary} is Primary with older data than {other} and would become sync target");
         match action {
             RrConflictAction::RetryConnect => {
-                // Both nodes decide alike and keep connecting; the operator's discard-my-data
-                // stands until a handshake goes through.
+                // Both nodes keep connecting (if both are set so: rr-conflict is not in Params,
+                // as in DRBD); the operator's discard-my-data stands until a handshake goes
+                // through.
                 send_refuse(&mut est, RefuseCode::Other, &conflict).await;
                 node.state().discard_my_data = discard;
                 return Outcome::RetryLater(format!("{conflict}; rr-conflict retry-connect: retrying"));
