@@ -11,13 +11,15 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::cluster::{str_at, Alpha, Background, Beta, Cluster, Node, Options, MIB, RES};
+use common::blocks::{
+    assert_blocks, flush, wait_no_clients, write_blocks, zero_blocks, HOLD_CONNECTION, TOOL_TIMEOUT,
+};
+use common::cluster::{assert_ok, str_at, Alpha, Background, Beta, Cluster, Node, Options, MIB, RES};
 use common::{assert_one_line_error, have_python_nbd, have_tool, output_within, python_nbd, Json};
 use rdbd_protocol::repl::{Channel, Hello, Message, RefuseCode};
 use rustix::process::Signal;
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-const TOOL_TIMEOUT: Duration = Duration::from_secs(180);
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn stdout_of(out: &Output) -> String {
@@ -26,17 +28,6 @@ fn stdout_of(out: &Output) -> String {
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str, cluster: &Cluster) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}",
-        out.status,
-        stdout_of(out),
-        stderr_of(out),
-        cluster.diag()
-    );
 }
 
 /// Per-job (name, error, bytes written) from fio's JSON report.
@@ -65,93 +56,6 @@ fn fio(uri: &str, workdir: &Path) -> Command {
         .arg(format!("--uri={uri}"))
         .arg("--verify_state_save=0");
     cmd
-}
-
-// ---------------------------------------------------------------------------------------------
-// python libnbd clients
-// ---------------------------------------------------------------------------------------------
-
-/// Writes `count` distinct 4 KiB blocks spread over `slots` blocks from `base` (the i-th at
-/// `base + (i * 7919 % slots) * 4096`, each filled with [`pattern_block`]), then flushes.
-const WRITE_BLOCKS: &str = r#"
-import nbd, struct, sys
-uri, base, slots, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-h = nbd.NBD()
-h.connect_uri(uri)
-for i in range(count):
-    off = base + (i * 7919 % slots) * 4096
-    h.pwrite(struct.pack("<QQ", i, off) * 256, off)
-h.flush()
-h.shutdown()
-"#;
-
-/// Opens a connection and holds it until `release` exists (at most 60 s).
-const HOLD_CONNECTION: &str = r#"
-import nbd, os, sys, time
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-deadline = time.time() + 60
-while not os.path.exists(sys.argv[2]) and time.time() < deadline:
-    time.sleep(0.02)
-h.shutdown()
-"#;
-
-/// One FLUSH on a new connection: whatever was written before is durable on both nodes.
-const FLUSH: &str = r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-h.flush()
-h.shutdown()
-"#;
-
-fn block_offset(base: u64, slots: u64, i: u64) -> u64 {
-    base + (i * 7919 % slots) * 4096
-}
-
-fn pattern_block(i: u64, offset: u64) -> Vec<u8> {
-    let mut unit = i.to_le_bytes().to_vec();
-    unit.extend_from_slice(&offset.to_le_bytes());
-    unit.repeat(256)
-}
-
-fn write_blocks(cluster: &Cluster, node: Node, base: u64, slots: u64, count: u64) {
-    // An odd stride over a power-of-two number of slots visits each slot once: distinct blocks.
-    assert!(slots.is_power_of_two() && count <= slots);
-    let uri = cluster.nbd_uri(node);
-    let args = [uri.as_str(), &base.to_string(), &slots.to_string(), &count.to_string()];
-    let out = output_within(&mut python_nbd(WRITE_BLOCKS, &args), TOOL_TIMEOUT);
-    assert_ok(&out, "python write_blocks", cluster);
-}
-
-/// Asserts that `node`'s backing file holds the blocks [`write_blocks`] wrote.
-fn assert_blocks(cluster: &Cluster, node: Node, base: u64, slots: u64, count: u64) {
-    for i in 0..count {
-        let offset = block_offset(base, slots, i);
-        let on_disk = cluster.read_disk(node, offset, 4096);
-        assert!(
-            on_disk == pattern_block(i, offset),
-            "{}: block {i} at {offset:#x} does not hold what was written",
-            node.name()
-        );
-    }
-}
-
-fn flush(cluster: &Cluster, node: Node) {
-    let out = output_within(&mut python_nbd(FLUSH, &[&cluster.nbd_uri(node)]), TOOL_TIMEOUT);
-    assert_ok(&out, "python flush", cluster);
-}
-
-fn wait_no_clients(cluster: &Cluster, node: Node) {
-    cluster.wait_for(node, "without NBD clients", Duration::from_secs(30), |s| {
-        s.field("nbd_clients").as_u64() == 0
-    });
-}
-
-/// Number of all-zero 4 KiB blocks in `node`'s backing file over `range`.
-fn zero_blocks(cluster: &Cluster, node: Node, range: std::ops::Range<u64>) -> usize {
-    let data = cluster.read_disk(node, range.start, (range.end - range.start) as usize);
-    data.chunks(4096).filter(|b| b.iter().all(|&x| x == 0)).count()
 }
 
 // ---------------------------------------------------------------------------------------------

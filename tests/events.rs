@@ -4,45 +4,17 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::cluster::{str_at, Alpha, Background, Beta, Cluster, Node, Options};
-use common::{assert_one_line_error, wait_until, Json};
+use common::cluster::{is_end_of_exists, str_at, Alpha, Beta, Cluster, Node, Options};
+use common::{assert_one_line_error, Json};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// `rdbd events r0 --now` on `node`, in the background, once its `exists` block is out (so
-/// nothing that follows can be missed).
-fn follow(cluster: &Cluster, node: Node) -> Background {
-    let what = format!("events-{}", node.name());
-    let stream =
-        Background::spawn(&mut cluster.command(node, &["events", "--now"]), cluster.dir.path(), &what);
-    let out = cluster.dir.path().join(format!("{what}.out"));
-    let subscribed = wait_until(STREAM_TIMEOUT, || read_lines(&out).iter().any(is_end_of_exists));
-    assert!(
-        subscribed,
-        "no exists block from {what}:\n{}\n{}",
-        text(&std::fs::read(&out).unwrap()),
-        cluster.diag()
-    );
-    stream
-}
-
-fn read_lines(path: &Path) -> Vec<Json> {
-    let content = std::fs::read_to_string(path).unwrap_or_default();
-    // A line still being written is not complete yet.
-    content.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| Json::parse(l.trim())).collect()
-}
-
-fn is_end_of_exists(e: &Json) -> bool {
-    str_at(e, &["event"]) == "exists" && str_at(e, &["object"]) == "-"
 }
 
 fn parse_stream(out: &Output, node: Node) -> Vec<Json> {
@@ -101,7 +73,7 @@ fn events_follow_an_initial_sync_a_reconnect_and_the_end() {
     for node in Node::BOTH {
         c.wait_for(node, "connected", Duration::from_secs(30), |s| str_at(s, &["connection"]) == "Connected");
     }
-    let mut streams = [follow(&c, Alpha), follow(&c, Beta)];
+    let mut streams = [c.follow_events(Alpha), c.follow_events(Beta)];
 
     c.verb_ok(Alpha, &["primary", "--force"]);
     // Right after promoting, the peer is still Inconsistent: wait-sync waits out the full sync.

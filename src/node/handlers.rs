@@ -8,6 +8,7 @@
 
 use std::io;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -15,6 +16,8 @@ use tokio::process::Command;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::event_stream::{EventKind, EventObject};
+use super::Node;
 use crate::config::HandlersConfig;
 
 /// How long a handler may run unless the caller says otherwise.
@@ -180,6 +183,32 @@ pub async fn run_handler(
             warn!("{e}");
             Err(e)
         }
+    }
+}
+
+impl Node {
+    /// Runs the handler for `event`, if one is configured, in the background (the caller, the
+    /// sync handshake, must not wait for an operator's script), reported as `call` and
+    /// `response` events. Returns whether one is configured.
+    pub(super) fn spawn_handler(self: &Arc<Self>, event: HandlerEvent) -> bool {
+        let Some(command) = event.command(&self.config.handlers).map(str::to_string) else { return false };
+        let node = self.clone();
+        tokio::spawn(async move {
+            let handler = event.as_str().to_string();
+            node.emit_event(EventKind::Call, EventObject::Handler { handler: handler.clone(), status: None });
+            let ctx = HandlerContext {
+                resource: &node.config.name,
+                node: &node.me().name,
+                peer: &node.peer_config().name,
+            };
+            // The exit code; none when it could not run or was killed (run_handler logs why).
+            let status = match run_handler(event, &command, &ctx, &[], DEFAULT_HANDLER_TIMEOUT).await {
+                Ok(run) => run.status.code(),
+                Err(_) => None,
+            };
+            node.emit_event(EventKind::Response, EventObject::Handler { handler, status });
+        });
+        true
     }
 }
 

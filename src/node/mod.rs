@@ -400,12 +400,20 @@ impl Node {
 
     /// `rdbd secondary`.
     pub async fn demote(self: &Arc<Self>) -> Result<(), NodeError> {
-        let role = self.state().role;
-        if role != Role::Primary {
+        if self.state().role != Role::Primary {
             return Ok(());
         }
-        let clients = self.nbd_clients().await;
-        check_demote(role, clients)?;
+        self.give_up_primary().await?;
+        info!("role: Secondary");
+        self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// Primary → Secondary, refused while NBD clients are connected. It does not renegotiate:
+    /// the sync handshake calls it for a Primary whose changes a split-brain policy discards,
+    /// and goes on as sync target on the same connection.
+    async fn give_up_primary(&self) -> Result<(), NodeError> {
+        check_demote(Role::Primary, self.nbd_clients().await)?;
         self.stop_nbd().await;
         let link = self.state().link.clone();
         if let Some(link) = link {
@@ -413,8 +421,6 @@ impl Node {
         }
         self.state().role = Role::Secondary;
         self.persist(|sb| sb.set(flags::PRIMARY, false))?;
-        info!("role: Secondary");
-        self.renegotiate.notify_one();
         Ok(())
     }
 

@@ -19,21 +19,26 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::event_stream::{EventKind, EventObject};
 use super::events::NodeEvents;
+use super::handlers::HandlerEvent;
 use super::{random_u64, Node};
 use crate::config::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, DigestAlg};
 use crate::metadata::generations::Generations;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
-use crate::replication::bitmap_exchange;
+use crate::replication::bitmap_exchange::{self, BitmapExchangeError};
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
 use crate::replication::resync::target::ResyncTarget;
 use crate::replication::source::{self, SourceOptions};
+use crate::replication::split_brain::{self, Policies, Recovery, RrConflictAction};
 use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
-use crate::replication::sync_decision::{apply_skip_initial_sync, decide, SideView, SyncDecision};
+use crate::replication::sync_decision::{
+    apply_skip_initial_sync, decide, require_usable_source, Decision, SideView, SyncDecision,
+};
 
 pub fn role_to_wire(role: Role) -> u8 {
     match role {
@@ -216,6 +221,9 @@ enum Outcome {
     Retry,
     /// Refused for a reason retrying cannot fix: StandAlone until `connect`.
     StandAlone(String),
+    /// Refused for now (rr-conflict retry-connect): the reason goes to status, and the next
+    /// attempt waits `connect-interval` (or a role change), so refusals do not spin.
+    RetryLater(String),
 }
 
 /// Connects, runs and reconnects until the node shuts down.
@@ -290,8 +298,17 @@ pub async fn run(node: Arc<Node>) {
                 node.state().last_error = None;
                 let outcome = session(&node, est, state, params.discard_my_data, dialer).await;
                 end_session(&node);
-                if let Outcome::StandAlone(message) = outcome {
-                    set_standalone(&node, message);
+                match outcome {
+                    Outcome::Retry => {}
+                    Outcome::StandAlone(message) => set_standalone(&node, message),
+                    Outcome::RetryLater(message) => {
+                        node.state().last_error = Some(message);
+                        tokio::select! {
+                            _ = node.shutdown.cancelled() => break,
+                            _ = node.renegotiate.notified() => {}
+                            _ = tokio::time::sleep(node.config.net.connect_interval) => {}
+                        }
+                    }
                 }
             }
             Err(e @ (HandshakeError::Refused { .. } | HandshakeError::RefusedByPeer { .. })) => {
@@ -364,11 +381,108 @@ fn view(state: &State, params_discard: bool, dialer: bool) -> SideView {
     }
 }
 
-/// Refuses on the data channel (the peer reaches the same decision) and goes StandAlone.
+/// How long a refusing node keeps reading after its Refuse (see [`send_refuse`]).
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Refuses on the data channel and goes StandAlone. The peer mostly reaches the same decision;
+/// when it cannot know (a losing Primary's NBD clients), it reads the Refuse instead of a
+/// bitmap and goes StandAlone too.
 async fn refuse(est: &mut Established, code: RefuseCode, message: String) -> Outcome {
-    warn!("{message}");
-    let _ = est.data.send(&Message::Refuse { code, message: &message }).await;
+    send_refuse(est, code, &message).await;
     Outcome::StandAlone(message)
+}
+
+/// Sends Refuse, then reads (and drops) what the peer still sends until it closes or refuses
+/// too, for a moment: closing with unread data resets the connection, and a reset can discard
+/// the Refuse before the peer has read it.
+async fn send_refuse(est: &mut Established, code: RefuseCode, message: &str) {
+    warn!("{message}");
+    let _ = est.data.send(&Message::Refuse { code, message }).await;
+    let _ = tokio::time::timeout(REFUSE_LINGER, async {
+        while let Ok(m) = est.data.recv().await {
+            if matches!(m, Message::Refuse { .. }) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A split brain found by the rule table: the after-sb policy for the number of Primaries
+/// picks the side whose changes are discarded, or the connection is refused (StandAlone on
+/// both nodes). A losing Primary gives up its role here when no NBD client uses it (`local`
+/// or `peer` says Secondary then); with clients it refuses instead. Returns the decision to
+/// go on with, or how the session ends.
+async fn resolve_split_brain(
+    node: &Arc<Node>,
+    est: &mut Established,
+    d: Decision,
+    local: &mut SideView,
+    peer: &mut SideView,
+) -> Result<Decision, Outcome> {
+    let (me, them) = (node.me().name.as_str(), node.peer_config().name.as_str());
+    let recovery = split_brain::recover(d, local, peer, &Policies::from_net(&node.config.net), me, them);
+    let resolved = match recovery {
+        Recovery::Resolved(r) => {
+            let decision = require_usable_source(r.decision(&d), local.disk, peer.disk);
+            if decision.outcome.is_source() || decision.outcome.is_target() {
+                Ok((r, decision))
+            } else {
+                Err(format!("{} picked a side, but {}", r.policy, decision.reason))
+            }
+        }
+        Recovery::Unresolved { reason } => Err(reason),
+        Recovery::NotSplitBrain => Err(d.reason.to_string()),
+    };
+    // Every text below names nodes, not "local" and "peer": both logs read the same.
+    let detected = format!("split brain detected (rule {}: {})", d.rule, d.reason);
+    let loser = |r: &split_brain::Resolution| if r.local_loses() { me } else { them };
+    let detail = match &resolved {
+        Ok((r, _)) => format!(
+            "{detected}; resolved by {}: {}'s changes are discarded ({})",
+            r.policy,
+            loser(r),
+            r.reason
+        ),
+        Err(reason) => format!("{detected}; unresolved: {reason}"),
+    };
+    node.emit_event(EventKind::Detected, EventObject::SplitBrain { peer: them.to_string(), detail });
+    // DRBD 8.4 runs `split-brain` only for a split brain it leaves unresolved, and
+    // `initial-split-brain` (which rdbd does not have) for every one. rdbd's one handler runs for
+    // every split brain: a resolution by policy discards one node's changes, which the operator
+    // needs to hear about as much.
+    node.spawn_handler(HandlerEvent::SplitBrain);
+    let (r, decision) = match resolved {
+        Ok(resolved) => resolved,
+        Err(reason) => {
+            let message =
+                format!("{detected}: both nodes changed the data; not resolved ({reason}); resolve manually");
+            return Err(refuse(est, RefuseCode::SplitBrain, message).await);
+        }
+    };
+    warn!("split brain resolved by {}: {}'s changes are discarded ({})", r.policy, loser(&r), r.reason);
+    if r.local_must_give_up_primary() {
+        if let Err(e) = node.give_up_primary().await {
+            let handler = if node.spawn_handler(HandlerEvent::PriLostAfterSb) {
+                "; pri-lost-after-sb handler run"
+            } else {
+                ""
+            };
+            let message = format!(
+                "split brain: {} discards the changes of the Primary {me}, which cannot become Secondary \
+                 ({e}){handler}; resolve manually",
+                r.policy
+            );
+            return Err(refuse(est, RefuseCode::SplitBrain, message).await);
+        }
+        info!("role: Secondary (this Primary's changes are discarded)");
+        local.role = Role::Secondary;
+    } else if r.loser_is_primary {
+        // The peer gives up its role, or, if it cannot, refuses in place of its bitmap and this
+        // node goes StandAlone too (see `session`).
+        peer.role = Role::Secondary;
+    }
+    Ok(decision)
 }
 
 /// One established connection: the sync decision, then replication until the link ends.
@@ -418,33 +532,54 @@ async fn session(
         return refuse(&mut est, RefuseCode::Other, message).await;
     }
     info!(outcome = ?decision.outcome, rule = decision.rule, reason = decision.reason, "sync decision");
+    let decision = match decision.outcome {
+        SyncDecision::SplitBrain { .. } => {
+            match resolve_split_brain(node, &mut est, decision, &mut local, &mut peer).await {
+                Ok(resolved) => resolved,
+                Err(outcome) => return outcome,
+            }
+        }
+        _ => decision,
+    };
     let outcome = decision.outcome;
     match outcome {
-        SyncDecision::SplitBrain { .. } => {
-            let message = format!(
-                "split brain detected (rule {}: {}): both nodes changed the data; resolve manually",
-                decision.rule, decision.reason
-            );
-            return refuse(&mut est, RefuseCode::SplitBrain, message).await;
-        }
         SyncDecision::Unrelated => {
             let message = format!("unrelated data: the nodes share no data generation ({})", decision.reason);
             return refuse(&mut est, RefuseCode::UnrelatedData, message).await;
         }
-        SyncDecision::NoUsableSource | SyncDecision::NoDisk => {
+        // A split brain was resolved or refused above.
+        SyncDecision::NoUsableSource | SyncDecision::NoDisk | SyncDecision::SplitBrain { .. } => {
             let message = format!("no resync possible: {}", decision.reason);
             return refuse(&mut est, RefuseCode::Other, message).await;
         }
-        o if o.is_target() && local.role == Role::Primary => {
-            let message =
-                "this Primary has older data than its peer and would become sync target".to_string();
-            return refuse(&mut est, RefuseCode::Other, message).await;
-        }
-        o if o.is_source() && peer.role == Role::Primary => {
-            let message = "the peer is Primary with older data and would become sync target".to_string();
-            return refuse(&mut est, RefuseCode::Other, message).await;
-        }
         _ => {}
+    }
+    let action = split_brain::rr_conflict(outcome, local.role, peer.role, node.config.net.rr_conflict);
+    if action.refuses() {
+        let (me, them) = (&node.me().name, &node.peer_config().name);
+        let (primary, other) = if outcome.is_target() { (me, them) } else { (them, me) };
+        let conflict =
+            format!("{primary} is Primary with older data than {other} and would become sync target");
+        match action {
+            RrConflictAction::RetryConnect => {
+                // Both nodes keep connecting (if both are set so: rr-conflict is not in Params,
+                // as in DRBD); the operator's discard-my-data stands until a handshake goes
+                // through.
+                send_refuse(&mut est, RefuseCode::Other, &conflict).await;
+                node.state().discard_my_data = discard;
+                return Outcome::RetryLater(format!("{conflict}; rr-conflict retry-connect: retrying"));
+            }
+            RrConflictAction::CallPriLost { here: true } => {
+                node.spawn_handler(HandlerEvent::PriLost);
+            }
+            _ => {}
+        }
+        return refuse(
+            &mut est,
+            RefuseCode::Other,
+            format!("{conflict} (rr-conflict {})", node.config.net.rr_conflict),
+        )
+        .await;
     }
     let disks = disk_after_decision(outcome, local.disk, peer.disk);
     {
@@ -472,8 +607,15 @@ async fn session(
     }
     if resyncing {
         if let Err(e) = prepare_resync(node, &mut est, outcome).await {
-            warn!("resync handshake failed: {e}");
             node.device.release_writes();
+            if let Some(BitmapExchangeError::Refused(message)) = e.downcast_ref() {
+                // The peer could not carry out the decision (a losing Primary with NBD
+                // clients): StandAlone on both nodes, with the peer's reason.
+                let message = format!("{} refused: {message}", node.peer_config().name);
+                warn!("{message}");
+                return Outcome::StandAlone(message);
+            }
+            warn!("resync handshake failed: {e}");
             return Outcome::Retry;
         }
     } else if let Err(e) = node.persist(|sb| sb.set(flags::CRASHED_PRIMARY, false)) {
@@ -505,8 +647,9 @@ async fn prepare_resync(
             bitmap_exchange::send(writer, &snapshot),
             bitmap_exchange::receive(reader, &mut merged, step)
         );
-        sent?;
+        // The peer's answer first: a Refuse in place of its bitmap explains a failed send.
         let added = received?;
+        sent?;
         node.device.with_tracking(|t| {
             for (start, len) in merged.runs_from(0) {
                 t.bitmap.set(start..start + len);

@@ -18,6 +18,10 @@ pub enum BitmapExchangeError {
     Malformed(#[from] DecodeError),
     #[error("peer sent message kind {0:#x} during the bitmap exchange")]
     Unexpected(u16),
+    /// The peer refused the connection instead (it could not carry out the sync decision, e.g.
+    /// a losing Primary that cannot give up its role).
+    #[error("the peer refused: {0}")]
+    Refused(String),
 }
 
 /// Run-length messages (first block, runs) covering the whole bitmap: alternating clean and
@@ -114,6 +118,7 @@ pub async fn receive(
                 cursor.finish(total_blocks)?;
                 return Ok(added);
             }
+            Message::Refuse { message, .. } => return Err(BitmapExchangeError::Refused(message.to_string())),
             other => return Err(BitmapExchangeError::Unexpected(other.kind())),
         }
     }

@@ -490,6 +490,23 @@ impl Cluster {
         buf
     }
 
+    /// `rdbd events r0 --now` on `node`, in the background, once its `exists` block is out (so
+    /// nothing that follows can be missed). Stop it to read the stream.
+    pub fn follow_events(&self, node: Node) -> Background {
+        let what = format!("events-{}", node.name());
+        let stream = Background::spawn(&mut self.command(node, &["events", "--now"]), self.dir.path(), &what);
+        let subscribed = super::wait_until(Duration::from_secs(20), || {
+            read_lines(&stream.stdout).iter().any(is_end_of_exists)
+        });
+        assert!(
+            subscribed,
+            "no exists block from {what}:\n{}\n{}",
+            std::fs::read_to_string(&stream.stdout).unwrap_or_default(),
+            self.diag()
+        );
+        stream
+    }
+
     /// Both statuses and log tails, for failure messages.
     pub fn diag(&self) -> String {
         let mut out = String::new();
@@ -520,9 +537,32 @@ impl Drop for Cluster {
     }
 }
 
+/// Asserts that a client process succeeded; on failure, with its output and both nodes' state.
+pub fn assert_ok(out: &Output, what: &str, cluster: &Cluster) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        cluster.diag()
+    );
+}
+
 /// The string at `path` in a status document.
 pub fn str_at<'a>(s: &'a Json, path: &[&str]) -> &'a str {
     path.iter().fold(s, |v, key| v.field(key)).as_str()
+}
+
+/// The complete JSON lines of a file still being written.
+fn read_lines(path: &Path) -> Vec<Json> {
+    let content = std::fs::read_to_string(path).unwrap_or_default();
+    content.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| Json::parse(l.trim())).collect()
+}
+
+/// The end of an event stream's `exists` block.
+pub fn is_end_of_exists(e: &Json) -> bool {
+    str_at(e, &["event"]) == "exists" && str_at(e, &["object"]) == "-"
 }
 
 /// Connected and Established, this node and its peer UpToDate.

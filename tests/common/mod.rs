@@ -3,6 +3,7 @@
 //! RDBD_REQUIRE_TOOLS=1 (set by the project's test command), where a missing tool is a failure.
 #![allow(dead_code)]
 
+pub mod blocks;
 pub mod cluster;
 
 use std::io::{BufRead, BufReader};
