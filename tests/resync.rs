@@ -216,7 +216,13 @@ fn verify_finds_corrupted_blocks_and_never_reports_writes_in_flight() {
     if !common::have_tool("fio") {
         return;
     }
-    let mut c = Cluster::new(Options::default());
+    let marks = tempfile::tempdir().unwrap();
+    let marker = marks.path().join("out-of-sync");
+    let tables = format!(
+        "[handlers]\nout-of-sync = \"echo $RDBD_EVENT $RDBD_NODE $RDBD_OUT_OF_SYNC_BLOCKS >> {}\"\n",
+        marker.display()
+    );
+    let mut c = Cluster::new(Options { tables, ..Options::default() });
     c.start_primary_pair();
     let size = c.data_size();
 
@@ -263,6 +269,16 @@ fn verify_finds_corrupted_blocks_and_never_reports_writes_in_flight() {
             assert_eq!(ranges, vec![(5 * MIB, 4096), (9 * MIB + 8192, 12288), (size - 4096, 4096)]);
             assert_eq!(c.status(n).field("out_of_sync_bytes").as_u64(), 5 * 4096, "marked on {}", n.name());
         }
+    }
+
+    // The out-of-sync handler ran on both nodes, for each of the two verifies.
+    let ran = common::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&marker).is_ok_and(|t| t.lines().count() >= 4)
+    });
+    let lines = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(ran, "out-of-sync handler lines: {lines:?}");
+    for node in ["alpha", "beta"] {
+        assert!(lines.contains(&format!("out-of-sync {node} 5")), "{lines:?}");
     }
 
     // Only the marked blocks move, and then the replicas agree.

@@ -190,7 +190,11 @@ impl Node {
     /// Runs the handler for `event`, if one is configured, in the background (the caller, the
     /// sync handshake, must not wait for an operator's script), reported as `call` and
     /// `response` events. Returns whether one is configured.
-    pub(super) fn spawn_handler(self: &Arc<Self>, event: HandlerEvent) -> bool {
+    pub(super) fn spawn_handler(
+        self: &Arc<Self>,
+        event: HandlerEvent,
+        extra: Vec<(&'static str, String)>,
+    ) -> bool {
         let Some(command) = event.command(&self.config.handlers).map(str::to_string) else { return false };
         let node = self.clone();
         tokio::spawn(async move {
@@ -202,7 +206,8 @@ impl Node {
                 peer: &node.peer_config().name,
             };
             // The exit code; none when it could not run or was killed (run_handler logs why).
-            let status = match run_handler(event, &command, &ctx, &[], DEFAULT_HANDLER_TIMEOUT).await {
+            let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let status = match run_handler(event, &command, &ctx, &extra, DEFAULT_HANDLER_TIMEOUT).await {
                 Ok(run) => run.status.code(),
                 Err(_) => None,
             };

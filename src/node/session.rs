@@ -451,7 +451,7 @@ async fn resolve_split_brain(
     // `initial-split-brain` (which rdbd does not have) for every one. rdbd's one handler runs for
     // every split brain: a resolution by policy discards one node's changes, which the operator
     // needs to hear about as much.
-    node.spawn_handler(HandlerEvent::SplitBrain);
+    node.spawn_handler(HandlerEvent::SplitBrain, Vec::new());
     let (r, decision) = match resolved {
         Ok(resolved) => resolved,
         Err(reason) => {
@@ -463,7 +463,7 @@ async fn resolve_split_brain(
     warn!("split brain resolved by {}: {}'s changes are discarded ({})", r.policy, loser(&r), r.reason);
     if r.local_must_give_up_primary() {
         if let Err(e) = node.give_up_primary().await {
-            let handler = if node.spawn_handler(HandlerEvent::PriLostAfterSb) {
+            let handler = if node.spawn_handler(HandlerEvent::PriLostAfterSb, Vec::new()) {
                 "; pri-lost-after-sb handler run"
             } else {
                 ""
@@ -570,7 +570,7 @@ async fn session(
                 return Outcome::RetryLater(format!("{conflict}; rr-conflict retry-connect: retrying"));
             }
             RrConflictAction::CallPriLost { here: true } => {
-                node.spawn_handler(HandlerEvent::PriLost);
+                node.spawn_handler(HandlerEvent::PriLost, Vec::new());
             }
             _ => {}
         }

@@ -8,7 +8,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::handlers::{run_handler, HandlerContext, HandlerEvent, DEFAULT_HANDLER_TIMEOUT};
+use std::sync::Arc;
+
+use super::handlers::HandlerEvent;
 use super::{Node, NodeError};
 use crate::replication::states::{ConnState, DiskState, ReplState};
 use crate::replication::verify::{record_range, VerifyReport};
@@ -121,7 +123,7 @@ impl Node {
 
     /// The verify is over (`report`: the driving side's final numbers). Records the result,
     /// writes the marked blocks to the metadata and runs the out-of-sync handler if blocks differ.
-    pub(super) fn verify_finished(&self, report: Option<&VerifyReport>) {
+    pub(super) fn verify_finished(self: &Arc<Self>, report: Option<&VerifyReport>) {
         let result = {
             let mut s = self.state();
             let Some(mut running) = s.verify.take() else { return };
@@ -149,21 +151,8 @@ impl Node {
             bytes = result.checked_bytes,
             "online verify found blocks out of sync; they are marked for the next resync"
         );
-        if let Some(command) = HandlerEvent::OutOfSync.command(&self.config.handlers).map(str::to_owned) {
-            let (resource, node, peer) =
-                (self.config.name.clone(), self.me().name.clone(), self.peer_config().name.clone());
-            let blocks = result.out_of_sync_blocks.to_string();
-            tokio::spawn(async move {
-                let ctx = HandlerContext { resource: &resource, node: &node, peer: &peer };
-                let extra = [("RDBD_OUT_OF_SYNC_BLOCKS", blocks.as_str())];
-                if let Err(e) =
-                    run_handler(HandlerEvent::OutOfSync, &command, &ctx, &extra, DEFAULT_HANDLER_TIMEOUT)
-                        .await
-                {
-                    warn!("out-of-sync handler: {e}");
-                }
-            });
-        }
+        let blocks = result.out_of_sync_blocks.to_string();
+        self.spawn_handler(HandlerEvent::OutOfSync, vec![("RDBD_OUT_OF_SYNC_BLOCKS", blocks)]);
     }
 
     /// The connection ended while a verify ran: it is recorded as interrupted.
