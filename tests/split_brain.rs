@@ -114,8 +114,8 @@ fn assert_was_sync_target(events: &[Json], loser: Node) {
 
 /// After `connect`: `winner`'s data is on both disks (its own and the shared blocks; the
 /// loser's own blocks are back to what the winner has there, zeros), the disks are identical,
-/// the resync moved exactly the blocks changed on either side, and the loser was the
-/// sync target.
+/// the resync moved exactly the blocks changed on either side, the loser was the sync target,
+/// and online verify finds nothing out of sync.
 fn assert_resolved(c: &Cluster, winner: Node, writes: Writes, loser_events: Background) {
     let loser = winner.peer();
     c.wait_in_sync(SYNC_TIMEOUT);
@@ -133,6 +133,9 @@ fn assert_resolved(c: &Cluster, winner: Node, writes: Writes, loser_events: Back
     let resynced = s.field("last_resync_bytes").as_u64();
     assert_eq!(resynced, changed * BLOCK, "{changed} blocks changed: {s:?}");
     assert_was_sync_target(&stream_lines(loser_events, loser), loser);
+    let out = c.verb_ok(loser, &["verify"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("no blocks out of sync"), "verify after the recovery: {report}");
 }
 
 /// One policy: split, connect, and `winner`'s data must win.
