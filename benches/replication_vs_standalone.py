@@ -342,6 +342,8 @@ class Connected:
         self.uri = "nbd://127.0.0.1:%d/%s" % (self.nbd_port, RES)
         self.procs = {}
         self.primary = False
+        # More tables for the resource file (e.g. a [disk] table with resync options).
+        self.extra_config = ""
 
     def verb(self, *args, check=True, timeout=30):
         out = subprocess.run([self.rdbd] + list(args), env=self.env, capture_output=True, text=True,
@@ -374,7 +376,7 @@ class Connected:
         """The resource file, both nodes on this machine; disks maps a node name to its backing file."""
         os.makedirs(self.env["RDBD_CONFIG_DIR"], exist_ok=True)
         os.makedirs(self.env["RDBD_RUN_DIR"], exist_ok=True)
-        conf = 'resource = "%s"\nprotocol = "C"\n' % RES
+        conf = 'resource = "%s"\nprotocol = "C"\n' % RES + self.extra_config
         for node, (repl, nbd) in self.ports.items():
             conf += ('\n[[node]]\nname = "%s"\naddress = "127.0.0.1:%d"\ndisk = "%s"\nnbd-listen = "127.0.0.1:%d"\n'
                      % (node, repl, disks[node], nbd))

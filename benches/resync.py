@@ -551,6 +551,8 @@ def main():
     ap.add_argument("--rdbd", default=os.path.join(ROOT, "target", "release", "rdbd"))
     ap.add_argument("--dir", default="/tmp", help="where to create the temporary directory (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the directory (daemon logs) afterwards")
+    ap.add_argument("--disk-options", default="",
+                    help='lines for the resource file\'s [disk] table, e.g. \'c-fill-target = "64MiB"\'')
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     if not parts <= {1, 2, 3}:
@@ -578,6 +580,8 @@ def main():
         shutil.copy2(args.rdbd, rdbd)  # one binary for the whole run, whatever cargo does meanwhile
         version = source_version(rdbd)
         pair = Pair(rdbd, workdir, args.port_base, daemons)
+        if args.disk_options:
+            pair.extra_config = "\n[disk]\n%s\n" % args.disk_options.replace(";", "\n")
         disks = None
         if 1 in parts:
             disks = part1(pair, workdir, args, report)

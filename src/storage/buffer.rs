@@ -117,12 +117,14 @@ impl BufPool {
         (shift - MIN_CLASS_SHIFT) as usize
     }
 
-    /// How many idle buffers of a class are kept: many small ones, few large ones.
+    /// How many idle buffers of a class are kept: many small ones, and of large ones up to
+    /// 64 MiB worth (a resync keeps tens of MiB in flight in 4 MiB pieces; freeing and
+    /// allocating them again costs a page fault per page).
     fn retain_limit(class: usize) -> usize {
         match class {
             0..=4 => 256, // up to 64 KiB
-            5..=8 => 32,  // up to 1 MiB
-            _ => 4,
+            5..=8 => 64,  // up to 1 MiB
+            _ => ((64 << 20) >> (class as u32 + MIN_CLASS_SHIFT)).max(4),
         }
     }
 

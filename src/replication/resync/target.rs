@@ -19,7 +19,7 @@ use crate::metadata::bitmap::DirtyBitmap;
 use crate::replication::device::ReplicatedDevice;
 
 /// Largest range asked for in one request.
-pub const REQUEST_MAX: u64 = 1 << 20;
+pub const REQUEST_MAX: u64 = 4 << 20;
 /// Requests outstanding at once, whatever the budget.
 const MAX_REQUESTS: usize = 256;
 /// Bytes outstanding at once: the controller's fill target, within these bounds.
