@@ -7,9 +7,10 @@ replication_vs_standalone.py, in three parts (--parts 1,2,3):
 
 1. Full initial sync vs dd. alpha's data area (the first `data-size` bytes of its file, as
    `rdbd show-md` prints; internal metadata sits behind it) holds --size of pseudo-random data,
-   beta's file is fresh and sparse. Per round, with the page cache dropped before each: `dd
-   iflag=direct oflag=direct bs=4M` of the same bytes to a fresh scratch file, then fresh metadata
-   on both nodes, `up` both, and the time from `primary --force` on alpha until both report
+   beta's file starts sparse. Per round, with the page cache dropped before each: `dd
+   iflag=direct oflag=direct conv=notrunc bs=4M` of the same bytes to a scratch file, then fresh
+   metadata on both nodes (a full sync; the scratch file and beta's are kept across rounds, so
+   from round 2 both copies overwrite blocks written before), `up` both, and the time from `primary --force` on alpha until both report
    Established and UpToDate (polled every 50 ms), then `down` both. The data areas are compared
    byte for byte after the last round.
 2. Bitmap resync. The pair in sync; `rdbd disconnect` on beta; --dirty of 4 KiB writes through NBD
@@ -168,21 +169,21 @@ def part1(pair, workdir, args, report):
     log("  filled in %.1f s" % (time.perf_counter() - t))
     count = data // DD_BS
     rounds = []
+    # dd's target and beta's disk are kept across rounds (dd with conv=notrunc, beta with fresh
+    # metadata only): from the second round on both overwrite blocks they wrote before. Deleting
+    # 2 GiB files between rounds would make the next copy race the discards of their blocks
+    # (this file system is mounted with `discard`), which slowed whichever copy came second.
+    fresh_file(scratch, size)
     for r in range(args.rounds):
         drop_caches()
-        if os.path.exists(scratch):
-            os.unlink(scratch)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        run(["dd", "if=" + alpha, "of=" + scratch, "iflag=direct", "oflag=direct", "bs=%d" % DD_BS,
-             "count=%d" % count], timeout=SYNC_TIMEOUT)
+        run(["dd", "if=" + alpha, "of=" + scratch, "iflag=direct", "oflag=direct", "conv=notrunc",
+             "bs=%d" % DD_BS, "count=%d" % count], timeout=SYNC_TIMEOUT)
         dd_s = time.perf_counter() - t
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         dd_cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
         dd_mib = count * DD_BS / MiB / dd_s
-        os.unlink(scratch)
-
-        fresh_file(beta, size)
         pair.create_md("alpha")
         pair.create_md("beta")
         drop_caches()
@@ -207,6 +208,7 @@ def part1(pair, workdir, args, report):
                                          fmt_cpu(cpu, sync_s), busy))
         pair.down()
 
+    os.unlink(scratch)
     same = subprocess.run(["cmp", "-n", str(data), alpha, beta], capture_output=True, text=True,
                           timeout=SYNC_TIMEOUT)
     identical = same.returncode == 0
@@ -214,8 +216,11 @@ def part1(pair, workdir, args, report):
     report += [
         "### Part 1: full initial sync vs dd",
         "",
-        "%s of pseudo-random data (data-size %d bytes) on alpha, beta fresh; page cache dropped before "
-        "every copy; dd `iflag=direct oflag=direct bs=4M count=%d` to a fresh file; rdbd: from "
+        "%s of pseudo-random data (data-size %d bytes) on alpha, beta sparse at first; page cache dropped "
+        "before every copy; dd `iflag=direct oflag=direct conv=notrunc bs=4M count=%d` to a scratch file; "
+        "dd's file and beta's are kept across rounds (both copies write into a sparse file in round 1 "
+        "and overwrite in later rounds; deleting them between rounds made the next copy race the "
+        "file system's discards); rdbd: from "
         "`primary --force` until both nodes report Established/UpToDate (50 ms polling)."
         % (args.size, data, count),
         "",

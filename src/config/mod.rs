@@ -51,7 +51,7 @@ pub const DEFAULT_BITMAP_BLOCK: u64 = 4096;
 /// application load that still finishes a resync in reasonable time.
 pub const DEFAULT_RESYNC_RATE: u64 = 250 << 10;
 pub const DEFAULT_C_PLAN_AHEAD: Duration = Duration::from_secs(2);
-pub const DEFAULT_C_FILL_TARGET: u64 = 32 << 20;
+pub const DEFAULT_C_FILL_TARGET: u64 = 16 << 20;
 pub const DEFAULT_C_DELAY_TARGET: Duration = Duration::from_secs(1);
 pub const DEFAULT_C_MAX_RATE: u64 = 0;
 pub const DEFAULT_C_MIN_RATE: u64 = 16 << 20;

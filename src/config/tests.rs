@@ -132,7 +132,7 @@ fn minimal_file_gets_every_default() {
             resync: ResyncConfig {
                 resync_rate: 250 << 10,
                 c_plan_ahead: Duration::from_secs(2),
-                c_fill_target: 32 << 20,
+                c_fill_target: 16 << 20,
                 c_delay_target: Duration::from_secs(1),
                 c_max_rate: 0,
                 c_min_rate: 16 << 20,
@@ -268,7 +268,7 @@ fn dump_round_trips() {
         "verify-alg = \"sha256\"",
         "resync-rate = \"250KiB\"",
         "c-plan-ahead = \"2s\"",
-        "c-fill-target = \"32MiB\"",
+        "c-fill-target = \"16MiB\"",
         "c-delay-target = \"1s\"",
         "c-max-rate = 0",
         "c-min-rate = \"16MiB\"",

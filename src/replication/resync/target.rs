@@ -78,8 +78,11 @@ pub struct ResyncTarget {
     scanned: bool,
     /// Outstanding requests by offset (not overlapping).
     requests: BTreeMap<u64, Request>,
-    /// Bytes requested and not yet answered.
+    /// Bytes requested and not yet answered (what the controller paces).
     in_flight: u64,
+    /// Bytes requested and not yet written: the window bounds this, so a target disk slower
+    /// than the source's holds the source back instead of piling data up in memory.
+    unwritten: u64,
     /// Bytes answered since the last controller step.
     received: u64,
     /// Requests wholly written, waiting for a flush.
@@ -119,6 +122,7 @@ impl ResyncTarget {
             scanned: false,
             requests: BTreeMap::new(),
             in_flight: 0,
+            unwritten: 0,
             received: 0,
             written: Vec::new(),
             written_bytes: 0,
@@ -150,7 +154,8 @@ impl ResyncTarget {
 
     /// One controller step (every [`super::controller::STEP`]): refills the request budget.
     pub fn step(&mut self) {
-        let allow = self.controller.step(std::mem::take(&mut self.received), self.in_flight);
+        let received = std::mem::take(&mut self.received);
+        let allow = self.controller.step(received, self.in_flight);
         // Debt from an overshooting request is carried; an unused budget is not (no bursts).
         self.budget = allow.map(|allow| self.budget.unwrap_or(0).min(0) + allow as i64);
     }
@@ -159,7 +164,7 @@ impl ResyncTarget {
     pub fn next_request(&mut self) -> Option<(u64, u32)> {
         if self.scanned
             || self.budget.is_some_and(|b| b <= 0)
-            || self.in_flight >= self.window
+            || self.unwritten >= self.window
             || self.requests.len() >= MAX_REQUESTS
         {
             return None;
@@ -183,6 +188,7 @@ impl ResyncTarget {
             Request { len: bytes as u32, csum, next: offset, answered: false, writing: 0, failed: None };
         self.requests.insert(offset, request);
         self.in_flight += bytes;
+        self.unwritten += bytes;
         if let Some(budget) = self.budget.as_mut() {
             *budget -= bytes as i64;
         }
@@ -249,6 +255,7 @@ impl ResyncTarget {
     /// Every part of the request at `offset` arrived and is written: it waits for a flush.
     fn complete(&mut self, offset: u64, out: &mut Answers) {
         let r = self.requests.remove(&offset).expect("completing an outstanding request");
+        self.unwritten -= u64::from(r.len);
         match r.failed {
             Some(errno) => out.failed.push((offset, r.len, errno)),
             None => {
@@ -340,12 +347,16 @@ mod tests {
         (dir, ReplicatedDevice::new(local, Tracking { bitmap, activity: None }, 4096))
     }
 
+    /// [`REQUEST_MAX`] in bytes and in 4 KiB blocks.
+    const R: u64 = REQUEST_MAX;
+    const RB: u64 = REQUEST_MAX / 4096;
+
     #[test]
-    fn requests_cover_the_dirty_runs_in_order_and_in_pieces_of_at_most_a_mebibyte() {
-        // Blocks 0..10, 300..900 (2.3 MiB) and the last block.
-        let size = 16 * MIB;
+    fn requests_cover_the_dirty_runs_in_order_and_in_pieces_of_at_most_request_max() {
+        // Blocks 0..10, a run of 2.5 requests from block 300, and the last block.
+        let size = 64 * MIB;
         let last = size / 4096 - 1;
-        let (_d, dev) = device(size, &[(0, 10), (300, 600), (last, 1)]);
+        let (_d, dev) = device(size, &[(0, 10), (300, 2 * RB + RB / 2), (last, 1)]);
         let mut t = ResyncTarget::new(dev, ResyncConfig::default(), None);
         let mut got = Vec::new();
         while let Some(r) = t.next_request() {
@@ -355,9 +366,9 @@ mod tests {
             got,
             vec![
                 (0, 40960),
-                (300 * 4096, MIB as u32),
-                (556 * 4096, MIB as u32),
-                (812 * 4096, 88 * 4096),
+                (300 * 4096, R as u32),
+                ((300 + RB) * 4096, R as u32),
+                ((300 + 2 * RB) * 4096, (R / 2) as u32),
                 (last * 4096, 4096)
             ]
         );
@@ -366,73 +377,76 @@ mod tests {
 
     #[test]
     fn blocks_are_acknowledged_only_after_the_flush_that_made_them_durable() {
-        let (_d, dev) = device(4 * MIB, &[(0, 512)]);
+        let (_d, dev) = device(4 * R, &[(0, 2 * RB)]);
         let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
         let (a, b) = (t.next_request().unwrap(), t.next_request().unwrap());
-        assert_eq!((a, b), ((0, MIB as u32), (MIB, MIB as u32)));
+        assert_eq!((a, b), ((0, R as u32), (R, R as u32)));
         let mut out = Answers::default();
-        assert_eq!(t.data(MIB, 4096), Err(Unrequested { offset: MIB, len: 4096 }), "wrong length");
-        assert!(t.data(3 * MIB, MIB as usize).is_err(), "never requested");
-        t.data(0, MIB as usize).unwrap();
-        assert!(t.data(0, MIB as usize).is_err(), "answered twice");
+        assert_eq!(t.data(R, 4096), Err(Unrequested { offset: R, len: 4096 }), "wrong length");
+        assert!(t.data(3 * R, R as usize).is_err(), "never requested");
+        t.data(0, R as usize).unwrap();
+        assert!(t.data(0, R as usize).is_err(), "answered twice");
         t.written(0, Ok(()), &mut out);
         assert!(!t.flush_due(Instant::now()), "young, small, and another request is outstanding");
         assert!(t.flush_due(Instant::now() + FLUSH_AGE));
-        t.data(MIB, MIB as usize).unwrap();
-        t.written(MIB, Ok(()), &mut out);
+        t.data(R, R as usize).unwrap();
+        t.written(R, Ok(()), &mut out);
         assert!(t.flush_due(Instant::now()), "nothing else outstanding");
         t.flush_started();
-        assert_eq!(dev.out_of_sync_blocks(), 512, "nothing cleared before the flush completes");
+        assert_eq!(dev.out_of_sync_blocks(), 2 * RB, "nothing cleared before the flush completes");
         assert_eq!(out, Answers::default());
         t.flush_done(Ok(()), &mut out);
-        assert_eq!(out.acks, vec![(0, 2 * MIB as u32)], "adjacent requests merged into one ack");
+        assert_eq!(out.acks, vec![(0, 2 * R as u32)], "adjacent requests merged into one ack");
         assert_eq!(dev.out_of_sync_blocks(), 0);
         assert!(t.idle());
-        assert_eq!(t.bytes, 2 * MIB);
+        assert_eq!(t.bytes, 2 * R);
     }
 
     #[test]
     fn a_failed_write_or_flush_is_reported_and_leaves_the_blocks_dirty() {
-        let (_d, dev) = device(4 * MIB, &[(0, 1024)]);
+        let (_d, dev) = device(4 * R, &[(0, 3 * RB)]);
         let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
         let mut out = Answers::default();
         while t.next_request().is_some() {}
-        t.data(0, MIB as usize).unwrap();
+        t.data(0, R as usize).unwrap();
         t.written(0, Err(5), &mut out);
-        assert_eq!(out.failed, vec![(0, MIB as u32, 5)]);
-        for at in [MIB, 2 * MIB] {
-            t.data(at, MIB as usize).unwrap();
+        assert_eq!(out.failed, vec![(0, R as u32, 5)]);
+        for at in [R, 2 * R] {
+            t.data(at, R as usize).unwrap();
             t.written(at, Ok(()), &mut out);
         }
         t.flush_started();
         t.flush_done(Err(28), &mut out);
-        assert_eq!(out.failed[1..], [(MIB, MIB as u32, 28), (2 * MIB, MIB as u32, 28)]);
+        assert_eq!(out.failed[1..], [(R, R as u32, 28), (2 * R, R as u32, 28)]);
         assert!(out.acks.is_empty());
-        assert_eq!(dev.out_of_sync_blocks(), 1024);
+        assert_eq!(dev.out_of_sync_blocks(), 3 * RB);
     }
 
     #[test]
-    fn the_budget_and_the_window_bound_what_is_outstanding() {
+    fn the_window_counts_data_until_it_is_written_and_the_budget_bounds_each_step() {
         let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
-        let pace = ResyncConfig { c_fill_target: 16 * MIB, ..ResyncConfig::default() };
+        let pace = ResyncConfig { c_fill_target: 4 * R, ..ResyncConfig::default() };
         let mut t = ResyncTarget::new(dev, pace, None);
+        let mut out = Answers::default();
         let mut n = 0;
         while t.next_request().is_some() {
             n += 1;
         }
-        assert_eq!(n, 16, "the window is the fill target");
-        t.data(0, MIB as usize).unwrap();
-        assert!(t.next_request().is_some(), "one answered, one more at once");
+        assert_eq!(n, 4, "the window is the fill target");
+        t.data(0, R as usize).unwrap();
+        assert!(t.next_request().is_none(), "arrived but not written: still in the window");
+        t.written(0, Ok(()), &mut out);
+        assert!(t.next_request().is_some(), "written: one more at once");
         assert!(t.next_request().is_none());
         // With a rate cap, the budget bounds each step too.
         let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
-        let pace = ResyncConfig { c_max_rate: 20 * MIB, ..ResyncConfig::default() };
+        let pace = ResyncConfig { c_max_rate: 20 * R, ..ResyncConfig::default() };
         let mut t = ResyncTarget::new(dev, pace, None);
         let mut n = 0;
         while t.next_request().is_some() {
             n += 1;
         }
-        assert_eq!(n, 2, "20 MiB/s is 2 MiB per step");
+        assert_eq!(n, 2, "20 requests per second is 2 per step");
         t.step();
         assert_eq!((t.next_request().is_some(), t.next_request().is_some()), (true, true));
         assert!(t.next_request().is_none());
