@@ -155,6 +155,15 @@ impl ResyncTarget {
     /// One controller step (every [`super::controller::STEP`]): refills the request budget.
     pub fn step(&mut self) {
         let received = std::mem::take(&mut self.received);
+        tracing::debug!(
+            received,
+            in_flight = self.in_flight,
+            unwritten = self.unwritten,
+            outstanding = self.requests.len(),
+            written = self.written_bytes,
+            flushing = self.flushing.is_some(),
+            "resync step"
+        );
         let allow = self.controller.step(received, self.in_flight);
         // Debt from an overshooting request is carried; an unused budget is not (no bursts).
         self.budget = allow.map(|allow| self.budget.unwrap_or(0).min(0) + allow as i64);
