@@ -23,11 +23,13 @@ impl Throttle {
         Throttle { floor: per_step(min_rate), app_seen: app_requests, busy: false, sent: 0 }
     }
 
-    /// Starts a step: busy if the application made requests during the last one.
+    /// Starts a step: busy if the application made requests during the last one. What the last
+    /// step sent beyond the floor counts against this one, so requests larger than a step's
+    /// share still average out at the floor.
     pub fn step(&mut self, app_requests: u64) {
         self.busy = app_requests != self.app_seen;
         self.app_seen = app_requests;
-        self.sent = 0;
+        self.sent = if self.busy { self.sent.saturating_sub(self.floor) } else { 0 };
     }
 
     /// Whether another block may be sent in this step.
@@ -77,6 +79,21 @@ mod tests {
         // The application went quiet: full speed again.
         t.step(5);
         assert!(t.may_send() && !t.is_busy());
+    }
+
+    #[test]
+    fn blocks_larger_than_a_step_still_average_out_at_the_floor() {
+        // 10 MiB/s is 1 MiB per step; blocks of 4 MiB go one every fourth step.
+        let mut t = Throttle::new(10 * MIB, 0);
+        let mut sent = 0;
+        for step in 1..=40 {
+            t.step(step);
+            while t.may_send() {
+                t.sent(4 * MIB);
+                sent += 4 * MIB;
+            }
+        }
+        assert!((40 * MIB..=44 * MIB).contains(&sent), "{} MiB in 4 s", sent / MIB);
     }
 
     #[test]
