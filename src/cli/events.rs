@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use rdbd::node::control::{self, ControlError, EventStream};
 
-use super::resource::{Resource, ResourceArgs};
+use super::resource::{Resource, SomeResourcesArgs};
 use super::verbs::resource_names;
 
 /// How long the daemon may take to accept the subscription.
@@ -16,15 +16,8 @@ const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
 pub struct EventsArgs {
-    /// Resource name [default: every resource of the config directory that is up].
-    #[arg(value_name = "RES")]
-    pub resource: Option<String>,
-    /// Directory of resource files [default: $RDBD_CONFIG_DIR, else /etc/rdbd].
-    #[arg(long, value_name = "DIR")]
-    pub config_dir: Option<std::path::PathBuf>,
-    /// Which node this machine is [default: $RDBD_NODE, else the hostname].
-    #[arg(long, value_name = "NAME")]
-    pub node: Option<String>,
+    #[command(flatten)]
+    pub which: SomeResourcesArgs,
     /// First print every object's current state ("exists" lines, ended by object "-").
     #[arg(long)]
     pub now: bool,
@@ -43,15 +36,10 @@ pub(super) async fn subscribe(res: &Resource, now: bool) -> anyhow::Result<Event
 }
 
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
-    let resource_args = |resource: String| ResourceArgs {
-        resource,
-        config_dir: args.config_dir.clone(),
-        node: args.node.clone(),
+    let Some(name) = args.which.resource.clone() else {
+        return run_all(&args).await;
     };
-    let Some(name) = args.resource.clone() else {
-        return run_all(&args, resource_args).await;
-    };
-    let res = Resource::load(&resource_args(name))?;
+    let res = Resource::load(&args.which.named(name))?;
     let mut stream = subscribe(&res, args.now).await?;
     let mut out = std::io::stdout().lock();
     while let Some(line) = stream.next_line().await.with_context(|| res.config.name.clone())? {
@@ -64,12 +52,12 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 }
 
 /// Every resource that is up, merged line by line; ends when every stream has ended.
-async fn run_all(args: &EventsArgs, resource_args: impl Fn(String) -> ResourceArgs) -> anyhow::Result<()> {
-    let (dir, names) = resource_names(args.config_dir.as_deref())?;
+async fn run_all(args: &EventsArgs) -> anyhow::Result<()> {
+    let (dir, names) = resource_names(args.which.config_dir.as_deref())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut streams = 0;
     for name in names {
-        let res = Resource::load(&resource_args(name))?;
+        let res = Resource::load(&args.which.named(name))?;
         let mut stream = match subscribe(&res, args.now).await {
             Ok(stream) => stream,
             Err(e) if matches!(e.downcast_ref::<ControlError>(), Some(ControlError::NotRunning { .. })) => {

@@ -21,6 +21,28 @@ pub struct ResourceArgs {
     pub node: Option<String>,
 }
 
+/// Arguments of the verbs that take one resource or, without a name, every resource that is up
+/// (`status`, `events`).
+#[derive(Args, Debug, Clone)]
+pub struct SomeResourcesArgs {
+    /// Resource name [default: every resource of the config directory that is up].
+    #[arg(value_name = "RES")]
+    pub resource: Option<String>,
+    /// Directory of resource files [default: $RDBD_CONFIG_DIR, else /etc/rdbd].
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Which node this machine is [default: $RDBD_NODE, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+}
+
+impl SomeResourcesArgs {
+    /// The arguments naming resource `resource`, with the same directory and node.
+    pub fn named(&self, resource: String) -> ResourceArgs {
+        ResourceArgs { resource, config_dir: self.config_dir.clone(), node: self.node.clone() }
+    }
+}
+
 /// A loaded resource seen from this node.
 pub struct Resource {
     pub config: ResourceConfig,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use rdbd::node::control::{self, Request, Response};
 
-use super::resource::{Resource, ResourceArgs};
+use super::resource::{Resource, ResourceArgs, SomeResourcesArgs};
 
 /// Role changes wait for in-flight writes and for the peer; give them time.
 const VERB_LIMIT: Duration = Duration::from_secs(60);
@@ -30,15 +30,8 @@ pub struct PrimaryArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Resource name [default: every resource of the config directory that is up].
-    #[arg(value_name = "RES")]
-    pub resource: Option<String>,
-    /// Directory of resource files [default: $RDBD_CONFIG_DIR, else /etc/rdbd].
-    #[arg(long, value_name = "DIR")]
-    pub config_dir: Option<std::path::PathBuf>,
-    /// Which node this machine is [default: $RDBD_NODE, else the hostname].
-    #[arg(long, value_name = "NAME")]
-    pub node: Option<String>,
+    #[command(flatten)]
+    pub which: SomeResourcesArgs,
     /// Print JSON instead of the drbdadm-like text (a list when no resource is named).
     #[arg(long)]
     pub json: bool,
@@ -154,15 +147,10 @@ pub async fn down(args: PlainArgs) -> anyhow::Result<()> {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let resource_args = |resource: String| ResourceArgs {
-        resource,
-        config_dir: args.config_dir.clone(),
-        node: args.node.clone(),
+    let Some(name) = args.which.resource.clone() else {
+        return status_of_all(&args).await;
     };
-    let Some(name) = args.resource.clone() else {
-        return status_of_all(&args, resource_args).await;
-    };
-    let res = Resource::load(&resource_args(name))?;
+    let res = Resource::load(&args.which.named(name))?;
     let response = send(&res, Request::Status).await?;
     let Some(status) = response.status else { bail!("the daemon sent no status") };
     if args.json {
@@ -185,14 +173,11 @@ pub(super) fn resource_names(config_dir: Option<&Path>) -> anyhow::Result<(PathB
 }
 
 /// `status` without a resource: every resource file whose daemon answers, as drbdadm does.
-async fn status_of_all(
-    args: &StatusArgs,
-    resource_args: impl Fn(String) -> ResourceArgs,
-) -> anyhow::Result<()> {
-    let (dir, names) = resource_names(args.config_dir.as_deref())?;
+async fn status_of_all(args: &StatusArgs) -> anyhow::Result<()> {
+    let (dir, names) = resource_names(args.which.config_dir.as_deref())?;
     let mut all = Vec::new();
     for name in names {
-        let res = Resource::load(&resource_args(name))?;
+        let res = Resource::load(&args.which.named(name))?;
         match control::request(&res.control_socket(), &Request::Status, VERB_LIMIT).await {
             Ok(Response { status: Some(status), .. }) => all.push(status),
             Err(control::ControlError::NotRunning { .. }) => {}
