@@ -78,11 +78,12 @@ pub struct SourceOptions {
     pub verify_alg: DigestAlg,
 }
 
-/// A resync request: plain, or with the target's digests (one per bitmap block).
+/// A resync request: plain, or with the target's digests (one per bitmap block) and their
+/// algorithm.
 struct Request {
     offset: u64,
     len: u32,
-    digests: Option<Vec<u8>>,
+    digests: Option<(DigestAlg, Vec<u8>)>,
 }
 
 impl Request {
@@ -207,7 +208,7 @@ pub async fn serve(
                     if digests.len() as u64 != alg.digests_len(u64::from(len), block) {
                         return Err(SourceError::BadRequest { offset, len });
                     }
-                    r.pending.push_back(Request { offset, len, digests: Some(digests.to_vec()) });
+                    r.pending.push_back(Request { offset, len, digests: Some((alg, digests.to_vec())) });
                 }
                 Message::VerifyReply { offset, len, digests } => {
                     let v = verify.as_mut().ok_or(SourceError::Unexpected(repl_kind::VERIFY_REPLY))?;
@@ -399,10 +400,8 @@ impl Resync {
                 self.bytes += u64::from(len);
                 link.send_resync_data(offset, &buf)
             }
-            Some(theirs) => {
-                let alg_len = theirs.len() / (len as usize).div_ceil(block as usize);
-                let alg =
-                    if alg_len == DigestAlg::Crc32c.len() { DigestAlg::Crc32c } else { DigestAlg::Sha256 };
+            Some((alg, theirs)) => {
+                let alg = *alg;
                 let mut ours = Vec::with_capacity(theirs.len());
                 append_digests(alg, block as usize, &buf, &mut ours);
                 let mut sent = true;
