@@ -12,6 +12,7 @@ PACKAGES=(
   xfsprogs       # mkfs.xfs
   fuse3          # fusermount3
   util-linux     # losetup, mount
+  iproute2       # ss -K: cutting a replication link under the nodes
 )
 
 SUDO=""
