@@ -273,6 +273,14 @@ pub async fn serve(
             }
             _ = tick.tick(), if resync.is_some() => {
                 if let Some(r) = resync.as_mut() {
+                    tracing::debug!(
+                        pending = r.pending.len(),
+                        reading = r.reading.len(),
+                        front_claimed = r.front_claimed,
+                        may_send = r.throttle.may_send(),
+                        sent = r.bytes,
+                        "resync source step"
+                    );
                     r.throttle.step(device.app_requests());
                     if !r.finished && r.last_persist.elapsed() >= PERSIST_INTERVAL {
                         // Bits cleared by acknowledgements reach the metadata, so a resync

@@ -26,10 +26,13 @@ impl Throttle {
     /// Starts a step: busy if the application made requests during the last one. What the last
     /// step sent beyond the floor counts against this one, so requests larger than a step's
     /// share still average out at the floor.
+    /// Only what was sent while throttled carries over: an unthrottled step may have sent any
+    /// amount, which must not hold the next busy step back.
     pub fn step(&mut self, app_requests: u64) {
+        let was_busy = self.busy;
         self.busy = app_requests != self.app_seen;
         self.app_seen = app_requests;
-        self.sent = if self.busy { self.sent.saturating_sub(self.floor) } else { 0 };
+        self.sent = if self.busy && was_busy { self.sent.saturating_sub(self.floor) } else { 0 };
     }
 
     /// Whether another block may be sent in this step.
@@ -94,6 +97,16 @@ mod tests {
             }
         }
         assert!((40 * MIB..=44 * MIB).contains(&sent), "{} MiB in 4 s", sent / MIB);
+    }
+
+    #[test]
+    fn a_busy_step_after_an_idle_one_starts_afresh() {
+        let mut t = Throttle::new(10 * MIB, 0);
+        t.step(0);
+        t.sent(500 * MIB);
+        assert!(t.may_send(), "idle: no limit");
+        t.step(1);
+        assert!(t.is_busy() && t.may_send(), "what the idle step sent is not debt");
     }
 
     #[test]
