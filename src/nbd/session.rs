@@ -615,3 +615,6 @@ fn error_message(command: Command, error: ErrorCode) -> &'static str {
         _ => "request failed",
     }
 }
+
+#[cfg(test)]
+mod tests;
