@@ -24,7 +24,8 @@ pub enum HygieneError {
 }
 
 /// Marks the process as an I/O flusher: its allocations then never recurse into I/O (and so
-/// into our own device), and its dirty pages are not throttled. Inherited by children.
+/// into our own device), and its dirty pages are not throttled. The flag is per thread and
+/// copied to threads and children created afterwards: call it before starting any.
 pub fn set_io_flusher() -> Result<(), HygieneError> {
     // `true` passes 1: a 0 would clear the flag.
     rustix::process::configure_io_flusher_behavior(true).map_err(|e| HygieneError::IoFlusher(e.into()))
