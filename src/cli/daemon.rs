@@ -92,6 +92,9 @@ async fn run_foreground(res: Resource) -> anyhow::Result<()> {
     let socket = res.control_socket();
     let name = res.config.name.clone();
     let node_name = res.me().name.clone();
+    if res.me().nbd_device.is_some() {
+        keep_serving_under_memory_pressure();
+    }
     let node = Node::attach(res.config, res.me).context("cannot attach the disk")?;
     let listener =
         control::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
@@ -117,4 +120,21 @@ async fn run_foreground(res: Resource) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// A daemon behind a kernel block device must not wait for memory the kernel can only free by
+/// writing to that very device: it is marked an I/O flusher (inherited by the threads started
+/// after this), its memory locked, and kept off the OOM killer's list. Each is best effort,
+/// logged when refused.
+fn keep_serving_under_memory_pressure() {
+    use rdbd::kernel::hygiene;
+    if let Err(e) = hygiene::set_io_flusher() {
+        tracing::warn!("{e}");
+    }
+    if let Err(e) = hygiene::lock_memory() {
+        tracing::warn!("{e}");
+    }
+    if let Err(e) = hygiene::set_oom_score_adj(hygiene::OOM_SCORE_ADJ_MIN) {
+        tracing::warn!("{e}");
+    }
 }

@@ -101,6 +101,13 @@ impl Server {
         self.connections.wait().await;
     }
 
+    /// Waits until every connection has ended (after shutdown), also those started with
+    /// [`Server::spawn_session`] when no listener runs.
+    pub async fn wait_idle(&self) {
+        self.connections.close();
+        self.connections.wait().await;
+    }
+
     /// Serves an already-negotiated socket (e.g. one handed to the kernel), without handshake.
     pub fn spawn_session(&self, fd: OwnedFd, negotiated: Negotiated) {
         let shutdown = self.shutdown.clone();

@@ -413,7 +413,7 @@ impl Node {
     /// the sync handshake calls it for a Primary whose changes a split-brain policy discards,
     /// and goes on as sync target on the same connection.
     async fn give_up_primary(&self) -> Result<(), NodeError> {
-        check_demote(Role::Primary, self.nbd_clients().await)?;
+        self.check_release(Role::Primary).await?;
         self.stop_nbd().await;
         let link = self.state().link.clone();
         if let Some(link) = link {
@@ -575,8 +575,8 @@ impl Node {
     /// so the next start needs no activity-log resync. `force` (a signal) skips the in-use check.
     pub async fn down(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
         if !force {
-            let clients = self.nbd_clients().await;
-            check_demote(self.state().role, clients)?;
+            let role = self.state().role;
+            self.check_release(role).await?;
         }
         self.stop_nbd().await;
         self.state().want_connection = false;
@@ -613,5 +613,22 @@ impl Node {
 
     async fn nbd_clients(&self) -> usize {
         self.nbd.lock().await.as_ref().map_or(0, |s| s.clients())
+    }
+
+    /// A Primary gives up serving only when nothing uses the device: no NBD client, and the
+    /// kernel device neither mounted, nor held by LVM, nor open in a process (DRBD refuses a
+    /// demotion the same way, naming the holder).
+    async fn check_release(&self, role: Role) -> Result<(), NodeError> {
+        check_demote(role, self.nbd_clients().await)?;
+        let holders = self.nbd.lock().await.as_ref().and_then(|s| s.device_holders());
+        match holders {
+            Some(holders) => Err(NodeError::Refused(format!("cannot demote: {holders}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The kernel device the Primary attached, as `/dev/nbdN`.
+    async fn kernel_device(&self) -> Option<String> {
+        self.nbd.lock().await.as_ref().and_then(|s| s.kernel_device())
     }
 }

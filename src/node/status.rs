@@ -38,6 +38,9 @@ pub struct Status {
     pub verifies_ended: u64,
     /// Where a Primary serves NBD.
     pub nbd: Option<String>,
+    /// The kernel block device a Primary attached (`/dev/nbdN`).
+    #[serde(default)]
+    pub nbd_device: Option<String>,
     pub nbd_clients: usize,
     pub generations: GenerationsStatus,
     /// Why the node is StandAlone, or the last connection failure.
@@ -83,6 +86,7 @@ impl Node {
             Some(service) => (self.me().nbd_listen.clone(), service.clients()),
             None => (None, 0),
         };
+        let nbd_device = self.kernel_device().await;
         let gens = self.generations();
         let out_of_sync_bytes = self.out_of_sync_bytes();
         let s = self.state().clone();
@@ -106,6 +110,7 @@ impl Node {
             last_verify: s.last_verify.clone(),
             verifies_ended: s.verifies_ended,
             nbd,
+            nbd_device,
             nbd_clients,
             generations: GenerationsStatus {
                 current: hex(gens.current),
@@ -200,6 +205,9 @@ impl Status {
         if let Some(addr) = &self.nbd {
             let _ = writeln!(out, "  nbd:{addr} clients:{}", self.nbd_clients);
         }
+        if let Some(device) = &self.nbd_device {
+            let _ = writeln!(out, "  device:{device}");
+        }
         out
     }
 }
@@ -232,6 +240,7 @@ mod tests {
             last_verify: None,
             verifies_ended: 0,
             nbd: Some("127.0.0.1:10809".into()),
+            nbd_device: None,
             nbd_clients: 1,
             generations: GenerationsStatus {
                 current: "0".into(),
