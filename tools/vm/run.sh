@@ -49,7 +49,7 @@ rdbd="$(realpath "$rdbd")" # the guest sees the host's / at the same paths
 
 # Not under /tmp, /var/tmp or /var/cache: the guest covers those with an overlay or a tmpfs.
 workdir="${RDBD_VM_WORKDIR:-$CACHE/work}"
-mkdir -p "$workdir"
+mkdir -p "$workdir" 2>/dev/null && [ -w "$workdir" ] || skip "cannot write $workdir (set RDBD_VM_WORKDIR)"
 work="$(mktemp -d "$workdir/run.XXXXXX")"
 chmod 755 "$work"
 

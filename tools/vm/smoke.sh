@@ -72,7 +72,11 @@ step "rdbd serve on $WORK/disk.img (512M) at 127.0.0.1:$PORT, export \"$EXPORT\"
 RDBD_LOG=info "$RDBD" serve --file "$WORK/disk.img" --size 512M --listen "127.0.0.1:$PORT" \
   --export "$EXPORT" > "$WORK/rdbd.out" 2> "$WORK/rdbd.log" &
 rdbd_pid=$!
-for _ in $(seq 100); do grep -q "listening on nbd://" "$WORK/rdbd.out" && break; sleep 0.1; done
+for _ in $(seq 100); do
+  grep -q "listening on nbd://" "$WORK/rdbd.out" && break
+  kill -0 "$rdbd_pid" 2>/dev/null || break # it exited: the log says why
+  sleep 0.1
+done
 run cat "$WORK/rdbd.out"
 run grep -q "listening on nbd://" "$WORK/rdbd.out"
 
