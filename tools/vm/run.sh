@@ -9,8 +9,9 @@
 #          unless the run failed or RDBD_VM_KEEP=1
 #   REPO   the repository (read-only); the script starts there
 #
-# Exit status: SCRIPT's; 77 when the VM cannot run here (not installed, not x86_64, or RDBD_VM=0);
-# 124 when the time ran out (RDBD_VM_TIMEOUT seconds for the script, default 600, plus the boot).
+# Exit status: SCRIPT's; 77 when the VM cannot run here (not installed, not x86_64, or RDBD_VM=0),
+# so a SCRIPT exits 77 only to mean "skip"; 124 when the time ran out (RDBD_VM_TIMEOUT seconds for
+# the script, default 600, plus the boot); other codes from vng or qemu when the VM fails to boot.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
