@@ -34,4 +34,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The VM test bed (tests/vm_smoke.rs): Debian's kernel with nbd, dm-mod, xfs and nfsd under
+# software emulation, since the host kernel has none of them. RDBD_VM=0 leaves it out.
+if [ "${RDBD_VM:-1}" != 0 ]; then
+  bash "$(dirname "$0")/vm/install.sh"
+fi
 echo "test dependencies present"
