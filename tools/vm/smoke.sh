@@ -12,42 +12,9 @@ PORT=10809
 EXPORT=smoke
 DEV=/dev/nbd0
 MNT="$WORK/mnt"
-t0=$EPOCHREALTIME
-current="start"
-
-elapsed() { awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $t0 }"; }
-step() {
-  current="$*"
-  echo "== [$(elapsed) s] $*"
-}
-# Runs a command, its output indented; a failure is reported by the ERR trap with the step.
-run() {
-  echo "+ $*"
-  "$@" 2>&1 | sed 's/^/    /'
-}
-# Same for a talkative command: its output goes to $WORK/NAME.log, and only the lines matching
-# PATTERN are shown, unless it fails.
-run_brief() {
-  local name=$1 pattern=$2
-  shift 2
-  echo "+ $*"
-  if ! "$@" > "$WORK/$name.log" 2>&1; then
-    sed 's/^/    /' "$WORK/$name.log"
-    return 1
-  fi
-  grep -E -- "$pattern" "$WORK/$name.log" | sed 's/^/    /'
-}
-
-rdbd_pid=""
-on_error() {
-  local rc=$?
-  trap - ERR
-  echo "!! FAILED (exit $rc) in step: $current" >&2
-  if [ -f "$WORK/rdbd.log" ]; then echo "-- rdbd stderr (last 40 lines):" >&2; tail -n 40 "$WORK/rdbd.log" >&2; fi
-  echo "-- kernel log (last 30 lines):" >&2
-  dmesg | tail -n 30 >&2
-  exit "$rc"
-}
+# shellcheck source=tools/vm/lib.sh
+source "$(dirname "$0")/lib.sh"
+LOGS="$WORK/rdbd.log"
 trap on_error ERR
 cleanup() {
   mountpoint -q "$MNT" 2>/dev/null && umount "$MNT" || true

@@ -1,0 +1,42 @@
+# Shared by the scenarios that run inside the VM (sourced): timed steps, commands shown with
+# their output, and a failure report naming the step with the daemons' logs and the kernel's.
+# A scenario sets LOGS (files whose tails a failure shows) and calls `trap on_error ERR`.
+
+t0=$EPOCHREALTIME
+current="start"
+
+elapsed() { awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $t0 }"; }
+step() {
+  current="$*"
+  echo "== [$(elapsed) s] $*"
+}
+# Runs a command, its output indented; a failure is reported by the ERR trap with the step.
+run() {
+  echo "+ $*"
+  "$@" 2>&1 | sed 's/^/    /'
+}
+# Same for a talkative command: its output goes to $WORK/NAME.log, and only the lines matching
+# PATTERN are shown, unless it fails.
+run_brief() {
+  local name=$1 pattern=$2
+  shift 2
+  echo "+ $*"
+  if ! "$@" > "$WORK/$name.log" 2>&1; then
+    sed 's/^/    /' "$WORK/$name.log"
+    return 1
+  fi
+  grep -E -- "$pattern" "$WORK/$name.log" | sed 's/^/    /'
+}
+
+rdbd_pid=""
+on_error() {
+  local rc=$?
+  trap - ERR
+  echo "!! FAILED (exit $rc) in step: $current" >&2
+  for log in ${LOGS:-}; do
+    if [ -f "$log" ]; then echo "-- $log (last 40 lines):" >&2; tail -n 40 "$log" >&2; fi
+  done
+  echo "-- kernel log (last 30 lines):" >&2
+  dmesg | tail -n 30 >&2
+  exit "$rc"
+}
