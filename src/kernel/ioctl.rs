@@ -149,29 +149,62 @@ impl IoctlAttachment {
     }
 }
 
-/// The first `/dev/nbdN` that no client has connected: sysfs shows `pid` only for a connected
-/// device (the check nbd-client makes). `sys_block` is `/sys/block` outside of tests.
-pub fn first_free_device(sys_block: &Path) -> io::Result<Option<u32>> {
-    let mut free = Vec::new();
+/// The `nbdN` devices under `sys_block` (`/sys/block` outside of tests), as (N, sysfs dir).
+fn nbd_devices(sys_block: &Path) -> io::Result<Vec<(u32, std::path::PathBuf)>> {
+    let mut devices = Vec::new();
     for entry in std::fs::read_dir(sys_block)? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(index) =
-            name.to_str().and_then(|n| n.strip_prefix("nbd")).and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !entry.path().join("pid").exists() {
-            free.push(index);
+        if let Some(index) = name.to_str().and_then(|n| n.strip_prefix("nbd")).and_then(|n| n.parse().ok()) {
+            devices.push((index, entry.path()));
         }
     }
-    Ok(free.into_iter().min())
+    devices.sort_unstable();
+    Ok(devices)
+}
+
+/// The first `/dev/nbdN` that no client has connected: sysfs shows `pid` only for a connected
+/// device (the check nbd-client makes).
+pub fn first_free_device(sys_block: &Path) -> io::Result<Option<u32>> {
+    Ok(nbd_devices(sys_block)?.into_iter().find(|(_, dir)| !dir.join("pid").exists()).map(|(n, _)| n))
+}
+
+/// The configured device whose backend identifier is `backend`: one a daemon of ours left
+/// behind when it died, which the kernel keeps (its I/O waiting) for the dead-connection timeout
+/// and which a new daemon takes back with RECONFIGURE instead of attaching another.
+pub fn device_with_backend(sys_block: &Path, backend: &str) -> io::Result<Option<u32>> {
+    Ok(nbd_devices(sys_block)?
+        .into_iter()
+        .find(|(_, dir)| {
+            dir.join("pid").exists()
+                && std::fs::read_to_string(dir.join("backend")).is_ok_and(|b| b.trim_end() == backend)
+        })
+        .map(|(n, _)| n))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_device_left_behind_is_found_by_its_backend() {
+        let sys = tempfile::tempdir().unwrap();
+        for (n, backend, connected) in
+            [(0, "rdbd:r1:alpha", true), (1, "rdbd:r0:alpha", false), (2, "rdbd:r0:alpha", true)]
+        {
+            let dir = sys.path().join(format!("nbd{n}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("backend"), format!("{backend}\n")).unwrap();
+            if connected {
+                std::fs::write(dir.join("pid"), "42\n").unwrap();
+            }
+        }
+        std::fs::create_dir_all(sys.path().join("loop0")).unwrap();
+        assert_eq!(device_with_backend(sys.path(), "rdbd:r0:alpha").unwrap(), Some(2), "configured, ours");
+        assert_eq!(device_with_backend(sys.path(), "rdbd:r9:alpha").unwrap(), None);
+        assert_eq!(first_free_device(sys.path()).unwrap(), Some(1));
+    }
 
     fn config() -> DeviceConfig {
         DeviceConfig {

@@ -175,7 +175,18 @@ fn attach_kernel(
         let pairs = kernel::kernel_connections(KERNEL_CONNECTIONS).map_err(AttachError::Socket)?;
         let mut netlink = NbdNetlink::open()?;
         let kernel_ends: Vec<_> = pairs.iter().map(|p| &p.kernel).collect();
-        let index = netlink.connect(&kernel_ends, &config)?;
+        // A device our previous daemon left behind (killed, its I/O waiting in the kernel) is
+        // taken back, so what was mounted on it stays mounted and its I/O goes on.
+        let left_behind =
+            ioctl::device_with_backend(std::path::Path::new("/sys/block"), &config.backend).ok().flatten();
+        let index = match left_behind {
+            Some(index) => {
+                netlink.reconfigure(index, &kernel_ends, &config.backend, config.dead_conn_timeout)?;
+                info!(device = index, "took back the kernel device a previous daemon left");
+                index
+            }
+            None => netlink.connect(&kernel_ends, &config)?,
+        };
         for pair in pairs {
             server.spawn_session(pair.server, Negotiated::without_handshake(export.clone()));
         }

@@ -2,8 +2,9 @@
 # rdbd's own kernel attach, run inside the VM by `tools/vm/run.sh tools/vm/kernel_attach.sh`:
 # a two-node resource on this VM's loopback (alpha with nbd-device /dev/nbd0, beta /dev/nbd1),
 # `primary` gives alpha /dev/nbd0 with XFS on it, `secondary` is refused while it is mounted
-# (naming the mount) and takes the device away once unmounted, and beta, promoted, shows the
-# same files on /dev/nbd1: a clean switchover through the kernel's block devices.
+# (naming the mount); alpha's daemon SIGKILLed under the mounted file system is replaced by a
+# new one that takes the device back (the writes made meanwhile complete); `secondary` takes the
+# device away once unmounted, and beta, promoted, shows the same files on /dev/nbd1.
 set -Eeuo pipefail
 
 : "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
@@ -90,8 +91,27 @@ fi
 echo "    refused: $out"
 run grep -q "mounted at $MNT" <<< "$out"
 
-step "unmount; secondary takes /dev/nbd0 away"
+step "SIGKILL of alpha's daemon with the file system mounted; a new daemon takes /dev/nbd0 back"
+pid=$(status_field alpha "['pid']")
+run kill -9 "$pid"
+for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+# Written while no daemon serves the device: the kernel holds the I/O (dead-connection timeout).
+dd if=/dev/urandom of="$MNT/during" bs=1M count=8 conv=fsync status=none &
+writer=$!
+sleep 1
+run rdbd up alpha
+run rdbd primary alpha
+echo "+ wait for the writer"; wait "$writer" # (not through run: a pipeline is no parent of it)
+run test -e /sys/block/nbd0/pid
+run test "$(status_field alpha "['nbd_device']")" = /dev/nbd0
+during=$(sha256sum < "$MNT/during")
+echo 3 > /proc/sys/vm/drop_caches
+run test "$(sha256sum < "$MNT/data")" = "$sum"
+run rdbd wait-sync alpha --timeout 120s
+
+step "unmount; the file system is clean; secondary takes /dev/nbd0 away"
 run umount "$MNT"
+run xfs_repair -n /dev/nbd0
 run rdbd secondary alpha
 for _ in $(seq 50); do [ ! -e /sys/block/nbd0/pid ] && break; sleep 0.1; done
 run test ! -e /sys/block/nbd0/pid
@@ -101,6 +121,7 @@ run rdbd primary beta
 run test -e /sys/block/nbd1/pid
 run mount -t xfs /dev/nbd1 "$MNT"
 run test "$(sha256sum < "$MNT/data")" = "$sum"
+run test "$(sha256sum < "$MNT/during")" = "$during"
 run umount "$MNT"
 run rdbd secondary beta
 for n in alpha beta; do run rdbd down "$n"; done
