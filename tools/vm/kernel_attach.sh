@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # rdbd's own kernel attach, run inside the VM by `tools/vm/run.sh tools/vm/kernel_attach.sh`:
 # a two-node resource on this VM's loopback (alpha with nbd-device /dev/nbd0, beta /dev/nbd1),
-# `primary` gives alpha /dev/nbd0 with XFS on it, `secondary` is refused while it is mounted
+# `primary` gives alpha /dev/nbd0 (fio with libaio and O_DIRECT on it, a checksummed pass), XFS
+# on it, `secondary` is refused while it is mounted
 # (naming the mount); alpha's daemon SIGKILLed under the mounted file system is replaced by a
 # new one that takes the device back (the writes made meanwhile complete); `secondary` takes the
 # device away once unmounted, and beta, promoted, shows the same files on /dev/nbd1.
@@ -75,6 +76,14 @@ data=$(rdbd show-md alpha | awk '/^data-size/ {print $2}')
 echo "    /dev/nbd0: $size bytes (data area $data)"
 run test "$size" -eq "$data"
 run test ! -e /sys/block/nbd1/pid
+
+step "fio on /dev/nbd0: 4k random writes, libaio, O_DIRECT, then a checksummed write/verify pass"
+echo "    (figures under software emulation are no performance figures: this checks it runs)"
+fio_summary='err=|IOPS=|^fio:'
+run_brief fio-randwrite "$fio_summary" fio --name=attach --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+  --iodepth=16 --size=64M --runtime=5 --time_based=1 --filename=/dev/nbd0
+run_brief fio-verify "$fio_summary" fio --name=attach-verify --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+  --iodepth=16 --size=8M --offset=128M --verify=crc32c --do_verify=1 --filename=/dev/nbd0
 
 step "mkfs.xfs on /dev/nbd0, mount, write files, fsync"
 run mkfs.xfs -f -q /dev/nbd0
