@@ -36,8 +36,10 @@ pub struct ReplicatedDevice {
     /// Queues with parked writes (and a sync source waiting for a range), woken when a range
     /// is released or the hold ends.
     parked_wakers: Mutex<Vec<std::task::Waker>>,
-    /// Application requests submitted so far (the resync yields while this moves).
-    app_requests: std::sync::atomic::AtomicU64,
+    /// An application request was submitted since the sync source last looked (it yields to
+    /// application I/O). Set with a load before the store, so the write path leaves the cache
+    /// line shared between the shards instead of bouncing it on every request.
+    app_active: std::sync::atomic::AtomicBool,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -68,13 +70,13 @@ impl ReplicatedDevice {
             writes_in_flight: Mutex::new(Vec::new()),
             held: std::sync::atomic::AtomicBool::new(false),
             parked_wakers: Mutex::new(Vec::new()),
-            app_requests: std::sync::atomic::AtomicU64::new(0),
+            app_active: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Application requests submitted so far, on every queue.
-    pub fn app_requests(&self) -> u64 {
-        self.app_requests.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether the application submitted a request, on any queue, since the last call.
+    pub fn take_app_activity(&self) -> bool {
+        self.app_active.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes the bitmap pages changed since they were last written (`all`: every page) to the
@@ -428,7 +430,9 @@ impl ReplicatedQueue {
 
 impl IoQueue for ReplicatedQueue {
     fn submit(&mut self, tag: u32, op: IoOp) {
-        self.device.app_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.device.app_active.load(std::sync::atomic::Ordering::Relaxed) {
+            self.device.app_active.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(range) = write_range(&op) {
             if !self.parked.is_empty() {
                 self.parked.push_back((tag, op));

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rdbd_protocol::repl::{append_digests, DigestAlg, Message, State};
+use rdbd_protocol::repl::{append_digests, kind as repl_kind, DigestAlg, Message, State};
 use slab::Slab;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -144,7 +144,7 @@ pub async fn serve(
             pending: VecDeque::new(),
             front_claimed: false,
             reading: Slab::new(),
-            throttle: Throttle::new(options.pace.c_min_rate, device.app_requests()),
+            throttle: Throttle::new(options.pace.c_min_rate),
             bytes: 0,
             finished: false,
             last_persist: std::time::Instant::now(),
@@ -281,7 +281,7 @@ pub async fn serve(
                         sent = r.bytes,
                         "resync source step"
                     );
-                    r.throttle.step(device.app_requests());
+                    r.throttle.step(device.take_app_activity());
                     if !r.finished && r.last_persist.elapsed() >= PERSIST_INTERVAL {
                         // Bits cleared by acknowledgements reach the metadata, so a resync
                         // interrupted by a crash of this node resumes from here.
@@ -296,8 +296,6 @@ pub async fn serve(
         }
     }
 }
-
-use rdbd_protocol::repl::kind as repl_kind;
 
 fn check_request(offset: u64, len: u32, size: u64, block: u32) -> Result<(), SourceError> {
     let valid = len > 0
