@@ -97,6 +97,44 @@ fn a_killed_primary_loses_no_flushed_write_and_rejoins_with_a_bounded_resync() {
     cluster.assert_same_data();
 }
 
+/// Writes one 4 KiB block at the start of each 4 MiB extent of `extents`, then flushes.
+fn touch_extents(uri: &str, extents: std::ops::Range<u64>) {
+    let code = format!(
+        "for e in range({}, {}):\n    h.pwrite(b'x' * 4096, e * 4 * 1048576)\nh.flush()",
+        extents.start, extents.end
+    );
+    run_ok_within(nbdsh().args(["-u", uri, "-c", &code]), Duration::from_secs(60));
+}
+
+#[test]
+fn idle_extents_leave_the_activity_log_so_a_crash_resyncs_only_recent_writes() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut cluster = Cluster::new(Options { file_size: [512 * MIB; 2], ..Options::default() });
+    cluster.start_primary_pair();
+    // 32 extents written, then idle: the peer holds them stably, so they leave the log.
+    touch_extents(&cluster.nbd_uri(Alpha), 0..32);
+    assert!(cluster.status(Alpha).field("activity_log_extents").as_u64() >= 32);
+    cluster.wait_for(Alpha, "the idle extents retired", Duration::from_secs(40), |s| {
+        s.field("activity_log_extents").as_u64() == 0
+    });
+    // One more extent written just before the crash is all the log holds.
+    touch_extents(&cluster.nbd_uri(Alpha), 50..51);
+    assert_eq!(cluster.status(Alpha).field("activity_log_extents").as_u64(), 1);
+    cluster.kill(Alpha);
+    cluster.wait_for(Beta, "disconnected", Duration::from_secs(30), |s| {
+        str_at(s, &["connection"]) != "Connected"
+    });
+    cluster.verb_ok(Beta, &["primary"]);
+    cluster.start(Alpha);
+    cluster.wait_in_sync(Duration::from_secs(60));
+    let resynced = cluster.status(Alpha).field("last_resync_bytes").as_u64();
+    // That one extent, not the 33 written since the pair was made.
+    assert_eq!(resynced, 4 * MIB, "{}", cluster.log(Alpha));
+    cluster.assert_same_data();
+}
+
 #[test]
 fn a_primary_that_crashed_alone_is_the_source_when_the_peer_was_not_promoted() {
     if !have_tool("fio") {

@@ -43,6 +43,9 @@ use nbd_service::NbdService;
 
 /// Directory of control sockets and daemon logs unless [`RUN_DIR_ENV`] says otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/rdbd";
+/// How often idle extents leave the activity log: one that no write touched for one to two of
+/// these periods goes, so that a crash resyncs about what was written in the last seconds.
+const AL_RETIRE_INTERVAL: Duration = Duration::from_secs(5);
 pub const RUN_DIR_ENV: &str = "RDBD_RUN_DIR";
 
 /// The run directory: [`RUN_DIR_ENV`] if set and not empty, else [`DEFAULT_RUN_DIR`].
@@ -301,8 +304,10 @@ impl Node {
         // The replication link runs on the first shard, where the first NBD connection runs
         // too: a write and its replication then never cross threads.
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
+        let retirer = tokio::spawn(retire_idle_extents(self.clone()));
         self.shutdown.cancelled().await;
         let _ = connection.await;
+        retirer.abort();
         // The watcher ends after the session's last changes, which it broadcasts, then
         // `destroy`, before the daemon exits.
         watcher_done.cancel();
@@ -630,5 +635,23 @@ impl Node {
     /// The kernel device the Primary attached, as `/dev/nbdN`.
     async fn kernel_device(&self) -> Option<String> {
         self.nbd.lock().await.as_ref().and_then(|s| s.kernel_device())
+    }
+}
+
+/// Retires the activity log's idle extents every [`AL_RETIRE_INTERVAL`] while the node runs.
+async fn retire_idle_extents(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(AL_RETIRE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut mark = node.device.activity_clock();
+    loop {
+        tick.tick().await;
+        let now = node.device.activity_clock();
+        match node.device.retire_idle_extents(mark) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(extents = n, "idle extents left the activity log"),
+            Err(e) => warn!("cannot retire idle extents from the activity log: {e}"),
+        }
+        mark = now;
     }
 }

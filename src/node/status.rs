@@ -22,6 +22,9 @@ pub struct Status {
     pub peer: PeerStatus,
     /// Bytes this node knows differ from the peer (its bitmap).
     pub out_of_sync_bytes: u64,
+    /// Extents (4 MiB) in the activity log: what a crash of this node would resync at most.
+    #[serde(default)]
+    pub activity_log_extents: u32,
     /// While a resync runs: how far it is.
     pub resync: Option<ResyncProgress>,
     /// Bytes of data the last completed resync moved (sent as source, received as target).
@@ -103,6 +106,7 @@ impl Node {
             replication: s.repl,
             peer: PeerStatus { node: self.peer_config().name.clone(), role: s.peer_role, disk: s.peer_disk },
             out_of_sync_bytes,
+            activity_log_extents: self.device.activity_log_extents(),
             resync,
             last_resync_bytes: s.last_resync_bytes,
             resyncs_completed: s.resyncs_completed,
@@ -227,6 +231,7 @@ mod tests {
             replication: ReplState::SyncSource,
             peer: PeerStatus { node: "beta".into(), role: Role::Secondary, disk: DiskState::Inconsistent },
             out_of_sync_bytes: 1 << 20,
+            activity_log_extents: 3,
             resync: Some(ResyncProgress {
                 total_bytes: 4 << 20,
                 remaining_bytes: 1 << 20,

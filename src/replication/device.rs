@@ -180,6 +180,52 @@ impl ReplicatedDevice {
         Ok(true)
     }
 
+    /// Extents the activity log holds now.
+    pub fn activity_log_extents(&self) -> u32 {
+        self.with_tracking(|t| t.activity.as_ref().map_or(0, |(log, _)| log.active_extents().count() as u32))
+    }
+
+    /// The activity log's clock now: the mark for a later [`ReplicatedDevice::retire_idle_extents`].
+    pub fn activity_clock(&self) -> u64 {
+        self.with_tracking(|t| t.activity.as_ref().map_or(0, |(log, _)| log.clock()))
+    }
+
+    /// Takes out of the activity log the extents no write has begun on since `mark` and whose
+    /// writes the connected peer holds stably, so that a crash of this node resyncs the extents
+    /// written recently rather than every one the log has room for. Returns how many left.
+    ///
+    /// Only while the peer is connected: without it every write is in the bitmap anyway. The
+    /// peer must still be alive once the log is locked again, because a dying link marks its
+    /// unstable writes out of sync only after it stopped being alive: seen alive there, any
+    /// such write was among the unstable ranges read before, or starts after and logs again.
+    pub fn retire_idle_extents(&self, mark: u64) -> Result<usize, crate::metadata::store::MetaError> {
+        let candidates = self.with_tracking(|t| t.activity.as_ref().map(|(log, _)| log.unused_since(mark)));
+        let Some(candidates) = candidates.filter(|c| !c.is_empty()) else { return Ok(0) };
+        let Some(peer) = self.peer() else { return Ok(0) };
+        let mut unstable: Vec<u32> =
+            peer.unstable_ranges().into_iter().flat_map(|(s, e)| extents_of(s, e - s)).collect();
+        unstable.sort_unstable();
+        let retire = |e: u32| candidates.contains(&e) && unstable.binary_search(&e).is_err();
+        let mut t = self.tracking.lock().expect("tracking lock");
+        let Tracking { bitmap, activity } = &mut *t;
+        let Some((log, meta)) = activity else { return Ok(0) };
+        if !peer.is_alive() {
+            return Ok(0);
+        }
+        let Some(tx) = log.retire(retire, mark) else { return Ok(0) };
+        let retired = tx.evicted.len();
+        match meta.commit(bitmap, &tx) {
+            Ok(()) => {
+                log.committed(tx);
+                Ok(retired)
+            }
+            Err(e) => {
+                log.failed(tx);
+                Err(e)
+            }
+        }
+    }
+
     fn deactivate(&self, (start, end): (u64, u64)) {
         let mut t = self.tracking.lock().expect("tracking lock");
         if let Some((log, _)) = &mut t.activity {

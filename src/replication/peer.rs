@@ -183,6 +183,11 @@ impl PeerLink {
         self.ledger().unstable.len()
     }
 
+    /// The byte ranges of the writes the peer may still lose (sent, not yet flushed there).
+    pub fn unstable_ranges(&self) -> Vec<(u64, u64)> {
+        self.ledger().unstable.values().copied().collect()
+    }
+
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().expect("ledger lock")
     }
