@@ -93,7 +93,9 @@ impl NbdService {
             let backend = format!("rdbd:{}:{}", node.config().name, me.name);
             match attach_kernel(&service.server, &export, wanted, backend) {
                 Ok((device, sessions)) => {
-                    info!(device = %device.path().display(), "kernel device attached");
+                    let interface =
+                        if matches!(device, KernelDevice::Ioctl(_)) { "ioctl" } else { "netlink" };
+                    info!(device = %device.path().display(), interface, "kernel device attached");
                     service.kernel = Some(device);
                     service.kernel_sessions = sessions;
                 }
@@ -157,6 +159,9 @@ impl NbdService {
 
 /// Hands socket pairs to the kernel's nbd driver and serves their other ends; the device and
 /// how many connections it has.
+/// Set to 0 to attach with the ioctl interface even where the netlink family exists.
+const NETLINK_ENV: &str = "RDBD_NBD_NETLINK";
+
 fn attach_kernel(
     server: &Server,
     export: &Arc<Export>,
@@ -192,7 +197,14 @@ fn attach_kernel(
         }
         Ok(index)
     };
-    match attach_netlink() {
+    // RDBD_NBD_NETLINK=0 asks for the ioctl interface, as nbd-client's -nonetlink does.
+    let netlink = if std::env::var(NETLINK_ENV).as_deref() == Ok("0") {
+        info!("{NETLINK_ENV}=0: attaching with the ioctl interface");
+        Err(AttachError::ModuleNotLoaded)
+    } else {
+        attach_netlink()
+    };
+    match netlink {
         Ok(index) => Ok((KernelDevice::Netlink { index }, KERNEL_CONNECTIONS)),
         // Kernels without the netlink family still have the ioctl interface (one socket).
         Err(AttachError::ModuleNotLoaded) => {

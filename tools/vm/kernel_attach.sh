@@ -5,7 +5,8 @@
 # on it, `secondary` is refused while it is mounted
 # (naming the mount); alpha's daemon SIGKILLed under the mounted file system is replaced by a
 # new one that takes the device back (the writes made meanwhile complete); `secondary` takes the
-# device away once unmounted, and beta, promoted, shows the same files on /dev/nbd1.
+# device away once unmounted, and beta, promoted, shows the same files on /dev/nbd1; last, alpha
+# attaches with the ioctl interface (the fallback where the netlink family is missing).
 set -Eeuo pipefail
 
 : "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
@@ -133,6 +134,22 @@ run test "$(sha256sum < "$MNT/data")" = "$sum"
 run test "$(sha256sum < "$MNT/during")" = "$during"
 run umount "$MNT"
 run rdbd secondary beta
+
+step "the ioctl interface (RDBD_NBD_NETLINK=0, as nbd-client -nonetlink): alpha attaches /dev/nbd0 with it"
+run rdbd down alpha
+RDBD_NBD_NETLINK=0 run rdbd up alpha
+wait_for alpha "['connection']" Connected
+run rdbd wait-sync alpha --timeout 120s
+run rdbd primary alpha
+run grep -q 'kernel device attached device=/dev/nbd0 interface="ioctl"' "$RDBD_RUN_DIR/r0.alpha.log"
+run test -e /sys/block/nbd0/pid
+run mount -t xfs /dev/nbd0 "$MNT"
+run test "$(sha256sum < "$MNT/data")" = "$sum"
+run dd if=/dev/urandom of="$MNT/ioctl" bs=1M count=4 conv=fsync status=none
+run umount "$MNT"
+run rdbd secondary alpha
+for _ in $(seq 50); do [ ! -e /sys/block/nbd0/pid ] && break; sleep 0.1; done
+run test ! -e /sys/block/nbd0/pid
 for n in alpha beta; do run rdbd down "$n"; done
 run test ! -e /sys/block/nbd1/pid
 
