@@ -3,6 +3,7 @@
 //! - [`nbd`]: the Network Block Device protocol (handshake and transmission), as served to the
 //!   Linux kernel, qemu, libnbd and fio.
 //! - [`repl`]: the replication link between two rdbd nodes, specified in `SPEC.md`.
+//! - [`witness`]: what a node and the quorum witness (`rdbd witness`) say to each other.
 //!
 //! Every decoder takes untrusted bytes and returns a typed error instead of panicking; no decoder
 //! allocates based on a length field it has not checked against a limit.
@@ -10,5 +11,6 @@
 pub mod nbd;
 pub mod repl;
 mod wire;
+pub mod witness;
 
 pub use wire::DecodeError;

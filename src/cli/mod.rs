@@ -11,6 +11,7 @@ mod serve;
 mod verbs;
 mod verify;
 mod wait_sync;
+mod witness;
 
 use std::process::ExitCode;
 
@@ -62,6 +63,8 @@ enum Command {
     Events(events::EventsArgs),
     /// Wait until this node and its peer are connected and both UpToDate, showing resync progress.
     WaitSync(wait_sync::WaitSyncArgs),
+    /// Run the quorum witness for two-node resources (on a third host; stores no data).
+    Witness(witness::WitnessArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -91,6 +94,7 @@ pub fn main() -> ExitCode {
             Command::InvalidateRemote(args) => verbs::invalidate(args, true).await,
             Command::Events(args) => events::run(args).await,
             Command::WaitSync(args) => wait_sync::run(args).await,
+            Command::Witness(args) => witness::run(args).await,
         }
     });
     match result {
@@ -146,6 +150,11 @@ fn human_size(bytes: u64) -> String {
         Some(u) if value.fract() == 0.0 => format!("{value} {u}"),
         Some(u) => format!("{value:.1} {u}"),
     }
+}
+
+/// Parses "2s", "500ms" into a duration.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    rdbd::config::parse_duration(text).ok_or_else(|| format!("invalid duration {text:?} (e.g. 2s, 500ms)"))
 }
 
 /// Parses "1G", "512MiB", "4096" into bytes (binary units).
