@@ -89,6 +89,8 @@ pub struct ResourceConfig {
     pub net: NetConfig,
     pub disk: DiskConfig,
     pub handlers: HandlersConfig,
+    /// With an `[ha]` table the daemon chooses its role itself; without, roles are manual.
+    pub ha: Option<HaConfig>,
     /// Exactly two nodes, in file order.
     pub nodes: [NodeConfig; 2],
 }
@@ -246,6 +248,13 @@ spellings!(RrConflict {
     RetryConnect => "retry-connect",
 });
 spellings!(DigestAlg { Crc32c => "crc32c", Sha256 => "sha256" });
+
+// After `spellings!`, which it uses.
+mod ha;
+pub use ha::{
+    Failback, HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss, ServiceConfig, WitnessConfig,
+    DEFAULT_MIGRATION_THRESHOLD, DEFAULT_MONITOR_INTERVAL,
+};
 
 impl AfterSb0Pri {
     /// Written before the node name in `discard-node-NAME`.
@@ -543,6 +552,9 @@ impl ResourceConfig {
             if let Some(command) = command {
                 writeln!(out, "{key} = {}", quote(command))?;
             }
+        }
+        if let Some(ha) = &self.ha {
+            ha::write_ha(out, ha)?;
         }
         for node in &self.nodes {
             writeln!(out, "\n[[node]]")?;

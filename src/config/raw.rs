@@ -29,6 +29,8 @@ struct RawResource {
     net: Option<RawNet>,
     disk: Option<RawDisk>,
     handlers: Option<RawHandlers>,
+    ha: Option<super::ha::RawHa>,
+    service: Option<Spanned<Vec<Spanned<super::ha::RawService>>>>,
     node: Option<Spanned<Vec<Spanned<RawNode>>>>,
 }
 
@@ -130,7 +132,7 @@ impl<'de> Deserialize<'de> for RateValue {
 }
 
 /// The file being parsed, to turn spans into `file:line: key:` errors.
-struct Source<'a> {
+pub(super) struct Source<'a> {
     file: &'a Path,
     text: &'a str,
 }
@@ -140,7 +142,7 @@ impl Source<'_> {
         line_of(self.text, span.start)
     }
 
-    fn invalid(
+    pub(super) fn invalid(
         &self,
         span: &Range<usize>,
         key: impl Into<String>,
@@ -154,7 +156,7 @@ impl Source<'_> {
         }
     }
 
-    fn missing(&self, span: &Range<usize>, key: String, what: &str) -> ConfigError {
+    pub(super) fn missing(&self, span: &Range<usize>, key: String, what: &str) -> ConfigError {
         ConfigError::Schema {
             file: self.file.to_path_buf(),
             line: self.line(span),
@@ -248,7 +250,8 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
     if let (AfterSb0Pri::DiscardNode(victim), Some(span)) = (&net.after_sb_0pri, discard_node_span) {
         check_discard_node(src, &span, victim, &nodes)?;
     }
-    Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, handlers, nodes })
+    let ha = super::ha::build_ha(src, raw.ha, raw.service, &nodes)?;
+    Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, handlers, ha, nodes })
 }
 
 /// The file stem names the resource; a `resource` key, when present, must agree with it so a
@@ -287,7 +290,7 @@ fn resource_name(src: &Source, key: Option<&Spanned<String>>) -> Result<String, 
 }
 
 /// A duration key: (value, span if it was written).
-fn duration(
+pub(super) fn duration(
     src: &Source,
     value: Option<Spanned<String>>,
     key: &str,
@@ -413,7 +416,7 @@ fn build_net(src: &Source, raw: Option<RawNet>) -> Result<(NetConfig, Option<Ran
 }
 
 /// One of a fixed set of spellings (`as_str` of the values in `all`).
-fn choice<T: Copy + std::fmt::Display>(
+pub(super) fn choice<T: Copy + std::fmt::Display>(
     src: &Source,
     value: Option<Spanned<String>>,
     key: &str,

@@ -802,3 +802,143 @@ fn handlers() {
     );
     assert_error(&with("handlers = \"x\""), 2, "handlers", "expected a table");
 }
+
+const HA: &str = r#"
+[ha]
+witness = "10.0.0.3:7788"
+witness-secret = "w1tness"
+fence-peer = "/usr/local/sbin/fence-peer"
+on-quorum-loss = "demote"
+preferred-nodes = ["alpha"]
+failback = "always"
+monitor-interval = "5s"
+migration-threshold = 2
+on-demote-failure = "reboot"
+
+[[service]]
+kind = "lvm"
+volume-group = "vg0"
+
+[[service]]
+kind = "mount"
+device = "/dev/vg0/lv0"
+directory = "/srv/export"
+fstype = "xfs"
+options = "noatime"
+
+[[service]]
+kind = "nfs-server"
+state-dir = "/srv/export/.nfs"
+
+[[service]]
+kind = "nfs-export"
+directory = "/srv/export"
+clients = "10.0.0.0/24"
+fsid = 1
+
+[[service]]
+kind = "ip"
+address = "10.0.0.100/24"
+interface = "eth0"
+
+[[service]]
+kind = "ocf"
+agent = "heartbeat:portblock"
+params = { ip = "10.0.0.100", action = "unblock" }
+
+[[service]]
+kind = "exec"
+name = "app"
+start = "systemctl start app"
+stop = "systemctl stop app"
+"#;
+
+#[test]
+fn ha_table_and_service_chain() {
+    let cfg = parse_ok(&with(HA));
+    let ha = cfg.ha.as_ref().expect("[ha] parsed");
+    assert_eq!(ha.witness, Some(WitnessConfig { address: "10.0.0.3:7788".into(), secret: "w1tness".into() }));
+    assert_eq!(ha.on_quorum_loss, OnQuorumLoss::Demote);
+    assert_eq!(ha.no_quorum_policy, NoQuorumPolicy::Stop);
+    assert_eq!(ha.preferred_nodes, vec!["alpha".to_string()]);
+    assert_eq!(ha.failback, Failback::Always);
+    assert_eq!(ha.monitor_interval, Duration::from_secs(5));
+    assert_eq!(ha.migration_threshold, 2);
+    assert_eq!(ha.on_demote_failure, OnDemoteFailure::Reboot);
+    let labels: Vec<String> = ha.services.iter().map(ServiceConfig::label).collect();
+    assert_eq!(
+        labels,
+        [
+            "lvm:vg0",
+            "mount:/srv/export",
+            "nfs-server:nfsd",
+            "nfs-export:/srv/export",
+            "ip:10.0.0.100/24",
+            "ocf:heartbeat:portblock",
+            "exec:app"
+        ]
+    );
+    assert_eq!(
+        ha.services[3],
+        ServiceConfig::NfsExport {
+            directory: "/srv/export".into(),
+            clients: "10.0.0.0/24".into(),
+            options: "rw,sync,no_subtree_check".into(),
+            fsid: 1
+        }
+    );
+    // The effective configuration round-trips.
+    assert_eq!(parse_ok(&cfg.to_toml()), cfg, "{}", cfg.to_toml());
+    // Without [ha], roles are manual.
+    assert_eq!(parse_ok(MINIMAL).ha, None);
+    // An empty [ha]: defaults, no witness.
+    let ha = parse_ok(&with("[ha]")).ha.unwrap();
+    assert_eq!(
+        (ha.witness, ha.no_quorum_policy, ha.on_quorum_loss),
+        (None, NoQuorumPolicy::Stop, OnQuorumLoss::Freeze)
+    );
+}
+
+#[test]
+fn ha_mistakes_name_the_line_and_key() {
+    assert_error(&with("[ha]\nwitness = \"10.0.0.3:7788\""), 3, "ha.witness-secret", "missing");
+    assert_error(
+        &with("[ha]\npreferred-nodes = [\"gamma\"]"),
+        3,
+        "ha.preferred-nodes",
+        "\"gamma\" is not a node",
+    );
+    assert_error(
+        &with("[ha]\non-quorum-loss = \"panic\""),
+        3,
+        "ha.on-quorum-loss",
+        "freeze, demote, fail-io",
+    );
+    assert_error(&with("[ha]\nmigration-threshold = 0"), 3, "ha.migration-threshold", "1 to 100");
+    assert_error(
+        &with("[[service]]\nkind = \"lvm\"\nvolume-group = \"vg0\""),
+        2,
+        "service",
+        "needs an [ha] table",
+    );
+    assert_error(&with("[ha]\n[[service]]\nkind = \"nfs\""), 4, "service[0].kind", "nfs-server, nfs-export");
+    assert_error(
+        &with("[ha]\n[[service]]\nkind = \"lvm\"\nvolume-group = \"vg0\"\ndirectory = \"/srv\""),
+        6,
+        "service[0].directory",
+        "not a key of a lvm service",
+    );
+    assert_error(
+        &with("[ha]\n[[service]]\nkind = \"mount\"\ndevice = \"/dev/x\""),
+        3,
+        "service[0].directory",
+        "missing",
+    );
+    assert_error(
+        &with("[ha]\n[[service]]\nkind = \"nfs-export\"\ndirectory = \"/srv\"\nclients = \"*\""),
+        3,
+        "service[0].fsid",
+        "same fsid",
+    );
+    assert_error(&with("[ha]\n[[service]]\nvolume-group = \"vg0\""), 3, "service[0].kind", "one of: lvm");
+}
