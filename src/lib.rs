@@ -5,6 +5,7 @@
 //! - [`kernel`]: attaching the kernel's NBD client (`/dev/nbdN`) to that server.
 //! - [`replication`]: node/connection states and the connect-time sync decision (pure logic).
 //! - [`config`]: resource files (`/etc/rdbd/<res>.toml`): the two nodes and their options.
+//! - [`supervisor`]: the HA supervisor: automatic roles and the service chain.
 //! - [`witness`]: the quorum witness that breaks the tie between two nodes cut apart.
 
 pub mod config;
@@ -14,4 +15,5 @@ pub mod nbd;
 pub mod node;
 pub mod replication;
 pub mod storage;
+pub mod supervisor;
 pub mod witness;

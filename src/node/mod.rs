@@ -129,6 +129,17 @@ pub struct Node {
     events: event_stream::EventHub,
     /// Where `verify` sends its start offset: the current connection's sender or receiver.
     verify_starts: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u64>>>,
+    /// What the HA supervisor last published (with an `[ha]` table).
+    ha_status: Mutex<Option<crate::supervisor::HaStatus>>,
+    /// `down` asks the supervisor to stop the services and demote, and waits for it.
+    ha_release: HaRelease,
+}
+
+/// The handshake between `down` and the supervisor.
+#[derive(Default)]
+struct HaRelease {
+    requested: std::sync::atomic::AtomicBool,
+    done: Notify,
 }
 
 /// The node state, locked. Dropping it after a mutation pokes the event watcher, so every
@@ -270,6 +281,8 @@ impl Node {
             nbd: tokio::sync::Mutex::new(None),
             shards,
             verify_starts: Mutex::new(None),
+            ha_status: Mutex::new(None),
+            ha_release: HaRelease::default(),
         }))
     }
 
@@ -305,9 +318,14 @@ impl Node {
         // too: a write and its replication then never cross threads.
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
         let retirer = tokio::spawn(retire_idle_extents(self.clone()));
+        let supervisor =
+            self.config.ha.clone().map(|ha| tokio::spawn(crate::supervisor::run(self.clone(), ha)));
         self.shutdown.cancelled().await;
         let _ = connection.await;
         retirer.abort();
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
+        }
         // The watcher ends after the session's last changes, which it broadcasts, then
         // `destroy`, before the daemon exits.
         watcher_done.cancel();
@@ -427,6 +445,49 @@ impl Node {
         self.state().role = Role::Secondary;
         self.persist(|sb| sb.set(flags::PRIMARY, false))?;
         Ok(())
+    }
+
+    /// Primary → Secondary whatever uses the device (the supervisor after losing quorum, or
+    /// when the services would not stop): writes held for quorum fail, NBD clients and the
+    /// kernel device are cut off.
+    pub async fn demote_forced(self: &Arc<Self>) -> Result<(), NodeError> {
+        if self.state().role != Role::Primary {
+            return Ok(());
+        }
+        self.device.alone_gate().deny(true);
+        self.device.wake_queues();
+        self.stop_nbd().await;
+        self.state().role = Role::Secondary;
+        self.persist(|sb| sb.set(flags::PRIMARY, false))?;
+        warn!("role: Secondary (forced: held writes failed, clients cut off)");
+        self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// At the next handshake this node gives up its changes (the supervisor, for a node whose
+    /// peer wrote without it, before it steps down: the reconnect follows at once).
+    pub(crate) fn discard_my_data_at_next_connect(&self) {
+        let mut s = self.state();
+        s.discard_my_data = true;
+        s.want_connection = true;
+    }
+
+    /// Whether `down` waits for the supervisor to release the resource.
+    pub(crate) fn ha_release_requested(&self) -> bool {
+        self.ha_release.requested.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The supervisor stopped the services and demoted for `down`.
+    pub(crate) fn ha_released(&self) {
+        self.ha_release.done.notify_one();
+    }
+
+    pub(crate) fn set_ha_status(&self, status: crate::supervisor::HaStatus) {
+        *self.ha_status.lock().expect("ha status lock") = Some(status);
+    }
+
+    pub(crate) fn ha_status(&self) -> Option<crate::supervisor::HaStatus> {
+        self.ha_status.lock().expect("ha status lock").clone()
     }
 
     /// `rdbd connect [--discard-my-data]`: leave StandAlone and try to reach the peer; with
@@ -579,6 +640,16 @@ impl Node {
     /// `rdbd down` (and SIGTERM): stop serving, leave the peer cleanly, and write the metadata
     /// so the next start needs no activity-log resync. `force` (a signal) skips the in-use check.
     pub async fn down(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
+        if self.config.ha.is_some() {
+            // The supervisor stops the services (in reverse) and demotes first.
+            self.ha_release.requested.store(true, std::sync::atomic::Ordering::Release);
+            let done = self.ha_release.done.notified();
+            if self.state().role == Role::Primary
+                && tokio::time::timeout(Duration::from_secs(120), done).await.is_err()
+            {
+                warn!("down: the supervisor did not release the resource within 120 s");
+            }
+        }
         if !force {
             let role = self.state().role;
             self.check_release(role).await?;

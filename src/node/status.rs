@@ -48,6 +48,9 @@ pub struct Status {
     pub generations: GenerationsStatus,
     /// Why the node is StandAlone, or the last connection failure.
     pub last_error: Option<String>,
+    /// The HA supervisor's view (with an `[ha]` table).
+    #[serde(default)]
+    pub ha: Option<crate::supervisor::HaStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -122,6 +125,7 @@ impl Node {
                 history: [hex(gens.history[0]), hex(gens.history[1])],
             },
             last_error: s.last_error,
+            ha: self.ha_status(),
         }
     }
 }
@@ -212,6 +216,28 @@ impl Status {
         if let Some(device) = &self.nbd_device {
             let _ = writeln!(out, "  device:{device}");
         }
+        if let Some(ha) = &self.ha {
+            let mut line = format!("  ha: permit:{}", ha.permit);
+            if let Some(holder) = &ha.lease_holder {
+                let holder = if holder.is_empty() { "-" } else { holder };
+                let _ = write!(line, " lease:{holder}");
+            }
+            if ha.witness_reachable == Some(false) {
+                line += " witness:unreachable";
+            }
+            let _ = writeln!(out, "{line}");
+            for s in &ha.services {
+                let state = serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from));
+                let _ = write!(out, "    {} {}", s.service, state.unwrap_or_default());
+                if s.failures > 0 {
+                    let _ = write!(out, " failures:{}", s.failures);
+                }
+                let _ = writeln!(out);
+            }
+            if let Some(w) = &ha.warning {
+                let _ = writeln!(out, "    warning: {w}");
+            }
+        }
         out
     }
 }
@@ -253,6 +279,7 @@ mod tests {
                 history: ["0".into(), "0".into()],
             },
             last_error: None,
+            ha: None,
         }
     }
 

@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 
 use slab::Slab;
 
+use super::alone_gate::{AloneGate, AloneVerdict};
 use super::link::framed::{FrameWriter, Framed};
 use super::peer::{Inbox, LinkOptions, MarkOutOfSync, PeerLink, PeerOutcome, ResyncReply};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
@@ -40,6 +41,8 @@ pub struct ReplicatedDevice {
     /// application I/O). Set with a load before the store, so the write path leaves the cache
     /// line shared between the shards instead of bouncing it on every request.
     app_active: std::sync::atomic::AtomicBool,
+    /// Whether writes only this disk has may be answered (HA quorum).
+    alone: AloneGate,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -71,7 +74,29 @@ impl ReplicatedDevice {
             held: std::sync::atomic::AtomicBool::new(false),
             parked_wakers: Mutex::new(Vec::new()),
             app_active: std::sync::atomic::AtomicBool::new(false),
+            alone: AloneGate::default(),
         })
+    }
+
+    /// The gate for writes the peer does not have; after opening it, [`ReplicatedDevice::wake_queues`].
+    pub fn alone_gate(&self) -> &AloneGate {
+        &self.alone
+    }
+
+    /// Opens the alone gate for as long as the current link lives; false if there is none.
+    pub fn open_alone_gate_while_connected(&self) -> bool {
+        let epoch = self.alone.link_epoch();
+        // Read before looking at the link: a link that dies after this bumps the epoch.
+        if self.peer().is_none() {
+            return false;
+        }
+        self.alone.open_while_connected(epoch);
+        true
+    }
+
+    /// Has every queue look again at what it holds (the alone gate changed).
+    pub fn wake_queues(&self) {
+        self.wake_parked();
     }
 
     /// Whether the application submitted a request, on any queue, since the last call.
@@ -248,6 +273,7 @@ impl ReplicatedDevice {
         let device = Arc::downgrade(self);
         let mark: MarkOutOfSync = Arc::new(move |ranges: &[(u64, u64)]| {
             if let Some(device) = device.upgrade() {
+                device.alone.peer_lost();
                 for &range in ranges {
                     device.mark_out_of_sync(range);
                 }
@@ -350,6 +376,7 @@ impl BlockDevice for ReplicatedDevice {
             peer_done: Vec::new(),
             early: Vec::new(),
             ready: Vec::new(),
+            frozen: Vec::new(),
         }))
     }
 
@@ -375,6 +402,8 @@ struct Op {
     local: Option<Result<(), IoError>>,
     buf: Option<IoBuf>,
     waiting_for_peer: bool,
+    /// The peer does not have it (gone, or lost it): answered only through the alone gate.
+    alone: bool,
 }
 
 pub struct ReplicatedQueue {
@@ -390,6 +419,8 @@ pub struct ReplicatedQueue {
     early: Vec<Completion>,
     /// Keys of ops whose local and peer parts are both done (reused, never reallocated).
     ready: Vec<usize>,
+    /// Keys of done ops the alone gate holds (frozen: no quorum without the peer).
+    frozen: Vec<usize>,
 }
 
 fn write_range(op: &IoOp) -> Option<(u64, u64)> {
@@ -423,7 +454,8 @@ impl ReplicatedQueue {
             }
             (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => false,
         };
-        self.ops.insert(Op { tag, range, local: None, buf: None, waiting_for_peer });
+        let alone = peer.is_none() && (range.is_some() || matches!(op, IoOp::Flush));
+        self.ops.insert(Op { tag, range, local: None, buf: None, waiting_for_peer, alone });
         self.local.submit(key as u32, op);
     }
 
@@ -521,13 +553,30 @@ impl IoQueue for ReplicatedQueue {
                     if let Some(range) = op.range {
                         self.device.mark_out_of_sync(range);
                     }
+                    op.alone = true;
                 }
                 if op.local.is_some() {
                     self.ready.push(key);
                 }
             }
         }
+        // Frozen ops get another look: the gate may have opened (or turned to failing them).
+        self.ready.append(&mut self.frozen);
         for key in self.ready.drain(..) {
+            if self.ops[key].alone {
+                match self.device.alone.verdict() {
+                    AloneVerdict::Answer => {}
+                    AloneVerdict::Hold => {
+                        self.frozen.push(key);
+                        continue;
+                    }
+                    AloneVerdict::Fail => {
+                        if self.ops[key].local.as_ref().is_some_and(|r| r.is_ok()) {
+                            self.ops[key].local = Some(Err(IoError::Io(libc::EIO)));
+                        }
+                    }
+                }
+            }
             let op = self.ops.remove(key);
             if let Some(range) = op.range {
                 self.device.deactivate(range);
@@ -535,6 +584,18 @@ impl IoQueue for ReplicatedQueue {
             }
             let result = op.local.expect("ready ops have a local result");
             out.push(Completion { tag: op.tag, result, buf: op.buf });
+        }
+        if !self.frozen.is_empty() {
+            // Woken when the gate changes (wake_queues).
+            let mut wakers = self.device.parked_wakers.lock().expect("wakers lock");
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            drop(wakers);
+            // Changed between the look above and the registration: not missed.
+            if self.device.alone.verdict() != AloneVerdict::Hold {
+                cx.waker().wake_by_ref();
+            }
         }
         if out.len() == before && !self.parked.is_empty() {
             self.unpark();

@@ -1,6 +1,7 @@
 //! Replication decisions: node and connection states, the sync decision at connect time and
 //! split-brain recovery.
 
+pub mod alone_gate;
 pub mod apply;
 pub mod bitmap_exchange;
 pub mod device;

@@ -351,6 +351,9 @@ impl PeerLink {
 
     /// Marks the link dead and reports every outstanding request lost.
     fn fail_all(&self) {
+        // First of all (an empty report): the device closes its alone gate before any write
+        // can be seen lost or start without a peer.
+        (self.mark_out_of_sync)(&[]);
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
         let (unstable, waiting) = {

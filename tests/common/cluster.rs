@@ -73,6 +73,16 @@ pub struct Options {
     pub net: String,
     /// More tables (`[disk]`, `[handlers]`...), written before the nodes.
     pub tables: String,
+    /// Run each daemon in a network namespace with the given address (its NBD stays on that
+    /// namespace's loopback).
+    pub placement: Option<Placement>,
+}
+
+/// Where the daemons run: a network namespace and an address each.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub netns: [String; 2],
+    pub ip: [String; 2],
 }
 
 impl Default for Options {
@@ -83,6 +93,7 @@ impl Default for Options {
             protocol: "C",
             net: String::new(),
             tables: String::new(),
+            placement: None,
         }
     }
 }
@@ -104,6 +115,7 @@ pub struct Cluster {
     pub run_dir: PathBuf,
     pub nodes: [NodeInfo; 2],
     daemons: [Option<Child>; 2],
+    placement: Option<Placement>,
 }
 
 /// Makes a child die with the test process (the kernel sends SIGKILL when the spawning thread
@@ -176,7 +188,8 @@ impl Cluster {
                 data_size: 0,
             }
         });
-        let mut cluster = Cluster { dir, run_dir, nodes, daemons: [None, None] };
+        let mut cluster =
+            Cluster { dir, run_dir, nodes, daemons: [None, None], placement: opts.placement.clone() };
         for node in Node::BOTH {
             let config = cluster.config_text(&opts, node);
             let info = cluster.info(node);
@@ -207,8 +220,9 @@ impl Cluster {
         out += "\n";
         out += &opts.tables;
         for n in &self.nodes {
+            let host = opts.placement.as_ref().map_or("127.0.0.1", |p| p.ip[n.node.idx()].as_str());
             out += &format!(
-                "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd-listen = \"127.0.0.1:{}\"\n",
+                "\n[[node]]\nname = \"{}\"\naddress = \"{host}:{}\"\ndisk = \"{}\"\nnbd-listen = \"127.0.0.1:{}\"\n",
                 n.node.name(),
                 n.repl_port,
                 n.disk.display(),
@@ -297,7 +311,22 @@ impl Cluster {
         assert!(self.daemons[node.idx()].is_none(), "{} is already started", node.name());
         let info = self.info(node);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&info.log).unwrap();
-        let mut cmd = self.command(node, &["up", "--foreground"]);
+        let mut cmd = match &self.placement {
+            // Only the daemon lives in the namespace; the verbs reach it over its unix socket.
+            Some(p) => {
+                let plain = self.command(node, &["up", "--foreground"]);
+                let mut cmd = super::netns::Net::command(&p.netns[node.idx()], rdbd_bin());
+                cmd.args(plain.get_args());
+                for (k, v) in plain.get_envs() {
+                    match v {
+                        Some(v) => cmd.env(k, v),
+                        None => cmd.env_remove(k),
+                    };
+                }
+                cmd
+            }
+            None => self.command(node, &["up", "--foreground"]),
+        };
         cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         let child = die_with_parent(&mut cmd).spawn().expect("spawn rdbd up --foreground");
         self.daemons[node.idx()] = Some(child);

@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod cluster;
+pub mod netns;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

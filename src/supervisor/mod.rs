@@ -1,0 +1,414 @@
+//! The HA supervisor: with an `[ha]` table the daemon chooses its role itself and runs the
+//! service chain on the Primary.
+//!
+//! - [`policy`]: who should be Primary, pure.
+//! - [`lease`]: this node's view of the witness's lease, pure.
+//! - [`fence`]: the `fence-peer` command's exit codes.
+//! - [`witness_client`]: the claims to the witness.
+//! - [`services`]: the chain: plans (pure) and their runner.
+//!
+//! The loop here looks at the node a few times a second (and at once when the witness's
+//! verdict changes): it computes the permit to act without the peer, sets the alone gate that
+//! holds or fails writes the peer does not have, and carries out the policy's action.
+
+pub mod fence;
+pub mod lease;
+pub mod policy;
+pub mod services;
+pub mod witness_client;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::config::{HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss};
+use crate::node::status::Status;
+use crate::node::Node;
+use crate::replication::states::{ConnState, DiskState, ReplState, Role};
+use policy::{Action, Permit, Situation};
+use services::{Chain, ServiceStatus};
+use witness_client::WitnessShared;
+
+/// How often the loop looks when nothing wakes it.
+const TICK: Duration = Duration::from_millis(200);
+/// How long a ready pair may stay without a Primary before the second choice promotes.
+const PROMOTE_GRACE: Duration = Duration::from_secs(5);
+/// How often the lease holder retries a connection the handshake refused.
+const RECONNECT_RETRY: Duration = Duration::from_secs(3);
+/// After a failed promotion or demotion, wait this long before trying again.
+const RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// What `status` shows of the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaStatus {
+    /// Whether this node may write without its peer now (quorum, a fence, or the policy).
+    pub permit: String,
+    /// With a witness: who holds its lease, and whether it is reachable.
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    #[serde(default)]
+    pub witness_reachable: Option<bool>,
+    pub services: Vec<ServiceStatus>,
+    #[serde(default)]
+    pub last_action: Option<String>,
+    #[serde(default)]
+    pub warning: Option<String>,
+}
+
+struct Supervisor {
+    node: Arc<Node>,
+    ha: HaConfig,
+    witness: Option<Arc<WitnessShared>>,
+    chain: Chain,
+    /// The fence outcome for the current disconnection.
+    fenced: Option<Permit>,
+    ready_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    last_monitor: Instant,
+    last_action: Option<String>,
+    warning: Option<String>,
+    /// `down` asked, and the services are stopped and the node demoted.
+    released: bool,
+    /// When the lease holder next retries a refused connection.
+    reconnect_at: Option<Instant>,
+}
+
+/// Runs until the node stops.
+pub async fn run(node: Arc<Node>, ha: HaConfig) {
+    let env = BTreeMap::from([
+        ("RDBD_RESOURCE".to_string(), node.config().name.clone()),
+        ("RDBD_NODE".to_string(), node.me().name.clone()),
+        ("RDBD_PEER".to_string(), node.peer_config().name.clone()),
+    ]);
+    let witness = ha.witness.clone().map(|config| {
+        let shared = Arc::new(WitnessShared::default());
+        tokio::spawn(witness_client::run(node.clone(), config, shared.clone()));
+        shared
+    });
+    let warning = (ha.witness.is_none() && ha.fence_peer.is_none()).then(|| match ha.no_quorum_policy {
+        NoQuorumPolicy::Stop => {
+            "no witness and no fence-peer: no automatic takeover when the peer is lost".to_string()
+        }
+        NoQuorumPolicy::Ignore => {
+            "no-quorum-policy = ignore without witness or fence-peer: a cut link makes both nodes Primary"
+                .to_string()
+        }
+    });
+    if let Some(w) = &warning {
+        warn!("{w}");
+    }
+    let chain = Chain::new(&ha.services, env);
+    let mut s = Supervisor {
+        node,
+        ha,
+        witness,
+        chain,
+        fenced: None,
+        ready_since: None,
+        retry_at: None,
+        last_monitor: Instant::now(),
+        last_action: None,
+        warning,
+        released: false,
+        reconnect_at: None,
+    };
+    let shutdown = s.node.shutdown_token();
+    loop {
+        let changed = async {
+            match &s.witness {
+                Some(w) => w.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(TICK) => {}
+            _ = changed => {}
+        }
+        s.step().await;
+    }
+    // `down` stops the services before the daemon lets go of the device.
+    if s.chain.any_running() {
+        if let Err(e) = s.chain.stop_all().await {
+            error!("stopping the services at shutdown: {e}");
+        }
+    }
+}
+
+impl Supervisor {
+    async fn step(&mut self) {
+        if self.node.ha_release_requested() {
+            return self.release().await;
+        }
+        let status = self.node.status().await;
+        let now = Instant::now();
+        let connected = status.connection == ConnState::Connected;
+        if connected {
+            self.fenced = None;
+        }
+        let permit = self.permit(&status, connected, now).await;
+        self.set_gate(status.role, connected, permit, now);
+        let both_ready = connected
+            && status.role == Role::Secondary
+            && status.peer.role == Role::Secondary
+            && status.disk == DiskState::UpToDate
+            && status.peer.disk == DiskState::UpToDate;
+        if !both_ready {
+            self.ready_since = None;
+        } else if self.ready_since.is_none() {
+            self.ready_since = Some(now);
+        }
+        if connected && status.peer.role == Role::Primary {
+            // The peer took over: this node's failures are history.
+            self.chain.reset_failures();
+        }
+        let resyncing = matches!(status.replication, ReplState::SyncSource | ReplState::SyncTarget);
+        let me = self.node.me().name.clone();
+        let peer = self.node.peer_config().name.clone();
+        let situation = Situation {
+            me: &me,
+            peer: &peer,
+            role: status.role,
+            disk: status.disk,
+            connected,
+            peer_role: status.peer.role,
+            peer_disk: status.peer.disk,
+            resyncing,
+            preferred: &self.ha.preferred_nodes,
+            failback: self.ha.failback,
+            on_quorum_loss: self.ha.on_quorum_loss,
+            permit,
+            witness: self.witness.is_some(),
+            services_failed: self.chain.failures() >= self.ha.migration_threshold,
+            unserved_too_long: self.ready_since.is_some_and(|t| now.duration_since(t) >= PROMOTE_GRACE),
+        };
+        if let Some(w) = &self.witness {
+            w.want.store(policy::wants_lease(&situation), Ordering::Release);
+        }
+        let action = policy::decide(&situation);
+        if self.retry_at.is_some_and(|t| now < t) && action != Action::Stay {
+            return self.publish(permit);
+        }
+        match action {
+            Action::Stay => {
+                if status.role == Role::Primary
+                    && now.duration_since(self.last_monitor) >= self.ha.monitor_interval
+                {
+                    self.last_monitor = now;
+                    if let Err(e) = self.chain.monitor().await {
+                        warn!("service chain failed: {e}");
+                    }
+                }
+            }
+            Action::Promote => self.promote().await,
+            Action::Demote(reason) => self.demote(reason, false).await,
+            Action::DemoteForced(reason) => {
+                if permit == Permit::Outdated {
+                    self.node.discard_my_data_at_next_connect();
+                }
+                self.demote(reason, true).await
+            }
+        }
+        // A node the peer wrote without rejoins as the one whose changes go.
+        if permit == Permit::Outdated && !connected && status.role == Role::Secondary {
+            let _ = self.node.connect(true);
+        }
+        // The lease holder retries a connection the handshake refused (a split brain with a
+        // Primary that was frozen, which learns from the witness that it must give way). Not
+        // after the operator's own `disconnect`, which leaves no error.
+        let refused = status.connection == ConnState::StandAlone && status.last_error.is_some();
+        if refused
+            && self.witness.is_some()
+            && permit == Permit::Granted
+            && self.reconnect_at.is_none_or(|t| now >= t)
+        {
+            self.reconnect_at = Some(now + RECONNECT_RETRY);
+            let _ = self.node.connect(false);
+        }
+        self.publish(permit);
+    }
+
+    /// For `down`: stop the services, step down, and act no more.
+    async fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Some(w) = &self.witness {
+            w.want.store(false, Ordering::Release);
+        }
+        if let Err(e) = self.chain.stop_all().await {
+            error!("down: stopping the services: {e}");
+        }
+        if let Err(e) = self.node.demote().await {
+            warn!("down: demotion refused ({e}); forcing it");
+            let _ = self.node.demote_forced().await;
+        }
+        self.released = true;
+        self.last_action = Some("released for down".into());
+        self.node.ha_released();
+    }
+
+    /// May this node act without its peer?
+    async fn permit(&mut self, status: &Status, connected: bool, now: Instant) -> Permit {
+        if let Some(w) = &self.witness {
+            let view = w.view.lock().expect("lease view lock");
+            // Without the peer, only a lease that outdated the peer lets this node act alone.
+            let epoch = self.node.device().alone_gate().link_epoch();
+            let granted = if connected { view.held(now) } else { view.held_alone(now, epoch) };
+            return if view.outdated {
+                Permit::Outdated
+            } else if granted {
+                Permit::Granted
+            } else {
+                Permit::Denied
+            };
+        }
+        if connected {
+            return Permit::Granted;
+        }
+        if let Some(command) = self.ha.fence_peer.clone() {
+            if self.fenced.is_none() {
+                self.fenced = Some(self.fence(&command, status.disk == DiskState::UpToDate).await);
+            }
+            return self.fenced.unwrap_or(Permit::Denied);
+        }
+        match self.ha.no_quorum_policy {
+            NoQuorumPolicy::Ignore => Permit::Granted,
+            NoQuorumPolicy::Stop => Permit::Denied,
+        }
+    }
+
+    async fn fence(&mut self, command: &str, up_to_date: bool) -> Permit {
+        info!(command, "fencing the peer");
+        let out = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .env("RDBD_RESOURCE", &self.node.config().name)
+            .env("RDBD_NODE", &self.node.me().name)
+            .env("RDBD_PEER", &self.node.peer_config().name)
+            .env("RDBD_PEER_ADDRESS", &self.node.peer_config().address)
+            .kill_on_drop(true)
+            .status()
+            .await;
+        let code = out.ok().and_then(|s| s.code());
+        let outcome = fence::outcome(code);
+        let permit = fence::permit(outcome, up_to_date);
+        info!(?code, ?outcome, ?permit, "fence-peer ended");
+        if permit == Permit::Denied {
+            // Tried again at the next step after a pause, not in a tight loop.
+            self.retry_at = Some(Instant::now() + RETRY_DELAY);
+            self.fenced = None;
+            tokio::time::sleep(RETRY_DELAY).await;
+        }
+        permit
+    }
+
+    /// Writes the peer lacks are answered only while this node may write without it.
+    fn set_gate(&self, role: Role, connected: bool, permit: Permit, now: Instant) {
+        let gate = self.node.device().alone_gate();
+        let fail = self.ha.on_quorum_loss == OnQuorumLoss::FailIo;
+        let before = gate.verdict();
+        match (&self.witness, permit) {
+            // Without a witness and without fencing, nobody promotes automatically: DRBD's way.
+            (None, _) if self.ha.fence_peer.is_none() => gate.allow_always(),
+            (None, Permit::Granted) => gate.allow_always(),
+            (None, _) => gate.deny(fail),
+            (Some(w), _) => {
+                let view = w.view.lock().expect("lease view lock");
+                match view.alone_until().filter(|_| !view.outdated) {
+                    Some((until, epoch)) => gate.allow_until(until, epoch, fail),
+                    None => gate.deny(fail),
+                }
+            }
+        }
+        // Connected again as the Primary: what the last link lost is marked for the peer's
+        // resync, and a sync target cannot be promoted before it has it all. (The device
+        // closes this again the moment the link dies.)
+        if connected && role == Role::Primary {
+            self.node.device().open_alone_gate_while_connected();
+        }
+        let after = gate.verdict();
+        if after != before {
+            if role == Role::Primary && !connected {
+                info!(?before, ?after, "writes without the peer: gate changed");
+            }
+            self.node.device().wake_queues();
+        }
+        let _ = now;
+    }
+
+    async fn promote(&mut self) {
+        info!("supervisor: promoting");
+        if let Err(e) = self.node.promote(false).await {
+            warn!("supervisor: promotion refused: {e}");
+            self.retry_at = Some(Instant::now() + RETRY_DELAY);
+            return;
+        }
+        self.last_action = Some("promoted".into());
+        self.last_monitor = Instant::now();
+        if let Err(e) = self.chain.start_all().await {
+            warn!("supervisor: services did not start ({e}); demoting");
+            self.last_action = Some(format!("services failed to start: {e}"));
+            if let Err(e) = self.node.demote().await {
+                error!("supervisor: demotion after failed services: {e}");
+            }
+            self.retry_at = Some(Instant::now() + RETRY_DELAY);
+        }
+    }
+
+    async fn demote(&mut self, reason: &str, forced: bool) {
+        info!(reason, forced, "supervisor: demoting");
+        let stopped = self.chain.stop_all().await;
+        let demoted = if forced {
+            self.node.demote_forced().await
+        } else {
+            match &stopped {
+                Ok(()) => self.node.demote().await,
+                Err(e) => Err(crate::node::NodeError::Refused(e.clone())),
+            }
+        };
+        match demoted {
+            Ok(()) => self.last_action = Some(format!("demoted: {reason}")),
+            Err(e) => {
+                error!("supervisor: cannot demote ({reason}): {e}");
+                self.last_action = Some(format!("demotion failed: {e}"));
+                self.retry_at = Some(Instant::now() + RETRY_DELAY);
+                self.escalate();
+            }
+        }
+    }
+
+    /// A Primary that cannot step down must not go on writing while the peer takes over.
+    fn escalate(&self) {
+        let command = match self.ha.on_demote_failure {
+            OnDemoteFailure::Stay => return,
+            OnDemoteFailure::Reboot => "reboot -f",
+            OnDemoteFailure::Poweroff => "poweroff -f",
+        };
+        error!(command, "on-demote-failure");
+        let _ = std::process::Command::new("/bin/sh").arg("-c").arg(command).status();
+    }
+
+    fn publish(&self, permit: Permit) {
+        let (lease_holder, witness_reachable) = match &self.witness {
+            Some(w) => {
+                let view = w.view.lock().expect("lease view lock");
+                (Some(view.holder.clone()), Some(view.witness_reachable))
+            }
+            None => (None, None),
+        };
+        let status = HaStatus {
+            permit: format!("{permit:?}"),
+            lease_holder,
+            witness_reachable,
+            services: self.chain.status(),
+            last_action: self.last_action.clone(),
+            warning: self.warning.clone(),
+        };
+        self.node.set_ha_status(status);
+    }
+}

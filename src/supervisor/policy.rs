@@ -1,0 +1,257 @@
+//! Who should be Primary, pure: from what this node knows (roles, disks, the connection,
+//! whether it may write without its peer) to one action. The supervisor loop feeds it and
+//! carries the action out; everything here is decided without I/O.
+//!
+//! Rules:
+//! - Only an UpToDate node that is not resyncing promotes itself.
+//! - Connected to an UpToDate Secondary peer, the first choice (by `preferred-nodes`, then by
+//!   name) promotes; the other only after the first choice left the resource unserved for a
+//!   grace period (it may have failed to start its services there).
+//! - Without the peer, a node promotes only with a permit: the witness's lease, a successful
+//!   fence of the peer, or `no-quorum-policy = ignore`. With a witness, every promotion needs
+//!   the lease, so that the witness arbitrates even between connected nodes.
+//! - A Primary without its peer and without a permit follows `on-quorum-loss` (freeze and
+//!   fail-io act on writes, not on the role); one whose peer wrote without it (the witness says
+//!   it is outdated) steps down.
+//! - A Primary whose services failed `migration-threshold` times, or that is not the first
+//!   choice under `failback = always`, hands over to a connected UpToDate Secondary.
+
+use crate::config::{Failback, OnQuorumLoss};
+use crate::replication::states::{DiskState, Role};
+
+/// Whether this node may act without its peer's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Granted,
+    Denied,
+    /// The peer wrote without this node: its data is stale.
+    Outdated,
+}
+
+#[derive(Debug, Clone)]
+pub struct Situation<'a> {
+    pub me: &'a str,
+    pub peer: &'a str,
+    pub role: Role,
+    pub disk: DiskState,
+    pub connected: bool,
+    pub peer_role: Role,
+    pub peer_disk: DiskState,
+    pub resyncing: bool,
+    pub preferred: &'a [String],
+    pub failback: Failback,
+    pub on_quorum_loss: OnQuorumLoss,
+    pub permit: Permit,
+    /// A witness arbitrates: promotion needs its lease even when connected.
+    pub witness: bool,
+    /// This node's services failed `migration-threshold` times.
+    pub services_failed: bool,
+    /// Connected, both Secondary and UpToDate, for longer than the grace period.
+    pub unserved_too_long: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Stay,
+    Promote,
+    /// Stop the services, then become Secondary.
+    Demote(&'static str),
+    /// Become Secondary at once: held writes fail, clients are cut off.
+    DemoteForced(&'static str),
+}
+
+/// Whether `me` comes before `peer` for the Primary role.
+pub fn first_choice(me: &str, peer: &str, preferred: &[String]) -> bool {
+    let rank = |n: &str| preferred.iter().position(|p| p == n).unwrap_or(usize::MAX);
+    (rank(me), me) < (rank(peer), peer)
+}
+
+fn pair_ready(s: &Situation) -> bool {
+    s.connected && s.peer_role == Role::Secondary && s.peer_disk == DiskState::UpToDate && !s.resyncing
+}
+
+/// Whether this Secondary would promote if it had the permit.
+fn would_promote(s: &Situation) -> bool {
+    if s.role != Role::Secondary
+        || s.disk != DiskState::UpToDate
+        || s.resyncing
+        || s.peer_role == Role::Primary
+    {
+        return false;
+    }
+    if !s.connected {
+        return true;
+    }
+    pair_ready(s) && !s.services_failed && (first_choice(s.me, s.peer, s.preferred) || s.unserved_too_long)
+}
+
+/// Whether to ask the witness for the lease: a Primary keeps it, a Secondary asks when it would
+/// promote.
+pub fn wants_lease(s: &Situation) -> bool {
+    s.role == Role::Primary || would_promote(s)
+}
+
+pub fn decide(s: &Situation) -> Action {
+    match s.role {
+        Role::Primary => {
+            if !s.connected {
+                return match (s.permit, s.on_quorum_loss) {
+                    (Permit::Outdated, _) => Action::DemoteForced("the peer wrote without this node"),
+                    (Permit::Denied, OnQuorumLoss::Demote) => {
+                        Action::DemoteForced("no quorum without the peer")
+                    }
+                    _ => Action::Stay,
+                };
+            }
+            if pair_ready(s) {
+                if s.services_failed {
+                    return Action::Demote("services failed here: moving to the peer");
+                }
+                if s.failback == Failback::Always && !first_choice(s.me, s.peer, s.preferred) {
+                    return Action::Demote("failing back to the preferred node");
+                }
+            }
+            Action::Stay
+        }
+        _ => {
+            if !would_promote(s) {
+                return Action::Stay;
+            }
+            let needs_permit = s.witness || !s.connected;
+            if needs_permit && s.permit != Permit::Granted {
+                return Action::Stay;
+            }
+            Action::Promote
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn base<'a>(preferred: &'a [String]) -> Situation<'a> {
+        Situation {
+            me: "alpha",
+            peer: "beta",
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            connected: true,
+            peer_role: Role::Secondary,
+            peer_disk: DiskState::UpToDate,
+            resyncing: false,
+            preferred,
+            failback: Failback::Never,
+            on_quorum_loss: OnQuorumLoss::Freeze,
+            permit: Permit::Granted,
+            witness: true,
+            services_failed: false,
+            unserved_too_long: false,
+        }
+    }
+
+    #[test]
+    fn the_first_choice_of_a_ready_pair_promotes_the_other_waits() {
+        let none: Vec<String> = vec![];
+        assert_eq!(decide(&base(&none)), Action::Promote, "alpha < beta by name");
+        let beta_first = vec!["beta".to_string()];
+        assert_eq!(decide(&base(&beta_first)), Action::Stay);
+        assert!(!wants_lease(&base(&beta_first)));
+        let waited = Situation { unserved_too_long: true, ..base(&beta_first) };
+        assert_eq!(decide(&waited), Action::Promote);
+        // With a witness even the first choice needs the lease.
+        assert_eq!(decide(&Situation { permit: Permit::Denied, ..base(&none) }), Action::Stay);
+        assert_eq!(
+            decide(&Situation { permit: Permit::Denied, witness: false, ..base(&none) }),
+            Action::Promote
+        );
+    }
+
+    #[test]
+    fn without_the_peer_only_a_permit_promotes() {
+        let none: Vec<String> = vec![];
+        let alone = Situation {
+            connected: false,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            ..base(&none)
+        };
+        assert_eq!(decide(&alone), Action::Promote);
+        assert_eq!(decide(&Situation { permit: Permit::Denied, ..alone.clone() }), Action::Stay);
+        assert_eq!(decide(&Situation { permit: Permit::Outdated, ..alone.clone() }), Action::Stay);
+        assert_eq!(
+            decide(&Situation { permit: Permit::Denied, witness: false, ..alone.clone() }),
+            Action::Stay
+        );
+        for disk in [DiskState::Outdated, DiskState::Inconsistent, DiskState::Consistent] {
+            assert_eq!(decide(&Situation { disk, ..alone.clone() }), Action::Stay, "{disk}");
+        }
+    }
+
+    #[test]
+    fn a_primary_without_quorum_follows_on_quorum_loss() {
+        let none: Vec<String> = vec![];
+        let p = Situation { role: Role::Primary, connected: false, permit: Permit::Denied, ..base(&none) };
+        assert_eq!(decide(&p), Action::Stay, "freeze acts on writes");
+        assert_eq!(
+            decide(&Situation { on_quorum_loss: OnQuorumLoss::Demote, ..p.clone() }),
+            Action::DemoteForced("no quorum without the peer")
+        );
+        assert!(matches!(
+            decide(&Situation { permit: Permit::Outdated, ..p.clone() }),
+            Action::DemoteForced(_)
+        ));
+        assert_eq!(decide(&Situation { permit: Permit::Granted, ..p }), Action::Stay);
+    }
+
+    #[test]
+    fn a_primary_hands_over_after_failed_services_or_for_failback() {
+        let beta_first = vec!["beta".to_string()];
+        let p = Situation { role: Role::Primary, ..base(&beta_first) };
+        assert_eq!(decide(&p), Action::Stay, "failback never");
+        assert!(matches!(decide(&Situation { failback: Failback::Always, ..p.clone() }), Action::Demote(_)));
+        assert!(matches!(decide(&Situation { services_failed: true, ..p.clone() }), Action::Demote(_)));
+        // Not while the peer is not ready to take over.
+        let syncing = Situation { services_failed: true, peer_disk: DiskState::Inconsistent, ..p };
+        assert_eq!(decide(&syncing), Action::Stay);
+    }
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![Just(Role::Primary), Just(Role::Secondary), Just(Role::Unknown)]
+    }
+    fn disk() -> impl Strategy<Value = DiskState> {
+        prop_oneof![
+            Just(DiskState::UpToDate),
+            Just(DiskState::Outdated),
+            Just(DiskState::Inconsistent),
+            Just(DiskState::Consistent),
+            Just(DiskState::DUnknown)
+        ]
+    }
+
+    proptest! {
+        /// Two connected nodes looking at the same pair never both decide to promote on their
+        /// first look (before any grace period ran out), and a node never promotes from a disk
+        /// that is not UpToDate, nor past a Primary peer.
+        #[test]
+        fn connected_nodes_never_both_promote(pref in proptest::collection::vec(prop_oneof![Just("alpha".to_string()), Just("beta".to_string())], 0..3), da in disk(), db in disk(), witness: bool) {
+            let a = Situation { disk: da, peer_disk: db, witness, ..base(&pref) };
+            let b = Situation { me: "beta", peer: "alpha", disk: db, peer_disk: da, witness, ..base(&pref) };
+            prop_assert!(!(decide(&a) == Action::Promote && decide(&b) == Action::Promote));
+        }
+
+        #[test]
+        fn promotion_needs_an_up_to_date_disk_and_no_primary_peer(r in role(), d in disk(), pr in role(), pd in disk(), connected: bool, permit in prop_oneof![Just(Permit::Granted), Just(Permit::Denied), Just(Permit::Outdated)], witness: bool, grace: bool) {
+            let none: Vec<String> = vec![];
+            let s = Situation { role: r, disk: d, peer_role: pr, peer_disk: pd, connected, permit, witness, unserved_too_long: grace, ..base(&none) };
+            if decide(&s) == Action::Promote {
+                prop_assert_eq!(d, DiskState::UpToDate);
+                prop_assert!(pr != Role::Primary);
+                prop_assert!(r == Role::Secondary);
+                prop_assert!(connected || permit == Permit::Granted);
+                prop_assert!(!witness || permit == Permit::Granted);
+            }
+        }
+    }
+}

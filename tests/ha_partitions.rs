@@ -1,0 +1,296 @@
+//! The HA supervisor with a quorum witness, on three hosts in network namespaces
+//! (tests/common/netns.rs): a writer on each node writes and flushes blocks through that node's
+//! NBD server (blocks of its own) and logs what was acknowledged. Whatever is cut or killed, the
+//! acknowledged writes of the two writers never interleave (at no moment do both nodes accept
+//! writes), every block ends holding the last write acknowledged to it (no acknowledged write is
+//! lost), and the replicas end identical.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster::{str_at, Alpha, Beta, Cluster, Node, Options, Placement, MIB};
+use common::netns::{Link, Net, ALPHA_IP, BETA_IP, WITNESS_IP};
+use common::*;
+
+const WRITER_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ha/writer.py");
+const BLOCKS: u64 = 256;
+const SECRET: &str = "witness-secret";
+
+struct Setup {
+    cluster: Cluster,
+    witness: Child,
+    writers: Vec<(Child, PathBuf)>,
+    stop_file: PathBuf,
+    // Last: the namespaces outlive every process in them.
+    net: Net,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.witness.kill();
+        let _ = self.witness.wait();
+        for (w, _) in &mut self.writers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Namespaces, the witness, and an HA pair whose alpha is Primary and holds the lease.
+fn setup(extra_ha: &str) -> Option<Setup> {
+    if !have_python_nbd() || !have_tool("nsenter") {
+        return None;
+    }
+    let net = Net::create()?;
+    let ha = format!("[ha]\nwitness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\n{extra_ha}\n");
+    let mut cluster = Cluster::new(Options {
+        file_size: [64 * MIB; 2],
+        net: "ping-interval = \"500ms\"\nping-timeout = \"400ms\"\ntimeout = \"1s\"\n".into(),
+        tables: ha,
+        placement: Some(Placement {
+            netns: [net.alpha.clone(), net.beta.clone()],
+            ip: [ALPHA_IP.into(), BETA_IP.into()],
+        }),
+        ..Options::default()
+    });
+    let witness_log = File::create(cluster.dir.path().join("witness.log")).unwrap();
+    let witness = Net::command(&net.witness, rdbd_bin())
+        .args(["witness", "--listen", &format!("{WITNESS_IP}:7788"), "--lease", "2s", "--state"])
+        .arg(cluster.dir.path().join("witness.json"))
+        .env("RDBD_WITNESS_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(witness_log)
+        .spawn()
+        .expect("start the witness");
+    cluster.start_primary_pair();
+    // The witness grants nothing in its first lease period; then alpha, Primary, holds it.
+    cluster.wait_for(Alpha, "holding the witness's lease", Duration::from_secs(20), |s| {
+        s.get("ha").and_then(|h| h.get("lease_holder")).is_some_and(|h| h.as_str() == "alpha")
+    });
+    let stop_file = cluster.dir.path().join("stop-writers");
+    let mut setup = Setup { cluster, witness, writers: Vec::new(), stop_file, net };
+    for node in Node::BOTH {
+        let log = setup.cluster.dir.path().join(format!("writer-{}.log", node.name()));
+        let ns = if node == Alpha { &setup.net.alpha } else { &setup.net.beta };
+        let child = Net::command(ns, SYSTEM_PYTHON)
+            .arg(WRITER_PY)
+            .arg(setup.cluster.nbd_uri(node))
+            .arg(node.name())
+            .arg((node as u64 * BLOCKS).to_string())
+            .arg(BLOCKS.to_string())
+            .arg(&log)
+            .arg(&setup.stop_file)
+            .arg("240")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a writer");
+        setup.writers.push((child, log));
+    }
+    Some(setup)
+}
+
+#[derive(Debug, Clone)]
+struct Ack {
+    writer: String,
+    seq: u64,
+    block: u64,
+    ns: u64,
+}
+
+fn acks(log: &Path) -> Vec<Ack> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[0] == "ack").then(|| Ack {
+                writer: f[1].into(),
+                seq: f[2].parse().unwrap(),
+                block: f[3].parse().unwrap(),
+                ns: f[4].parse().unwrap(),
+            })
+        })
+        .collect()
+}
+
+impl Setup {
+    fn acked(&self, node: Node) -> usize {
+        acks(&self.writers[node as usize].1).len()
+    }
+
+    /// Waits until `node`'s writer got `more` acknowledgements beyond what it has now.
+    fn wait_acks(&self, node: Node, more: usize, timeout: Duration) {
+        let target = self.acked(node) + more;
+        let ok = wait_until(timeout, || self.acked(node) >= target);
+        assert!(
+            ok,
+            "{}'s writer got no acknowledgement within {timeout:?}\n{}",
+            node.name(),
+            self.cluster.diag()
+        );
+    }
+
+    /// Stops the writers and checks: no interleaving beyond `switches` hand-overs, each block
+    /// holds its last acknowledged write, the replicas are identical.
+    fn finish(mut self, switches: usize) {
+        std::fs::write(&self.stop_file, b"").unwrap();
+        for (w, _) in &mut self.writers {
+            assert!(wait_exit_within(w, Duration::from_secs(10)).is_some(), "a writer did not stop");
+        }
+        let mut all: Vec<Ack> = self.writers.iter().flat_map(|(_, log)| acks(log)).collect();
+        all.sort_by_key(|a| a.ns);
+        let changes = all.windows(2).filter(|p| p[0].writer != p[1].writer).count();
+        let per_writer: BTreeMap<&str, usize> = all.iter().fold(BTreeMap::new(), |mut m, a| {
+            *m.entry(a.writer.as_str()).or_default() += 1;
+            m
+        });
+        eprintln!("acknowledged writes: {per_writer:?}, hand-overs between writers: {changes}");
+        assert!(
+            changes <= switches,
+            "the writers' acknowledgements interleave ({changes} changes, at most {switches} hand-overs expected): \
+             two nodes accepted writes at once"
+        );
+        self.cluster.wait_in_sync(Duration::from_secs(60));
+        self.cluster.assert_same_data();
+        // Each block holds the last write acknowledged to it (data area at the start of the file).
+        let mut last: BTreeMap<u64, &Ack> = BTreeMap::new();
+        for a in &all {
+            last.insert(a.block, a);
+        }
+        let file = File::open(&self.cluster.info(Alpha).disk).unwrap();
+        let mut buf = [0u8; 64];
+        for (block, ack) in last {
+            file.read_exact_at(&mut buf, block * 4096).unwrap();
+            let text = String::from_utf8_lossy(&buf);
+            let head = text.split('\n').next().unwrap_or("");
+            let f: Vec<&str> = head.split(' ').collect();
+            let (writer, seq) =
+                (f.first().copied().unwrap_or(""), f.get(1).and_then(|s| s.parse::<u64>().ok()));
+            // A write the writer started after its last acknowledged one may have landed too.
+            let ok = writer == ack.writer && seq.is_some_and(|s| s >= ack.seq);
+            assert!(ok, "block {block} holds {head:?}, but {} {} was acknowledged last", ack.writer, ack.seq);
+        }
+    }
+}
+
+fn role(cluster: &Cluster, node: Node) -> String {
+    cluster.try_status(node).map(|s| str_at(&s, &["role"]).to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_killed_primary_is_replaced_automatically() {
+    let Some(mut s) = setup("") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    let killed = monotonic_ns();
+    s.cluster.kill(Alpha);
+    s.wait_acks(Beta, 1, Duration::from_secs(30));
+    let first = acks(&s.writers[1].1).first().map(|a| a.ns).unwrap();
+    eprintln!(
+        "failover: beta's writer got its first acknowledgement {:.2} s after the kill",
+        (first - killed) as f64 / 1e9
+    );
+    assert_eq!(role(&s.cluster, Beta), "Primary");
+    // Alpha comes back as Secondary and resyncs from beta.
+    s.cluster.start(Alpha);
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    assert_eq!(role(&s.cluster, Alpha), "Secondary");
+    s.finish(1);
+}
+
+#[test]
+fn cutting_only_the_replication_link_keeps_the_primary_and_outdates_the_secondary() {
+    let Some(s) = setup("") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    s.cluster.wait_for(Beta, "disconnected", Duration::from_secs(20), |st| {
+        str_at(st, &["connection"]) != "Connected"
+    });
+    // Alpha keeps its lease and goes on; beta is refused it, and stays Secondary.
+    s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(role(&s.cluster, Beta), "Secondary");
+    assert_eq!(s.acked(Beta), 0);
+    s.net.mend(Link::AlphaBeta);
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.finish(0);
+}
+
+#[test]
+fn an_isolated_primary_freezes_and_the_peer_takes_over() {
+    let Some(s) = setup("") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    s.net.cut(Link::AlphaWitness);
+    let cut_at = Instant::now();
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    eprintln!("beta took over {:.1} s after alpha was cut off", cut_at.elapsed().as_secs_f64());
+    // Alpha, frozen, acknowledged nothing since beta started.
+    let alpha_last = acks(&s.writers[0].1).last().map(|a| a.ns).unwrap();
+    let beta_first = acks(&s.writers[1].1).first().map(|a| a.ns).unwrap();
+    assert!(alpha_last < beta_first, "alpha acknowledged a write after beta took over");
+    s.net.mend(Link::AlphaWitness);
+    s.net.mend(Link::AlphaBeta);
+    // Alpha learns it was outdated, steps down, and rejoins as the sync target.
+    s.cluster
+        .wait_for(Alpha, "Secondary", Duration::from_secs(30), |st| str_at(st, &["role"]) == "Secondary");
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.finish(1);
+}
+
+#[test]
+fn losing_the_witness_changes_nothing_while_the_pair_is_connected() {
+    let Some(s) = setup("") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaWitness);
+    s.net.cut(Link::BetaWitness);
+    std::thread::sleep(Duration::from_secs(4));
+    s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    assert_eq!(role(&s.cluster, Beta), "Secondary");
+    s.net.mend(Link::AlphaWitness);
+    s.net.mend(Link::BetaWitness);
+    s.finish(0);
+}
+
+#[test]
+fn repeated_cuts_and_heals_never_let_two_nodes_accept_writes() {
+    let Some(s) = setup("") else { return };
+    let mut handovers = 0;
+    for round in 0..4 {
+        let primary = if role(&s.cluster, Alpha) == "Primary" { Alpha } else { Beta };
+        s.wait_acks(primary, 5, Duration::from_secs(30));
+        // Alternately the replication link alone, and every link of the Primary.
+        let links: &[Link] = match (round % 2, primary) {
+            (0, _) => &[Link::AlphaBeta],
+            (_, Alpha) => &[Link::AlphaBeta, Link::AlphaWitness],
+            (_, Beta) => &[Link::AlphaBeta, Link::BetaWitness],
+        };
+        for &l in links {
+            s.net.cut(l);
+        }
+        std::thread::sleep(Duration::from_secs(6));
+        for &l in links {
+            s.net.mend(l);
+        }
+        s.cluster.wait_in_sync(Duration::from_secs(60));
+        let now = if role(&s.cluster, Alpha) == "Primary" { Alpha } else { Beta };
+        if now != primary {
+            handovers += 1;
+        }
+    }
+    eprintln!("{handovers} hand-overs in 4 rounds");
+    s.finish(handovers);
+}
