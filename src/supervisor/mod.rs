@@ -86,7 +86,8 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
     ]);
     let witness = ha.witness.clone().map(|config| {
         let shared = Arc::new(WitnessShared::default());
-        tokio::spawn(witness_client::run(node.clone(), config, shared.clone()));
+        let fail_io = ha.on_quorum_loss == OnQuorumLoss::FailIo;
+        tokio::spawn(witness_client::run(node.clone(), config, shared.clone(), fail_io));
         shared
     });
     let warning = (ha.witness.is_none() && ha.fence_peer.is_none()).then(|| match ha.no_quorum_policy {

@@ -32,7 +32,8 @@ pub struct WitnessShared {
     pub changed: Notify,
 }
 
-pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShared>) {
+/// `fail_io`: past a permission, lonely writes fail rather than wait (`on-quorum-loss`).
+pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShared>, fail_io: bool) {
     let resource = node.config().name.clone();
     let me = node.me().name.clone();
     let peer = node.peer_config().name.clone();
@@ -92,6 +93,12 @@ pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShar
                     let mut view = shared.view.lock().expect("lease view lock");
                     let before = view.clone();
                     view.on_verdict(sent, claimed_connected, epoch, &verdict);
+                    // Renewed here, not at the supervisor's next step, which may be busy
+                    // starting services for longer than the lease lasts.
+                    if let Some((until, epoch)) = view.alone_until().filter(|_| !view.outdated) {
+                        node.device().alone_gate().allow_until(until, epoch, fail_io);
+                        node.device().wake_queues();
+                    }
                     let changed =
                         view.holder != before.holder || view.outdated != before.outdated || verdict.granted;
                     drop(view);

@@ -87,7 +87,7 @@ async fn serve_node(channel: &mut Channel, shared: &Shared) -> String {
                 }
                 info!(resource = %channel.resource, outdated = ?votes.persistent().get(&channel.resource), "outdated nodes changed");
             }
-            if before.as_deref() != Some(verdict.holder.as_str()) {
+            if before.as_deref().unwrap_or_default() != verdict.holder {
                 info!(resource = %channel.resource, holder = %verdict.holder, "lease holder changed");
             }
             verdict

@@ -27,9 +27,10 @@ apt_install() {
 # tells it the kernel version) and what the scenarios use inside (the guest sees the host's /).
 # udev: virtme-ng-init needs it to name the virtio serial ports that carry the script's stdout,
 # stderr and exit status; without it the output goes to the console and the status is lost.
-# Later steps: nbd-client, LVM and the kernel NFS server.
+# Later steps: nbd-client, LVM and the kernel NFS server; arping (announcing the service address)
+# and fuser (the mount service stops the users of a mount) for the HA supervisor.
 apt_install kmod busybox-static cpio file udev python3-venv \
-  nbd-client lvm2 xfsprogs fio nfs-kernel-server nfs-common rpcbind
+  nbd-client lvm2 xfsprogs fio nfs-kernel-server nfs-common rpcbind iputils-arping psmisc
 
 # qemu-system-x86: Debian 12's package depends on qemu-system-common 7.2, which the machine's
 # newer qemu-utils (a backport, not re-installable from Debian 12's archive) Breaks, so

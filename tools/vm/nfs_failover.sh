@@ -22,11 +22,12 @@ grep -q virtme /proc/cmdline || { echo "nfs_failover.sh runs inside the VM: tool
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=tools/vm/nodes.sh
 source "$(dirname "$0")/nodes.sh"
+# shellcheck source=tools/vm/nfs_client.sh
+source "$(dirname "$0")/nfs_client.sh"
 
 ALPHA=$SUBNET.1
 BETA=$SUBNET.2
 DISK_SIZE=640M
-CLIENT_MNT=/mnt
 # Each node's control socket and log are in its own /run (nodes.sh).
 export RDBD_CONFIG_DIR="$WORK/etc" RDBD_RUN_DIR=/run/rdbd
 LOGS="$NODES_DIR/alpha.run/rdbd/r0.alpha.log $NODES_DIR/beta.run/rdbd/r0.beta.log"
@@ -40,59 +41,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rdbd() { on "$2" "$RDBD" "$1" r0 --node "$2" "${@:3}"; }
-status_field() { rdbd status "$1" --json | /usr/bin/python3 -c "import json,sys; print(json.load(sys.stdin)$2)"; }
-wait_for() { # NODE PY-EXPR VALUE [SECONDS]: poll status until the field has the value
-  local deadline=$((SECONDS + ${4:-30}))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    [ "$(status_field "$1" "$2" 2>/dev/null)" = "$3" ] && return 0
-    sleep 0.2
-  done
-  echo "$1: status$2 is $(status_field "$1" "$2" 2>&1), not $3, after ${4:-30} s" >&2
-  return 1
-}
-
-# The client's side. Files are written from $WORK/src with fsync; a name is added to
-# $WORK/acked only once its fsync returned: those are the acknowledged writes.
-client_mount() {
-  run mount -t nfs -o vers=3,nolock,tcp,hard,timeo=20,retrans=3 "$1:$EXPORT_DIR" "$CLIENT_MNT"
-}
-client_write() { # PREFIX COUNT: COUNT files of 128 KiB, stopping at the first failure
-  local i
-  for i in $(seq "$2"); do
-    head -c 128K /dev/urandom > "$WORK/src/$1$i"
-    dd if="$WORK/src/$1$i" of="$CLIENT_MNT/$1$i" bs=128K conv=fsync status=none 2>/dev/null || return 0
-    echo "$1$i" >> "$WORK/acked"
-  done
-}
-acked_count() { wc -l < "$WORK/acked"; }
-wait_acked() { # N more files than now acknowledged (60 s)
-  local target=$(($(acked_count) + $1)) deadline=$((SECONDS + 60))
-  while [ "$(acked_count)" -lt "$target" ]; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "fewer than $target files acknowledged after 60 s" >&2; return 1; }
-    sleep 0.2
-  done
-}
-client_check() { # every acknowledged file reads back as written, through the NFS mount
-  local f bad=0
-  while read -r f; do
-    cmp -s "$WORK/src/$f" "$CLIENT_MNT/$f" || { echo "    $f differs or is missing" >&2; bad=1; }
-  done < "$WORK/acked"
-  [ "$bad" = 0 ]
-  echo "    all $(acked_count) acknowledged files intact"
-}
-# The writer's NFS requests hang while no server answers; a forced unmount ends them.
-client_abandon() {
-  umount -f -l "$CLIENT_MNT"
-  echo "+ wait for the writer"
-  wait "$writer" # (not through run: a pipeline is no parent of it)
-}
-
 resynced_mib() { echo $(($(status_field "$1" "['last_resync_bytes']") >> 20)); }
 
 cd "$WORK"
-mkdir -p "$WORK/src" "$RDBD_CONFIG_DIR"
-: > "$WORK/acked"
+mkdir -p "$RDBD_CONFIG_DIR"
 
 step "kernel $(uname -r): modules; nodes alpha ($ALPHA, /dev/nbd0) and beta ($BETA, /dev/nbd1) on bridge br0"
 run modprobe -a nbd dm-mod xfs nfsd veth bridge

@@ -19,6 +19,21 @@ on() {
   nsenter --mount="$NODES_DIR/$node.mnt" --net="/run/netns/$node" -- "$@"
 }
 
+# rdbd VERB NODE [ARGS]: `rdbd VERB r0 --node NODE ARGS` on NODE.
+rdbd() { on "$2" "$RDBD" "$1" r0 --node "$2" "${@:3}"; }
+# status_field NODE PY-EXPR: one field of NODE's `status --json`, e.g. "['role']".
+status_field() { rdbd status "$1" --json | /usr/bin/python3 -c "import json,sys; print(json.load(sys.stdin)$2)"; }
+# wait_for NODE PY-EXPR VALUE [SECONDS]: poll status until the field has the value.
+wait_for() {
+  local deadline=$((SECONDS + ${4:-30}))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    [ "$(status_field "$1" "$2" 2>/dev/null)" = "$3" ] && return 0
+    sleep 0.2
+  done
+  echo "$1: status$2 is $(status_field "$1" "$2" 2>&1), not $3, after ${4:-30} s" >&2
+  return 1
+}
+
 # The bridge and the client's address; once, before the nodes.
 nodes_init() {
   mkdir -p "$NODES_DIR"
@@ -61,6 +76,17 @@ global { use_lvmpolld = 0 event_activation = 0 }
 backup { backup = 0 archive = 0 }
 EOF
   ' "$name" "$dev" "$NODES_DIR/$name.run"
+}
+
+# witness_create NAME IP: a host with only a network namespace (the quorum witness).
+witness_create() {
+  local name=$1 ip=$2
+  ip netns add "$name"
+  ip link add "veth-$name" type veth peer name eth0 netns "$name"
+  ip link set "veth-$name" master br0 up
+  ip -n "$name" addr add "$ip/24" dev eth0
+  ip -n "$name" link set eth0 up
+  ip -n "$name" link set lo up
 }
 
 # Cuts NODE off the network (both its peer and the client), as a pulled cable would, and mends it.

@@ -1,5 +1,7 @@
 //! What starting, stopping and monitoring each kind of service runs: shell scripts, pure (the
 //! steps the ClusterLabs agents take, reduced to their core; see README "HA supervisor").
+//! Daemons are looked for in this network namespace only (pgrep --ns), so that nodes sharing
+//! one kernel, as in the VM test bed, keep to their own.
 
 use std::collections::BTreeMap;
 
@@ -75,22 +77,25 @@ pub fn script(service: &ServiceConfig, op: Op) -> Option<Script> {
                         // nfs_shared_infodir does.
                         s += &format!(
                             "mkdir -p {d}/v4recovery {d}/sm {d}/sm.bak && touch {d}/etab {d}/rmtab && \
-                             {{ mountpoint -q /var/lib/nfs || mount --bind {d} /var/lib/nfs; }} && "
+                             {{ [ \"$(stat -c %d:%i /var/lib/nfs)\" = \"$(stat -c %d:%i {d})\" ] || \
+                             mount --bind {d} /var/lib/nfs; }} && "
                         );
                     }
                     s += "{ mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd; } && \
-                          { pgrep -x rpcbind >/dev/null || rpcbind -w; } && \
-                          { pgrep -x rpc.mountd >/dev/null || rpc.mountd; } && \
+                          { pgrep --ns $$ --nslist net -x rpcbind >/dev/null || rpcbind -w; } && \
+                          { pgrep --ns $$ --nslist net -x rpc.mountd >/dev/null || rpc.mountd; } && \
                           rpc.nfsd 8 && { sm-notify -f >/dev/null 2>&1 || true; }";
                     s
                 }
                 Op::Stop => {
                     let mut s = String::from(
-                        "exportfs -au; exportfs -f; rpc.nfsd 0; pkill -x rpc.mountd; \
-                         for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep -x rpc.mountd >/dev/null || break; sleep 0.2; done; true",
+                        "exportfs -au; exportfs -f; rpc.nfsd 0; pkill --ns $$ --nslist net -x rpc.mountd; \
+                         for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep --ns $$ --nslist net -x rpc.mountd >/dev/null || break; sleep 0.2; done; true",
                     );
-                    if bind.is_some() {
-                        s += "; ! mountpoint -q /var/lib/nfs || umount /var/lib/nfs";
+                    if let Some(d) = &bind {
+                        s += &format!(
+                            "; [ \"$(stat -c %d:%i /var/lib/nfs)\" != \"$(stat -c %d:%i {d} 2>/dev/null)\" ] || umount /var/lib/nfs"
+                        );
                     }
                     s
                 }
