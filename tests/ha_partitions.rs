@@ -294,3 +294,27 @@ fn repeated_cuts_and_heals_never_let_two_nodes_accept_writes() {
     eprintln!("{handovers} hand-overs in 4 rounds");
     s.finish(handovers);
 }
+
+#[test]
+fn a_switchover_moves_the_primary_role_to_the_peer() {
+    let Some(mut s) = setup("") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    // Mistakes are one-line refusals.
+    let e = s.cluster.verb_fails(Beta, &["switchover"]);
+    assert!(e.contains("runs on the Primary"), "{e}");
+    let e = s.cluster.verb_fails(Alpha, &["switchover", "--to", "gamma"]);
+    assert!(e.contains("not a node of this resource"), "{e}");
+    // A planned move: the NBD client of alpha goes first (the chain would stop its users).
+    let (writer, _) = &mut s.writers[0];
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let out = s.cluster.verb_ok(Alpha, &["switchover", "--to", "beta"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved to beta"));
+    assert_eq!(role(&s.cluster, Beta), "Primary");
+    assert_eq!(role(&s.cluster, Alpha), "Secondary");
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    // Alpha, first choice by name, does not take it back.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(role(&s.cluster, Beta), "Primary");
+    s.finish(1);
+}

@@ -63,6 +63,8 @@ enum Command {
     Events(events::EventsArgs),
     /// Wait until this node and its peer are connected and both UpToDate, showing resync progress.
     WaitSync(wait_sync::WaitSyncArgs),
+    /// HA: move the Primary role to the peer (services stopped here, started there).
+    Switchover(verbs::SwitchoverArgs),
     /// Run the quorum witness for two-node resources (on a third host; stores no data).
     Witness(witness::WitnessArgs),
 }
@@ -95,6 +97,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(args).await,
             Command::WaitSync(args) => wait_sync::run(args).await,
             Command::Witness(args) => witness::run(args).await,
+            Command::Switchover(args) => verbs::switchover(args).await,
         }
     });
     match result {

@@ -112,6 +112,23 @@ pub async fn primary(args: PrimaryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args, Debug)]
+pub struct SwitchoverArgs {
+    #[command(flatten)]
+    pub resource: ResourceArgs,
+    /// The node to move to (the peer; checked).
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+}
+
+/// `rdbd switchover res0 [--to NODE]`, on the Primary.
+pub async fn switchover(args: SwitchoverArgs) -> anyhow::Result<()> {
+    let res = Resource::load(&args.resource)?;
+    send(&res, Request::Switchover { to: args.to }).await?;
+    println!("rdbd: {} moved to {}", res.config.name, res.config.nodes[1 - res.me].name);
+    Ok(())
+}
+
 pub async fn new_current_uuid(args: NewCurrentUuidArgs) -> anyhow::Result<()> {
     let res = Resource::load(&args.resource)?;
     send(&res, Request::NewCurrentUuid { clear_bitmap: args.clear_bitmap }).await?;

@@ -51,6 +51,11 @@ pub enum Request {
         #[serde(default)]
         start: u64,
     },
+    /// HA: hand the Primary role over to the peer (`to`: its name, checked).
+    Switchover {
+        #[serde(default)]
+        to: Option<String>,
+    },
     /// Subscribe to the event stream; with `now`, the current state comes first.
     Events {
         #[serde(default)]
@@ -305,6 +310,7 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
         Request::Invalidate { reset_bitmap } => node.invalidate(reset_bitmap),
         Request::Verify { start } => node.verify(start),
         Request::InvalidateRemote { reset_bitmap } => node.invalidate_remote(reset_bitmap),
+        Request::Switchover { to } => node.switchover(to).await,
         // Served by `handle` on a task of its own.
         Request::Events { .. } => return failure("events: not a one-line request".into()),
     };

@@ -133,6 +133,8 @@ pub struct Node {
     ha_status: Mutex<Option<crate::supervisor::HaStatus>>,
     /// `down` asks the supervisor to stop the services and demote, and waits for it.
     ha_release: HaRelease,
+    /// `switchover`: the supervisor hands the role to the peer (cleared once the peer is Primary).
+    ha_yield: std::sync::atomic::AtomicBool,
 }
 
 /// The handshake between `down` and the supervisor.
@@ -283,6 +285,7 @@ impl Node {
             verify_starts: Mutex::new(None),
             ha_status: Mutex::new(None),
             ha_release: HaRelease::default(),
+            ha_yield: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -470,6 +473,61 @@ impl Node {
         let mut s = self.state();
         s.discard_my_data = true;
         s.want_connection = true;
+    }
+
+    /// `rdbd switchover [--to PEER]`: a planned move of the Primary role (HA only). The
+    /// supervisor stops the chain in reverse and demotes; the peer promotes and starts it.
+    /// Waits up to 55 s for the peer to be Primary.
+    pub async fn switchover(&self, to: Option<String>) -> Result<(), NodeError> {
+        if self.config.ha.is_none() {
+            return Err(NodeError::Refused(
+                "switchover needs an [ha] table; without it use secondary, then primary on the peer".into(),
+            ));
+        }
+        let peer = self.peer_config().name.clone();
+        if let Some(to) = to.filter(|t| *t != peer) {
+            let hint = if to == self.me().name {
+                "it is this node: run switchover on the Primary"
+            } else {
+                "not a node of this resource"
+            };
+            return Err(NodeError::Refused(format!("switchover --to {to}: {hint} (the peer is {peer})")));
+        }
+        {
+            let s = self.state();
+            if s.role != Role::Primary {
+                return Err(NodeError::Refused(
+                    "switchover runs on the Primary; this node is Secondary".into(),
+                ));
+            }
+            if s.conn != ConnState::Connected
+                || s.peer_disk != DiskState::UpToDate
+                || s.repl != ReplState::Established
+            {
+                return Err(NodeError::Refused(format!(
+                    "switchover needs {peer} connected and UpToDate (it is {}, {})",
+                    s.conn, s.peer_disk
+                )));
+            }
+        }
+        self.ha_yield.store(true, std::sync::atomic::Ordering::Release);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(55);
+        while tokio::time::Instant::now() < deadline {
+            if self.state().peer_role == Role::Primary {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(NodeError::Refused(format!("{peer} has not taken over within 55 s; see rdbd status")))
+    }
+
+    /// Whether a switchover asked this node to hand its role over.
+    pub(crate) fn ha_yielding(&self) -> bool {
+        self.ha_yield.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn clear_ha_yield(&self) {
+        self.ha_yield.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether `down` waits for the supervisor to release the resource.

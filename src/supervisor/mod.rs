@@ -164,8 +164,9 @@ impl Supervisor {
             self.ready_since = Some(now);
         }
         if connected && status.peer.role == Role::Primary {
-            // The peer took over: this node's failures are history.
+            // The peer took over: this node's failures are history, a switchover is done.
             self.chain.reset_failures();
+            self.node.clear_ha_yield();
         }
         let resyncing = matches!(status.replication, ReplState::SyncSource | ReplState::SyncTarget);
         let me = self.node.me().name.clone();
@@ -186,6 +187,7 @@ impl Supervisor {
             witness: self.witness.is_some(),
             services_failed: self.chain.failures() >= self.ha.migration_threshold,
             unserved_too_long: self.ready_since.is_some_and(|t| now.duration_since(t) >= PROMOTE_GRACE),
+            yielding: self.node.ha_yielding(),
         };
         if let Some(w) = &self.witness {
             w.want.store(policy::wants_lease(&situation), Ordering::Release);

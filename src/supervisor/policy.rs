@@ -48,6 +48,8 @@ pub struct Situation<'a> {
     pub services_failed: bool,
     /// Connected, both Secondary and UpToDate, for longer than the grace period.
     pub unserved_too_long: bool,
+    /// `switchover`: this node hands its role to the ready peer.
+    pub yielding: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +84,10 @@ fn would_promote(s: &Situation) -> bool {
     if !s.connected {
         return true;
     }
-    pair_ready(s) && !s.services_failed && (first_choice(s.me, s.peer, s.preferred) || s.unserved_too_long)
+    pair_ready(s)
+        && !s.services_failed
+        && !s.yielding
+        && (first_choice(s.me, s.peer, s.preferred) || s.unserved_too_long)
 }
 
 /// Whether to ask the witness for the lease: a Primary keeps it, a Secondary asks when it would
@@ -104,6 +109,9 @@ pub fn decide(s: &Situation) -> Action {
                 };
             }
             if pair_ready(s) {
+                if s.yielding {
+                    return Action::Demote("switchover to the peer");
+                }
                 if s.services_failed {
                     return Action::Demote("services failed here: moving to the peer");
                 }
@@ -148,7 +156,25 @@ mod tests {
             witness: true,
             services_failed: false,
             unserved_too_long: false,
+            yielding: false,
         }
+    }
+
+    #[test]
+    fn a_switchover_hands_the_role_over_and_the_yielding_node_waits() {
+        let none: Vec<String> = vec![];
+        let p = Situation { role: Role::Primary, yielding: true, ..base(&none) };
+        assert_eq!(decide(&p), Action::Demote("switchover to the peer"));
+        // Demoted, the first choice does not take it back while it yields...
+        let s = Situation { yielding: true, unserved_too_long: true, ..base(&none) };
+        assert_eq!(decide(&s), Action::Stay);
+        // ...and the peer, second choice, promotes after the grace period.
+        let peer = Situation { me: "beta", peer: "alpha", unserved_too_long: true, ..base(&none) };
+        assert_eq!(decide(&peer), Action::Promote);
+        // Without its peer a yielding node still takes over.
+        let alone =
+            Situation { connected: false, peer_role: Role::Unknown, peer_disk: DiskState::DUnknown, ..s };
+        assert_eq!(decide(&alone), Action::Promote);
     }
 
     #[test]
