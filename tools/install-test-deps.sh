@@ -12,7 +12,9 @@ PACKAGES=(
   xfsprogs       # mkfs.xfs
   fuse3          # fusermount3
   util-linux     # losetup, mount
-  iproute2       # ss -K: cutting a replication link under the nodes
+  iproute2       # ss -K: cutting a replication link under the nodes; ip netns for the HA tests
+  resource-agents # ocf-tester and ocf-shellfuncs, for the Pacemaker agent (tools/ocf/rdbd)
+  libxml2-utils  # xmllint: ocf-tester checks the agent's meta-data with it
 )
 
 SUDO=""
