@@ -58,7 +58,7 @@ fn setup(extra_ha: &str) -> Option<Setup> {
     let ha = format!("[ha]\nwitness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\n{extra_ha}\n");
     let mut cluster = Cluster::new(Options {
         file_size: [64 * MIB; 2],
-        net: "ping-interval = \"500ms\"\nping-timeout = \"400ms\"\ntimeout = \"1s\"\n".into(),
+        // The default timers: with [ha], a silent link is declared dead after 1.5 s.
         tables: ha,
         placement: Some(Placement {
             netns: [net.alpha.clone(), net.beta.clone()],

@@ -86,6 +86,9 @@ pub struct HaConfig {
 }
 
 pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
+/// `net.ping-interval` when an `[ha]` table is present and the key is not written: a silent
+/// link is then declared dead after 1.5 s (two intervals and the ping timeout).
+pub const HA_PING_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_MIGRATION_THRESHOLD: u32 = 3;
 const MONITOR_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(3600));
 

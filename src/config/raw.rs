@@ -243,7 +243,8 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
             }
         },
     };
-    let (net, discard_node_span) = build_net(src, raw.net)?;
+    let ping_interval_given = raw.net.as_ref().is_some_and(|n| n.ping_interval.is_some());
+    let (mut net, discard_node_span) = build_net(src, raw.net)?;
     let disk = build_disk(src, raw.disk)?;
     let handlers = build_handlers(src, raw.handlers)?;
     let nodes = build_nodes(src, raw.node)?;
@@ -251,6 +252,10 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
         check_discard_node(src, &span, victim, &nodes)?;
     }
     let ha = super::ha::build_ha(src, raw.ha, raw.service, &nodes)?;
+    if ha.is_some() && !ping_interval_given {
+        // A supervisor takes over on a dead link: it must notice within seconds, not tens.
+        net.ping_interval = super::ha::HA_PING_INTERVAL;
+    }
     Ok(ResourceConfig { name, file: src.file.to_path_buf(), protocol, net, disk, handlers, ha, nodes })
 }
 

@@ -891,6 +891,13 @@ fn ha_table_and_service_chain() {
     assert_eq!(parse_ok(&cfg.to_toml()), cfg, "{}", cfg.to_toml());
     // Without [ha], roles are manual.
     assert_eq!(parse_ok(MINIMAL).ha, None);
+    // With [ha] a silent link is noticed sooner, unless ping-interval is written.
+    assert_eq!(parse_ok(&with("[ha]")).net.ping_interval, Duration::from_millis(500));
+    assert_eq!(parse_ok(MINIMAL).net.ping_interval, Duration::from_secs(10));
+    assert_eq!(
+        parse_ok(&with("[net]\nping-interval = \"3s\"\n[ha]")).net.ping_interval,
+        Duration::from_secs(3)
+    );
     // An empty [ha]: defaults, no witness.
     let ha = parse_ok(&with("[ha]")).ha.unwrap();
     assert_eq!(
