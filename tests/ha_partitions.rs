@@ -24,7 +24,7 @@ const SECRET: &str = "witness-secret";
 
 struct Setup {
     cluster: Cluster,
-    witness: Child,
+    witness: Option<Child>,
     writers: Vec<(Child, PathBuf)>,
     stop_file: PathBuf,
     // Last: the namespaces outlive every process in them.
@@ -33,8 +33,10 @@ struct Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        let _ = self.witness.kill();
-        let _ = self.witness.wait();
+        if let Some(w) = &mut self.witness {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
         for (w, _) in &mut self.writers {
             let _ = w.kill();
             let _ = w.wait();
@@ -51,11 +53,17 @@ fn monotonic_ns() -> u64 {
 
 /// Namespaces, the witness, and an HA pair whose alpha is Primary and holds the lease.
 fn setup(extra_ha: &str) -> Option<Setup> {
+    setup_with(&format!("witness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\n{extra_ha}"), true)
+}
+
+/// Namespaces and an HA pair with `ha` in its [ha] table, alpha Primary; with `witness`, the
+/// witness runs and alpha holds its lease.
+fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
     if !have_python_nbd() || !have_tool("nsenter") {
         return None;
     }
     let net = Net::create()?;
-    let ha = format!("[ha]\nwitness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\n{extra_ha}\n");
+    let ha = format!("[ha]\n{ha}\n");
     let mut cluster = Cluster::new(Options {
         file_size: [64 * MIB; 2],
         // The default timers: with [ha], a silent link is declared dead after 1.5 s.
@@ -66,20 +74,24 @@ fn setup(extra_ha: &str) -> Option<Setup> {
         }),
         ..Options::default()
     });
-    let witness_log = File::create(cluster.dir.path().join("witness.log")).unwrap();
-    let witness = Net::command(&net.witness, rdbd_bin())
-        .args(["witness", "--listen", &format!("{WITNESS_IP}:7788"), "--lease", "2s", "--state"])
-        .arg(cluster.dir.path().join("witness.json"))
-        .env("RDBD_WITNESS_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(witness_log)
-        .spawn()
-        .expect("start the witness");
-    cluster.start_primary_pair();
-    // The witness grants nothing in its first lease period; then alpha, Primary, holds it.
-    cluster.wait_for(Alpha, "holding the witness's lease", Duration::from_secs(20), |s| {
-        s.get("ha").and_then(|h| h.get("lease_holder")).is_some_and(|h| h.as_str() == "alpha")
+    let witness = witness.then(|| {
+        let witness_log = File::create(cluster.dir.path().join("witness.log")).unwrap();
+        Net::command(&net.witness, rdbd_bin())
+            .args(["witness", "--listen", &format!("{WITNESS_IP}:7788"), "--lease", "2s", "--state"])
+            .arg(cluster.dir.path().join("witness.json"))
+            .env("RDBD_WITNESS_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(witness_log)
+            .spawn()
+            .expect("start the witness")
     });
+    cluster.start_primary_pair();
+    if witness.is_some() {
+        // The witness grants nothing in its first lease period; then alpha, Primary, holds it.
+        cluster.wait_for(Alpha, "holding the witness's lease", Duration::from_secs(20), |s| {
+            s.get("ha").and_then(|h| h.get("lease_holder")).is_some_and(|h| h.as_str() == "alpha")
+        });
+    }
     let stop_file = cluster.dir.path().join("stop-writers");
     let mut setup = Setup { cluster, witness, writers: Vec::new(), stop_file, net };
     for node in Node::BOTH {
@@ -316,5 +328,65 @@ fn a_switchover_moves_the_primary_role_to_the_peer() {
     // Alpha, first choice by name, does not take it back.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(role(&s.cluster, Beta), "Primary");
+    s.finish(1);
+}
+
+/// A `fence-peer` command that emulates STONITH: it kills the peer's daemon (the test wrote its
+/// pid) and answers 7, "the peer was shot". `fence.log` lists who fenced whom.
+fn stonith_script(dir: &Path) -> PathBuf {
+    let script = dir.join("fence.sh");
+    let body = format!(
+        "#!/bin/sh\necho \"$RDBD_NODE fences $RDBD_PEER\" >> {d}/fence.log\nkill -9 \"$(cat {d}/$RDBD_PEER.pid)\" 2>/dev/null\nexit 7\n",
+        d = dir.display()
+    );
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn with_fence_peer_a_cut_link_leaves_the_primary_writing_and_the_secondary_shot() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = stonith_script(dir.path());
+    let Some(mut s) = setup_with(&format!("fence-peer = \"{}\"", script.display()), false) else { return };
+    for node in Node::BOTH {
+        let pid = s.cluster.status(node).field("pid").as_u64();
+        std::fs::write(dir.path().join(format!("{}.pid", node.name())), pid.to_string()).unwrap();
+    }
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    // Alpha fences at once and goes on; beta, which would wait 3 s first, is shot before.
+    s.cluster.wait_exit(Beta, Duration::from_secs(30));
+    s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.path().join("fence.log")).unwrap();
+    assert_eq!(log.trim(), "alpha fences beta", "{log}");
+    assert_eq!(s.acked(Beta), 0);
+    s.net.mend(Link::AlphaBeta);
+    s.cluster.start(Beta);
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.finish(0);
+}
+
+#[test]
+fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = stonith_script(dir.path());
+    let Some(mut s) = setup_with(&format!("fence-peer = \"{}\"", script.display()), false) else { return };
+    for node in Node::BOTH {
+        let pid = s.cluster.status(node).field("pid").as_u64();
+        std::fs::write(dir.path().join(format!("{}.pid", node.name())), pid.to_string()).unwrap();
+    }
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    let killed = Instant::now();
+    s.cluster.kill(Alpha);
+    s.wait_acks(Beta, 1, Duration::from_secs(30));
+    eprintln!(
+        "beta took over {:.1} s after the kill (3 s of it the Secondary's fencing delay)",
+        killed.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(dir.path().join("fence.log")).unwrap();
+    assert_eq!(log.trim(), "beta fences alpha", "{log}");
+    s.cluster.start(Alpha);
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
     s.finish(1);
 }

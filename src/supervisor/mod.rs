@@ -37,6 +37,8 @@ use witness_client::WitnessShared;
 const TICK: Duration = Duration::from_millis(200);
 /// How long a ready pair may stay without a Primary before the second choice promotes.
 const PROMOTE_GRACE: Duration = Duration::from_secs(5);
+/// A Secondary waits this long after losing its peer before it runs `fence-peer`.
+const SECONDARY_FENCE_DELAY: Duration = Duration::from_secs(3);
 /// How often the lease holder retries a connection the handshake refused.
 const RECONNECT_RETRY: Duration = Duration::from_secs(3);
 /// After a failed promotion or demotion, wait this long before trying again.
@@ -75,6 +77,8 @@ struct Supervisor {
     released: bool,
     /// When the lease holder next retries a refused connection.
     reconnect_at: Option<Instant>,
+    /// Since when the peer is gone (for the Secondary's fencing delay).
+    disconnected_since: Option<Instant>,
 }
 
 /// Runs until the node stops.
@@ -116,6 +120,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         warning,
         released: false,
         reconnect_at: None,
+        disconnected_since: None,
     };
     let shutdown = s.node.shutdown_token();
     loop {
@@ -150,6 +155,7 @@ impl Supervisor {
         let connected = status.connection == ConnState::Connected;
         if connected {
             self.fenced = None;
+            self.disconnected_since = None;
         }
         let permit = self.permit(&status, connected, now).await;
         self.set_gate(status.role, connected, permit, now);
@@ -274,6 +280,12 @@ impl Supervisor {
             return Permit::Granted;
         }
         if let Some(command) = self.ha.fence_peer.clone() {
+            // A Secondary fences only after a delay, so that of two nodes cut apart the Primary
+            // shoots first and both cannot shoot each other.
+            let since = *self.disconnected_since.get_or_insert(now);
+            if status.role != Role::Primary && now.duration_since(since) < SECONDARY_FENCE_DELAY {
+                return Permit::Denied;
+            }
             if self.fenced.is_none() {
                 self.fenced = Some(self.fence(&command, status.disk == DiskState::UpToDate).await);
             }
