@@ -390,3 +390,66 @@ fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
     s.wait_acks(Beta, 20, Duration::from_secs(30));
     s.finish(1);
 }
+
+#[test]
+fn the_chain_runs_on_the_primary_is_monitored_and_moves_after_too_many_failures() {
+    // Two exec services whose state is a file per node; monitors every second; one failure moves.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let service = |name: &str| {
+        format!(
+            "\n[[service]]\nkind = \"exec\"\nname = \"{name}\"\nstart = \"touch {d}/{name}.$RDBD_NODE\"\n\
+             stop = \"rm -f {d}/{name}.$RDBD_NODE\"\nmonitor = \"test -e {d}/{name}.$RDBD_NODE\"\n"
+        )
+    };
+    let ha = format!(
+        "witness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\nmonitor-interval = \"1s\"\nmigration-threshold = 1\n{}{}",
+        service("first"),
+        service("second")
+    );
+    let Some(mut s) = setup_with(&ha, true) else { return };
+    // No NBD clients here: a planned demotion waits for its users to go, which the chain would
+    // stop in a real deployment.
+    for (w, _) in &mut s.writers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let mut events = s.cluster.command(Alpha, &["events"]);
+    let events = events.stdout(Stdio::piped()).spawn().unwrap();
+    // alpha was made Primary by hand: the supervisor hands the role to the chain only when it
+    // promotes itself. A switchover and back puts the chain on alpha.
+    s.cluster.verb_ok(Alpha, &["switchover"]);
+    s.cluster.wait_for(Beta, "running its chain", Duration::from_secs(30), |st| chain_running(st));
+    s.cluster.verb_ok(Beta, &["switchover"]);
+    s.cluster.wait_for(Alpha, "running its chain", Duration::from_secs(30), |st| chain_running(st));
+    assert!(dir.path().join("first.alpha").exists() && dir.path().join("second.alpha").exists());
+    assert!(!dir.path().join("first.beta").exists(), "beta stopped its chain when it handed over");
+    // The first service dies: restarted with what follows it, counted, and, past the
+    // threshold, the resource moves to beta.
+    std::fs::remove_file(dir.path().join("first.alpha")).unwrap();
+    s.cluster.wait_for(Beta, "Primary after alpha's failure", Duration::from_secs(60), |st| {
+        str_at(st, &["role"]) == "Primary" && chain_running(st)
+    });
+    s.cluster
+        .wait_for(Alpha, "Secondary", Duration::from_secs(30), |st| str_at(st, &["role"]) == "Secondary");
+    assert!(!dir.path().join("second.alpha").exists());
+    // `events` reported the services' transitions.
+    let mut events = events;
+    let _ = events.kill();
+    let out = events.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.contains("\"object\":\"service\"")
+            && l.contains("exec:first")
+            && l.contains("\"running\"")),
+        "no service event in:\n{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("exec:first") && l.contains("\"failures\":1")), "{text}");
+    s.finish(0);
+}
+
+fn chain_running(status: &Json) -> bool {
+    let Some(Json::Arr(services)) = status.get("ha").and_then(|h| h.get("services")) else { return false };
+    let states: Vec<&str> = services.iter().filter_map(|s| s.get("state")).map(Json::as_str).collect();
+    states == ["running", "running"]
+}

@@ -86,6 +86,8 @@ pub enum EventObject {
     EndOfExists,
     /// The sync handshake found that both nodes changed the data.
     SplitBrain { peer: String, detail: String },
+    /// A service of the HA chain changed state (`change`).
+    Service { service: String, state: crate::supervisor::services::ServiceState, failures: u32 },
     /// A user handler (`call`), then its exit status (`response`).
     Handler {
         handler: String,

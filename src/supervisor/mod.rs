@@ -79,6 +79,8 @@ struct Supervisor {
     reconnect_at: Option<Instant>,
     /// Since when the peer is gone (for the Secondary's fencing delay).
     disconnected_since: Option<Instant>,
+    /// The chain's states as last published, for `events`.
+    last_services: Vec<ServiceStatus>,
 }
 
 /// Runs until the node stops.
@@ -121,7 +123,9 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         released: false,
         reconnect_at: None,
         disconnected_since: None,
+        last_services: Vec::new(),
     };
+    s.last_services = s.chain.status();
     let shutdown = s.node.shutdown_token();
     loop {
         let changed = async {
@@ -408,7 +412,20 @@ impl Supervisor {
         let _ = std::process::Command::new("/bin/sh").arg("-c").arg(command).status();
     }
 
-    fn publish(&self, permit: Permit) {
+    fn publish(&mut self, permit: Permit) {
+        let services = self.chain.status();
+        for s in &services {
+            let before = self.last_services.iter().find(|b| b.service == s.service);
+            if before.is_none_or(|b| b.state != s.state || b.failures != s.failures) {
+                let object = crate::node::event_stream::EventObject::Service {
+                    service: s.service.clone(),
+                    state: s.state,
+                    failures: s.failures,
+                };
+                self.node.emit_event(crate::node::event_stream::EventKind::Change, object);
+            }
+        }
+        self.last_services = services;
         let (lease_holder, witness_reachable) = match &self.witness {
             Some(w) => {
                 let view = w.view.lock().expect("lease view lock");
