@@ -419,9 +419,9 @@ fn the_chain_runs_on_the_primary_is_monitored_and_moves_after_too_many_failures(
     // alpha was made Primary by hand: the supervisor hands the role to the chain only when it
     // promotes itself. A switchover and back puts the chain on alpha.
     s.cluster.verb_ok(Alpha, &["switchover"]);
-    s.cluster.wait_for(Beta, "running its chain", Duration::from_secs(30), |st| chain_running(st));
+    s.cluster.wait_for(Beta, "running its chain", Duration::from_secs(30), chain_running);
     s.cluster.verb_ok(Beta, &["switchover"]);
-    s.cluster.wait_for(Alpha, "running its chain", Duration::from_secs(30), |st| chain_running(st));
+    s.cluster.wait_for(Alpha, "running its chain", Duration::from_secs(30), chain_running);
     assert!(dir.path().join("first.alpha").exists() && dir.path().join("second.alpha").exists());
     assert!(!dir.path().join("first.beta").exists(), "beta stopped its chain when it handed over");
     // The first service dies: restarted with what follows it, counted, and, past the
