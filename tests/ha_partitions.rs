@@ -344,22 +344,27 @@ fn stonith_script(dir: &Path) -> PathBuf {
     script
 }
 
+/// Where the STONITH script finds the daemons to kill.
+fn write_pids(s: &Setup, dir: &Path) {
+    for node in Node::BOTH {
+        let pid = s.cluster.status(node).field("pid").as_u64();
+        std::fs::write(dir.join(format!("{}.pid", node.name())), pid.to_string()).unwrap();
+    }
+}
+
 #[test]
 fn with_fence_peer_a_cut_link_leaves_the_primary_writing_and_the_secondary_shot() {
     let dir = tempfile::tempdir().unwrap();
     let script = stonith_script(dir.path());
     let Some(mut s) = setup_with(&format!("fence-peer = \"{}\"", script.display()), false) else { return };
-    for node in Node::BOTH {
-        let pid = s.cluster.status(node).field("pid").as_u64();
-        std::fs::write(dir.path().join(format!("{}.pid", node.name())), pid.to_string()).unwrap();
-    }
+    write_pids(&s, dir.path());
     s.wait_acks(Alpha, 20, Duration::from_secs(30));
     s.net.cut(Link::AlphaBeta);
     // Alpha fences at once and goes on; beta, which would wait 3 s first, is shot before.
     s.cluster.wait_exit(Beta, Duration::from_secs(30));
     s.wait_acks(Alpha, 50, Duration::from_secs(30));
     let log = std::fs::read_to_string(dir.path().join("fence.log")).unwrap();
-    assert_eq!(log.trim(), "alpha fences beta", "{log}");
+    assert!(log.lines().all(|l| l == "alpha fences beta") && !log.is_empty(), "{log}");
     assert_eq!(s.acked(Beta), 0);
     s.net.mend(Link::AlphaBeta);
     s.cluster.start(Beta);
@@ -372,10 +377,7 @@ fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let script = stonith_script(dir.path());
     let Some(mut s) = setup_with(&format!("fence-peer = \"{}\"", script.display()), false) else { return };
-    for node in Node::BOTH {
-        let pid = s.cluster.status(node).field("pid").as_u64();
-        std::fs::write(dir.path().join(format!("{}.pid", node.name())), pid.to_string()).unwrap();
-    }
+    write_pids(&s, dir.path());
     s.wait_acks(Alpha, 20, Duration::from_secs(30));
     let killed = Instant::now();
     s.cluster.kill(Alpha);
@@ -384,8 +386,9 @@ fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
         "beta took over {:.1} s after the kill (3 s of it the Secondary's fencing delay)",
         killed.elapsed().as_secs_f64()
     );
+    // (More than once if the link also looked dead earlier, under load: always beta, though.)
     let log = std::fs::read_to_string(dir.path().join("fence.log")).unwrap();
-    assert_eq!(log.trim(), "beta fences alpha", "{log}");
+    assert!(log.lines().all(|l| l == "beta fences alpha") && !log.is_empty(), "{log}");
     s.cluster.start(Alpha);
     s.wait_acks(Beta, 20, Duration::from_secs(30));
     s.finish(1);

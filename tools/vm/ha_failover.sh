@@ -101,7 +101,7 @@ for _ in $(seq 50); do [ -b /dev/nbd1 ] && break; sleep 0.1; done
 nodes_init
 node_create alpha "$ALPHA" /dev/nbd0
 node_create beta "$BETA" /dev/nbd1
-witness_create witness "$WITNESS"
+host_create witness "$WITNESS" # the witness needs only a network namespace
 # A longer lease than the default 2 s: the test tears down the "dead" node's kernel state (a real
 # power-off does that at once) before the survivor may take over.
 nsenter --net=/run/netns/witness "$RDBD" witness --listen "$WITNESS:7788" --lease 6s \

@@ -46,15 +46,21 @@ nodes_init() {
   ip link set lo up
 }
 
-# node_create NAME IP NBD_DEVICE: a node at IP on the bridge, whose LVM sees only NBD_DEVICE.
-node_create() {
-  local name=$1 ip=$2 dev=$3
+# host_create NAME IP: a network namespace at IP on the bridge (its eth0).
+host_create() {
+  local name=$1 ip=$2
   ip netns add "$name"
   ip link add "veth-$name" type veth peer name eth0 netns "$name"
   ip link set "veth-$name" master br0 up
   ip -n "$name" addr add "$ip/24" dev eth0
   ip -n "$name" link set eth0 up
   ip -n "$name" link set lo up
+}
+
+# node_create NAME IP NBD_DEVICE: a node at IP on the bridge, whose LVM sees only NBD_DEVICE.
+node_create() {
+  local name=$1 ip=$2 dev=$3
+  host_create "$name" "$ip"
   touch "$NODES_DIR/$name.mnt"
   # The node's /run is $NODES_DIR/NAME.run of the root namespace, where its logs can be read.
   mkdir -p "$NODES_DIR/$name.run"
@@ -76,17 +82,6 @@ global { use_lvmpolld = 0 event_activation = 0 }
 backup { backup = 0 archive = 0 }
 EOF
   ' "$name" "$dev" "$NODES_DIR/$name.run"
-}
-
-# witness_create NAME IP: a host with only a network namespace (the quorum witness).
-witness_create() {
-  local name=$1 ip=$2
-  ip netns add "$name"
-  ip link add "veth-$name" type veth peer name eth0 netns "$name"
-  ip link set "veth-$name" master br0 up
-  ip -n "$name" addr add "$ip/24" dev eth0
-  ip -n "$name" link set eth0 up
-  ip -n "$name" link set lo up
 }
 
 # Cuts NODE off the network (both its peer and the client), as a pulled cable would, and mends it.
