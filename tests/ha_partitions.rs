@@ -29,6 +29,8 @@ struct Setup {
     stop_file: PathBuf,
     // Last: the namespaces outlive every process in them.
     net: Net,
+    /// One scenario at a time: these are about timing, and a loaded machine delays pings.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Drop for Setup {
@@ -59,9 +61,11 @@ fn setup(extra_ha: &str) -> Option<Setup> {
 /// Namespaces and an HA pair with `ha` in its [ha] table, alpha Primary; with `witness`, the
 /// witness runs and alpha holds its lease.
 fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !have_python_nbd() || !have_tool("nsenter") {
         return None;
     }
+    let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let net = Net::create()?;
     let ha = format!("[ha]\n{ha}\n");
     let mut cluster = Cluster::new(Options {
@@ -93,7 +97,7 @@ fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
         });
     }
     let stop_file = cluster.dir.path().join("stop-writers");
-    let mut setup = Setup { cluster, witness, writers: Vec::new(), stop_file, net };
+    let mut setup = Setup { cluster, witness, writers: Vec::new(), stop_file, net, _serial: serial };
     for node in Node::BOTH {
         let log = setup.cluster.dir.path().join(format!("writer-{}.log", node.name()));
         let ns = if node == Alpha { &setup.net.alpha } else { &setup.net.beta };

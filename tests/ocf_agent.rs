@@ -14,6 +14,18 @@ use common::*;
 
 const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/ocf/rdbd");
 
+/// ocf-tester runs the agent's meta-data as user nobody too, who may not be able to reach it
+/// inside the checkout: a copy in a directory anyone can enter, as /usr/lib/ocf would be.
+fn installed_agent() -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = dir.path().join("rdbd");
+    std::fs::copy(AGENT, &agent).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, agent)
+}
+
 fn agent_env(cluster: &Cluster, cmd: &mut Command) {
     cmd.env("RDBD_BIN", rdbd_bin())
         .env("OCF_ROOT", "/usr/lib/ocf")
@@ -40,6 +52,7 @@ fn ocf_tester_passes_the_agent_on_a_real_node() {
     cluster.down(Alpha);
 
     let info = cluster.info(Alpha);
+    let (_agent_dir, agent) = installed_agent();
     let out = output_within(
         Command::new("ocf-tester")
             .args(["-n", "rdbd-test", "-o", "resource=r0", "-o", "node=alpha"])
@@ -47,7 +60,7 @@ fn ocf_tester_passes_the_agent_on_a_real_node() {
             .arg(format!("config_dir={}", info.config_dir.display()))
             .arg("-o")
             .arg(format!("run_dir={}", cluster.run_dir.display()))
-            .arg(AGENT)
+            .arg(&agent)
             .env("RDBD_BIN", rdbd_bin()),
         Duration::from_secs(300),
     );
@@ -55,10 +68,18 @@ fn ocf_tester_passes_the_agent_on_a_real_node() {
     assert!(out.status.success() && text.contains("passed all tests"), "ocf-tester:\n{text}");
     assert!(!cluster.is_running(Alpha));
 
-    // monitor on the stopped node says "not running" (7).
+    // monitor on the stopped node says "not running" (7), also with the binary found on PATH
+    // under its plain name, as on a real host.
     let mut cmd = Command::new(AGENT);
     cmd.arg("monitor");
     agent_env(&cluster, &mut cmd);
+    assert_eq!(output_within(&mut cmd, Duration::from_secs(30)).status.code(), Some(7));
+    let bin_dir = std::path::Path::new(rdbd_bin()).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = Command::new(AGENT);
+    cmd.arg("monitor");
+    agent_env(&cluster, &mut cmd);
+    cmd.env_remove("RDBD_BIN").env("PATH", path);
     assert_eq!(output_within(&mut cmd, Duration::from_secs(30)).status.code(), Some(7));
 }
 
