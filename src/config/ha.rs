@@ -185,14 +185,7 @@ pub(super) struct RawService {
 }
 
 fn text(src: &Source, value: Spanned<String>, key: &str) -> Result<String, ConfigError> {
-    let t = value.get_ref();
-    if t.trim().is_empty() {
-        return Err(src.invalid(&value.span(), key, "empty"));
-    }
-    if t.contains('\0') {
-        return Err(src.invalid(&value.span(), key, "contains a NUL character"));
-    }
-    Ok(value.into_inner())
+    super::raw::text(src, value, key, "give a value or remove the key")
 }
 
 pub(super) fn build_ha(

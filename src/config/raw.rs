@@ -642,19 +642,28 @@ fn format_size_or_zero(bytes: u64) -> String {
     }
 }
 
+/// A text key that must say something: not blank, and without a NUL byte (exec cannot pass
+/// one; refusing it here beats a failure at the worst moment). `blank` says what to do instead.
+pub(super) fn text(
+    src: &Source,
+    value: Spanned<String>,
+    key: &str,
+    blank: &str,
+) -> Result<String, ConfigError> {
+    let t = value.get_ref();
+    if t.trim().is_empty() {
+        return Err(src.invalid(&value.span(), key, format!("empty; {blank}")));
+    }
+    if t.contains('\0') {
+        return Err(src.invalid(&value.span(), key, "contains a NUL character"));
+    }
+    Ok(value.into_inner())
+}
+
 fn build_handlers(src: &Source, raw: Option<RawHandlers>) -> Result<HandlersConfig, ConfigError> {
     let Some(raw) = raw else { return Ok(HandlersConfig::default()) };
     let command = |value: Option<Spanned<String>>, key: &str| -> Result<Option<String>, ConfigError> {
-        let Some(value) = value else { return Ok(None) };
-        let text = value.get_ref();
-        if text.trim().is_empty() {
-            return Err(src.invalid(&value.span(), key, "empty; remove the key to run nothing"));
-        }
-        // exec cannot pass a NUL byte; refusing it here beats a failure at the worst moment.
-        if text.contains('\0') {
-            return Err(src.invalid(&value.span(), key, "contains a NUL character"));
-        }
-        Ok(Some(value.into_inner()))
+        value.map(|v| text(src, v, key, "remove the key to run nothing")).transpose()
     };
     Ok(HandlersConfig {
         split_brain: command(raw.split_brain, "handlers.split-brain")?,

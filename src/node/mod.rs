@@ -458,7 +458,7 @@ impl Node {
             return Ok(());
         }
         self.device.alone_gate().deny(true);
-        self.device.wake_queues();
+        self.device.wake_parked();
         self.stop_nbd().await;
         self.state().role = Role::Secondary;
         self.persist(|sb| sb.set(flags::PRIMARY, false))?;

@@ -17,7 +17,7 @@ use slab::Slab;
 
 use super::alone_gate::{AloneGate, AloneVerdict};
 use super::link::framed::{FrameWriter, Framed};
-use super::peer::{Inbox, LinkOptions, MarkOutOfSync, PeerLink, PeerOutcome, ResyncReply};
+use super::peer::{Inbox, LinkLoss, LinkOptions, PeerLink, PeerOutcome, ResyncReply};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
@@ -78,7 +78,7 @@ impl ReplicatedDevice {
         })
     }
 
-    /// The gate for writes the peer does not have; after opening it, [`ReplicatedDevice::wake_queues`].
+    /// The gate for writes the peer does not have; after opening it, [`ReplicatedDevice::wake_parked`].
     pub fn alone_gate(&self) -> &AloneGate {
         &self.alone
     }
@@ -92,11 +92,6 @@ impl ReplicatedDevice {
         }
         self.alone.open_while_connected(epoch);
         true
-    }
-
-    /// Has every queue look again at what it holds (the alone gate changed).
-    pub fn wake_queues(&self) {
-        self.wake_parked();
     }
 
     /// Whether the application submitted a request, on any queue, since the last call.
@@ -156,7 +151,9 @@ impl ReplicatedDevice {
         self.wake_parked();
     }
 
-    fn wake_parked(&self) {
+    /// Has every queue with parked or frozen requests look at them again (a range was
+    /// released, a hold ended, or the alone gate changed).
+    pub fn wake_parked(&self) {
         for waker in std::mem::take(&mut *self.parked_wakers.lock().expect("wakers lock")) {
             waker.wake();
         }
@@ -224,13 +221,16 @@ impl ReplicatedDevice {
     /// unstable writes out of sync only after it stopped being alive: seen alive there, any
     /// such write was among the unstable ranges read before, or starts after and logs again.
     pub fn retire_idle_extents(&self, mark: u64) -> Result<usize, crate::metadata::store::MetaError> {
-        let candidates = self.with_tracking(|t| t.activity.as_ref().map(|(log, _)| log.unused_since(mark)));
-        let Some(candidates) = candidates.filter(|c| !c.is_empty()) else { return Ok(0) };
+        let any =
+            self.with_tracking(|t| t.activity.as_ref().is_some_and(|(log, _)| log.any_unused_since(mark)));
+        if !any {
+            return Ok(0);
+        }
         let Some(peer) = self.peer() else { return Ok(0) };
         let mut unstable: Vec<u32> =
             peer.unstable_ranges().into_iter().flat_map(|(s, e)| extents_of(s, e - s)).collect();
         unstable.sort_unstable();
-        let retire = |e: u32| candidates.contains(&e) && unstable.binary_search(&e).is_err();
+        let retire = |e: u32| unstable.binary_search(&e).is_err();
         let mut t = self.tracking.lock().expect("tracking lock");
         let Tracking { bitmap, activity } = &mut *t;
         let Some((log, meta)) = activity else { return Ok(0) };
@@ -270,16 +270,8 @@ impl ReplicatedDevice {
         options: LinkOptions,
         resync_replies: Option<tokio::sync::mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<PeerLink> {
-        let device = Arc::downgrade(self);
-        let mark: MarkOutOfSync = Arc::new(move |ranges: &[(u64, u64)]| {
-            if let Some(device) = device.upgrade() {
-                device.alone.peer_lost();
-                for &range in ranges {
-                    device.mark_out_of_sync(range);
-                }
-            }
-        });
-        let link = PeerLink::start(data, meta, options, mark, resync_replies);
+        let loss = Arc::new(DeviceLinkLoss(Arc::downgrade(self)));
+        let link = PeerLink::start(data, meta, options, loss, resync_replies);
         *self.peer.write().expect("peer lock") = Some(link.clone());
         link
     }
@@ -391,6 +383,26 @@ impl BlockDevice for ReplicatedDevice {
 
     fn splice_write(&self, _from: BorrowedFd<'_>, _offset: u64, _len: usize) -> Result<usize, IoError> {
         Err(IoError::NotSupported)
+    }
+}
+
+/// A link's death as the device takes it: the alone gate closes first, then what the peer may
+/// lack is marked out of sync.
+struct DeviceLinkLoss(std::sync::Weak<ReplicatedDevice>);
+
+impl LinkLoss for DeviceLinkLoss {
+    fn dying(&self) {
+        if let Some(device) = self.0.upgrade() {
+            device.alone.peer_lost();
+        }
+    }
+
+    fn lost(&self, ranges: &[(u64, u64)]) {
+        if let Some(device) = self.0.upgrade() {
+            for &range in ranges {
+                device.mark_out_of_sync(range);
+            }
+        }
     }
 }
 
@@ -586,7 +598,7 @@ impl IoQueue for ReplicatedQueue {
             out.push(Completion { tag: op.tag, result, buf: op.buf });
         }
         if !self.frozen.is_empty() {
-            // Woken when the gate changes (wake_queues).
+            // Woken when the gate changes (wake_parked).
             let mut wakers = self.device.parked_wakers.lock().expect("wakers lock");
             if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
                 wakers.push(cx.waker().clone());

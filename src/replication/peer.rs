@@ -93,8 +93,13 @@ pub enum ResyncReply {
     Failed { offset: u64, len: u32, errno: u32 },
 }
 
-/// Marks byte ranges out of sync (the replicated device's bitmap).
-pub type MarkOutOfSync = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
+/// What the replicated device hears of a link's death.
+pub trait LinkLoss: Send + Sync {
+    /// The link is dying: called before any write can be seen lost or start without a peer.
+    fn dying(&self);
+    /// These byte ranges may be missing on the peer (sent, not yet stable there).
+    fn lost(&self, ranges: &[(u64, u64)]);
+}
 
 /// Capacity the sender keeps in its buffer between bursts.
 const SEND_BUFFER_KEEP: usize = 4 << 20;
@@ -134,7 +139,7 @@ pub struct PeerLink {
     ledger: Mutex<Ledger>,
     /// Wakes the sender task when frames are queued.
     queued: tokio::sync::Notify,
-    mark_out_of_sync: MarkOutOfSync,
+    loss: Arc<dyn LinkLoss>,
     /// Cleared (before the ledger is emptied) when the link dies.
     alive: AtomicBool,
     protocol: Protocol,
@@ -152,7 +157,7 @@ impl PeerLink {
         data: FrameWriter,
         meta: Framed,
         options: LinkOptions,
-        mark_out_of_sync: MarkOutOfSync,
+        loss: Arc<dyn LinkLoss>,
         resync_replies: Option<mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
@@ -166,7 +171,7 @@ impl PeerLink {
                 auto_flush: None,
             }),
             queued: tokio::sync::Notify::new(),
-            mark_out_of_sync,
+            loss,
             alive: AtomicBool::new(true),
             protocol,
             integrity,
@@ -351,9 +356,7 @@ impl PeerLink {
 
     /// Marks the link dead and reports every outstanding request lost.
     fn fail_all(&self) {
-        // First of all (an empty report): the device closes its alone gate before any write
-        // can be seen lost or start without a peer.
-        (self.mark_out_of_sync)(&[]);
+        self.loss.dying();
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
         let (unstable, waiting) = {
@@ -361,7 +364,7 @@ impl PeerLink {
             (std::mem::take(&mut ledger.unstable), std::mem::take(&mut ledger.waiting))
         };
         if !unstable.is_empty() {
-            (self.mark_out_of_sync)(&unstable.into_values().collect::<Vec<_>>());
+            self.loss.lost(&unstable.into_values().collect::<Vec<_>>());
         }
         for w in waiting.into_values() {
             w.inbox.deliver(w.key, PeerOutcome::Lost);

@@ -54,11 +54,6 @@ impl LeaseView {
         self.until.is_some_and(|u| now < u)
     }
 
-    /// When the lease runs out here, if one is held.
-    pub fn until(&self) -> Option<Instant> {
-        self.until
-    }
-
     /// Until when this node may write without its peer (its peer is outdated at the witness),
     /// and for which disconnection (link epoch).
     pub fn alone_until(&self) -> Option<(Instant, u64)> {

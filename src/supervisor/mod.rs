@@ -162,7 +162,7 @@ impl Supervisor {
             self.disconnected_since = None;
         }
         let permit = self.permit(&status, connected, now).await;
-        self.set_gate(status.role, connected, permit, now);
+        self.set_gate(status.role, connected, permit);
         let both_ready = connected
             && status.role == Role::Secondary
             && status.peer.role == Role::Secondary
@@ -327,7 +327,7 @@ impl Supervisor {
     }
 
     /// Writes the peer lacks are answered only while this node may write without it.
-    fn set_gate(&self, role: Role, connected: bool, permit: Permit, now: Instant) {
+    fn set_gate(&self, role: Role, connected: bool, permit: Permit) {
         let gate = self.node.device().alone_gate();
         let fail = self.ha.on_quorum_loss == OnQuorumLoss::FailIo;
         let before = gate.verdict();
@@ -355,9 +355,8 @@ impl Supervisor {
             if role == Role::Primary && !connected {
                 info!(?before, ?after, "writes without the peer: gate changed");
             }
-            self.node.device().wake_queues();
+            self.node.device().wake_parked();
         }
-        let _ = now;
     }
 
     async fn promote(&mut self) {

@@ -97,7 +97,7 @@ pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShar
                     // starting services for longer than the lease lasts.
                     if let Some((until, epoch)) = view.alone_until().filter(|_| !view.outdated) {
                         node.device().alone_gate().allow_until(until, epoch, fail_io);
-                        node.device().wake_queues();
+                        node.device().wake_parked();
                     }
                     let changed =
                         view.holder != before.holder || view.outdated != before.outdated || verdict.granted;

@@ -14,9 +14,6 @@
 #   4. An online verify finds 0 blocks out of sync; `down` stops the chain before detaching.
 set -Eeuo pipefail
 
-: "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
-grep -q virtme /proc/cmdline || { echo "ha_failover.sh runs inside the VM: tools/vm/run.sh $0" >&2; exit 2; }
-
 # shellcheck source=tools/vm/lib.sh
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=tools/vm/nodes.sh
@@ -32,11 +29,7 @@ export RDBD_CONFIG_DIR="$WORK/etc" RDBD_RUN_DIR=/run/rdbd RDBD_WITNESS_SECRET=vm
 LOGS="$NODES_DIR/alpha.run/rdbd/r0.alpha.log $NODES_DIR/beta.run/rdbd/r0.beta.log $WORK/witness.log"
 trap on_error ERR
 cleanup() {
-  umount -f -l "$CLIENT_MNT" 2>/dev/null || true
-  for n in alpha beta; do
-    [ -e "$NODES_DIR/$n.mnt" ] || continue
-    on "$n" "$RDBD" down r0 --node "$n" >/dev/null 2>&1 || true
-  done
+  nodes_down
   [ -n "${witness_pid:-}" ] && kill "$witness_pid" 2>/dev/null || true
 }
 trap cleanup EXIT

@@ -9,9 +9,6 @@
 # attaches with the ioctl interface (the fallback where the netlink family is missing).
 set -Eeuo pipefail
 
-: "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
-grep -q virtme /proc/cmdline || { echo "kernel_attach.sh runs inside the VM: tools/vm/run.sh $0" >&2; exit 2; }
-
 # shellcheck source=tools/vm/lib.sh
 source "$(dirname "$0")/lib.sh"
 # Control sockets cannot live on the 9p-shared work directory: the guest's own /run holds them.

@@ -2,6 +2,11 @@
 # their output, and a failure report naming the step with the daemons' logs and the kernel's.
 # A scenario sets LOGS (files whose tails a failure shows) and calls `trap on_error ERR`.
 
+# Only inside the VM, through run.sh: modprobe, mkfs and nbd-client -d are not for the
+# developer's machine.
+: "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
+grep -q virtme /proc/cmdline || { echo "$(basename "$0") runs inside the VM: tools/vm/run.sh $0" >&2; exit 2; }
+
 t0=$EPOCHREALTIME
 current="start"
 

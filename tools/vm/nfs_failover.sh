@@ -15,9 +15,6 @@
 # the extents written last plus beta's changes, not every extent mkfs touched.
 set -Eeuo pipefail
 
-: "${RDBD:?run through tools/vm/run.sh}" "${WORK:?run through tools/vm/run.sh}"
-grep -q virtme /proc/cmdline || { echo "nfs_failover.sh runs inside the VM: tools/vm/run.sh $0" >&2; exit 2; }
-
 # shellcheck source=tools/vm/lib.sh
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=tools/vm/nodes.sh
@@ -32,14 +29,7 @@ DISK_SIZE=640M
 export RDBD_CONFIG_DIR="$WORK/etc" RDBD_RUN_DIR=/run/rdbd
 LOGS="$NODES_DIR/alpha.run/rdbd/r0.alpha.log $NODES_DIR/beta.run/rdbd/r0.beta.log"
 trap on_error ERR
-cleanup() {
-  umount -f -l "$CLIENT_MNT" 2>/dev/null || true
-  for n in alpha beta; do
-    [ -e "$NODES_DIR/$n.mnt" ] || continue
-    on "$n" "$RDBD" down r0 --node "$n" >/dev/null 2>&1 || true
-  done
-}
-trap cleanup EXIT
+trap nodes_down EXIT
 
 resynced_mib() { echo $(($(status_field "$1" "['last_resync_bytes']") >> 20)); }
 

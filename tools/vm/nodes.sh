@@ -84,6 +84,16 @@ EOF
   ' "$name" "$dev" "$NODES_DIR/$name.run"
 }
 
+# At the end of a scenario, whatever happened: the client's mount gone, both daemons down.
+nodes_down() {
+  umount -f -l /mnt 2>/dev/null || true
+  local n
+  for n in alpha beta; do
+    [ -e "$NODES_DIR/$n.mnt" ] || continue
+    on "$n" "$RDBD" down r0 --node "$n" >/dev/null 2>&1 || true
+  done
+}
+
 # Cuts NODE off the network (both its peer and the client), as a pulled cable would, and mends it.
 link_cut() { ip link set "veth-$1" down; }
 link_mend() { ip link set "veth-$1" up; }
