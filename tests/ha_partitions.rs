@@ -15,7 +15,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::{str_at, Alpha, Beta, Cluster, Node, Options, Placement, MIB};
-use common::netns::{Link, Net, ALPHA_IP, BETA_IP, WITNESS_IP};
+use common::netns::{Link, Net, ALPHA_HEARTBEAT, ALPHA_IP, BETA_HEARTBEAT, BETA_IP, WITNESS_IP};
 use common::*;
 
 const WRITER_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ha/writer.py");
@@ -61,6 +61,11 @@ fn setup(extra_ha: &str) -> Option<Setup> {
 /// Namespaces and an HA pair with `ha` in its [ha] table, alpha Primary; with `witness`, the
 /// witness runs and alpha holds its lease.
 fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
+    setup_paths(ha, witness, false)
+}
+
+/// As [`setup_with`]; with `heartbeat`, the nodes also talk over the second path.
+fn setup_paths(ha: &str, witness: bool, heartbeat: bool) -> Option<Setup> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !have_python_nbd() || !have_tool("nsenter") {
         return None;
@@ -75,6 +80,7 @@ fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
         placement: Some(Placement {
             netns: [net.alpha.clone(), net.beta.clone()],
             ip: [ALPHA_IP.into(), BETA_IP.into()],
+            heartbeat: heartbeat.then(|| [ALPHA_HEARTBEAT.into(), BETA_HEARTBEAT.into()]),
         }),
         ..Options::default()
     });
@@ -396,6 +402,114 @@ fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
     s.cluster.start(Alpha);
     s.wait_acks(Beta, 20, Duration::from_secs(30));
     s.finish(1);
+}
+
+fn fence_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("fence.log")).unwrap_or_default()
+}
+
+/// A flag of the heartbeat path in a node's status (false when there is none).
+fn heartbeat_flag(status: &Json, flag: &str) -> bool {
+    status
+        .get("ha")
+        .and_then(|h| h.get("heartbeat"))
+        .and_then(|h| h.get(flag))
+        .is_some_and(|v| *v == Json::Bool(true))
+}
+
+fn disk(cluster: &Cluster, node: Node) -> String {
+    cluster.try_status(node).map(|s| str_at(&s, &["disk"]).to_string()).unwrap_or_default()
+}
+
+#[test]
+fn with_a_second_heartbeat_path_a_cut_link_outdates_the_secondary_instead_of_shooting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = stonith_script(dir.path());
+    let Some(s) = setup_paths(&format!("fence-peer = \"{}\"", script.display()), false, true) else {
+        return;
+    };
+    write_pids(&s, dir.path());
+    s.cluster.wait_for(Beta, "hearing alpha on the heartbeat path", Duration::from_secs(10), |st| {
+        heartbeat_flag(st, "peer_alive")
+    });
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    // Alpha has beta outdate itself over the second path and writes on; nobody is shot.
+    s.cluster.wait_for(Beta, "outdated by alpha", Duration::from_secs(15), |st| {
+        str_at(st, &["disk"]) == "Outdated"
+    });
+    s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    let status = s.cluster.try_status(Alpha).unwrap();
+    assert!(heartbeat_flag(&status, "peer_outdated"), "{status:?}");
+    // Past beta's fencing delay, and with the second path cut too: an Outdated Secondary
+    // neither fences nor promotes.
+    std::thread::sleep(Duration::from_secs(4));
+    s.net.cut(Link::Heartbeat);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(fence_log(dir.path()), "", "a live peer was fenced");
+    assert_eq!(role(&s.cluster, Beta), "Secondary");
+    assert_eq!(disk(&s.cluster, Beta), "Outdated");
+    assert_eq!(s.acked(Beta), 0);
+    s.net.mend(Link::AlphaBeta);
+    s.net.mend(Link::Heartbeat);
+    s.cluster.wait_for(Beta, "resynced and UpToDate", Duration::from_secs(60), |st| {
+        str_at(st, &["disk"]) == "UpToDate" && str_at(st, &["replication"]) == "Established"
+    });
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.finish(0);
+}
+
+#[test]
+fn with_a_second_heartbeat_path_a_killed_primary_is_still_fenced_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = stonith_script(dir.path());
+    let Some(mut s) = setup_paths(&format!("fence-peer = \"{}\"", script.display()), false, true) else {
+        return;
+    };
+    write_pids(&s, dir.path());
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.cluster.kill(Alpha);
+    // The second path falls silent with the daemon: beta fences and takes over.
+    s.wait_acks(Beta, 1, Duration::from_secs(30));
+    let log = fence_log(dir.path());
+    assert!(log.lines().all(|l| l == "beta fences alpha") && !log.is_empty(), "{log}");
+    s.cluster.start(Alpha);
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.finish(1);
+}
+
+#[test]
+fn with_a_second_heartbeat_path_no_quorum_policy_ignore_does_not_split_the_brain_on_a_cut_link() {
+    let Some(s) = setup_paths("no-quorum-policy = \"ignore\"", false, true) else { return };
+    s.cluster.wait_for(Beta, "hearing alpha on the heartbeat path", Duration::from_secs(10), |st| {
+        heartbeat_flag(st, "peer_alive")
+    });
+    // Garbage and datagrams under another secret, at beta's heartbeat port, change nothing.
+    let (host, port) = BETA_HEARTBEAT.rsplit_once(':').unwrap();
+    let spray = format!(
+        "import os, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for n in range(300):\n    s.sendto(os.urandom(n % 400), ('{host}', {port}))\n\
+         s.sendto(b'RDBH\\x01\\x02' + bytes(200), ('{host}', {port}))\n"
+    );
+    let sent = Net::command(&s.net.alpha, SYSTEM_PYTHON).args(["-c", &spray]).status().unwrap();
+    assert!(sent.success());
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    let status = s.cluster.try_status(Beta).expect("beta still answers");
+    assert!(heartbeat_flag(&status, "peer_alive") && str_at(&status, &["disk"]) == "UpToDate", "{status:?}");
+    let log = std::fs::read_to_string(&s.cluster.info(Beta).log).unwrap();
+    assert!(log.contains("heartbeat datagram dropped"), "beta did not report the garbage");
+    s.net.cut(Link::AlphaBeta);
+    // Without the second path beta would take the link's silence for a dead peer and promote.
+    s.cluster.wait_for(Beta, "outdated by alpha", Duration::from_secs(15), |st| {
+        str_at(st, &["disk"]) == "Outdated"
+    });
+    s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(role(&s.cluster, Beta), "Secondary");
+    assert_eq!(s.acked(Beta), 0);
+    s.net.mend(Link::AlphaBeta);
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.finish(0);
 }
 
 #[test]

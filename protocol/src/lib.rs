@@ -4,10 +4,12 @@
 //!   Linux kernel, qemu, libnbd and fio.
 //! - [`repl`]: the replication link between two rdbd nodes, specified in `SPEC.md`.
 //! - [`witness`]: what a node and the quorum witness (`rdbd witness`) say to each other.
+//! - [`heartbeat`]: the signed UDP datagrams of the second heartbeat path between two nodes.
 //!
 //! Every decoder takes untrusted bytes and returns a typed error instead of panicking; no decoder
 //! allocates based on a length field it has not checked against a limit.
 
+pub mod heartbeat;
 pub mod nbd;
 pub mod repl;
 mod wire;

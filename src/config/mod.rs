@@ -383,6 +383,9 @@ pub struct NodeConfig {
     pub nbd_listen: Option<String>,
     /// Optional kernel NBD device to attach on the primary.
     pub nbd_device: Option<NbdDevice>,
+    /// Optional `host:port` of the second heartbeat path (UDP, another address pair than the
+    /// replication link), so that one broken interconnect is not taken for a dead peer.
+    pub heartbeat_address: Option<String>,
 }
 
 /// Where the metadata (superblock, activity log, bitmap) lives.
@@ -575,6 +578,9 @@ impl ResourceConfig {
                     writeln!(out, "nbd-device = {}", quote(&path.to_string_lossy()))?
                 }
                 None => {}
+            }
+            if let Some(heartbeat) = &node.heartbeat_address {
+                writeln!(out, "heartbeat-address = {}", quote(heartbeat))?;
             }
         }
         Ok(())

@@ -84,6 +84,7 @@ struct RawNode {
     meta_disk: Option<Spanned<String>>,
     nbd_listen: Option<Spanned<String>>,
     nbd_device: Option<Spanned<String>>,
+    heartbeat_address: Option<Spanned<String>>,
 }
 
 /// A size written as a string with a unit ("4KiB") or as a plain number of bytes.
@@ -247,11 +248,24 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
     let (mut net, discard_node_span) = build_net(src, raw.net)?;
     let disk = build_disk(src, raw.disk)?;
     let handlers = build_handlers(src, raw.handlers)?;
-    let nodes = build_nodes(src, raw.node)?;
+    let (nodes, heartbeat_span) = build_nodes(src, raw.node)?;
     if let (AfterSb0Pri::DiscardNode(victim), Some(span)) = (&net.after_sb_0pri, discard_node_span) {
         check_discard_node(src, &span, victim, &nodes)?;
     }
     let ha = super::ha::build_ha(src, raw.ha, raw.service, &nodes)?;
+    if let Some(span) = heartbeat_span {
+        // Only the supervisor listens, and a datagram that makes a node outdate itself must be signed.
+        let problem = if ha.is_none() {
+            Some("needs an [ha] table: the HA supervisor runs the second heartbeat path")
+        } else if net.shared_secret.is_none() {
+            Some("needs net.shared-secret: heartbeats are signed with it")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(src.invalid(&span, "node[0].heartbeat-address", problem));
+        }
+    }
     if ha.is_some() && !ping_interval_given {
         // A supervisor takes over on a dead link: it must notice within seconds, not tens.
         net.ping_interval = super::ha::HA_PING_INTERVAL;
@@ -676,7 +690,7 @@ fn build_handlers(src: &Source, raw: Option<RawHandlers>) -> Result<HandlersConf
 fn build_nodes(
     src: &Source,
     raw: Option<Spanned<Vec<Spanned<RawNode>>>>,
-) -> Result<[NodeConfig; 2], ConfigError> {
+) -> Result<([NodeConfig; 2], Option<Range<usize>>), ConfigError> {
     const HOW: &str = "a resource has exactly two [[node]] tables";
     let Some(raw) = raw else {
         return Err(src.missing(&(0..0), "node".to_string(), HOW));
@@ -688,27 +702,53 @@ fn build_nodes(
             let span = list.get(2).map_or(list_span, |n| n.span());
             src.invalid(&span, "node", format!("{HOW}, found {}", list.len()))
         })?;
-    let (a, _, _) = build_node(src, 0, first)?;
-    let (b, name_span, address_span) = build_node(src, 1, second)?;
+    let (a, a_spans) = build_node(src, 0, first)?;
+    let (b, b_spans) = build_node(src, 1, second)?;
     if a.name == b.name {
-        return Err(src.invalid(&name_span, "node[1].name", format!("both nodes are named {:?}", a.name)));
+        return Err(src.invalid(&b_spans.name, "node[1].name", format!("both nodes are named {:?}", a.name)));
     }
     if a.address == b.address {
         return Err(src.invalid(
-            &address_span,
+            &b_spans.address,
             "node[1].address",
             format!("both nodes have the address {:?}", a.address),
         ));
     }
-    Ok([a, b])
+    // The second path joins both nodes, or it is not there.
+    match (&a_spans.heartbeat, &b_spans.heartbeat) {
+        (Some(_), None) => {
+            return Err(src.missing(&b_spans.node, "node[1].heartbeat-address".into(), "node[0] has one"))
+        }
+        (None, Some(_)) => {
+            return Err(src.missing(&a_spans.node, "node[0].heartbeat-address".into(), "node[1] has one"))
+        }
+        _ => {}
+    }
+    if a.heartbeat_address.is_some() && a.heartbeat_address == b.heartbeat_address {
+        let span = b_spans.heartbeat.clone().unwrap_or(b_spans.node);
+        return Err(src.invalid(
+            &span,
+            "node[1].heartbeat-address",
+            "both nodes have the same heartbeat address",
+        ));
+    }
+    Ok(([a, b], a_spans.heartbeat))
 }
 
-/// One node, and the spans of its name and address for the cross-node checks.
+/// Where a node's table and some of its keys are, for the checks across nodes.
+struct NodeSpans {
+    node: Range<usize>,
+    name: Range<usize>,
+    address: Range<usize>,
+    heartbeat: Option<Range<usize>>,
+}
+
+/// One node, and where its keys are for the cross-node checks.
 fn build_node(
     src: &Source,
     index: usize,
     raw: Spanned<RawNode>,
-) -> Result<(NodeConfig, Range<usize>, Range<usize>), ConfigError> {
+) -> Result<(NodeConfig, NodeSpans), ConfigError> {
     let node_span = raw.span();
     let raw = raw.into_inner();
     let key = |field: &str| format!("node[{index}].{field}");
@@ -768,6 +808,24 @@ fn build_node(
         Some(dev) if dev.get_ref() == "auto" => Some(NbdDevice::Auto),
         Some(dev) => Some(NbdDevice::Path(absolute_path(src, &dev, &key("nbd-device"))?)),
     };
+    let heartbeat_address = match raw.heartbeat_address {
+        None => None,
+        Some(hb) => {
+            let problem = host_port_problem(hb.get_ref()).map(str::to_string).or_else(|| {
+                (hb.get_ref() == address.get_ref())
+                    .then(|| "is the replication address; the second path needs another one".to_string())
+            });
+            if let Some(problem) = problem {
+                return Err(src.invalid(
+                    &hb.span(),
+                    key("heartbeat-address"),
+                    format!("{:?}: {problem}", hb.get_ref()),
+                ));
+            }
+            Some(hb)
+        }
+    };
+    let heartbeat_span = heartbeat_address.as_ref().map(|h| h.span());
     let config = NodeConfig {
         name: name.into_inner(),
         address: address.into_inner(),
@@ -775,8 +833,12 @@ fn build_node(
         meta_disk,
         nbd_listen,
         nbd_device,
+        heartbeat_address: heartbeat_address.map(Spanned::into_inner),
     };
-    Ok((config, name_span, address_span))
+    Ok((
+        config,
+        NodeSpans { node: node_span, name: name_span, address: address_span, heartbeat: heartbeat_span },
+    ))
 }
 
 /// Paths must be absolute: a daemon's working directory is not something to depend on.

@@ -153,6 +153,7 @@ fn minimal_file_gets_every_default() {
             meta_disk: MetaDisk::Internal,
             nbd_listen: None,
             nbd_device: None,
+            heartbeat_address: None,
         }
     );
     assert_eq!(b.name, "beta");
@@ -948,4 +949,46 @@ fn ha_mistakes_name_the_line_and_key() {
         "same fsid",
     );
     assert_error(&with("[ha]\n[[service]]\nvolume-group = \"vg0\""), 3, "service[0].kind", "one of: lvm");
+}
+
+/// `top`, then the two nodes given `alpha_hb` and `beta_hb` lines (with a 3-line `top`, line 10
+/// is alpha's, line 16 beta's).
+fn with_heartbeat(top: &str, alpha_hb: &str, beta_hb: &str) -> String {
+    format!(
+        "\n{top}\n\n[[node]]\nname = \"alpha\"\naddress = \"10.0.0.1:7789\"\ndisk = \"/dev/sdb\"\n{alpha_hb}\n\n\
+         [[node]]\nname = \"beta\"\naddress = \"10.0.0.2:7789\"\ndisk = \"/dev/sdb\"\n{beta_hb}\n"
+    )
+}
+
+#[test]
+fn heartbeat_addresses_pair_up_and_need_ha_and_a_secret() {
+    let top = "[net]\nshared-secret = \"s\"\n[ha]";
+    let (a, b) = ("heartbeat-address = \"10.1.0.1:7790\"", "heartbeat-address = \"10.1.0.2:7790\"");
+    let cfg = parse_ok(&with_heartbeat(top, a, b));
+    assert_eq!(cfg.nodes[0].heartbeat_address.as_deref(), Some("10.1.0.1:7790"));
+    assert_eq!(cfg.nodes[1].heartbeat_address.as_deref(), Some("10.1.0.2:7790"));
+    assert_eq!(parse_ok(&cfg.to_toml()), cfg, "dump round trip");
+    assert_eq!(parse_ok(&with_heartbeat(top, "", "")).nodes[0].heartbeat_address, None);
+    assert_error(&with_heartbeat(top, a, ""), 12, "node[1].heartbeat-address", "node[0] has one");
+    assert_error(&with_heartbeat(top, "", b), 6, "node[0].heartbeat-address", "node[1] has one");
+    assert_error(&with_heartbeat(top, a, a), 16, "node[1].heartbeat-address", "same heartbeat address");
+    assert_error(
+        &with_heartbeat(top, "heartbeat-address = \"10.0.0.1:7789\"", b),
+        10,
+        "node[0].heartbeat-address",
+        "is the replication address",
+    );
+    assert_error(
+        &with_heartbeat(top, "heartbeat-address = \"nope\"", b),
+        10,
+        "node[0].heartbeat-address",
+        "host:port",
+    );
+    assert_error(&with_heartbeat("[ha]", a, b), 8, "node[0].heartbeat-address", "needs net.shared-secret");
+    assert_error(
+        &with_heartbeat("[net]\nshared-secret = \"s\"", a, b),
+        9,
+        "node[0].heartbeat-address",
+        "needs an [ha] table",
+    );
 }

@@ -17,6 +17,7 @@ mod session;
 pub mod status;
 mod verify;
 
+pub(crate) use session::{disk_from_wire, disk_to_wire, role_from_wire, role_to_wire};
 pub use verify::VerifyResult;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,17 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
 }
 
+/// Why this node did not outdate itself at its peer's request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutdateRefusal {
+    #[error("this node is Primary or being promoted")]
+    Primary,
+    #[error("the replication link is still up here")]
+    Connected,
+    #[error("cannot write the metadata: {0}")]
+    Metadata(String),
+}
+
 /// What the node knows about itself and its peer.
 #[derive(Clone)]
 struct NodeState {
@@ -113,6 +125,8 @@ struct NodeState {
     verify: Option<verify::RunningVerify>,
     last_verify: Option<verify::VerifyResult>,
     verifies_ended: u64,
+    /// A promotion is under way: the peer cannot have this node outdate itself meanwhile.
+    promoting: bool,
 }
 
 /// One node of one resource, running.
@@ -173,6 +187,15 @@ impl Drop for StateGuard<'_> {
             // A stored permit if the watcher is busy: the change is picked up at its next diff.
             self.changed.notify_one();
         }
+    }
+}
+
+/// Clears [`NodeState::promoting`] however the promotion ends.
+struct Promoting<'a>(&'a Node);
+
+impl Drop for Promoting<'_> {
+    fn drop(&mut self) {
+        self.0.state().promoting = false;
     }
 }
 
@@ -271,6 +294,7 @@ impl Node {
             verify: None,
             last_verify: None,
             verifies_ended: 0,
+            promoting: false,
         };
         Ok(Arc::new(Self {
             config,
@@ -390,14 +414,22 @@ impl Node {
 
     /// `rdbd primary [--force]`.
     pub async fn promote(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
-        let (disk, peer_role, connected, role) = {
-            let s = self.state();
-            (s.disk, s.peer_role, s.conn == ConnState::Connected, s.role)
+        // Checked and marked under one lock, so that an outdate request from the peer
+        // (heartbeat path) comes either before the check or is refused.
+        let (disk, connected) = {
+            let mut s = self.state();
+            if s.role == Role::Primary {
+                return Ok(());
+            }
+            if s.promoting {
+                return Err(NodeError::Refused("a promotion is already under way".into()));
+            }
+            let connected = s.conn == ConnState::Connected;
+            check_promote(s.disk, s.peer_role, connected, force)?;
+            s.promoting = true;
+            (s.disk, connected)
         };
-        if role == Role::Primary {
-            return Ok(());
-        }
-        check_promote(disk, peer_role, connected, force)?;
+        let _promoting = Promoting(self);
         if connected && matches!(self.state().repl, ReplState::SyncTarget | ReplState::WFBitMapT) {
             return Err(NodeError::Refused(
                 "cannot promote a sync target: wait for the resync to finish".into(),
@@ -464,6 +496,36 @@ impl Node {
         self.persist(|sb| sb.set(flags::PRIMARY, false))?;
         warn!("role: Secondary (forced: held writes failed, clients cut off)");
         self.renegotiate.notify_one();
+        Ok(())
+    }
+
+    /// The role, the disk, and whether the replication link is up, without the whole status.
+    pub(crate) fn local_view(&self) -> (Role, DiskState, bool) {
+        let s = self.state();
+        (s.role, s.disk, s.conn == ConnState::Connected)
+    }
+
+    /// The peer, which lost the replication link and would write without this node, asks over
+    /// the heartbeat path: this node's data is marked Outdated (on disk before the answer), so
+    /// that it is not promoted with it later (DRBD's outdate-peer). Refused by a Primary, one
+    /// being promoted, or one that still sees the link up.
+    pub(crate) fn outdate_by_peer(&self) -> Result<(), OutdateRefusal> {
+        {
+            let mut s = self.state();
+            if s.role == Role::Primary || s.promoting {
+                return Err(OutdateRefusal::Primary);
+            }
+            if s.conn == ConnState::Connected {
+                return Err(OutdateRefusal::Connected);
+            }
+            if !matches!(s.disk, DiskState::UpToDate | DiskState::Consistent) {
+                return Ok(());
+            }
+            s.disk = DiskState::Outdated;
+        }
+        self.persist(|sb| set_disk_flags(sb, DiskState::Outdated))
+            .map_err(|e| OutdateRefusal::Metadata(e.to_string()))?;
+        warn!("disk: Outdated (the peer writes without this node: it asked over the heartbeat path)");
         Ok(())
     }
 

@@ -225,6 +225,12 @@ impl Status {
             if ha.witness_reachable == Some(false) {
                 line += " witness:unreachable";
             }
+            if let Some(hb) = &ha.heartbeat {
+                line += if hb.peer_alive { " heartbeat:alive" } else { " heartbeat:silent" };
+                if hb.peer_outdated {
+                    line += " peer-outdated";
+                }
+            }
             let _ = writeln!(out, "{line}");
             for s in &ha.services {
                 let state = serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from));

@@ -5,6 +5,7 @@
 //! - [`lease`]: this node's view of the witness's lease, pure.
 //! - [`fence`]: the `fence-peer` command's exit codes.
 //! - [`witness_client`]: the claims to the witness.
+//! - [`heartbeat`]: the second heartbeat path, and outdating the peer over it.
 //! - [`services`]: the chain: plans (pure) and their runner.
 //!
 //! The loop here looks at the node a few times a second (and at once when the witness's
@@ -12,6 +13,7 @@
 //! holds or fails writes the peer does not have, and carries out the policy's action.
 
 pub mod fence;
+pub mod heartbeat;
 pub mod lease;
 pub mod policy;
 pub mod services;
@@ -29,6 +31,7 @@ use crate::config::{HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss};
 use crate::node::status::Status;
 use crate::node::Node;
 use crate::replication::states::{ConnState, DiskState, ReplState, Role};
+use heartbeat::{HeartbeatShared, HeartbeatStatus};
 use policy::{Action, Permit, Situation};
 use services::{Chain, ServiceStatus};
 use witness_client::WitnessShared;
@@ -59,12 +62,16 @@ pub struct HaStatus {
     pub last_action: Option<String>,
     #[serde(default)]
     pub warning: Option<String>,
+    /// With `heartbeat-address`: what the second path says of the peer.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatStatus>,
 }
 
 struct Supervisor {
     node: Arc<Node>,
     ha: HaConfig,
     witness: Option<Arc<WitnessShared>>,
+    heartbeat: Option<Arc<HeartbeatShared>>,
     chain: Chain,
     /// The fence outcome for the current disconnection.
     fenced: Option<Permit>,
@@ -96,6 +103,13 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         tokio::spawn(witness_client::run(node.clone(), config, shared.clone(), fail_io));
         shared
     });
+    let heartbeat = node.me().heartbeat_address.is_some().then(|| {
+        let net = &node.config().net;
+        // The same limit as the replication link's: silent this long, the peer is gone.
+        let shared = Arc::new(HeartbeatShared::new(net.ping_interval * 2 + net.ping_timeout));
+        tokio::spawn(heartbeat::run(node.clone(), shared.clone(), net.ping_interval));
+        shared
+    });
     let warning = (ha.witness.is_none() && ha.fence_peer.is_none()).then(|| match ha.no_quorum_policy {
         NoQuorumPolicy::Stop => {
             "no witness and no fence-peer: no automatic takeover when the peer is lost".to_string()
@@ -113,6 +127,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         node,
         ha,
         witness,
+        heartbeat,
         chain,
         fenced: None,
         ready_since: None,
@@ -128,16 +143,23 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
     s.last_services = s.chain.status();
     let shutdown = s.node.shutdown_token();
     loop {
-        let changed = async {
+        let verdict = async {
             match &s.witness {
                 Some(w) => w.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        let heard = async {
+            match &s.heartbeat {
+                Some(h) => h.changed.notified().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(TICK) => {}
-            _ = changed => {}
+            _ = verdict => {}
+            _ = heard => {}
         }
         s.step().await;
     }
@@ -160,6 +182,8 @@ impl Supervisor {
         if connected {
             self.fenced = None;
             self.disconnected_since = None;
+        } else {
+            self.disconnected_since.get_or_insert(now);
         }
         let permit = self.permit(&status, connected, now).await;
         self.set_gate(status.role, connected, permit);
@@ -283,10 +307,28 @@ impl Supervisor {
         if connected {
             return Permit::Granted;
         }
+        if let Some(hb) = &self.heartbeat {
+            let epoch = self.node.device().alone_gate().link_epoch();
+            if hb.peer_outdated_for(epoch) {
+                return Permit::Granted;
+            }
+            if hb.peer_alive(now).is_some() {
+                // Only the interconnect broke. A Primary has its peer outdate itself and then
+                // writes on; nobody fences a live peer, and a Secondary does not take over.
+                if status.role == Role::Primary {
+                    hb.ask_outdate(epoch);
+                }
+                return Permit::PeerAlive;
+            }
+        }
+        if status.role != Role::Primary && status.disk != DiskState::UpToDate {
+            // It could not take over anyway: no reason to shoot the peer.
+            return Permit::Denied;
+        }
         if let Some(command) = self.ha.fence_peer.clone() {
             // A Secondary fences only after a delay, so that of two nodes cut apart the Primary
             // shoots first and both cannot shoot each other.
-            let since = *self.disconnected_since.get_or_insert(now);
+            let since = self.disconnected_since.unwrap_or(now);
             if status.role != Role::Primary && now.duration_since(since) < SECONDARY_FENCE_DELAY {
                 return Permit::Denied;
             }
@@ -439,6 +481,10 @@ impl Supervisor {
             services: self.chain.status(),
             last_action: self.last_action.clone(),
             warning: self.warning.clone(),
+            heartbeat: self
+                .heartbeat
+                .as_ref()
+                .map(|h| h.status(Instant::now(), self.node.device().alone_gate().link_epoch())),
         };
         self.node.set_ha_status(status);
     }

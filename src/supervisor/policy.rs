@@ -12,7 +12,8 @@
 //!   the lease, so that the witness arbitrates even between connected nodes.
 //! - A Primary without its peer and without a permit follows `on-quorum-loss` (freeze and
 //!   fail-io act on writes, not on the role); one whose peer wrote without it (the witness says
-//!   it is outdated) steps down.
+//!   it is outdated) steps down. One whose peer is still heard on the heartbeat path keeps its
+//!   role: nobody takes it over.
 //! - A Primary whose services failed `migration-threshold` times, or that is not the first
 //!   choice under `failback = always`, hands over to a connected UpToDate Secondary.
 
@@ -24,6 +25,10 @@ use crate::replication::states::{DiskState, Role};
 pub enum Permit {
     Granted,
     Denied,
+    /// The peer is not connected but still heard on the heartbeat path: alive, so neither taken
+    /// over nor fenced. A Primary holds its lonely writes until the peer confirms it outdated
+    /// itself (then [`Permit::Granted`]).
+    PeerAlive,
     /// The peer wrote without this node: its data is stale.
     Outdated,
 }
@@ -228,7 +233,25 @@ mod tests {
             decide(&Situation { permit: Permit::Outdated, ..p.clone() }),
             Action::DemoteForced(_)
         ));
-        assert_eq!(decide(&Situation { permit: Permit::Granted, ..p }), Action::Stay);
+        assert_eq!(decide(&Situation { permit: Permit::Granted, ..p.clone() }), Action::Stay);
+        let alive = Situation { permit: Permit::PeerAlive, on_quorum_loss: OnQuorumLoss::Demote, ..p };
+        assert_eq!(decide(&alive), Action::Stay, "a live peer does not take over");
+    }
+
+    #[test]
+    fn a_secondary_does_not_take_over_from_a_peer_still_heard() {
+        let none: Vec<String> = vec![];
+        for witness in [false, true] {
+            let s = Situation {
+                connected: false,
+                peer_role: Role::Unknown,
+                peer_disk: DiskState::DUnknown,
+                permit: Permit::PeerAlive,
+                witness,
+                ..base(&none)
+            };
+            assert_eq!(decide(&s), Action::Stay);
+        }
     }
 
     #[test]
@@ -268,7 +291,7 @@ mod tests {
         }
 
         #[test]
-        fn promotion_needs_an_up_to_date_disk_and_no_primary_peer(r in role(), d in disk(), pr in role(), pd in disk(), connected: bool, permit in prop_oneof![Just(Permit::Granted), Just(Permit::Denied), Just(Permit::Outdated)], witness: bool, grace: bool) {
+        fn promotion_needs_an_up_to_date_disk_and_no_primary_peer(r in role(), d in disk(), pr in role(), pd in disk(), connected: bool, permit in prop_oneof![Just(Permit::Granted), Just(Permit::Denied), Just(Permit::PeerAlive), Just(Permit::Outdated)], witness: bool, grace: bool) {
             let none: Vec<String> = vec![];
             let s = Situation { role: r, disk: d, peer_role: pr, peer_disk: pd, connected, permit, witness, unserved_too_long: grace, ..base(&none) };
             if decide(&s) == Action::Promote {

@@ -83,6 +83,8 @@ pub struct Options {
 pub struct Placement {
     pub netns: [String; 2],
     pub ip: [String; 2],
+    /// Each node's `heartbeat-address` (the second heartbeat path), if any.
+    pub heartbeat: Option<[String; 2]>,
 }
 
 impl Default for Options {
@@ -228,6 +230,9 @@ impl Cluster {
                 n.disk.display(),
                 n.nbd_port
             );
+            if let Some(hb) = opts.placement.as_ref().and_then(|p| p.heartbeat.as_ref()) {
+                out += &format!("heartbeat-address = \"{}\"\n", hb[n.node.idx()]);
+            }
         }
         out
     }

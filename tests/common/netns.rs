@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   alpha 10.77.1.1 ── ab ── 10.77.1.2 beta
+//!   alpha 10.77.4.1 ── hb ── 10.77.4.2 beta   (a second path, for heartbeats)
 //!   10.77.2.1 │                 │ 10.77.3.2
 //!            aw                 bw
 //!   10.77.2.3 └── witness ──────┘ 10.77.3.3   (the witness listens on 10.77.9.9, routed)
@@ -17,10 +18,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub const ALPHA_IP: &str = "10.77.1.1";
 pub const BETA_IP: &str = "10.77.1.2";
 pub const WITNESS_IP: &str = "10.77.9.9";
+/// The second path's addresses (`heartbeat-address`).
+pub const ALPHA_HEARTBEAT: &str = "10.77.4.1:7790";
+pub const BETA_HEARTBEAT: &str = "10.77.4.2:7790";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Link {
     AlphaBeta,
+    /// The second path between alpha and beta.
+    Heartbeat,
     AlphaWitness,
     BetaWitness,
 }
@@ -66,6 +72,7 @@ impl Net {
         }
         let pairs = [
             (&self.alpha, "ab", "10.77.1.1/24", &self.beta, "10.77.1.2/24"),
+            (&self.alpha, "hb", "10.77.4.1/24", &self.beta, "10.77.4.2/24"),
             (&self.alpha, "aw", "10.77.2.1/24", &self.witness, "10.77.2.3/24"),
             (&self.beta, "bw", "10.77.3.2/24", &self.witness, "10.77.3.3/24"),
         ];
@@ -87,6 +94,7 @@ impl Net {
     fn end(&self, link: Link) -> (&str, &str) {
         match link {
             Link::AlphaBeta => (&self.alpha, "ab0"),
+            Link::Heartbeat => (&self.alpha, "hb0"),
             Link::AlphaWitness => (&self.alpha, "aw0"),
             Link::BetaWitness => (&self.beta, "bw0"),
         }
@@ -102,7 +110,7 @@ impl Net {
         let (ns, dev) = self.end(link);
         ip(&["-n", ns, "link", "set", dev, "up"]).unwrap();
         // The veth's far end was up all along; the route to the witness went with the device.
-        if link != Link::AlphaBeta {
+        if matches!(link, Link::AlphaWitness | Link::BetaWitness) {
             let via = if link == Link::AlphaWitness { "10.77.2.3" } else { "10.77.3.3" };
             let _ = ip(&["-n", ns, "route", "replace", WITNESS_IP, "via", via]);
         }
