@@ -84,8 +84,11 @@ struct Supervisor {
     released: bool,
     /// When the lease holder next retries a refused connection.
     reconnect_at: Option<Instant>,
-    /// Since when the peer is gone (for the Secondary's fencing delay).
+    /// Since when the peer is gone (since start if it never came): the Secondary's fencing
+    /// delay, and the promotion ladder's.
     disconnected_since: Option<Instant>,
+    /// The peer was connected at some time since start.
+    peer_seen: bool,
     /// The chain's states as last published, for `events`.
     last_services: Vec<ServiceStatus>,
 }
@@ -138,6 +141,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         released: false,
         reconnect_at: None,
         disconnected_since: None,
+        peer_seen: false,
         last_services: Vec::new(),
     };
     s.last_services = s.chain.status();
@@ -182,11 +186,10 @@ impl Supervisor {
         if connected {
             self.fenced = None;
             self.disconnected_since = None;
+            self.peer_seen = true;
         } else {
             self.disconnected_since.get_or_insert(now);
         }
-        let permit = self.permit(&status, connected, now).await;
-        self.set_gate(status.role, connected, permit);
         let both_ready = connected
             && status.role == Role::Secondary
             && status.peer.role == Role::Secondary
@@ -202,31 +205,16 @@ impl Supervisor {
             self.chain.reset_failures();
             self.node.clear_ha_yield();
         }
-        let resyncing = matches!(status.replication, ReplState::SyncSource | ReplState::SyncTarget);
-        let me = self.node.me().name.clone();
-        let peer = self.node.peer_config().name.clone();
-        let situation = Situation {
-            me: &me,
-            peer: &peer,
-            role: status.role,
-            disk: status.disk,
-            connected,
-            peer_role: status.peer.role,
-            peer_disk: status.peer.disk,
-            resyncing,
-            preferred: &self.ha.preferred_nodes,
-            failback: self.ha.failback,
-            on_quorum_loss: self.ha.on_quorum_loss,
-            permit,
-            witness: self.witness.is_some(),
-            services_failed: self.chain.failures() >= self.ha.migration_threshold,
-            unserved_too_long: self.ready_since.is_some_and(|t| now.duration_since(t) >= PROMOTE_GRACE),
-            yielding: self.node.ha_yielding(),
-        };
+        let (me, peer) = (self.node.me().name.clone(), self.node.peer_config().name.clone());
+        // Whether this node is Primary or would promote with a permit: only then is one sought
+        // (the witness's lease, a fence).
+        let wants = policy::wants_lease(&self.situation(&status, now, Permit::Denied, &me, &peer));
+        let permit = self.permit(&status, connected, now, wants).await;
+        self.set_gate(status.role, connected, permit);
         if let Some(w) = &self.witness {
-            w.want.store(policy::wants_lease(&situation), Ordering::Release);
+            w.want.store(wants, Ordering::Release);
         }
-        let action = policy::decide(&situation);
+        let action = policy::decide(&self.situation(&status, now, permit, &me, &peer));
         if self.retry_at.is_some_and(|t| now < t) && action != Action::Stay {
             return self.publish(permit);
         }
@@ -269,6 +257,36 @@ impl Supervisor {
         self.publish(permit);
     }
 
+    fn situation<'a>(
+        &'a self,
+        status: &Status,
+        now: Instant,
+        permit: Permit,
+        me: &'a str,
+        peer: &'a str,
+    ) -> Situation<'a> {
+        Situation {
+            me,
+            peer,
+            role: status.role,
+            disk: status.disk,
+            connected: status.connection == ConnState::Connected,
+            peer_role: status.peer.role,
+            peer_disk: status.peer.disk,
+            resyncing: matches!(status.replication, ReplState::SyncSource | ReplState::SyncTarget),
+            preferred: &self.ha.preferred_nodes,
+            failback: self.ha.failback,
+            on_quorum_loss: self.ha.on_quorum_loss,
+            permit,
+            witness: self.witness.is_some(),
+            services_failed: self.chain.failures() >= self.ha.migration_threshold,
+            unserved_too_long: self.ready_since.is_some_and(|t| now.duration_since(t) >= PROMOTE_GRACE),
+            yielding: self.node.ha_yielding(),
+            peer_seen: self.peer_seen,
+            alone_for: self.disconnected_since.map_or(Duration::ZERO, |t| now.duration_since(t)),
+        }
+    }
+
     /// For `down`: stop the services, step down, and act no more.
     async fn release(&mut self) {
         if self.released {
@@ -289,8 +307,9 @@ impl Supervisor {
         self.node.ha_released();
     }
 
-    /// May this node act without its peer?
-    async fn permit(&mut self, status: &Status, connected: bool, now: Instant) -> Permit {
+    /// May this node act without its peer? `wants`: it is Primary or would promote with a
+    /// permit; a node that would not is given none (and shoots nobody).
+    async fn permit(&mut self, status: &Status, connected: bool, now: Instant, wants: bool) -> Permit {
         if let Some(w) = &self.witness {
             let view = w.view.lock().expect("lease view lock");
             // Without the peer, only a lease that outdated the peer lets this node act alone.
@@ -321,8 +340,8 @@ impl Supervisor {
                 return Permit::PeerAlive;
             }
         }
-        if status.role != Role::Primary && status.disk != DiskState::UpToDate {
-            // It could not take over anyway: no reason to shoot the peer.
+        if !wants {
+            // It would not take over anyway (its data, or still waiting): no reason to fence.
             return Permit::Denied;
         }
         if let Some(command) = self.ha.fence_peer.clone() {

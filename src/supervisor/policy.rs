@@ -3,7 +3,11 @@
 //! carries the action out; everything here is decided without I/O.
 //!
 //! Rules:
-//! - Only an UpToDate node that is not resyncing promotes itself.
+//! - Promotion waits longer the worse this node's data may be ([`promotion_delay`]): an UpToDate
+//!   node that was connected to its peer in this run promotes at once; one that started alone
+//!   (its peer may be rebooting too, with newer data) waits a while for it first; a Consistent
+//!   one (in sync once, not known to be the newest) waits longer; Outdated and Inconsistent
+//!   data is never promoted automatically. Of a connected pair only an UpToDate node promotes.
 //! - Connected to an UpToDate Secondary peer, the first choice (by `preferred-nodes`, then by
 //!   name) promotes; the other only after the first choice left the resource unserved for a
 //!   grace period (it may have failed to start its services there).
@@ -16,6 +20,8 @@
 //!   role: nobody takes it over.
 //! - A Primary whose services failed `migration-threshold` times, or that is not the first
 //!   choice under `failback = always`, hands over to a connected UpToDate Secondary.
+
+use std::time::Duration;
 
 use crate::config::{Failback, OnQuorumLoss};
 use crate::replication::states::{DiskState, Role};
@@ -32,6 +38,23 @@ pub enum Permit {
     /// The peer wrote without this node: its data is stale.
     Outdated,
 }
+
+/// How long a node without its peer waits before it promotes, by what it knows of its data;
+/// `None`: never on its own (`primary --force` is the operator's call).
+pub fn promotion_delay(disk: DiskState, peer_seen: bool) -> Option<Duration> {
+    match disk {
+        DiskState::UpToDate if peer_seen => Some(Duration::ZERO),
+        DiskState::UpToDate => Some(STARTED_ALONE_DELAY),
+        DiskState::Consistent => Some(CONSISTENT_DELAY),
+        _ => None,
+    }
+}
+
+/// An UpToDate node that started without its peer waits this long for it (DRBD waits at boot
+/// for the peer for the same reason, `degr-wfc-timeout`).
+pub const STARTED_ALONE_DELAY: Duration = Duration::from_secs(10);
+/// A Consistent node waits this long.
+pub const CONSISTENT_DELAY: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct Situation<'a> {
@@ -55,6 +78,10 @@ pub struct Situation<'a> {
     pub unserved_too_long: bool,
     /// `switchover`: this node hands its role to the ready peer.
     pub yielding: bool,
+    /// The peer was connected at some time since this daemon started.
+    pub peer_seen: bool,
+    /// How long the peer has been gone (since start if it never came).
+    pub alone_for: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,17 +106,14 @@ fn pair_ready(s: &Situation) -> bool {
 
 /// Whether this Secondary would promote if it had the permit.
 fn would_promote(s: &Situation) -> bool {
-    if s.role != Role::Secondary
-        || s.disk != DiskState::UpToDate
-        || s.resyncing
-        || s.peer_role == Role::Primary
-    {
+    if s.role != Role::Secondary || s.resyncing || s.peer_role == Role::Primary {
         return false;
     }
     if !s.connected {
-        return true;
+        return promotion_delay(s.disk, s.peer_seen).is_some_and(|wait| s.alone_for >= wait);
     }
-    pair_ready(s)
+    s.disk == DiskState::UpToDate
+        && pair_ready(s)
         && !s.services_failed
         && !s.yielding
         && (first_choice(s.me, s.peer, s.preferred) || s.unserved_too_long)
@@ -162,6 +186,8 @@ mod tests {
             services_failed: false,
             unserved_too_long: false,
             yielding: false,
+            peer_seen: true,
+            alone_for: Duration::ZERO,
         }
     }
 
@@ -218,6 +244,32 @@ mod tests {
         for disk in [DiskState::Outdated, DiskState::Inconsistent, DiskState::Consistent] {
             assert_eq!(decide(&Situation { disk, ..alone.clone() }), Action::Stay, "{disk}");
         }
+    }
+
+    #[test]
+    fn the_worse_the_data_the_longer_a_lonely_node_waits() {
+        let none: Vec<String> = vec![];
+        let alone = Situation {
+            connected: false,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            ..base(&none)
+        };
+        let at = |disk, peer_seen, secs| {
+            decide(&Situation { disk, peer_seen, alone_for: Duration::from_secs(secs), ..alone.clone() })
+        };
+        assert_eq!(at(DiskState::UpToDate, true, 0), Action::Promote);
+        assert_eq!(at(DiskState::UpToDate, false, 9), Action::Stay, "started alone: wait for the peer");
+        assert_eq!(at(DiskState::UpToDate, false, 10), Action::Promote);
+        assert_eq!(at(DiskState::Consistent, true, 19), Action::Stay);
+        assert_eq!(at(DiskState::Consistent, true, 20), Action::Promote);
+        for disk in [DiskState::Outdated, DiskState::Inconsistent, DiskState::DUnknown] {
+            assert_eq!(at(disk, true, 3600), Action::Stay, "{disk}");
+        }
+        // Connected, only an UpToDate node promotes, however long it waited.
+        let pair =
+            Situation { disk: DiskState::Consistent, alone_for: Duration::from_secs(60), ..base(&none) };
+        assert_eq!(decide(&pair), Action::Stay);
     }
 
     #[test]
@@ -279,7 +331,26 @@ mod tests {
         ]
     }
 
+    /// The ladder's order: UpToDate with the peer seen, UpToDate, Consistent, the rest.
+    fn rank(d: DiskState, seen: bool) -> u8 {
+        match d {
+            DiskState::UpToDate if seen => 3,
+            DiskState::UpToDate => 2,
+            DiskState::Consistent => 1,
+            _ => 0,
+        }
+    }
+
     proptest! {
+        #[test]
+        fn worse_data_never_waits_less(a in disk(), b in disk(), seen_a: bool, seen_b: bool) {
+            if rank(a, seen_a) < rank(b, seen_b) {
+                let (da, db) = (promotion_delay(a, seen_a), promotion_delay(b, seen_b));
+                prop_assert!(db.is_some());
+                prop_assert!(da.is_none_or(|x| x > db.unwrap()));
+            }
+        }
+
         /// Two connected nodes looking at the same pair never both decide to promote on their
         /// first look (before any grace period ran out), and a node never promotes from a disk
         /// that is not UpToDate, nor past a Primary peer.
@@ -291,11 +362,13 @@ mod tests {
         }
 
         #[test]
-        fn promotion_needs_an_up_to_date_disk_and_no_primary_peer(r in role(), d in disk(), pr in role(), pd in disk(), connected: bool, permit in prop_oneof![Just(Permit::Granted), Just(Permit::Denied), Just(Permit::PeerAlive), Just(Permit::Outdated)], witness: bool, grace: bool) {
+        fn promotion_needs_good_data_no_primary_peer_and_a_permit(r in role(), d in disk(), pr in role(), pd in disk(), connected: bool, permit in prop_oneof![Just(Permit::Granted), Just(Permit::Denied), Just(Permit::PeerAlive), Just(Permit::Outdated)], witness: bool, grace: bool, peer_seen: bool, alone_secs in 0u64..100) {
             let none: Vec<String> = vec![];
-            let s = Situation { role: r, disk: d, peer_role: pr, peer_disk: pd, connected, permit, witness, unserved_too_long: grace, ..base(&none) };
+            let alone_for = Duration::from_secs(alone_secs);
+            let s = Situation { role: r, disk: d, peer_role: pr, peer_disk: pd, connected, permit, witness, unserved_too_long: grace, peer_seen, alone_for, ..base(&none) };
             if decide(&s) == Action::Promote {
-                prop_assert_eq!(d, DiskState::UpToDate);
+                prop_assert!(d == DiskState::UpToDate || (d == DiskState::Consistent && !connected));
+                prop_assert!(connected || alone_for >= promotion_delay(d, peer_seen).unwrap());
                 prop_assert!(pr != Role::Primary);
                 prop_assert!(r == Role::Secondary);
                 prop_assert!(connected || permit == Permit::Granted);
