@@ -61,11 +61,22 @@ fn setup(extra_ha: &str) -> Option<Setup> {
 /// Namespaces and an HA pair with `ha` in its [ha] table, alpha Primary; with `witness`, the
 /// witness runs and alpha holds its lease.
 fn setup_with(ha: &str, witness: bool) -> Option<Setup> {
-    setup_paths(ha, witness, false)
+    setup_opts(ha, Extras { witness, ..Extras::default() })
 }
 
-/// As [`setup_with`]; with `heartbeat`, the nodes also talk over the second path.
-fn setup_paths(ha: &str, witness: bool, heartbeat: bool) -> Option<Setup> {
+#[derive(Default)]
+struct Extras {
+    /// Run the witness (the [ha] table names it).
+    witness: bool,
+    /// The nodes also talk over the second heartbeat path.
+    heartbeat: bool,
+    /// Searched first for the daemons' commands.
+    path_prefix: Option<PathBuf>,
+}
+
+/// As [`setup_with`], with more to set up.
+fn setup_opts(ha: &str, extras: Extras) -> Option<Setup> {
+    let Extras { witness, heartbeat, path_prefix } = extras;
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !have_python_nbd() || !have_tool("nsenter") {
         return None;
@@ -82,6 +93,7 @@ fn setup_paths(ha: &str, witness: bool, heartbeat: bool) -> Option<Setup> {
             ip: [ALPHA_IP.into(), BETA_IP.into()],
             heartbeat: heartbeat.then(|| [ALPHA_HEARTBEAT.into(), BETA_HEARTBEAT.into()]),
         }),
+        path_prefix,
         ..Options::default()
     });
     let witness = witness.then(|| {
@@ -319,7 +331,8 @@ fn repeated_cuts_and_heals_never_let_two_nodes_accept_writes() {
 
 #[test]
 fn a_switchover_moves_the_primary_role_to_the_peer() {
-    let Some(mut s) = setup("") else { return };
+    // Failback moves back after an outage of the preferred node, not after an operator's move.
+    let Some(mut s) = setup("preferred-nodes = [\"alpha\"]\nfailback = \"always\"") else { return };
     s.wait_acks(Alpha, 20, Duration::from_secs(30));
     // Mistakes are one-line refusals.
     let e = s.cluster.verb_fails(Beta, &["switchover"]);
@@ -335,8 +348,8 @@ fn a_switchover_moves_the_primary_role_to_the_peer() {
     assert_eq!(role(&s.cluster, Beta), "Primary");
     assert_eq!(role(&s.cluster, Alpha), "Secondary");
     s.wait_acks(Beta, 20, Duration::from_secs(30));
-    // Alpha, first choice by name, does not take it back.
-    std::thread::sleep(Duration::from_secs(3));
+    // Alpha, preferred, does not take it back.
+    std::thread::sleep(Duration::from_secs(7));
     assert_eq!(role(&s.cluster, Beta), "Primary");
     s.finish(1);
 }
@@ -404,6 +417,8 @@ fn with_fence_peer_a_killed_primary_is_fenced_and_replaced() {
     s.finish(1);
 }
 
+const HEARTBEAT: Extras = Extras { witness: false, heartbeat: true, path_prefix: None };
+
 fn fence_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("fence.log")).unwrap_or_default()
 }
@@ -425,7 +440,7 @@ fn disk(cluster: &Cluster, node: Node) -> String {
 fn with_a_second_heartbeat_path_a_cut_link_outdates_the_secondary_instead_of_shooting_it() {
     let dir = tempfile::tempdir().unwrap();
     let script = stonith_script(dir.path());
-    let Some(s) = setup_paths(&format!("fence-peer = \"{}\"", script.display()), false, true) else {
+    let Some(s) = setup_opts(&format!("fence-peer = \"{}\"", script.display()), HEARTBEAT) else {
         return;
     };
     write_pids(&s, dir.path());
@@ -463,7 +478,7 @@ fn with_a_second_heartbeat_path_a_cut_link_outdates_the_secondary_instead_of_sho
 fn with_a_second_heartbeat_path_a_killed_primary_is_still_fenced_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let script = stonith_script(dir.path());
-    let Some(mut s) = setup_paths(&format!("fence-peer = \"{}\"", script.display()), false, true) else {
+    let Some(mut s) = setup_opts(&format!("fence-peer = \"{}\"", script.display()), HEARTBEAT) else {
         return;
     };
     write_pids(&s, dir.path());
@@ -480,7 +495,7 @@ fn with_a_second_heartbeat_path_a_killed_primary_is_still_fenced_and_replaced() 
 
 #[test]
 fn with_a_second_heartbeat_path_no_quorum_policy_ignore_does_not_split_the_brain_on_a_cut_link() {
-    let Some(s) = setup_paths("no-quorum-policy = \"ignore\"", false, true) else { return };
+    let Some(s) = setup_opts("no-quorum-policy = \"ignore\"", HEARTBEAT) else { return };
     s.cluster.wait_for(Beta, "hearing alpha on the heartbeat path", Duration::from_secs(10), |st| {
         heartbeat_flag(st, "peer_alive")
     });
@@ -535,6 +550,49 @@ fn a_node_that_starts_without_its_peer_waits_for_it_before_it_takes_over() {
     let waited = started.elapsed().as_secs_f64();
     eprintln!("beta, alone from its start, promoted after {waited:.1} s");
     assert!(waited >= 10.0, "{waited}");
+}
+
+#[test]
+fn a_primary_that_cannot_step_down_reboots_as_on_demote_failure_says() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in for reboot: it logs, and stops the node as a reboot would (SIGKILL).
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let reboot = bin.join("reboot");
+    let d = dir.path().display();
+    std::fs::write(
+        &reboot,
+        format!("#!/bin/sh\necho \"$RDBD_NODE reboot $*\" >> {d}/reboot.log\nkill -9 \"$(cat {d}/$RDBD_NODE.pid)\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&reboot, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let extras = Extras { witness: true, path_prefix: Some(bin), ..Extras::default() };
+    let ha = format!(
+        "witness = \"{WITNESS_IP}:7788\"\nwitness-secret = \"{SECRET}\"\non-demote-failure = \"reboot\""
+    );
+    let Some(mut s) = setup_opts(&ha, extras) else { return };
+    write_pids(&s, dir.path());
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    // A switchover while alpha's NBD client still writes: the demotion is refused (the device
+    // is in use), so alpha must not stay Primary beside the peer that takes over.
+    let mut switchover = s
+        .cluster
+        .command(Alpha, &["switchover"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    s.cluster.wait_exit(Alpha, Duration::from_secs(30));
+    let _ = switchover.wait();
+    let log = std::fs::read_to_string(dir.path().join("reboot.log")).unwrap_or_default();
+    assert_eq!(log.trim(), "alpha reboot -f");
+    assert!(
+        s.cluster.log(Alpha).contains("demotion failed") || s.cluster.log(Alpha).contains("cannot demote")
+    );
+    s.wait_acks(Beta, 1, Duration::from_secs(30));
+    s.cluster.start(Alpha);
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.finish(1);
 }
 
 #[test]

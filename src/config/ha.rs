@@ -92,6 +92,9 @@ pub const HA_PING_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_MIGRATION_THRESHOLD: u32 = 3;
 const MONITOR_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(3600));
 
+/// `grace-time` and `lease-time` of an nfs-server service.
+const NFS_TIME_RANGE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(3600));
+
 /// One service of the chain, by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceConfig {
@@ -99,8 +102,9 @@ pub enum ServiceConfig {
     Lvm { volume_group: String },
     /// Mount a file system; stopping kills its users first.
     Mount { device: String, directory: String, fstype: String, options: Option<String> },
-    /// The kernel NFS server; its state directory (`/var/lib/nfs`) on the replicated disk.
-    NfsServer { state_dir: Option<String> },
+    /// The kernel NFS server; its state directory (`/var/lib/nfs`) on the replicated disk, and
+    /// the NFSv4 grace and lease times (the kernel's default 90 s grace dominates a failover).
+    NfsServer { state_dir: Option<String>, grace_time: Option<Duration>, lease_time: Option<Duration> },
     /// Export a directory to clients with a stable fsid.
     NfsExport { directory: String, clients: String, options: String, fsid: u32 },
     /// The service address, announced with gratuitous ARP.
@@ -171,6 +175,8 @@ pub(super) struct RawService {
     fstype: Option<Spanned<String>>,
     options: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
+    grace_time: Option<Spanned<String>>,
+    lease_time: Option<Spanned<String>>,
     clients: Option<Spanned<String>>,
     fsid: Option<Spanned<i64>>,
     address: Option<Spanned<String>>,
@@ -315,6 +321,8 @@ fn build_service(src: &Source, index: usize, raw: Spanned<RawService>) -> Result
         ("fstype", raw.fstype.take()),
         ("options", raw.options.take()),
         ("state-dir", raw.state_dir.take()),
+        ("grace-time", raw.grace_time.take()),
+        ("lease-time", raw.lease_time.take()),
         ("clients", raw.clients.take()),
         ("address", raw.address.take()),
         ("interface", raw.interface.take()),
@@ -328,7 +336,7 @@ fn build_service(src: &Source, index: usize, raw: Spanned<RawService>) -> Result
     let accepted: &[&str] = match kind.as_str() {
         "lvm" => &["volume-group"],
         "mount" => &["device", "directory", "fstype", "options"],
-        "nfs-server" => &["state-dir"],
+        "nfs-server" => &["state-dir", "grace-time", "lease-time"],
         "nfs-export" => &["directory", "clients", "options", "fsid"],
         "ip" => &["address", "interface"],
         "systemd" => &["unit"],
@@ -364,6 +372,13 @@ fn build_service(src: &Source, index: usize, raw: Spanned<RawService>) -> Result
         }
     }
     let mut take = |field: &str| strings.iter_mut().find(|(f, _)| *f == field).and_then(|(_, v)| v.take());
+    // The kernel takes 10 s to an hour for both (nfsd's nfsv4gracetime and nfsv4leasetime).
+    let mut nfs_time = |field: &str| {
+        take(field)
+            .map(|v| duration(src, Some(v), &key(field), Duration::ZERO, NFS_TIME_RANGE).map(|(d, _)| d))
+            .transpose()
+    };
+    let (grace_time, lease_time) = (nfs_time("grace-time")?, nfs_time("lease-time")?);
     let mut optional = |field: &str| take(field).map(|v| text(src, v, &key(field))).transpose();
     let mut fields = BTreeMap::new();
     for field in accepted {
@@ -384,7 +399,9 @@ fn build_service(src: &Source, index: usize, raw: Spanned<RawService>) -> Result
             fstype: required("fstype")?,
             options: fields.remove("options"),
         },
-        "nfs-server" => ServiceConfig::NfsServer { state_dir: fields.remove("state-dir") },
+        "nfs-server" => {
+            ServiceConfig::NfsServer { state_dir: fields.remove("state-dir"), grace_time, lease_time }
+        }
         "nfs-export" => {
             let fsid = match raw.fsid {
                 None => {
@@ -447,9 +464,14 @@ pub(super) fn write_ha(out: &mut String, ha: &HaConfig) -> std::fmt::Result {
                     pair("options", o)?;
                 }
             }
-            ServiceConfig::NfsServer { state_dir } => {
+            ServiceConfig::NfsServer { state_dir, grace_time, lease_time } => {
                 if let Some(d) = state_dir {
                     pair("state-dir", d)?;
+                }
+                for (k, t) in [("grace-time", grace_time), ("lease-time", lease_time)] {
+                    if let Some(t) = t {
+                        pair(k, &format_duration(*t))?;
+                    }
                 }
             }
             ServiceConfig::NfsExport { directory, clients, options, fsid } => {

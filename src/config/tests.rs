@@ -830,6 +830,8 @@ options = "noatime"
 [[service]]
 kind = "nfs-server"
 state-dir = "/srv/export/.nfs"
+grace-time = "15s"
+lease-time = "10s"
 
 [[service]]
 kind = "nfs-export"
@@ -886,6 +888,14 @@ fn ha_table_and_service_chain() {
             clients: "10.0.0.0/24".into(),
             options: "rw,sync,no_subtree_check".into(),
             fsid: 1
+        }
+    );
+    assert_eq!(
+        ha.services[2],
+        ServiceConfig::NfsServer {
+            state_dir: Some("/srv/export/.nfs".into()),
+            grace_time: Some(Duration::from_secs(15)),
+            lease_time: Some(Duration::from_secs(10))
         }
     );
     // The effective configuration round-trips.
@@ -949,6 +959,18 @@ fn ha_mistakes_name_the_line_and_key() {
         "same fsid",
     );
     assert_error(&with("[ha]\n[[service]]\nvolume-group = \"vg0\""), 3, "service[0].kind", "one of: lvm");
+    assert_error(
+        &with("[ha]\n[[service]]\nkind = \"nfs-server\"\ngrace-time = \"5s\""),
+        5,
+        "service[0].grace-time",
+        "must be 10s to 1h",
+    );
+    assert_error(
+        &with("[ha]\n[[service]]\nkind = \"lvm\"\nvolume-group = \"vg0\"\nlease-time = \"10s\""),
+        6,
+        "service[0].lease-time",
+        "not a key of a lvm service",
+    );
 }
 
 /// `top`, then the two nodes given `alpha_hb` and `beta_hb` lines (with a 3-line `top`, line 10

@@ -89,6 +89,8 @@ struct Supervisor {
     disconnected_since: Option<Instant>,
     /// The peer was connected at some time since start.
     peer_seen: bool,
+    /// Primary, and without the peer at some time since the promotion (failback is for that).
+    peer_lost_as_primary: bool,
     /// The chain's states as last published, for `events`.
     last_services: Vec<ServiceStatus>,
 }
@@ -142,6 +144,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         reconnect_at: None,
         disconnected_since: None,
         peer_seen: false,
+        peer_lost_as_primary: false,
         last_services: Vec::new(),
     };
     s.last_services = s.chain.status();
@@ -189,6 +192,11 @@ impl Supervisor {
             self.peer_seen = true;
         } else {
             self.disconnected_since.get_or_insert(now);
+        }
+        if status.role != Role::Primary {
+            self.peer_lost_as_primary = false;
+        } else if !connected {
+            self.peer_lost_as_primary = true;
         }
         let both_ready = connected
             && status.role == Role::Secondary
@@ -284,6 +292,7 @@ impl Supervisor {
             yielding: self.node.ha_yielding(),
             peer_seen: self.peer_seen,
             alone_for: self.disconnected_since.map_or(Duration::ZERO, |t| now.duration_since(t)),
+            peer_was_lost: self.peer_lost_as_primary,
         }
     }
 
@@ -364,16 +373,7 @@ impl Supervisor {
 
     async fn fence(&mut self, command: &str, up_to_date: bool) -> Permit {
         info!(command, "fencing the peer");
-        let out = tokio::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(command)
-            .env("RDBD_RESOURCE", &self.node.config().name)
-            .env("RDBD_NODE", &self.node.me().name)
-            .env("RDBD_PEER", &self.node.peer_config().name)
-            .env("RDBD_PEER_ADDRESS", &self.node.peer_config().address)
-            .kill_on_drop(true)
-            .status()
-            .await;
+        let out = self.shell(command).kill_on_drop(true).status().await;
         let code = out.ok().and_then(|s| s.code());
         let outcome = fence::outcome(code);
         let permit = fence::permit(outcome, up_to_date);
@@ -456,20 +456,34 @@ impl Supervisor {
                 error!("supervisor: cannot demote ({reason}): {e}");
                 self.last_action = Some(format!("demotion failed: {e}"));
                 self.retry_at = Some(Instant::now() + RETRY_DELAY);
-                self.escalate();
+                self.escalate().await;
             }
         }
     }
 
     /// A Primary that cannot step down must not go on writing while the peer takes over.
-    fn escalate(&self) {
+    async fn escalate(&self) {
         let command = match self.ha.on_demote_failure {
             OnDemoteFailure::Stay => return,
             OnDemoteFailure::Reboot => "reboot -f",
             OnDemoteFailure::Poweroff => "poweroff -f",
         };
         error!(command, "on-demote-failure");
-        let _ = std::process::Command::new("/bin/sh").arg("-c").arg(command).status();
+        if let Err(e) = self.shell(command).status().await {
+            error!(command, "on-demote-failure: cannot run it: {e}");
+        }
+    }
+
+    /// `command` run by the shell, told which resource and nodes it is about.
+    fn shell(&self, command: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(command)
+            .env("RDBD_RESOURCE", &self.node.config().name)
+            .env("RDBD_NODE", &self.node.me().name)
+            .env("RDBD_PEER", &self.node.peer_config().name)
+            .env("RDBD_PEER_ADDRESS", &self.node.peer_config().address);
+        cmd
     }
 
     fn publish(&mut self, permit: Permit) {

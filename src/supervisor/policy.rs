@@ -19,7 +19,9 @@
 //!   it is outdated) steps down. One whose peer is still heard on the heartbeat path keeps its
 //!   role: nobody takes it over.
 //! - A Primary whose services failed `migration-threshold` times, or that is not the first
-//!   choice under `failback = always`, hands over to a connected UpToDate Secondary.
+//!   choice under `failback = always` and took over in an outage of its peer, hands over to a
+//!   connected UpToDate Secondary. (A switchover is not undone by failback: it is the
+//!   operator's choice, not an outage.)
 
 use std::time::Duration;
 
@@ -82,6 +84,8 @@ pub struct Situation<'a> {
     pub peer_seen: bool,
     /// How long the peer has been gone (since start if it never came).
     pub alone_for: Duration,
+    /// This Primary was without its peer at some time since it became Primary.
+    pub peer_was_lost: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +148,10 @@ pub fn decide(s: &Situation) -> Action {
                 if s.services_failed {
                     return Action::Demote("services failed here: moving to the peer");
                 }
-                if s.failback == Failback::Always && !first_choice(s.me, s.peer, s.preferred) {
+                if s.failback == Failback::Always
+                    && s.peer_was_lost
+                    && !first_choice(s.me, s.peer, s.preferred)
+                {
                     return Action::Demote("failing back to the preferred node");
                 }
             }
@@ -188,6 +195,7 @@ mod tests {
             yielding: false,
             peer_seen: true,
             alone_for: Duration::ZERO,
+            peer_was_lost: false,
         }
     }
 
@@ -309,9 +317,11 @@ mod tests {
     #[test]
     fn a_primary_hands_over_after_failed_services_or_for_failback() {
         let beta_first = vec!["beta".to_string()];
-        let p = Situation { role: Role::Primary, ..base(&beta_first) };
+        let p = Situation { role: Role::Primary, peer_was_lost: true, ..base(&beta_first) };
         assert_eq!(decide(&p), Action::Stay, "failback never");
         assert!(matches!(decide(&Situation { failback: Failback::Always, ..p.clone() }), Action::Demote(_)));
+        let switched = Situation { failback: Failback::Always, peer_was_lost: false, ..p.clone() };
+        assert_eq!(decide(&switched), Action::Stay, "a switchover is not undone by failback");
         assert!(matches!(decide(&Situation { services_failed: true, ..p.clone() }), Action::Demote(_)));
         // Not while the peer is not ready to take over.
         let syncing = Situation { services_failed: true, peer_disk: DiskState::Inconsistent, ..p };

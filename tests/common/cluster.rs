@@ -76,6 +76,8 @@ pub struct Options {
     /// Run each daemon in a network namespace with the given address (its NBD stays on that
     /// namespace's loopback).
     pub placement: Option<Placement>,
+    /// A directory searched first for the daemons' commands (stand-ins for reboot and the like).
+    pub path_prefix: Option<PathBuf>,
 }
 
 /// Where the daemons run: a network namespace and an address each.
@@ -96,6 +98,7 @@ impl Default for Options {
             net: String::new(),
             tables: String::new(),
             placement: None,
+            path_prefix: None,
         }
     }
 }
@@ -118,6 +121,7 @@ pub struct Cluster {
     pub nodes: [NodeInfo; 2],
     daemons: [Option<Child>; 2],
     placement: Option<Placement>,
+    path_prefix: Option<PathBuf>,
 }
 
 /// Makes a child die with the test process (the kernel sends SIGKILL when the spawning thread
@@ -190,8 +194,14 @@ impl Cluster {
                 data_size: 0,
             }
         });
-        let mut cluster =
-            Cluster { dir, run_dir, nodes, daemons: [None, None], placement: opts.placement.clone() };
+        let mut cluster = Cluster {
+            dir,
+            run_dir,
+            nodes,
+            daemons: [None, None],
+            placement: opts.placement.clone(),
+            path_prefix: opts.path_prefix.clone(),
+        };
         for node in Node::BOTH {
             let config = cluster.config_text(&opts, node);
             let info = cluster.info(node);
@@ -332,6 +342,10 @@ impl Cluster {
             }
             None => self.command(node, &["up", "--foreground"]),
         };
+        if let Some(dir) = &self.path_prefix {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", dir.display()));
+        }
         cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         let child = die_with_parent(&mut cmd).spawn().expect("spawn rdbd up --foreground");
         self.daemons[node.idx()] = Some(child);

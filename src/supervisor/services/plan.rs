@@ -67,7 +67,7 @@ pub fn script(service: &ServiceConfig, op: Op) -> Option<Script> {
                 Op::Monitor => format!("mountpoint -q {dir}"),
             })
         }
-        ServiceConfig::NfsServer { state_dir } => {
+        ServiceConfig::NfsServer { state_dir, grace_time, lease_time } => {
             let bind = state_dir.as_deref().map(quote);
             plain(match op {
                 Op::Start => {
@@ -84,7 +84,15 @@ pub fn script(service: &ServiceConfig, op: Op) -> Option<Script> {
                     s += "{ mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd; } && \
                           { pgrep --ns $$ --nslist net -x rpcbind >/dev/null || rpcbind -w; } && \
                           { pgrep --ns $$ --nslist net -x rpc.mountd >/dev/null || rpc.mountd; } && \
-                          rpc.nfsd 8 && { sm-notify -f >/dev/null 2>&1 || true; }";
+                          rpc.nfsd";
+                    // Set before the threads start: nfsd takes them only while it is down.
+                    if let Some(t) = grace_time {
+                        s += &format!(" -G {}", t.as_secs());
+                    }
+                    if let Some(t) = lease_time {
+                        s += &format!(" -L {}", t.as_secs());
+                    }
+                    s += " 8 && { sm-notify -f >/dev/null 2>&1 || true; }";
                     s
                 }
                 Op::Stop => {
@@ -203,5 +211,11 @@ mod tests {
         assert!(script(&exec, Op::Monitor).is_none());
         let ip = ServiceConfig::Ip { address: "10.0.0.100/24".into(), interface: "eth0".into() };
         assert!(script(&ip, Op::Start).unwrap().script.contains("arping -q -U -c 2 -I 'eth0' '10.0.0.100'"));
+        let nfsd = ServiceConfig::NfsServer {
+            state_dir: None,
+            grace_time: Some(std::time::Duration::from_secs(15)),
+            lease_time: Some(std::time::Duration::from_secs(10)),
+        };
+        assert!(script(&nfsd, Op::Start).unwrap().script.contains("rpc.nfsd -G 15 -L 10 8 &&"));
     }
 }
