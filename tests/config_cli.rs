@@ -180,3 +180,17 @@ fn unknown_node() {
         &message,
     );
 }
+
+#[test]
+fn the_ha_example_is_valid_and_round_trips() {
+    let dir = example_dir().join("ha");
+    let (out, stdout, stderr) =
+        run(rdbd().arg("dump").arg("res0").arg("--config-dir").arg(&dir).args(["--node", "beta"]));
+    assert!(out.status.success(), "{stderr}");
+    for line in ["heartbeat-address = \"10.0.0.2:7790\"", "grace-time = \"10s\"", "failback = \"always\""] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} missing from\n{stdout}");
+    }
+    let original = rdbd::config::load(&dir, "res0").unwrap();
+    assert_eq!(rdbd::config::parse(&dir.join("res0.toml"), &stdout).unwrap(), original);
+    assert!(original.ha.is_some_and(|ha| ha.services.len() == 5));
+}

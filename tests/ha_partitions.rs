@@ -286,6 +286,47 @@ fn an_isolated_primary_freezes_and_the_peer_takes_over() {
 }
 
 #[test]
+fn with_on_quorum_loss_fail_io_an_isolated_primary_fails_its_writes_instead_of_holding_them() {
+    let Some(s) = setup("on-quorum-loss = \"fail-io\"") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    s.net.cut(Link::AlphaWitness);
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    // Alpha's client was told its writes failed (it logs the error and reconnects).
+    let alpha_log = std::fs::read_to_string(&s.writers[0].1).unwrap();
+    assert!(alpha_log.lines().any(|l| l.starts_with("error alpha")), "alpha's writer saw no failed write");
+    let alpha_last = acks(&s.writers[0].1).last().map(|a| a.ns).unwrap();
+    let beta_first = acks(&s.writers[1].1).first().map(|a| a.ns).unwrap();
+    assert!(alpha_last < beta_first, "alpha acknowledged a write after beta took over");
+    s.net.mend(Link::AlphaWitness);
+    s.net.mend(Link::AlphaBeta);
+    s.cluster
+        .wait_for(Alpha, "Secondary", Duration::from_secs(30), |st| str_at(st, &["role"]) == "Secondary");
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.finish(1);
+}
+
+#[test]
+fn with_on_quorum_loss_demote_an_isolated_primary_steps_down_by_itself() {
+    let Some(s) = setup("on-quorum-loss = \"demote\"") else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.net.cut(Link::AlphaBeta);
+    s.net.cut(Link::AlphaWitness);
+    // Still cut off, alpha becomes Secondary on its own; beta takes over.
+    s.cluster.wait_for(Alpha, "Secondary while cut off", Duration::from_secs(30), |st| {
+        str_at(st, &["role"]) == "Secondary"
+    });
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.net.mend(Link::AlphaWitness);
+    s.net.mend(Link::AlphaBeta);
+    s.cluster.wait_for(Alpha, "connected again", Duration::from_secs(30), |st| {
+        str_at(st, &["connection"]) == "Connected"
+    });
+    s.wait_acks(Beta, 20, Duration::from_secs(30));
+    s.finish(1);
+}
+
+#[test]
 fn losing_the_witness_changes_nothing_while_the_pair_is_connected() {
     let Some(s) = setup("") else { return };
     s.wait_acks(Alpha, 20, Duration::from_secs(30));

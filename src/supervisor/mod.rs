@@ -301,15 +301,17 @@ impl Supervisor {
         if self.released {
             return;
         }
-        if let Some(w) = &self.witness {
-            w.want.store(false, Ordering::Release);
-        }
+        // The lease is kept until the node is Secondary: stopping the chain still writes (the
+        // unmount's flush), and without its peer only the lease lets those writes through.
         if let Err(e) = self.chain.stop_all().await {
             error!("down: stopping the services: {e}");
         }
         if let Err(e) = self.node.demote().await {
             warn!("down: demotion refused ({e}); forcing it");
             let _ = self.node.demote_forced().await;
+        }
+        if let Some(w) = &self.witness {
+            w.want.store(false, Ordering::Release);
         }
         self.released = true;
         self.last_action = Some("released for down".into());
