@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::repl::MAC_LEN;
-use crate::wire::{truncate_utf8, DecodeError, Reader};
+use crate::wire::{put_str16, DecodeError, Reader};
 
 /// "RDBH".
 pub const MAGIC: u32 = 0x5244_4248;
@@ -99,20 +99,6 @@ fn mac_of(secret: &[u8], body: &[u8]) -> HmacSha256 {
     mac
 }
 
-fn put_name(out: &mut Vec<u8>, s: &str) {
-    let s = truncate_utf8(s, MAX_NAME);
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn get_name(r: &mut Reader<'_>, what: &'static str) -> Result<String, DecodeError> {
-    let len = r.u16()? as usize;
-    if len > MAX_NAME {
-        return Err(DecodeError::TooLong { what, len: len as u64, limit: MAX_NAME as u64 });
-    }
-    Ok(std::str::from_utf8(r.bytes(len)?).map_err(|_| DecodeError::NotUtf8(what))?.to_string())
-}
-
 impl Kind {
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
         Ok(match v {
@@ -154,8 +140,8 @@ impl Datagram {
         out.push(if self.connected { FLAG_CONNECTED } else { 0 });
         out.extend_from_slice(&self.request.to_be_bytes());
         out.push(self.result as u8);
-        put_name(&mut out, &self.resource);
-        put_name(&mut out, &self.node);
+        put_str16(&mut out, &self.resource, MAX_NAME);
+        put_str16(&mut out, &self.node, MAX_NAME);
         let mac = mac_of(secret, &out).finalize().into_bytes();
         out.extend_from_slice(&mac);
         out
@@ -195,8 +181,8 @@ impl Datagram {
         }
         let request = r.u64()?;
         let result = OutdateResult::from_u8(r.u8()?)?;
-        let resource = get_name(&mut r, "resource name")?;
-        let node = get_name(&mut r, "node name")?;
+        let resource = r.string16("resource name", MAX_NAME)?.to_string();
+        let node = r.string16("node name", MAX_NAME)?.to_string();
         r.finish()?;
         Ok(Datagram {
             kind,

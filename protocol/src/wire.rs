@@ -29,6 +29,13 @@ pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Appends `s` (cut to `max` bytes at a character boundary) with a u16 length.
+pub(crate) fn put_str16(out: &mut Vec<u8>, s: &str, max: usize) {
+    let s = truncate_utf8(s, max.min(u16::MAX as usize));
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
 /// Reads big-endian integers and byte strings from a slice, never past its end.
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],

@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::repl::{MAC_LEN, NONCE_LEN};
-use crate::wire::{truncate_utf8, DecodeError, Reader};
+use crate::wire::{put_str16, DecodeError, Reader};
 
 /// "RDBW".
 pub const MAGIC: u32 = 0x5244_4257;
@@ -117,18 +117,11 @@ impl FrameHeader {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let s = truncate_utf8(s, MAX_STRING);
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
+    put_str16(out, s, MAX_STRING);
 }
 
 fn get_str(r: &mut Reader<'_>, what: &'static str) -> Result<String, DecodeError> {
-    let len = r.u16()? as usize;
-    if len > MAX_STRING {
-        return Err(DecodeError::TooLong { what, len: len as u64, limit: MAX_STRING as u64 });
-    }
-    let bytes = r.bytes(len)?;
-    Ok(std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8(what))?.to_string())
+    Ok(r.string16(what, MAX_STRING)?.to_string())
 }
 
 fn get_bool_flags(r: &mut Reader<'_>, what: &'static str, known: u8) -> Result<u8, DecodeError> {

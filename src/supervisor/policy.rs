@@ -199,6 +199,16 @@ mod tests {
         }
     }
 
+    /// [`base`] without the peer.
+    fn alone<'a>(preferred: &'a [String]) -> Situation<'a> {
+        Situation {
+            connected: false,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            ..base(preferred)
+        }
+    }
+
     #[test]
     fn a_switchover_hands_the_role_over_and_the_yielding_node_waits() {
         let none: Vec<String> = vec![];
@@ -236,12 +246,7 @@ mod tests {
     #[test]
     fn without_the_peer_only_a_permit_promotes() {
         let none: Vec<String> = vec![];
-        let alone = Situation {
-            connected: false,
-            peer_role: Role::Unknown,
-            peer_disk: DiskState::DUnknown,
-            ..base(&none)
-        };
+        let alone = alone(&none);
         assert_eq!(decide(&alone), Action::Promote);
         assert_eq!(decide(&Situation { permit: Permit::Denied, ..alone.clone() }), Action::Stay);
         assert_eq!(decide(&Situation { permit: Permit::Outdated, ..alone.clone() }), Action::Stay);
@@ -257,12 +262,7 @@ mod tests {
     #[test]
     fn the_worse_the_data_the_longer_a_lonely_node_waits() {
         let none: Vec<String> = vec![];
-        let alone = Situation {
-            connected: false,
-            peer_role: Role::Unknown,
-            peer_disk: DiskState::DUnknown,
-            ..base(&none)
-        };
+        let alone = alone(&none);
         let at = |disk, peer_seen, secs| {
             decide(&Situation { disk, peer_seen, alone_for: Duration::from_secs(secs), ..alone.clone() })
         };
@@ -302,14 +302,7 @@ mod tests {
     fn a_secondary_does_not_take_over_from_a_peer_still_heard() {
         let none: Vec<String> = vec![];
         for witness in [false, true] {
-            let s = Situation {
-                connected: false,
-                peer_role: Role::Unknown,
-                peer_disk: DiskState::DUnknown,
-                permit: Permit::PeerAlive,
-                witness,
-                ..base(&none)
-            };
+            let s = Situation { permit: Permit::PeerAlive, witness, ..alone(&none) };
             assert_eq!(decide(&s), Action::Stay);
         }
     }

@@ -11,7 +11,7 @@ use bytes::BufMut;
 use super::bitmap::BitmapRuns;
 use super::digest::{csums_from_wire, csums_to_wire, DigestAlg};
 use super::{kind, payload_bounds, Channel, FrameHeader, MAX_DATA_LEN, MAX_STRING_LEN, MIN_BITMAP_BLOCK};
-use crate::wire::{truncate_utf8, DecodeError, Reader};
+use crate::wire::{put_str16, DecodeError, Reader};
 
 /// Flag bits of Data, Trim and Zeroes (u16). A receiver rejects bits the message does not
 /// define: FUA on all three, MAY_PUNCH on Zeroes only.
@@ -858,9 +858,7 @@ impl<'a> Message<'a> {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let s = truncate_utf8(s, MAX_STRING_LEN);
-    out.put_u16(s.len() as u16);
-    out.put_slice(s.as_bytes());
+    put_str16(out, s, MAX_STRING_LEN);
 }
 
 fn put_range_write(out: &mut Vec<u8>, seq: u64, offset: u64, len: u64, flags: u16, ack: AckMode) {
