@@ -38,10 +38,17 @@ on_error() {
   local rc=$?
   trap - ERR
   echo "!! FAILED (exit $rc) in step: $current" >&2
+  # Warnings first and short: a long failure report may be cut in its middle.
   for log in ${LOGS:-}; do
-    if [ -f "$log" ]; then echo "-- $log (last 40 lines):" >&2; tail -n 40 "$log" >&2; fi
+    if [ -f "$log" ]; then
+      echo "-- $log (last 12 warnings and errors):" >&2
+      grep -E ' (WARN|ERROR) ' "$log" | tail -n 12 >&2 || true
+    fi
   done
-  echo "-- kernel log (last 30 lines):" >&2
-  dmesg | tail -n 30 >&2
+  for log in ${LOGS:-}; do
+    if [ -f "$log" ]; then echo "-- $log (last 25 lines):" >&2; tail -n 25 "$log" >&2; fi
+  done
+  echo "-- kernel log (last 20 lines):" >&2
+  dmesg | tail -n 20 >&2
   exit "$rc"
 }

@@ -51,8 +51,9 @@ cat > "$RDBD_CONFIG_DIR/r0.toml" <<EOF
 shared-secret = "vm-test"
 connect-interval = "500ms"
 ping-interval = "1s"
-ping-timeout = "500ms"
-timeout = "2s"
+# Under emulation an online verify beside the NFS load can hold a ping's answer past 500 ms.
+ping-timeout = "1500ms"
+timeout = "4s"
 # The isolated Primary of step 2 wrote alone; once it is Secondary, its writes are the ones to go.
 after-sb-1pri = "discard-secondary"
 
