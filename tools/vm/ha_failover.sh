@@ -84,18 +84,12 @@ nfs_diagnostics() {
     on "$n" cat /proc/fs/nfsd/threads >&2 || true
   done
 }
-resynced_mib() { echo $(($(status_field "$1" "['last_resync_bytes']") >> 20)); }
 
 cd "$WORK"
 mkdir -p "$RDBD_CONFIG_DIR"
 
 step "kernel $(uname -r): modules; alpha ($ALPHA), beta ($BETA), witness ($WITNESS) on bridge br0"
-run modprobe -a nbd dm-mod xfs nfsd veth bridge
-run modprobe nbd nbds_max=4
-for _ in $(seq 50); do [ -b /dev/nbd1 ] && break; sleep 0.1; done
-nodes_init
-node_create alpha "$ALPHA" /dev/nbd0
-node_create beta "$BETA" /dev/nbd1
+nodes_pair_up "$ALPHA" "$BETA"
 host_create witness "$WITNESS" # the witness needs only a network namespace
 # A longer lease than the default 2 s: the test tears down the "dead" node's kernel state (a real
 # power-off does that at once) before the survivor may take over.

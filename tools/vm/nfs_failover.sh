@@ -31,18 +31,11 @@ LOGS="$NODES_DIR/alpha.run/rdbd/r0.alpha.log $NODES_DIR/beta.run/rdbd/r0.beta.lo
 trap on_error ERR
 trap nodes_down EXIT
 
-resynced_mib() { echo $(($(status_field "$1" "['last_resync_bytes']") >> 20)); }
-
 cd "$WORK"
 mkdir -p "$RDBD_CONFIG_DIR"
 
 step "kernel $(uname -r): modules; nodes alpha ($ALPHA, /dev/nbd0) and beta ($BETA, /dev/nbd1) on bridge br0"
-run modprobe -a nbd dm-mod xfs nfsd veth bridge
-run modprobe nbd nbds_max=4
-for _ in $(seq 50); do [ -b /dev/nbd1 ] && break; sleep 0.1; done
-nodes_init
-node_create alpha "$ALPHA" /dev/nbd0
-node_create beta "$BETA" /dev/nbd1
+nodes_pair_up "$ALPHA" "$BETA"
 run on alpha ip -br addr show eth0
 
 step "r0: create-md and up on both nodes ($DISK_SIZE disks), primary --force on alpha, initial sync"

@@ -84,6 +84,20 @@ EOF
   ' "$name" "$dev" "$NODES_DIR/$name.run"
 }
 
+# The modules the stack needs, the bridge, and nodes alpha at ALPHA (/dev/nbd0) and beta at BETA
+# (/dev/nbd1).
+nodes_pair_up() {
+  run modprobe -a nbd dm-mod xfs nfsd veth bridge
+  run modprobe nbd nbds_max=4
+  for _ in $(seq 50); do [ -b /dev/nbd1 ] && break; sleep 0.1; done
+  nodes_init
+  node_create alpha "$1" /dev/nbd0
+  node_create beta "$2" /dev/nbd1
+}
+
+# The size of NODE's last resync in MiB.
+resynced_mib() { echo $(($(status_field "$1" "['last_resync_bytes']") >> 20)); }
+
 # At the end of a scenario, whatever happened: the client's mount gone, both daemons down.
 nodes_down() {
   umount -f -l /mnt 2>/dev/null || true
