@@ -141,7 +141,9 @@ impl ActivityLog {
     }
 
     /// A writer wants to touch `extent`. On `Hot` and `Pending` the writer is counted as a user
-    /// of the extent and must call [`ActivityLog::end`] when its write completes.
+    /// of the extent and must call [`ActivityLog::end`] when its write no longer needs the
+    /// extent logged: once it is stable on the peer or marked out of sync (the transaction that
+    /// evicts the extent makes it durable here).
     pub fn begin(&mut self, extent: u32) -> Begin {
         self.clock += 1;
         if let Some(&i) = self.by_extent.get(&extent) {
@@ -250,11 +252,10 @@ impl ActivityLog {
         self.clock
     }
 
-    /// Whether a logged extent has seen no write begin since `mark` (a past
-    /// [`ActivityLog::clock`]) and has none in flight: whether [`ActivityLog::retire`] would
-    /// find something.
-    pub fn any_unused_since(&self, mark: u64) -> bool {
-        self.slots.iter().any(|s| Self::retirable(s, mark))
+    /// The logged extents that have seen no write begin since `mark` (a past
+    /// [`ActivityLog::clock`]) and have no user now: what [`ActivityLog::retire`] would take.
+    pub fn unused_since(&self, mark: u64) -> Vec<u32> {
+        self.slots.iter().filter(|s| Self::retirable(s, mark)).map(|s| s.extent).collect()
     }
 
     /// Takes out of the log the extents that `wanted` accepts and that are still unused since
@@ -510,7 +511,7 @@ mod tests {
         log.begin(2); // used again after the mark
         log.end(2);
         // 3 still has a writer, 2 was used after the mark, 1 is idle.
-        assert!(log.any_unused_since(mark));
+        assert_eq!(log.unused_since(mark), vec![1]);
         let tx = log.retire(|_| true, mark).unwrap();
         assert_eq!(tx.evicted, vec![1], "its bitmap pages must be written before the log");
         write(&mut disk, &tx);

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::activity_log::{self, ActivityLog, Transaction, EXTENT_BYTES};
 use super::bitmap::DirtyBitmap;
@@ -63,7 +64,7 @@ pub enum MetaError {
 
 /// An open metadata area.
 pub struct MetaDevice {
-    file: File,
+    file: Arc<dyn MetaIo>,
     path: PathBuf,
     layout: Layout,
     superblock: Superblock,
@@ -94,72 +95,111 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> MetaError + '_ {
     move |error| MetaError::Io { path: path.to_owned(), error }
 }
 
-fn device_size(file: &File) -> io::Result<u64> {
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // Block device: its size is where seeking to the end lands.
-    rustix::fs::seek(file, rustix::fs::SeekFrom::End(0)).map_err(io::Error::from)
+/// The I/O the metadata needs from its device. Files and block devices implement it; so does
+/// the fault-injecting disk of the tests ([`crate::storage::faulty::FaultyDisk`]).
+pub trait MetaIo: Send + Sync {
+    /// Bytes on the device.
+    fn size(&self) -> io::Result<u64>;
+    /// Fills `buf` from `offset`.
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// A plain write: durable only after [`MetaIo::make_durable`].
+    fn write_plain(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `data` at `offset` and makes just that range durable.
+    fn write_durably(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes everything written so far durable.
+    fn make_durable(&self) -> io::Result<()>;
 }
 
-/// Writes `data` at `offset` and makes just that range durable (`RWF_DSYNC`). With internal
-/// metadata the file is also the data disk: an `fdatasync` would write back every dirty data
-/// page too, which under application load costs hundreds of milliseconds per metadata update.
-fn write_durably(file: &File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
-    while !data.is_empty() {
-        let iov = [std::io::IoSlice::new(data)];
-        match rustix::io::pwritev2(file, &iov, offset, rustix::io::ReadWriteFlags::DSYNC) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "metadata write made no progress")),
-            Ok(n) => {
-                data = &data[n..];
-                offset += n as u64;
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            // A file system without per-write sync: write, then sync the whole file.
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
-                file.write_all_at(data, offset)?;
-                return file.sync_data();
-            }
-            Err(e) => return Err(e.into()),
+impl MetaIo for File {
+    fn size(&self) -> io::Result<u64> {
+        let meta = self.metadata()?;
+        if meta.is_file() {
+            return Ok(meta.len());
         }
+        // Block device: its size is where seeking to the end lands.
+        rustix::fs::seek(self, rustix::fs::SeekFrom::End(0)).map_err(io::Error::from)
     }
-    Ok(())
+
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write_plain(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(data, offset)
+    }
+
+    /// `RWF_DSYNC`: with internal metadata the file is also the data disk, and an `fdatasync`
+    /// would write back every dirty data page too, which under application load costs hundreds
+    /// of milliseconds per metadata update.
+    fn write_durably(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+        while !data.is_empty() {
+            let iov = [std::io::IoSlice::new(data)];
+            match rustix::io::pwritev2(self, &iov, offset, rustix::io::ReadWriteFlags::DSYNC) {
+                Ok(0) => {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "metadata write made no progress"))
+                }
+                Ok(n) => {
+                    data = &data[n..];
+                    offset += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                // A file system without per-write sync: write, then sync the whole file.
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+                    self.write_all_at(data, offset)?;
+                    return self.sync_data();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn make_durable(&self) -> io::Result<()> {
+        self.sync_all()
+    }
 }
 
 fn open_rw(path: &Path) -> Result<File, MetaError> {
     std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))
 }
 
-/// The metadata device of a resource, opened, with the sizes that determine its layout.
-struct Devices {
-    file: File,
+/// The device that holds a resource's metadata, opened, with the sizes its layout depends on.
+pub struct MetaArea {
+    io: Arc<dyn MetaIo>,
+    /// For messages.
     path: PathBuf,
     backing_size: u64,
     meta_size: u64,
     internal: bool,
 }
 
-fn open_devices(backing: &Path, location: &MetaLocation) -> Result<Devices, MetaError> {
-    let backing_file = open_rw(backing)?;
-    let backing_size = device_size(&backing_file).map_err(io_err(backing))?;
-    Ok(match location {
-        MetaLocation::Internal => Devices {
-            file: backing_file,
-            path: backing.to_owned(),
-            backing_size,
-            meta_size: backing_size,
-            internal: true,
-        },
-        MetaLocation::External(path) => {
-            let file = open_rw(path)?;
-            let meta_size = device_size(&file).map_err(io_err(path))?;
-            Devices { file, path: path.clone(), backing_size, meta_size, internal: false }
-        }
-    })
-}
+impl MetaArea {
+    /// Opens the metadata of `backing` where `location` says.
+    pub fn open(backing: &Path, location: &MetaLocation) -> Result<Self, MetaError> {
+        let backing_file = open_rw(backing)?;
+        let backing_size = backing_file.size().map_err(io_err(backing))?;
+        Ok(match location {
+            MetaLocation::Internal => MetaArea {
+                io: Arc::new(backing_file),
+                path: backing.to_owned(),
+                backing_size,
+                meta_size: backing_size,
+                internal: true,
+            },
+            MetaLocation::External(path) => {
+                let file = open_rw(path)?;
+                let meta_size = file.size().map_err(io_err(path))?;
+                MetaArea { io: Arc::new(file), path: path.clone(), backing_size, meta_size, internal: false }
+            }
+        })
+    }
 
-impl Devices {
+    /// Internal metadata on `io`, which is also the data disk (`name` for messages).
+    pub fn internal(io: Arc<dyn MetaIo>, name: &Path) -> Result<Self, MetaError> {
+        let size = io.size().map_err(io_err(name))?;
+        Ok(MetaArea { io, path: name.to_owned(), backing_size: size, meta_size: size, internal: true })
+    }
+
     fn layout(&self, bitmap_block: u32, al_extents: u32) -> Result<Layout, MetaError> {
         let layout = if self.internal {
             Layout::internal(self.backing_size, bitmap_block, al_extents)
@@ -174,20 +214,20 @@ impl Devices {
     }
 }
 
-fn read_block(file: &File, offset: u64) -> io::Result<[u8; MD_BLOCK as usize]> {
+fn read_block(io: &dyn MetaIo, offset: u64) -> io::Result<[u8; MD_BLOCK as usize]> {
     let mut b = [0u8; MD_BLOCK as usize];
-    file.read_exact_at(&mut b, offset)?;
+    io.read_into(&mut b, offset)?;
     Ok(b)
 }
 
 /// Reads both superblock copies.
 fn read_superblocks(
-    file: &File,
+    io: &dyn MetaIo,
     path: &Path,
     offsets: [u64; 2],
 ) -> Result<(Superblock, Option<SuperblockError>), MetaError> {
-    let a = Superblock::decode(&read_block(file, offsets[0]).map_err(io_err(path))?);
-    let b = Superblock::decode(&read_block(file, offsets[1]).map_err(io_err(path))?);
+    let a = Superblock::decode(&read_block(io, offsets[0]).map_err(io_err(path))?);
+    let b = Superblock::decode(&read_block(io, offsets[1]).map_err(io_err(path))?);
     Superblock::pick(a, b).map_err(|error| match error {
         SuperblockError::NotMetadata => MetaError::NoMetadata { path: path.to_owned() },
         error => MetaError::Superblock { path: path.to_owned(), error },
@@ -202,25 +242,28 @@ pub fn create(
     opts: &CreateOptions,
     force: bool,
 ) -> Result<Layout, MetaError> {
-    let devices = open_devices(backing, location)?;
-    let layout = devices.layout(opts.bitmap_block, opts.al_extents)?;
-    let Devices { file, path, .. } = &devices;
-    let (file, path) = (file, path.clone());
+    create_in(&MetaArea::open(backing, location)?, opts, force)
+}
+
+/// [`create`] on an opened metadata area.
+pub fn create_in(area: &MetaArea, opts: &CreateOptions, force: bool) -> Result<Layout, MetaError> {
+    let layout = area.layout(opts.bitmap_block, opts.al_extents)?;
+    let (file, path) = (&*area.io, area.path.clone());
     if !force {
-        if let Ok((existing, _)) = read_superblocks(file, &path, devices.superblock_offsets()) {
+        if let Ok((existing, _)) = read_superblocks(file, &path, area.superblock_offsets()) {
             return Err(MetaError::Exists { path, node: existing.node_name });
         }
     }
     let mut bitmap = DirtyBitmap::new(layout.bitmap_bits());
     for page in 0..layout.bitmap_pages {
-        file.write_all_at(&bitmap.encode_page(page), layout.bitmap_page_offset(page))
+        file.write_plain(&bitmap.encode_page(page), layout.bitmap_page_offset(page))
             .map_err(io_err(&path))?;
     }
     bitmap.take_stale_pages();
     let mut al = ActivityLog::new(layout.al_extents);
     for (block, image) in al.all_blocks() {
         for copy in 0..2 {
-            file.write_all_at(&image, layout.al_block_offset(block, copy)).map_err(io_err(&path))?;
+            file.write_plain(&image, layout.al_block_offset(block, copy)).map_err(io_err(&path))?;
         }
     }
     let mut sb = Superblock {
@@ -235,9 +278,9 @@ pub fn create(
     for slot in 0..2 {
         sb.seq = slot as u64;
         let image = sb.encode().map_err(|error| MetaError::Superblock { path: path.clone(), error })?;
-        file.write_all_at(&image, layout.superblock_offsets[slot]).map_err(io_err(&path))?;
+        file.write_plain(&image, layout.superblock_offsets[slot]).map_err(io_err(&path))?;
     }
-    file.sync_all().map_err(io_err(&path))?;
+    file.make_durable().map_err(io_err(&path))?;
     Ok(layout)
 }
 
@@ -246,12 +289,16 @@ pub fn create(
 /// reported and never trusted: a damaged bitmap page counts as all dirty, a damaged log as
 /// every block dirty.
 pub fn attach(backing: &Path, location: &MetaLocation, node_name: &str) -> Result<Attached, MetaError> {
+    attach_in(MetaArea::open(backing, location)?, node_name)
+}
+
+/// [`attach`] on an opened metadata area.
+pub fn attach_in(area: MetaArea, node_name: &str) -> Result<Attached, MetaError> {
     // The layout depends on parameters stored in the superblock; the superblock's position
     // does not.
-    let devices = open_devices(backing, location)?;
-    let (sb, damaged_sb) = read_superblocks(&devices.file, &devices.path, devices.superblock_offsets())?;
-    let layout = devices.layout(sb.bitmap_block, sb.al_extents)?;
-    let Devices { file, path, .. } = devices;
+    let (sb, damaged_sb) = read_superblocks(&*area.io, &area.path, area.superblock_offsets())?;
+    let layout = area.layout(sb.bitmap_block, sb.al_extents)?;
+    let MetaArea { io: file, path, .. } = area;
     if sb.node_name != node_name {
         return Err(MetaError::WrongNode { path, found: sb.node_name, expected: node_name.to_owned() });
     }
@@ -265,7 +312,7 @@ pub fn attach(backing: &Path, location: &MetaLocation, node_name: &str) -> Resul
 
     let mut bitmap = DirtyBitmap::new(layout.bitmap_bits());
     for page in 0..layout.bitmap_pages {
-        let image = read_block(&file, layout.bitmap_page_offset(page)).map_err(io_err(&path))?;
+        let image = read_block(&*file, layout.bitmap_page_offset(page)).map_err(io_err(&path))?;
         if let Err(e) = bitmap.load_page(page, &image) {
             report.damage.push(format!("{e}: its blocks are taken as out of sync"));
         }
@@ -274,8 +321,8 @@ pub fn attach(backing: &Path, location: &MetaLocation, node_name: &str) -> Resul
     let mut copies = Vec::new();
     let al_blocks = layout.al_blocks / 2;
     for block in 0..al_blocks {
-        let a = read_block(&file, layout.al_block_offset(block, 0)).map_err(io_err(&path))?;
-        let b = read_block(&file, layout.al_block_offset(block, 1)).map_err(io_err(&path))?;
+        let a = read_block(&*file, layout.al_block_offset(block, 0)).map_err(io_err(&path))?;
+        let b = read_block(&*file, layout.al_block_offset(block, 1)).map_err(io_err(&path))?;
         copies.push((a, b));
     }
     let activity_log = match activity_log::recover(&copies) {
@@ -323,7 +370,7 @@ impl MetaDevice {
         sb.seq = self.superblock.seq + 1;
         let image = sb.encode().map_err(|error| MetaError::Superblock { path: self.path.clone(), error })?;
         let offset = self.layout.superblock_offsets[sb.slot()];
-        write_durably(&self.file, &image, offset).map_err(io_err(&self.path))?;
+        self.file.write_durably(&image, offset).map_err(io_err(&self.path))?;
         self.superblock = sb;
         Ok(())
     }
@@ -345,7 +392,7 @@ impl MetaDevice {
             run.extend_from_slice(&bitmap.encode_page(page));
             if pages.get(i + 1) != Some(&(page + 1)) {
                 let offset = self.layout.bitmap_page_offset(start.take().expect("run started"));
-                write_durably(&self.file, &run, offset).map_err(io_err(&self.path))?;
+                self.file.write_durably(&run, offset).map_err(io_err(&self.path))?;
                 run.clear();
             }
         }
@@ -357,7 +404,7 @@ impl MetaDevice {
     pub fn write_transaction(&self, tx: &Transaction) -> Result<(), MetaError> {
         for w in &tx.blocks {
             let offset = self.layout.al_block_offset(w.block, w.copy);
-            write_durably(&self.file, &w.image, offset).map_err(io_err(&self.path))?;
+            self.file.write_durably(&w.image, offset).map_err(io_err(&self.path))?;
         }
         Ok(())
     }

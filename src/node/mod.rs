@@ -784,6 +784,13 @@ impl Node {
         self.shutdown.cancel();
         self.state().role = Role::Secondary;
         self.persist_bitmap(false)?;
+        // A clean log is trusted at the next start: everything written must be on this disk
+        // before it says so, or a power loss now would lose writes no resync would repair.
+        if let Err(e) = self.device.sync() {
+            warn!("down: flushing the data failed ({e}): the metadata stays unclean");
+            self.persist(|sb| sb.set(flags::PRIMARY, false))?;
+            return Err(NodeError::Refused(format!("down: flushing the data failed: {e}")));
+        }
         self.persist(|sb| {
             sb.set(flags::PRIMARY, false);
             sb.set(flags::AL_CLEAN, true);

@@ -17,7 +17,7 @@ use slab::Slab;
 
 use super::alone_gate::{AloneGate, AloneVerdict};
 use super::link::framed::{FrameWriter, Framed};
-use super::peer::{Inbox, LinkLoss, LinkOptions, PeerLink, PeerOutcome, ResyncReply};
+use super::peer::{Inbox, LinkEvents, LinkOptions, PeerLink, PeerOutcome, ResyncReply, Submitted};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
@@ -176,6 +176,11 @@ impl ReplicatedDevice {
                     for undo in extents.clone().take(n) {
                         log.end(undo);
                     }
+                    // Slots held by writes the peer has not made stable are freed by its next
+                    // FlushAck: ask for one now rather than at the next periodic flush.
+                    if let Some(peer) = self.peer() {
+                        peer.request_flush();
+                    }
                     return Ok(false);
                 }
             }
@@ -187,7 +192,14 @@ impl ReplicatedDevice {
         // Transactions are synchronous here and under the lock, so one is never in flight
         // when another is prepared.
         while let Some(tx) = log.prepare() {
-            match meta.commit(bitmap, &tx) {
+            // An evicted extent's writes must be on this disk before the log forgets it: a
+            // power loss would otherwise lose them here while the peer has them, unmarked. One
+            // flush per transaction (DRBD's AL write carries a preflush for the same reason).
+            let durable = if tx.evicted.is_empty() { Ok(()) } else { self.local.sync() };
+            let committed = durable
+                .map_err(|e| e.to_string())
+                .and_then(|()| meta.commit(bitmap, &tx).map_err(|e| e.to_string()));
+            match committed {
                 Ok(()) => log.committed(tx),
                 Err(e) => {
                     tracing::error!("activity log write failed: {e}");
@@ -212,32 +224,29 @@ impl ReplicatedDevice {
         self.with_tracking(|t| t.activity.as_ref().map_or(0, |(log, _)| log.clock()))
     }
 
-    /// Takes out of the activity log the extents no write has begun on since `mark` and whose
-    /// writes the connected peer holds stably, so that a crash of this node resyncs the extents
-    /// written recently rather than every one the log has room for. Returns how many left.
-    ///
-    /// Only while the peer is connected: without it every write is in the bitmap anyway. The
-    /// peer must still be alive once the log is locked again, because a dying link marks its
-    /// unstable writes out of sync only after it stopped being alive: seen alive there, any
-    /// such write was among the unstable ranges read before, or starts after and logs again.
+    /// Takes out of the activity log the extents no write has begun on since `mark` and none
+    /// holds (in flight, or not yet stable on the peer: see [`LinkEvents`]), so that a crash of
+    /// this node resyncs the extents written recently rather than every one the log has room
+    /// for. Their writes are made durable on this disk first (one flush, outside the lock), or a
+    /// power loss could lose them here while the peer has them. Returns how many left.
     pub fn retire_idle_extents(&self, mark: u64) -> Result<usize, crate::metadata::store::MetaError> {
-        let any =
-            self.with_tracking(|t| t.activity.as_ref().is_some_and(|(log, _)| log.any_unused_since(mark)));
-        if !any {
+        // Idle now: every write to them completed before the flush below starts. One that
+        // begins meanwhile uses its extent after the mark, which keeps it in the log.
+        let mut idle = self
+            .with_tracking(|t| t.activity.as_ref().map(|(log, _)| log.unused_since(mark)))
+            .unwrap_or_default();
+        if idle.is_empty() {
             return Ok(0);
         }
-        let Some(peer) = self.peer() else { return Ok(0) };
-        let mut unstable: Vec<u32> =
-            peer.unstable_ranges().into_iter().flat_map(|(s, e)| extents_of(s, e - s)).collect();
-        unstable.sort_unstable();
-        let retire = |e: u32| unstable.binary_search(&e).is_err();
+        idle.sort_unstable();
+        if let Err(e) = self.local.sync() {
+            let error = std::io::Error::other(format!("flushing the data before the activity log: {e}"));
+            return Err(crate::metadata::store::MetaError::Io { path: "data disk".into(), error });
+        }
         let mut t = self.tracking.lock().expect("tracking lock");
         let Tracking { bitmap, activity } = &mut *t;
         let Some((log, meta)) = activity else { return Ok(0) };
-        if !peer.is_alive() {
-            return Ok(0);
-        }
-        let Some(tx) = log.retire(retire, mark) else { return Ok(0) };
+        let Some(tx) = log.retire(|e| idle.binary_search(&e).is_ok(), mark) else { return Ok(0) };
         let retired = tx.evicted.len();
         match meta.commit(bitmap, &tx) {
             Ok(()) => {
@@ -251,6 +260,26 @@ impl ReplicatedDevice {
         }
     }
 
+    /// Writes the link followed are settled: stable on the peer, or (`lost`) marked out of sync;
+    /// their extents may leave the activity log now, and writes waiting for a slot look again.
+    fn release_followed(&self, ranges: &[(u64, u64)], lost: bool) {
+        {
+            let mut t = self.tracking.lock().expect("tracking lock");
+            let Tracking { bitmap, activity } = &mut *t;
+            for &(start, end) in ranges {
+                if lost {
+                    bitmap.set(DirtyBitmap::blocks_of(start, end - start, self.bitmap_block));
+                }
+                if let Some((log, _)) = activity {
+                    for extent in extents_of(start, end - start) {
+                        log.end(extent);
+                    }
+                }
+            }
+        }
+        self.wake_parked();
+    }
+
     fn deactivate(&self, (start, end): (u64, u64)) {
         let mut t = self.tracking.lock().expect("tracking lock");
         if let Some((log, _)) = &mut t.activity {
@@ -261,8 +290,9 @@ impl ReplicatedDevice {
     }
 
     /// Starts mirroring to the peer at the other end of `data` and `meta` (after the handshake).
-    /// Writes the peer may lose when the link dies are marked out of sync here. A sync source
-    /// passes where the peer's resync acknowledgements go.
+    /// Writes the peer may lose when the link dies are marked out of sync here, and each write
+    /// keeps its activity-log extent until the peer has it stably. A sync source passes where
+    /// the peer's resync acknowledgements go.
     pub fn connect_peer(
         self: &Arc<Self>,
         data: FrameWriter,
@@ -270,8 +300,8 @@ impl ReplicatedDevice {
         options: LinkOptions,
         resync_replies: Option<tokio::sync::mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<PeerLink> {
-        let loss = Arc::new(DeviceLinkLoss(Arc::downgrade(self)));
-        let link = PeerLink::start(data, meta, options, loss, resync_replies);
+        let events = Arc::new(DeviceLinkEvents(Arc::downgrade(self)));
+        let link = PeerLink::start(data, meta, options, events, resync_replies);
         *self.peer.write().expect("peer lock") = Some(link.clone());
         link
     }
@@ -376,6 +406,10 @@ impl BlockDevice for ReplicatedDevice {
         self.local.block_status(offset, len, max_extents)
     }
 
+    fn sync(&self) -> Result<(), IoError> {
+        self.local.sync()
+    }
+
     // Splicing would bypass the copy the peer needs: not offered.
     fn accepts_splice(&self) -> bool {
         false
@@ -386,22 +420,35 @@ impl BlockDevice for ReplicatedDevice {
     }
 }
 
-/// A link's death as the device takes it: the alone gate closes first, then what the peer may
-/// lack is marked out of sync.
-struct DeviceLinkLoss(std::sync::Weak<ReplicatedDevice>);
+/// What the link reports, as the device takes it: a stable write releases its activity-log
+/// extents; a link's death closes the alone gate first, then marks what the peer may lack out of
+/// sync, in the same locked step that releases the extents, so that no extent can leave the log
+/// between the two.
+struct DeviceLinkEvents(std::sync::Weak<ReplicatedDevice>);
 
-impl LinkLoss for DeviceLinkLoss {
+impl LinkEvents for DeviceLinkEvents {
     fn dying(&self) {
         if let Some(device) = self.0.upgrade() {
             device.alone.peer_lost();
         }
     }
 
+    fn stable(&self, ranges: &[(u64, u64)]) {
+        if let Some(device) = self.0.upgrade() {
+            device.release_followed(ranges, false);
+        }
+    }
+
     fn lost(&self, ranges: &[(u64, u64)]) {
         if let Some(device) = self.0.upgrade() {
-            for &range in ranges {
-                device.mark_out_of_sync(range);
-            }
+            device.release_followed(ranges, true);
+        }
+    }
+
+    fn resynced(&self, offset: u64, len: u32) {
+        if let Some(device) = self.0.upgrade() {
+            let blocks = DirtyBitmap::blocks_of(offset, u64::from(len), device.bitmap_block);
+            device.with_tracking(|t| t.bitmap.clear(blocks));
         }
     }
 }
@@ -414,6 +461,9 @@ struct Op {
     local: Option<Result<(), IoError>>,
     buf: Option<IoBuf>,
     waiting_for_peer: bool,
+    /// The link follows the write until the peer has it stably, and releases its activity-log
+    /// extents then (otherwise they are released when the op completes).
+    followed: bool,
     /// The peer does not have it (gone, or lost it): answered only through the alone gate.
     alone: bool,
 }
@@ -451,7 +501,8 @@ impl ReplicatedQueue {
         let key = self.ops.vacant_key();
         let range = write_range(&op);
         let peer = self.device.peer();
-        let waiting_for_peer = match (&peer, &op) {
+        let not_sent = Submitted { answered: false, followed: false };
+        let sent = match (&peer, &op) {
             (Some(p), IoOp::Write { offset, buf, fua }) => p.write(*offset, buf, *fua, &self.inbox, key),
             (Some(p), IoOp::Trim { offset, len, fua }) => p.trim(*offset, *len, *fua, &self.inbox, key),
             (Some(p), IoOp::WriteZeroes { offset, len, may_punch, fua, .. }) => {
@@ -462,12 +513,20 @@ impl ReplicatedQueue {
                 if let Some(range) = range {
                     self.device.mark_out_of_sync(range);
                 }
-                false
+                not_sent
             }
-            (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => false,
+            (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => not_sent,
         };
         let alone = peer.is_none() && (range.is_some() || matches!(op, IoOp::Flush));
-        self.ops.insert(Op { tag, range, local: None, buf: None, waiting_for_peer, alone });
+        self.ops.insert(Op {
+            tag,
+            range,
+            local: None,
+            buf: None,
+            waiting_for_peer: sent.answered,
+            followed: sent.followed,
+            alone,
+        });
         self.local.submit(key as u32, op);
     }
 
@@ -591,7 +650,9 @@ impl IoQueue for ReplicatedQueue {
             }
             let op = self.ops.remove(key);
             if let Some(range) = op.range {
-                self.device.deactivate(range);
+                if !op.followed {
+                    self.device.deactivate(range);
+                }
                 self.device.release(range);
             }
             let result = op.local.expect("ready ops have a local result");

@@ -2,6 +2,12 @@
 //! order, acknowledgements come back on the meta channel and are routed to the queue that is
 //! waiting for them. When the link dies every outstanding request is reported lost, so the
 //! writer can mark its blocks out of sync instead of waiting forever.
+//!
+//! The ledger also follows each write until it is stable on the peer (flushed there), and
+//! reports it to the device then, or as lost if the link dies or the peer fails it first: the
+//! device keeps the write's activity-log extent until one of the two (DRBD keeps its AL
+//! reference until the peer's barrier ack), so an extent never leaves the log while the peer
+//! could still lose a write to it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +62,8 @@ struct Waiter {
     key: usize,
     /// A FUA write: stable on the peer once WriteAcked.
     fua: bool,
+    /// A flush: its FlushAck makes every earlier write stable, its NegAck loses them.
+    flush: bool,
 }
 
 /// Everything the link tracks, under one lock. Requests are encoded into `frames` under the same
@@ -84,21 +92,49 @@ impl Ledger {
     }
 }
 
+/// The peer's answer to a request, as the ledger takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// WriteAck or RecvAck.
+    Written,
+    Flushed,
+    /// NegAck.
+    Failed,
+}
+
 /// The peer's answer to a block sent for resync, for the sync source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncReply {
-    /// Written on the target: the range is in sync.
+    /// Written on the target: the range is in sync (already cleared in the bitmap, see
+    /// [`LinkEvents::resynced`]).
     Ack { offset: u64, len: u32 },
     /// The target could not write it: the range stays out of sync.
     Failed { offset: u64, len: u32, errno: u32 },
 }
 
-/// What the replicated device hears of a link's death.
-pub trait LinkLoss: Send + Sync {
+/// What the replicated device hears from the link about the writes it follows: each write
+/// submitted with [`Submitted::followed`] is reported exactly once, to `stable` or `lost`.
+pub trait LinkEvents: Send + Sync {
     /// The link is dying: called before any write can be seen lost or start without a peer.
     fn dying(&self);
-    /// These byte ranges may be missing on the peer (sent, not yet stable there).
+    /// These writes are stable on the peer (a FlushAck covered them, or a FUA write was acked).
+    fn stable(&self, ranges: &[(u64, u64)]);
+    /// These writes may be missing on the peer (the link died before they were stable, or the
+    /// peer failed them): their ranges are out of sync.
     fn lost(&self, ranges: &[(u64, u64)]);
+    /// The sync target has this resync range durably: it is in sync. Taken in the order the
+    /// acks arrive, so a later NegAck's marks are never undone by an earlier ResyncAck.
+    fn resynced(&self, offset: u64, len: u32);
+}
+
+/// What [`PeerLink`] did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// An outcome will be delivered to the inbox (false when the protocol needs no answer).
+    pub answered: bool,
+    /// The write's range is followed until stable or lost (see [`LinkEvents`]); false when the
+    /// link was already down (the outcome is then `Lost`) or the request writes nothing.
+    pub followed: bool,
 }
 
 /// Capacity the sender keeps in its buffer between bursts.
@@ -139,7 +175,7 @@ pub struct PeerLink {
     ledger: Mutex<Ledger>,
     /// Wakes the sender task when frames are queued.
     queued: tokio::sync::Notify,
-    loss: Arc<dyn LinkLoss>,
+    events: Arc<dyn LinkEvents>,
     /// Cleared (before the ledger is emptied) when the link dies.
     alive: AtomicBool,
     protocol: Protocol,
@@ -157,7 +193,7 @@ impl PeerLink {
         data: FrameWriter,
         meta: Framed,
         options: LinkOptions,
-        loss: Arc<dyn LinkLoss>,
+        events: Arc<dyn LinkEvents>,
         resync_replies: Option<mpsc::UnboundedSender<ResyncReply>>,
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
@@ -171,7 +207,7 @@ impl PeerLink {
                 auto_flush: None,
             }),
             queued: tokio::sync::Notify::new(),
-            loss,
+            events,
             alive: AtomicBool::new(true),
             protocol,
             integrity,
@@ -186,11 +222,6 @@ impl PeerLink {
     /// Writes sent that a peer crash could still lose (for status).
     pub fn unstable_writes(&self) -> usize {
         self.ledger().unstable.len()
-    }
-
-    /// The byte ranges of the writes the peer may still lose (sent, not yet flushed there).
-    pub fn unstable_ranges(&self) -> Vec<(u64, u64)> {
-        self.ledger().unstable.values().copied().collect()
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -210,9 +241,7 @@ impl PeerLink {
         }
     }
 
-    /// Queues a request; returns whether an acknowledgement will be delivered to `inbox`
-    /// under `key` (false when the protocol needs none; when the link is down, `Lost` is
-    /// delivered and the answer is true).
+    /// Queues a request whose outcome goes to `inbox` under `key` (see [`Submitted`]).
     fn submit<'a>(
         &self,
         make: impl FnOnce(u64, AckMode) -> Message<'a>,
@@ -220,21 +249,22 @@ impl PeerLink {
         range: Option<(u64, u64)>,
         inbox: &Arc<Inbox>,
         key: usize,
-    ) -> bool {
+    ) -> Submitted {
         let ack = self.ack_for(fua);
-        let wants_ack = ack != AckMode::None;
+        let answered = ack != AckMode::None;
         let unstable = {
             let mut ledger = self.ledger();
             // fail_all clears `alive` before it empties the ledger under this lock: seen alive
-            // here, whatever is recorded below is answered or marked by it.
+            // here, whatever is recorded below is answered or reported by it.
             if !self.is_alive() || ledger.closing {
                 drop(ledger);
                 inbox.deliver(key, PeerOutcome::Lost);
-                return true;
+                return Submitted { answered: true, followed: false };
             }
             let seq = ledger.take_seq();
-            if wants_ack {
-                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, fua });
+            if answered {
+                let flush = range.is_none();
+                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, fua, flush });
             }
             if let Some(range) = range {
                 ledger.unstable.insert(seq, range);
@@ -246,10 +276,10 @@ impl PeerLink {
         if range.is_some() && unstable >= AUTO_FLUSH_WRITES {
             self.auto_flush();
         }
-        wants_ack
+        Submitted { answered, followed: range.is_some() }
     }
 
-    pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> Submitted {
         let range = Some((offset, offset + data.len() as u64));
         let integrity = self.integrity;
         let make = |seq, ack| {
@@ -259,7 +289,7 @@ impl PeerLink {
         self.submit(make, fua, range, inbox, key)
     }
 
-    pub fn trim(&self, offset: u64, len: u64, fua: bool, inbox: &Arc<Inbox>, key: usize) -> bool {
+    pub fn trim(&self, offset: u64, len: u64, fua: bool, inbox: &Arc<Inbox>, key: usize) -> Submitted {
         let make = |seq, ack| Message::Trim(Trim { seq, offset, len, fua, ack });
         self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
@@ -272,14 +302,20 @@ impl PeerLink {
         fua: bool,
         inbox: &Arc<Inbox>,
         key: usize,
-    ) -> bool {
+    ) -> Submitted {
         let make = |seq, ack| Message::Zeroes(Zeroes { seq, offset, len, may_punch, fua, ack });
         self.submit(make, fua, Some((offset, offset + len)), inbox, key)
     }
 
     /// A flush always waits for the peer's FlushAck (durable there too).
-    pub fn flush(&self, inbox: &Arc<Inbox>, key: usize) -> bool {
+    pub fn flush(&self, inbox: &Arc<Inbox>, key: usize) -> Submitted {
         self.submit(|seq, _| Message::Flush { seq }, true, None, inbox, key)
+    }
+
+    /// Has the peer make every write sent so far stable soon (the activity log needs a slot
+    /// that such writes hold): a flush of our own, unless one is already on its way.
+    pub fn request_flush(&self) {
+        self.auto_flush();
     }
 
     /// Sends a flush nobody waits for, unless one is already on its way.
@@ -356,7 +392,7 @@ impl PeerLink {
 
     /// Marks the link dead and reports every outstanding request lost.
     fn fail_all(&self) {
-        self.loss.dying();
+        self.events.dying();
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
         let (unstable, waiting) = {
@@ -364,31 +400,49 @@ impl PeerLink {
             (std::mem::take(&mut ledger.unstable), std::mem::take(&mut ledger.waiting))
         };
         if !unstable.is_empty() {
-            self.loss.lost(&unstable.into_values().collect::<Vec<_>>());
+            self.events.lost(&unstable.into_values().collect::<Vec<_>>());
         }
         for w in waiting.into_values() {
             w.inbox.deliver(w.key, PeerOutcome::Lost);
         }
     }
 
-    /// The peer answered request `seq`. `flushed`: a FlushAck, so every write before it is
-    /// stable on the peer; a WriteAck makes a FUA write stable.
-    fn answer(&self, seq: u64, outcome: PeerOutcome, flushed: bool) {
-        let waiter = {
+    /// The peer answered request `seq`. A FlushAck makes every write before it stable, a
+    /// WriteAck a FUA write; a NegAck loses the write, or for a flush every write before it.
+    fn answer(&self, seq: u64, answer: Answer) {
+        let (waiter, stable, lost) = {
             let mut ledger = self.ledger();
-            if flushed {
-                ledger.unstable = ledger.unstable.split_off(&seq);
-                if ledger.auto_flush == Some(seq) {
-                    ledger.auto_flush = None;
-                }
-            }
             let waiter = ledger.waiting.remove(&seq);
-            if outcome == PeerOutcome::Done && waiter.as_ref().is_some_and(|w| w.fua) {
-                ledger.unstable.remove(&seq);
+            let is_flush = waiter.as_ref().map_or(ledger.auto_flush == Some(seq), |w| w.flush);
+            if ledger.auto_flush == Some(seq) {
+                ledger.auto_flush = None;
             }
-            waiter
+            // The writes this answer settles: for a flush every one sent before it.
+            let taken = |unstable: &mut BTreeMap<u64, (u64, u64)>| -> Vec<(u64, u64)> {
+                if is_flush {
+                    let later = unstable.split_off(&seq);
+                    std::mem::replace(unstable, later).into_values().collect()
+                } else {
+                    unstable.remove(&seq).into_iter().collect()
+                }
+            };
+            let fua = waiter.as_ref().is_some_and(|w| w.fua);
+            let (stable, lost) = match answer {
+                Answer::Flushed => (taken(&mut ledger.unstable), Vec::new()),
+                Answer::Written if fua => (taken(&mut ledger.unstable), Vec::new()),
+                Answer::Written => (Vec::new(), Vec::new()),
+                Answer::Failed => (Vec::new(), taken(&mut ledger.unstable)),
+            };
+            (waiter, stable, lost)
         };
+        if !stable.is_empty() {
+            self.events.stable(&stable);
+        }
+        if !lost.is_empty() {
+            self.events.lost(&lost);
+        }
         if let Some(w) = waiter {
+            let outcome = if answer == Answer::Failed { PeerOutcome::Failed } else { PeerOutcome::Done };
             w.inbox.deliver(w.key, outcome);
         }
     }
@@ -462,13 +516,21 @@ impl PeerLink {
             };
             pinged = false;
             match received {
-                Ok(Message::FlushAck { seq }) => self.answer(seq, PeerOutcome::Done, true),
+                Ok(Message::FlushAck { seq }) => self.answer(seq, Answer::Flushed),
                 Ok(Message::WriteAck { seq }) | Ok(Message::RecvAck { seq }) => {
-                    self.answer(seq, PeerOutcome::Done, false)
+                    self.answer(seq, Answer::Written)
                 }
                 Ok(Message::NegAck { seq, errno }) => {
-                    warn!(seq, errno, "peer failed a write; its blocks are out of sync");
-                    self.answer(seq, PeerOutcome::Failed, false)
+                    // The peer left UpToDate before it answered so (SPEC §5.1): what it failed is
+                    // out of sync, and the link ends so that the next handshake resyncs it or
+                    // finds the peer's disk detached. Acks behind this one (a resync's among
+                    // them) must not clear what it marked.
+                    warn!(
+                        seq,
+                        errno, "peer failed a write or flush: its blocks are out of sync; reconnecting"
+                    );
+                    self.answer(seq, Answer::Failed);
+                    break;
                 }
                 Ok(Message::Ping) => {
                     if meta.send(&Message::PingAck).await.is_err() {
@@ -477,6 +539,7 @@ impl PeerLink {
                 }
                 Ok(Message::PingAck) => {}
                 Ok(Message::ResyncAck { offset, len }) if self.resync_replies.is_some() => {
+                    self.events.resynced(offset, len);
                     self.forward(ResyncReply::Ack { offset, len })
                 }
                 Ok(Message::ResyncNegAck { offset, len, errno }) if self.resync_replies.is_some() => {

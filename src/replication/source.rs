@@ -24,7 +24,6 @@ use super::resync::target::PERSIST_INTERVAL;
 use super::resync::throttle::Throttle;
 use super::verify::{differing_runs, VerifyError, VerifyReport, VerifyRun};
 use crate::config::ResyncConfig;
-use crate::metadata::bitmap::DirtyBitmap;
 use crate::storage::{BufPool, Completion, IoOp, IoQueue};
 
 /// Largest request a target may make (SPEC §6).
@@ -234,9 +233,8 @@ pub async fn serve(
             }
             reply = next_reply(&mut replies) => match reply {
                 None => return Err(SourceError::LinkDown),
-                Some(ResyncReply::Ack { offset, len }) => device.with_tracking(|t| {
-                    t.bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
-                }),
+                // Cleared by the link as it read the ack; the loop looks whether that was the last.
+                Some(ResyncReply::Ack { .. }) => {}
                 Some(ResyncReply::Failed { offset, len, errno }) => {
                     // The block stays dirty here; the next connection resyncs it again.
                     return Err(SourceError::TargetWriteFailed { offset, len, errno });

@@ -6,6 +6,7 @@
 //! order. A replicated device implements the same two traits on top of a local one.
 
 mod buffer;
+pub mod faulty;
 mod file;
 mod uring_queue;
 
@@ -110,6 +111,10 @@ pub trait BlockDevice: Send + Sync {
     /// Describes allocation of `[offset, offset+len)` as a run of extents, which may stop short
     /// of `len` (but covers at least one byte). `max_extents` bounds the answer.
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, IoError>;
+
+    /// Makes every write completed so far durable, from the calling thread (like
+    /// [`IoOp::Flush`], for callers outside a queue: metadata transactions, shutdown).
+    fn sync(&self) -> Result<(), IoError>;
 
     /// Whether [`BlockDevice::splice_write`] works: data can move from a pipe into the device
     /// without passing through user memory.

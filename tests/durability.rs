@@ -1,0 +1,260 @@
+//! Durability under power loss and disk errors, at library level: the Primary's replicated
+//! device and its metadata on a disk with a volatile cache ([`FaultyDisk`]), the Secondary's
+//! applier on another, joined by the real link over loopback. A power loss drops what a disk
+//! did not flush; the checker then holds the two disks against each other: every block where
+//! they differ must be marked in the bitmap the restarted Primary attaches with, or the
+//! replicas would diverge silently.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdbd::metadata::store::{attach_in, create_in, Attached, CreateOptions, MetaArea};
+use rdbd::metadata::superblock::flags;
+use rdbd::replication::apply::Applier;
+use rdbd::replication::device::{ReplicatedDevice, Tracking};
+use rdbd::replication::link::connect::{dial, listen};
+use rdbd::replication::link::handshake::Identity;
+use rdbd::replication::peer::LinkOptions;
+use rdbd::storage::faulty::{Fault, FaultKind, FaultOp, FaultyDisk, PowerLoss};
+use rdbd::storage::{BlockDevice, BufPool, Completion, IoOp, IoQueue};
+use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Params, Protocol, State};
+
+const DISK: u64 = 64 << 20;
+const EXTENT: u64 = 4 << 20;
+const BLOCK: u64 = 4096;
+
+fn id<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
+    Identity {
+        resource: "r",
+        local_node: local,
+        peer_node: peer,
+        secret: None,
+        step_timeout: Duration::from_secs(5),
+    }
+}
+
+fn params(size: u64) -> Params {
+    Params {
+        protocol: Protocol::C,
+        device_size: size,
+        bitmap_block: BLOCK as u32,
+        data_integrity: true,
+        discard_my_data: false,
+        csums_alg: None,
+        verify_alg: DigestAlg::Sha256,
+        after_sb_0pri: AfterSb0::Disconnect,
+        after_sb_1pri: AfterSb1::Disconnect,
+        after_sb_2pri: AfterSb2::Disconnect,
+    }
+}
+
+fn state() -> State {
+    State { role: 0, disk: 0, flags: 0, generations: Generations::default(), dirty_blocks: 0 }
+}
+
+/// Creates the Primary's metadata on `disk` (`al_extents` slots).
+fn create_md(disk: &Arc<FaultyDisk>, al_extents: u32) {
+    let area = MetaArea::internal(disk.clone(), Path::new("alpha")).unwrap();
+    let opts = CreateOptions { bitmap_block: BLOCK as u32, al_extents, node_name: "alpha".into() };
+    create_in(&area, &opts, false).unwrap();
+}
+
+/// Attaches the Primary's metadata as the daemon does (in use: not clean from now on).
+fn attach_md(disk: &Arc<FaultyDisk>) -> Attached {
+    let area = MetaArea::internal(disk.clone(), Path::new("alpha")).unwrap();
+    let mut attached = attach_in(area, "alpha").unwrap();
+    attached.meta.update(|sb| sb.set(flags::AL_CLEAN, false)).unwrap();
+    attached
+}
+
+/// The Primary's replicated device on `disk`, connected to an applier on `peer_disk`.
+struct Pair {
+    primary: Arc<FaultyDisk>,
+    secondary: Arc<FaultyDisk>,
+    device: Arc<ReplicatedDevice>,
+    data_size: u64,
+    _applier: tokio::task::JoinHandle<()>,
+}
+
+async fn pair(al_extents: u32) -> Pair {
+    let primary = FaultyDisk::new(DISK);
+    create_md(&primary, al_extents);
+    let attached = attach_md(&primary);
+    let data_size = attached.meta.layout().data_size;
+    let secondary = FaultyDisk::new(DISK);
+    let secondary_data: Arc<dyn BlockDevice> = secondary.data_device(data_size);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let applier = tokio::spawn(async move {
+        let mut est =
+            listen(&listener, &id("b", "a"), params(data_size), state(), &mut |_| {}).await.unwrap();
+        let mut applier = Applier::new(secondary_data, true).unwrap();
+        let _ = applier.run(&mut est.data, &mut est.meta).await;
+    });
+    let est = dial(addr, &id("a", "b"), params(data_size), state()).await.unwrap();
+    let tracking =
+        Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, attached.meta)) };
+    let device = ReplicatedDevice::new(primary.data_device(data_size), tracking, BLOCK as u32);
+    // No flush of the peer unless the test (or the device itself) asks for one.
+    let options =
+        LinkOptions { auto_flush_interval: Duration::from_secs(3600), ..LinkOptions::new(Protocol::C, true) };
+    device.connect_peer(est.data.split().1, est.meta, options, None);
+    Pair { primary, secondary, device, data_size, _applier: applier }
+}
+
+/// Submits `ops` and waits for all of them.
+async fn run(queue: &mut Box<dyn IoQueue>, ops: Vec<IoOp>) -> Vec<Completion> {
+    let n = ops.len();
+    for (tag, op) in ops.into_iter().enumerate() {
+        queue.submit(tag as u32, op);
+    }
+    let mut done = Vec::new();
+    while done.len() < n {
+        std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+    }
+    done
+}
+
+fn write(pool: &mut BufPool, offset: u64, byte: u8, len: usize) -> IoOp {
+    let mut buf = pool.take(len);
+    buf.fill(byte);
+    IoOp::Write { offset, buf, fua: false }
+}
+
+async fn write_ok(queue: &mut Box<dyn IoQueue>, pool: &mut BufPool, offset: u64, byte: u8, len: usize) {
+    for c in run(queue, vec![write(pool, offset, byte, len)]).await {
+        assert!(c.result.is_ok(), "write at {offset}: {:?}", c.result);
+    }
+}
+
+/// After a power loss of the Primary (and maybe of the Secondary): the Primary attaches again,
+/// and every block whose durable contents differ between the two disks must be marked out of
+/// sync, or nothing would ever resync it. Returns how many blocks differ.
+fn check_no_silent_divergence(p: &Pair) -> u64 {
+    let attached = attach_md(&p.primary);
+    let mut differ = 0;
+    for block in 0..p.data_size / BLOCK {
+        let a = p.primary.read_durable(block * BLOCK, BLOCK as usize);
+        let b = p.secondary.read_durable(block * BLOCK, BLOCK as usize);
+        if a != b {
+            differ += 1;
+            assert!(
+                attached.bitmap.is_dirty(block),
+                "block {block} (offset {:#x}) differs between the replicas but is not marked out of sync \
+                 (activity log folded: {} extents)",
+                block * BLOCK,
+                attached.report.al_extents_applied
+            );
+        }
+    }
+    differ
+}
+
+/// The issue's report: a write stable on the peer (flushed there) but only in the Primary's own
+/// cache must keep its extent in the activity log until the Primary's disk has it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_extent_leaves_the_log_only_once_this_disk_has_its_writes() {
+    let p = pair(67).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    write_ok(&mut queue, &mut pool, 0, 0xab, 1 << 20).await;
+    let link = p.device.peer().unwrap();
+    assert!(link.settle(Duration::from_secs(10)).await, "the peer flushes");
+    assert_eq!(p.secondary.unflushed_bytes(), 0, "stable on the peer");
+
+    // Idle since the mark: the retire may take the extent out, but only with this disk's
+    // writes durable first.
+    let mark = p.device.activity_clock();
+    assert_eq!(p.device.retire_idle_extents(mark).unwrap(), 1, "the idle extent leaves the log");
+    p.primary.power_off(PowerLoss::DropAll);
+    assert_eq!(check_no_silent_divergence(&p), 0, "its writes were made durable before it left");
+    assert_eq!(p.primary.read_visible(0, 4096), vec![0xab; 4096]);
+}
+
+/// A write acknowledged by the peer but not yet flushed there keeps its extent in the log
+/// (DRBD keeps the reference until the peer's barrier ack): an eviction that needs its slot waits
+/// for the peer to flush. Both nodes then lose power: the replicas may hold different data
+/// where the peer lost unflushed writes, but never unmarked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extent_with_writes_unstable_on_the_peer_is_not_evicted() {
+    let p = pair(7).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    // Seven extents fill the log; the peer holds their writes in its cache only.
+    for e in 0..7u64 {
+        write_ok(&mut queue, &mut pool, e * EXTENT, 0x10 + e as u8, 64 << 10).await;
+    }
+    // The Primary's own cache reaches its disk (as writeback would do at any time).
+    p.primary.data_device(p.data_size).sync().unwrap();
+    // An eighth extent needs a slot: the least recently used one may go only once the peer
+    // has its write stably.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        write_ok(&mut queue, &mut pool, 7 * EXTENT, 0x17, 64 << 10),
+    )
+    .await
+    .expect("an eviction waits for the peer's flush, not for ever");
+    assert_eq!(p.device.activity_log_extents(), 7);
+    assert_eq!(p.secondary.read_durable(0, 4096), vec![0x10; 4096], "stable on the peer before it left");
+    p.secondary.power_off(PowerLoss::DropAll);
+    p.primary.power_off(PowerLoss::DropAll);
+    check_no_silent_divergence(&p);
+}
+
+/// Waits (bounded) until the link is gone.
+async fn link_ends(device: &ReplicatedDevice) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while device.peer().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the link did not end");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The Secondary's disk fails a flush: the writes it covered may be lost there, so they are
+/// marked out of sync (never answered as if both disks had them, and never forgotten), and the
+/// link ends so that the next handshake resyncs them or finds the peer's disk detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_the_peer_fails_marks_every_write_it_covered() {
+    let p = pair(67).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    write_ok(&mut queue, &mut pool, 0, 0x31, 8192).await;
+    write_ok(&mut queue, &mut pool, EXTENT, 0x32, 4096).await;
+    assert_eq!(p.device.out_of_sync_blocks(), 0, "acknowledged by the peer (protocol C)");
+    p.secondary.inject(Fault::always(FaultOp::Flush));
+    let done = run(&mut queue, vec![IoOp::Flush]).await;
+    assert!(
+        done[0].result.is_ok(),
+        "durable on this node, and the peer's lack is recorded: {:?}",
+        done[0].result
+    );
+    assert_eq!(p.device.out_of_sync_blocks(), 3, "both writes the failed flush covered");
+    link_ends(&p.device).await;
+    p.secondary.power_off(PowerLoss::DropAll);
+    p.primary.power_off(PowerLoss::DropAll);
+    check_no_silent_divergence(&p);
+}
+
+/// A write the Secondary's disk fails is out of sync at once, and the link ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_peer_fails_is_marked_out_of_sync() {
+    let p = pair(67).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    p.secondary.inject(Fault {
+        op: FaultOp::Write,
+        range: Some((EXTENT, EXTENT + 1)),
+        count: None,
+        kind: FaultKind::Eio,
+    });
+    write_ok(&mut queue, &mut pool, 0, 0x41, 4096).await;
+    write_ok(&mut queue, &mut pool, EXTENT, 0x42, 4096).await;
+    link_ends(&p.device).await;
+    // The failed write, and the one before it that no flush made stable on the peer.
+    assert_eq!(p.device.out_of_sync_blocks(), 2);
+    p.secondary.power_off(PowerLoss::DropAll);
+    p.primary.power_off(PowerLoss::DropAll);
+    check_no_silent_divergence(&p);
+}
