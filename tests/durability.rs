@@ -258,3 +258,25 @@ async fn a_write_the_peer_fails_is_marked_out_of_sync() {
     p.primary.power_off(PowerLoss::DropAll);
     check_no_silent_divergence(&p);
 }
+
+/// A zeroing wider than the activity log can hold (10 extents through 7 slots) is done in parts
+/// instead of waiting for ever for slots, on both disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_wider_than_the_activity_log_completes() {
+    let p = pair(7).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    write_ok(&mut queue, &mut pool, 0, 0x55, 4096).await;
+    write_ok(&mut queue, &mut pool, 9 * EXTENT, 0x56, 4096).await;
+    let len = 10 * EXTENT;
+    let zero = IoOp::WriteZeroes { offset: 0, len, may_punch: false, fast_only: false, fua: false };
+    let done = tokio::time::timeout(Duration::from_secs(20), run(&mut queue, vec![zero, IoOp::Flush]))
+        .await
+        .expect("the zeroing stalled");
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    assert_eq!(done.len(), 2, "one completion for the client's request, not one per part");
+    for disk in [&p.primary, &p.secondary] {
+        assert_eq!(disk.read_durable(0, 4096), vec![0; 4096]);
+        assert_eq!(disk.read_durable(9 * EXTENT, 4096), vec![0; 4096]);
+    }
+}

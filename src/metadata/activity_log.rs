@@ -131,6 +131,11 @@ impl ActivityLog {
         log
     }
 
+    /// Extents the log can hold.
+    pub fn capacity(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
     pub fn blocks(&self) -> u32 {
         self.block_seq.len() as u32
     }

@@ -18,7 +18,7 @@ use slab::Slab;
 use super::alone_gate::{AloneGate, AloneVerdict};
 use super::link::framed::{FrameWriter, Framed};
 use super::peer::{Inbox, LinkEvents, LinkOptions, PeerLink, PeerOutcome, ResyncReply, Submitted};
-use crate::metadata::activity_log::{extents_of, ActivityLog, Begin};
+use crate::metadata::activity_log::{extents_of, ActivityLog, Begin, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
 use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError, IoOp, IoQueue};
@@ -43,6 +43,9 @@ pub struct ReplicatedDevice {
     app_active: std::sync::atomic::AtomicBool,
     /// Whether writes only this disk has may be answered (HA quorum).
     alone: AloneGate,
+    /// Extents one part of a split discard spans: a quarter of the activity log at most, so
+    /// that parts in flight together still fit.
+    discard_part_extents: u32,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -64,7 +67,10 @@ impl ReplicatedDevice {
         tracking: Tracking,
         bitmap_block: u32,
     ) -> Arc<Self> {
+        let slots = tracking.activity.as_ref().map_or(u32::MAX, |(log, _)| log.capacity());
+        let discard_part_extents = (slots / 4).clamp(1, DISCARD_PART_EXTENTS);
         Arc::new(Self {
+            discard_part_extents,
             local,
             resync_local,
             peer: RwLock::new(None),
@@ -397,6 +403,7 @@ impl BlockDevice for ReplicatedDevice {
             local_done: Vec::new(),
             peer_done: Vec::new(),
             early: Vec::new(),
+            split: Vec::new(),
             ready: Vec::new(),
             frozen: Vec::new(),
         }))
@@ -479,10 +486,66 @@ pub struct ReplicatedQueue {
     peer_done: Vec<(usize, PeerOutcome)>,
     /// Requests refused before they started (activity log write failed).
     early: Vec<Completion>,
+    /// Client requests cut into parts (a discard wider than the activity log may hold): tag,
+    /// parts still running, and the first error.
+    split: Vec<(u32, usize, Result<(), IoError>)>,
     /// Keys of ops whose local and peer parts are both done (reused, never reallocated).
     ready: Vec<usize>,
     /// Keys of done ops the alone gate holds (frozen: no quorum without the peer).
     frozen: Vec<usize>,
+}
+
+/// Extents one part of a trim or zeroing may span at most (64 MiB): a request may cover 4 GiB,
+/// more than the activity log can hold at once, and it would wait for ever for slots (DRBD caps
+/// discards for the same reason).
+const DISCARD_PART_EXTENTS: u32 = 16;
+
+/// A trim or zeroing wider than `part_extents` extents, cut at extent boundaries.
+fn split_discard(op: &IoOp, part_extents: u32) -> Option<Vec<IoOp>> {
+    let (offset, len) = match op {
+        IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => (*offset, *len),
+        _ => return None,
+    };
+    let part = u64::from(part_extents) * EXTENT_BYTES;
+    let end = offset + len;
+    if extents_of(offset, len).count() <= part_extents as usize {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let next = ((at / part + 1) * part).min(end);
+        parts.push(match op {
+            IoOp::Trim { fua, .. } => IoOp::Trim { offset: at, len: next - at, fua: *fua },
+            IoOp::WriteZeroes { may_punch, fast_only, fua, .. } => IoOp::WriteZeroes {
+                offset: at,
+                len: next - at,
+                may_punch: *may_punch,
+                fast_only: *fast_only,
+                fua: *fua,
+            },
+            _ => unreachable!("only discards are split"),
+        });
+        at = next;
+    }
+    Some(parts)
+}
+
+/// Hands a finished request to the client; a part of a split one (see `split`) only once it is
+/// the last, with the first error of any part.
+fn finish(split: &mut Vec<(u32, usize, Result<(), IoError>)>, c: Completion, out: &mut Vec<Completion>) {
+    let Some(i) = split.iter().position(|(tag, ..)| *tag == c.tag) else {
+        return out.push(c);
+    };
+    let (_, left, result) = &mut split[i];
+    *left -= 1;
+    if result.is_ok() {
+        *result = c.result;
+    }
+    if *left == 0 {
+        let (tag, _, result) = split.swap_remove(i);
+        out.push(Completion { tag, result, buf: None });
+    }
 }
 
 fn write_range(op: &IoOp) -> Option<(u64, u64)> {
@@ -575,13 +638,9 @@ impl ReplicatedQueue {
     fn fail_early(&mut self, tag: u32, op: IoOp, error: IoError) {
         self.early.push(Completion { tag, result: Err(error), buf: op.into_buf() });
     }
-}
 
-impl IoQueue for ReplicatedQueue {
-    fn submit(&mut self, tag: u32, op: IoOp) {
-        if !self.device.app_active.load(std::sync::atomic::Ordering::Relaxed) {
-            self.device.app_active.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// Submits one request (or part) to the device and the peer.
+    fn submit_one(&mut self, tag: u32, op: IoOp) {
         if let Some(range) = write_range(&op) {
             if !self.parked.is_empty() {
                 self.parked.push_back((tag, op));
@@ -598,10 +657,29 @@ impl IoQueue for ReplicatedQueue {
         }
         self.start(tag, op);
     }
+}
+
+impl IoQueue for ReplicatedQueue {
+    fn submit(&mut self, tag: u32, op: IoOp) {
+        if !self.device.app_active.load(std::sync::atomic::Ordering::Relaxed) {
+            self.device.app_active.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match split_discard(&op, self.device.discard_part_extents) {
+            None => self.submit_one(tag, op),
+            Some(parts) => {
+                self.split.push((tag, parts.len(), Ok(())));
+                for part in parts {
+                    self.submit_one(tag, part);
+                }
+            }
+        }
+    }
 
     fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<Completion>) -> Poll<()> {
         let before = out.len();
-        out.append(&mut self.early);
+        for c in self.early.drain(..) {
+            finish(&mut self.split, c, out);
+        }
         self.unpark();
         if self.local.in_flight() > 0 {
             let _ = self.local.poll_complete(cx, &mut self.local_done);
@@ -656,7 +734,7 @@ impl IoQueue for ReplicatedQueue {
                 self.device.release(range);
             }
             let result = op.local.expect("ready ops have a local result");
-            out.push(Completion { tag: op.tag, result, buf: op.buf });
+            finish(&mut self.split, Completion { tag: op.tag, result, buf: op.buf }, out);
         }
         if !self.frozen.is_empty() {
             // Woken when the gate changes (wake_parked).
@@ -682,7 +760,7 @@ impl IoQueue for ReplicatedQueue {
                 self.unpark();
             }
         }
-        if out.len() > before || (self.ops.is_empty() && self.parked.is_empty()) {
+        if out.len() > before || (self.ops.is_empty() && self.parked.is_empty() && self.early.is_empty()) {
             Poll::Ready(())
         } else {
             Poll::Pending
