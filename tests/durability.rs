@@ -18,7 +18,9 @@ use rdbd::replication::link::handshake::Identity;
 use rdbd::replication::peer::LinkOptions;
 use rdbd::storage::faulty::{Fault, FaultKind, FaultOp, FaultyDisk, PowerLoss};
 use rdbd::storage::{BlockDevice, BufPool, Completion, IoOp, IoQueue};
-use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Params, Protocol, State};
+use rdbd_protocol::repl::{
+    AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Message, Params, Protocol, State,
+};
 
 const DISK: u64 = 64 << 20;
 const EXTENT: u64 = 4 << 20;
@@ -100,8 +102,24 @@ async fn pair(al_extents: u32) -> Pair {
     // No flush of the peer unless the test (or the device itself) asks for one.
     let options =
         LinkOptions { auto_flush_interval: Duration::from_secs(3600), ..LinkOptions::new(Protocol::C, true) };
-    device.connect_peer(est.data.split().1, est.meta, options, None);
+    let (mut reader, writer) = est.data.split();
+    let link = device.connect_peer(writer, est.meta, options, None);
+    // What the peer sends back on the data channel: answers to a Diskless Primary's reads.
+    tokio::spawn(async move {
+        while let Ok(message) = reader.recv().await {
+            if let Message::ReadReply { seq, data } = message {
+                assert!(link.read_reply(seq, data), "a reply to no read");
+            }
+        }
+    });
     Pair { primary, secondary, device, data_size, _applier: applier }
+}
+
+/// Asserts that every byte of `data` is `byte` (without printing kilobytes when not).
+fn assert_bytes(data: &[u8], byte: u8, what: &str) {
+    if let Some(at) = data.iter().position(|&b| b != byte) {
+        panic!("{what}: byte {at} is {:#x}, expected {byte:#x}", data[at]);
+    }
 }
 
 /// Submits `ops` and waits for all of them.
@@ -111,9 +129,12 @@ async fn run(queue: &mut Box<dyn IoQueue>, ops: Vec<IoOp>) -> Vec<Completion> {
         queue.submit(tag as u32, op);
     }
     let mut done = Vec::new();
-    while done.len() < n {
-        std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
-    }
+    let all = async {
+        while done.len() < n {
+            std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all).await.expect("requests unanswered for 30 s");
     done
 }
 
@@ -170,7 +191,7 @@ async fn an_idle_extent_leaves_the_log_only_once_this_disk_has_its_writes() {
     assert_eq!(p.device.retire_idle_extents(mark).unwrap(), 1, "the idle extent leaves the log");
     p.primary.power_off(PowerLoss::DropAll);
     assert_eq!(check_no_silent_divergence(&p), 0, "its writes were made durable before it left");
-    assert_eq!(p.primary.read_visible(0, 4096), vec![0xab; 4096]);
+    assert_bytes(&p.primary.read_visible(0, 4096), 0xab, "the write, durable before it left the log");
 }
 
 /// A write acknowledged by the peer but not yet flushed there keeps its extent in the log
@@ -197,7 +218,7 @@ async fn an_extent_with_writes_unstable_on_the_peer_is_not_evicted() {
     .await
     .expect("an eviction waits for the peer's flush, not for ever");
     assert_eq!(p.device.activity_log_extents(), 7);
-    assert_eq!(p.secondary.read_durable(0, 4096), vec![0x10; 4096], "stable on the peer before it left");
+    assert_bytes(&p.secondary.read_durable(0, 4096), 0x10, "stable on the peer before it left the log");
     p.secondary.power_off(PowerLoss::DropAll);
     p.primary.power_off(PowerLoss::DropAll);
     check_no_silent_divergence(&p);
@@ -270,13 +291,57 @@ async fn a_discard_wider_than_the_activity_log_completes() {
     write_ok(&mut queue, &mut pool, 9 * EXTENT, 0x56, 4096).await;
     let len = 10 * EXTENT;
     let zero = IoOp::WriteZeroes { offset: 0, len, may_punch: false, fast_only: false, fua: false };
-    let done = tokio::time::timeout(Duration::from_secs(20), run(&mut queue, vec![zero, IoOp::Flush]))
+    let done = tokio::time::timeout(Duration::from_secs(20), run(&mut queue, vec![zero]))
         .await
         .expect("the zeroing stalled");
-    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
-    assert_eq!(done.len(), 2, "one completion for the client's request, not one per part");
+    assert_eq!(done.len(), 1, "one completion for the client's request, not one per part");
+    assert!(done[0].result.is_ok(), "{:?}", done[0].result);
+    assert!(run(&mut queue, vec![IoOp::Flush]).await[0].result.is_ok());
     for disk in [&p.primary, &p.secondary] {
-        assert_eq!(disk.read_durable(0, 4096), vec![0; 4096]);
-        assert_eq!(disk.read_durable(9 * EXTENT, 4096), vec![0; 4096]);
+        assert_bytes(&disk.read_durable(0, 4096), 0, "the first extent, zeroed");
+        assert_bytes(&disk.read_durable(9 * EXTENT, 4096), 0, "the last extent, zeroed");
     }
+}
+
+async fn read_back(queue: &mut Box<dyn IoQueue>, pool: &mut BufPool, offset: u64, len: usize) -> Vec<u8> {
+    let buf = pool.take(len);
+    let mut done = run(queue, vec![IoOp::Read { offset, buf }]).await;
+    let c = done.pop().unwrap();
+    assert!(c.result.is_ok(), "read at {offset}: {:?}", c.result);
+    c.buf.unwrap().to_vec()
+}
+
+/// The Primary's disk fails a write (on-io-error detach): the write is answered, since the peer
+/// has it, the disk is detached before anything else reads it, and from then on the peer serves
+/// reads and takes writes alone (DRBD's diskless mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_disk_fails_serves_through_the_peer() {
+    let p = pair(67).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    write_ok(&mut queue, &mut pool, 0, 0x61, 8192).await;
+    p.primary.inject(Fault::always(FaultOp::Write));
+    write_ok(&mut queue, &mut pool, 65536, 0x62, 4096).await;
+    assert!(!p.device.health().usable(), "the failed disk is detached");
+    assert_bytes(&p.primary.read_visible(65536, 4096), 0, "the failed write never reached this disk");
+    assert_bytes(&read_back(&mut queue, &mut pool, 65536, 4096).await, 0x62, "read from the peer");
+    assert_bytes(&read_back(&mut queue, &mut pool, 0, 8192).await, 0x61, "older data from the peer");
+    p.primary.clear_faults();
+    write_ok(&mut queue, &mut pool, 131072, 0x63, 4096).await;
+    assert!(run(&mut queue, vec![IoOp::Flush]).await[0].result.is_ok());
+    assert_bytes(&p.secondary.read_durable(131072, 4096), 0x63, "durable on the peer");
+    assert_bytes(&p.primary.read_visible(131072, 4096), 0, "nothing reaches the detached disk");
+}
+
+/// A read the local disk fails is retried on the peer, whatever the policy; under pass_on the
+/// disk stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_local_disk_fails_is_answered_by_the_peer() {
+    let p = pair(67).await;
+    let mut queue = p.device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    write_ok(&mut queue, &mut pool, 0, 0x71, 8192).await;
+    p.primary.inject(Fault { op: FaultOp::Read, range: Some((0, 1)), count: Some(1), kind: FaultKind::Eio });
+    assert_bytes(&read_back(&mut queue, &mut pool, 0, 8192).await, 0x71, "the peer's copy");
+    assert!(!p.device.health().usable(), "detach: a read error detaches too");
 }

@@ -51,6 +51,10 @@ enum Command {
     Connect(verbs::ConnectArgs),
     /// Drop the connection to the peer and stay StandAlone.
     Disconnect(verbs::PlainArgs),
+    /// Stop using the backing disk (Diskless); a Primary serves through its peer.
+    Detach(verbs::PlainArgs),
+    /// Use the backing disk again (after a failure or detach); the peer resyncs what it lacks.
+    Attach(verbs::PlainArgs),
     /// Start a new data generation; with --clear-bitmap on blank disks, skip the initial sync.
     NewCurrentUuid(verbs::NewCurrentUuidArgs),
     /// Compare both replicas by digests while in use; mark and report the blocks that differ.
@@ -90,6 +94,8 @@ pub fn main() -> ExitCode {
             Command::Status(args) => verbs::status(args).await,
             Command::Connect(args) => verbs::connect(args).await,
             Command::Disconnect(args) => verbs::simple(args, Request::Disconnect).await,
+            Command::Detach(args) => verbs::simple(args, Request::Detach).await,
+            Command::Attach(args) => verbs::simple(args, Request::Attach).await,
             Command::NewCurrentUuid(args) => verbs::new_current_uuid(args).await,
             Command::Verify(args) => verify::run(args).await,
             Command::Invalidate(args) => verbs::invalidate(args, false).await,

@@ -217,7 +217,11 @@ mod tests {
     #[test]
     fn in_sync_needs_both_disks_up_to_date_and_established() {
         let mut view = View::default();
-        view.apply(&event(EventObject::Device { disk: DiskState::UpToDate, out_of_sync_bytes: 0 }));
+        view.apply(&event(EventObject::Device {
+            disk: DiskState::UpToDate,
+            out_of_sync_bytes: 0,
+            error: None,
+        }));
         view.apply(&event(EventObject::Connection {
             peer: "beta".into(),
             connection: ConnState::Connected,

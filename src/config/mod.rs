@@ -211,6 +211,21 @@ pub enum DigestAlg {
     Sha256,
 }
 
+/// `on-io-error`: what a node does when its backing disk fails a read, write or flush (DRBD's
+/// `disk` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnIoError {
+    /// The disk goes Failed, then Diskless: never trusted again until `rdbd attach`. A Primary
+    /// keeps serving through the peer.
+    #[default]
+    Detach,
+    /// The error is passed on (a read is retried on the peer) and the disk becomes
+    /// Inconsistent; metadata errors still detach.
+    PassOn,
+    /// As `detach`, and the `local-io-error` handler runs.
+    CallLocalIoError,
+}
+
 /// The spelling of each value in resource files (DRBD's), for fieldless enums: `ALL`,
 /// `as_str` and `Display`.
 macro_rules! spellings {
@@ -248,6 +263,7 @@ spellings!(RrConflict {
     RetryConnect => "retry-connect",
 });
 spellings!(DigestAlg { Crc32c => "crc32c", Sha256 => "sha256" });
+spellings!(OnIoError { Detach => "detach", PassOn => "pass_on", CallLocalIoError => "call-local-io-error" });
 
 // After `spellings!`, which it uses.
 mod ha;
@@ -327,6 +343,8 @@ pub struct HandlersConfig {
     pub pri_lost: Option<String>,
     /// Online verify found blocks out of sync.
     pub out_of_sync: Option<String>,
+    /// The backing disk failed (on-io-error call-local-io-error).
+    pub local_io_error: Option<String>,
 }
 
 impl Default for NetConfig {
@@ -349,7 +367,8 @@ impl Default for NetConfig {
     }
 }
 
-/// The `[disk]` table: metadata geometry, which both nodes must share.
+/// The `[disk]` table: metadata geometry, which both nodes must share, the resync's pace and
+/// what a disk error does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Number of 4 MiB activity-log extents that may be hot (resynced after a primary crash).
@@ -357,6 +376,7 @@ pub struct DiskConfig {
     /// Bytes of data per bitmap bit.
     pub bitmap_block: u64,
     pub resync: ResyncConfig,
+    pub on_io_error: OnIoError,
 }
 
 impl Default for DiskConfig {
@@ -365,6 +385,7 @@ impl Default for DiskConfig {
             al_extents: DEFAULT_AL_EXTENTS,
             bitmap_block: DEFAULT_BITMAP_BLOCK,
             resync: ResyncConfig::default(),
+            on_io_error: OnIoError::default(),
         }
     }
 }
@@ -544,6 +565,7 @@ impl ResourceConfig {
         writeln!(out, "c-delay-target = {}", quote(&format_duration(resync.c_delay_target)))?;
         writeln!(out, "c-max-rate = {}", size_literal(resync.c_max_rate))?;
         writeln!(out, "c-min-rate = {}", size_literal(resync.c_min_rate))?;
+        writeln!(out, "on-io-error = {}", quote(disk.on_io_error.as_str()))?;
         let handlers = &self.handlers;
         writeln!(out, "\n[handlers]")?;
         for (key, command) in [
@@ -551,6 +573,7 @@ impl ResourceConfig {
             ("pri-lost-after-sb", &handlers.pri_lost_after_sb),
             ("pri-lost", &handlers.pri_lost),
             ("out-of-sync", &handlers.out_of_sync),
+            ("local-io-error", &handlers.local_io_error),
         ] {
             if let Some(command) = command {
                 writeln!(out, "{key} = {}", quote(command))?;

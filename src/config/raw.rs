@@ -13,12 +13,12 @@ use super::locate::{key_at, line_of};
 use super::units::{format_duration, format_size, parse_duration, parse_size};
 use super::{
     AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaDisk,
-    NbdDevice, NetConfig, NodeConfig, Protocol, ResourceConfig, ResyncConfig, RrConflict, AL_EXTENTS_MAX,
-    AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX, C_DELAY_TARGET_MIN,
-    C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL,
-    DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE, DEFAULT_C_MIN_RATE,
-    DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT,
-    RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
+    NbdDevice, NetConfig, NodeConfig, OnIoError, Protocol, ResourceConfig, ResyncConfig, RrConflict,
+    AL_EXTENTS_MAX, AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX,
+    C_DELAY_TARGET_MIN, C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK,
+    DEFAULT_CONNECT_INTERVAL, DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE,
+    DEFAULT_C_MIN_RATE, DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT,
+    DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT, RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
 };
 
 #[derive(Deserialize)]
@@ -64,6 +64,7 @@ struct RawDisk {
     c_delay_target: Option<Spanned<String>>,
     c_max_rate: Option<Spanned<RateValue>>,
     c_min_rate: Option<Spanned<RateValue>>,
+    on_io_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +74,7 @@ struct RawHandlers {
     pri_lost_after_sb: Option<Spanned<String>>,
     pri_lost: Option<Spanned<String>>,
     out_of_sync: Option<Spanned<String>>,
+    local_io_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -246,8 +248,18 @@ fn build(src: &Source, raw: RawResource) -> Result<ResourceConfig, ConfigError> 
     };
     let ping_interval_given = raw.net.as_ref().is_some_and(|n| n.ping_interval.is_some());
     let (mut net, discard_node_span) = build_net(src, raw.net)?;
+    let on_io_error_span = raw.disk.as_ref().and_then(|d| d.on_io_error.as_ref()).map(|v| v.span());
     let disk = build_disk(src, raw.disk)?;
     let handlers = build_handlers(src, raw.handlers)?;
+    if let Some(span) = on_io_error_span.filter(|_| disk.on_io_error == OnIoError::CallLocalIoError) {
+        if handlers.local_io_error.is_none() {
+            return Err(src.invalid(
+                &span,
+                "disk.on-io-error",
+                "call-local-io-error needs a command in handlers.local-io-error",
+            ));
+        }
+    }
     let (nodes, heartbeat_span) = build_nodes(src, raw.node)?;
     if let (AfterSb0Pri::DiscardNode(victim), Some(span)) = (&net.after_sb_0pri, discard_node_span) {
         check_discard_node(src, &span, victim, &nodes)?;
@@ -590,7 +602,8 @@ fn build_disk(src: &Source, raw: Option<RawDisk>) -> Result<DiskConfig, ConfigEr
             RATE_OR_ZERO,
         )?,
     };
-    Ok(DiskConfig { al_extents, bitmap_block, resync })
+    let on_io_error = choice(src, raw.on_io_error, "disk.on-io-error", OnIoError::ALL, OnIoError::default())?;
+    Ok(DiskConfig { al_extents, bitmap_block, resync, on_io_error })
 }
 
 fn rate(value: Spanned<RateValue>) -> Spanned<SizeValue> {
@@ -684,6 +697,7 @@ fn build_handlers(src: &Source, raw: Option<RawHandlers>) -> Result<HandlersConf
         pri_lost_after_sb: command(raw.pri_lost_after_sb, "handlers.pri-lost-after-sb")?,
         pri_lost: command(raw.pri_lost, "handlers.pri-lost")?,
         out_of_sync: command(raw.out_of_sync, "handlers.out-of-sync")?,
+        local_io_error: command(raw.local_io_error, "handlers.local-io-error")?,
     })
 }
 

@@ -137,12 +137,10 @@ fn minimal_file_gets_every_default() {
                 c_max_rate: 0,
                 c_min_rate: 16 << 20,
             },
+            on_io_error: OnIoError::Detach,
         }
     );
-    assert_eq!(
-        cfg.handlers,
-        HandlersConfig { split_brain: None, pri_lost_after_sb: None, pri_lost: None, out_of_sync: None }
-    );
+    assert_eq!(cfg.handlers, HandlersConfig::default());
     let [a, b] = &cfg.nodes;
     assert_eq!(
         *a,
@@ -203,6 +201,7 @@ fn full_file() {
                 c_max_rate: 1 << 30,
                 c_min_rate: 0,
             },
+            on_io_error: OnIoError::Detach,
         }
     );
     assert_eq!(
@@ -212,6 +211,7 @@ fn full_file() {
             pri_lost_after_sb: Some("echo b > /proc/sysrq-trigger".into()),
             pri_lost: Some("logger -t rdbd \"pri-lost on $RDBD_NODE\"".into()),
             out_of_sync: Some("/usr/local/bin/page-oncall".into()),
+            local_io_error: None,
         }
     );
     let [a, b] = &cfg.nodes;
@@ -782,6 +782,7 @@ fn handlers() {
             pri_lost_after_sb: None,
             pri_lost: None,
             out_of_sync: Some("logger oos".into()),
+            local_io_error: None,
         }
     );
     let cfg = parse_ok(&with("[handlers]\npri-lost-after-sb = \"halt -f\"\npri-lost = \"true\""));
@@ -1012,5 +1013,30 @@ fn heartbeat_addresses_pair_up_and_need_ha_and_a_secret() {
         9,
         "node[0].heartbeat-address",
         "needs an [ha] table",
+    );
+}
+
+#[test]
+fn on_io_error_policies_and_the_handler_they_need() {
+    assert_eq!(parse_ok(MINIMAL).disk.on_io_error, OnIoError::Detach, "DRBD's default");
+    let pass_on = parse_ok(&with("[disk]\non-io-error = \"pass_on\""));
+    assert_eq!(pass_on.disk.on_io_error, OnIoError::PassOn);
+    let text =
+        with("[disk]\non-io-error = \"call-local-io-error\"\n[handlers]\nlocal-io-error = \"halt -f\"");
+    let call = parse_ok(&text);
+    assert_eq!(call.disk.on_io_error, OnIoError::CallLocalIoError);
+    assert_eq!(call.handlers.local_io_error.as_deref(), Some("halt -f"));
+    assert_eq!(parse_ok(&call.to_toml()), call, "dump round-trips");
+    assert_error(
+        &with("[disk]\non-io-error = \"panic\""),
+        3,
+        "disk.on-io-error",
+        "detach, pass_on, call-local-io-error",
+    );
+    assert_error(
+        &with("[disk]\non-io-error = \"call-local-io-error\""),
+        3,
+        "disk.on-io-error",
+        "needs a command in handlers.local-io-error",
     );
 }

@@ -33,6 +33,10 @@ pub enum Request {
         discard_my_data: bool,
     },
     Disconnect,
+    /// Stop using the backing disk (Diskless).
+    Detach,
+    /// Use the backing disk again after a failure or a detach.
+    Attach,
     NewCurrentUuid {
         clear_bitmap: bool,
     },
@@ -305,6 +309,8 @@ async fn execute(node: &Arc<Node>, req: Request) -> Response {
             node.disconnect().await;
             Ok(())
         }
+        Request::Detach => node.detach().await,
+        Request::Attach => node.attach_disk().await,
         Request::NewCurrentUuid { clear_bitmap } => node.new_current_uuid(clear_bitmap),
         Request::Down => node.down(false).await,
         Request::Invalidate { reset_bitmap } => node.invalidate(reset_bitmap),

@@ -61,8 +61,13 @@ pub enum EventKind {
 pub enum EventObject {
     /// The node's role in the resource.
     Resource { role: Role },
-    /// The local disk.
-    Device { disk: DiskState, out_of_sync_bytes: u64 },
+    /// The local disk, and the error that failed or detached it.
+    Device {
+        disk: DiskState,
+        out_of_sync_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// The connection to the peer and what the peer is.
     Connection {
         peer: String,
@@ -118,6 +123,7 @@ pub(super) struct Snapshot {
     reason: Option<String>,
     repl: ReplState,
     peer_disk: DiskState,
+    disk_error: Option<String>,
 }
 
 impl Snapshot {
@@ -130,6 +136,7 @@ impl Snapshot {
             reason: if s.conn == ConnState::StandAlone { s.last_error.clone() } else { None },
             repl: s.repl,
             peer_disk: s.peer_disk,
+            disk_error: s.disk_error.clone(),
         }
     }
 
@@ -221,7 +228,11 @@ impl Node {
     }
 
     fn object_device(&self, s: &Snapshot) -> EventObject {
-        EventObject::Device { disk: s.disk, out_of_sync_bytes: self.out_of_sync_bytes() }
+        EventObject::Device {
+            disk: s.disk,
+            out_of_sync_bytes: self.out_of_sync_bytes(),
+            error: s.disk_error.clone(),
+        }
     }
 
     fn object_connection(&self, s: &Snapshot) -> EventObject {
@@ -295,7 +306,7 @@ impl Node {
         if peer_device_changed {
             send(self.object_peer_device(&now));
         }
-        if now.disk != last.disk {
+        if now.disk != last.disk || now.disk_error != last.disk_error {
             send(self.object_device(&now));
         }
         if now.role != last.role {

@@ -10,20 +10,27 @@ use super::session::{disk_from_wire, local_state, role_from_wire, role_to_wire};
 use super::Node;
 use crate::metadata::generations::{Generations, PRIMARY_BIT};
 use crate::replication::apply::ApplyEvents;
+use crate::replication::disk_health::DiskError;
 use crate::replication::source::SourceEvents;
-use crate::replication::states::{DiskState, ReplState};
+use crate::replication::states::{DiskState, ReplState, Role};
 use crate::replication::verify::VerifyReport;
 
 pub struct NodeEvents(pub Arc<Node>);
 
 impl NodeEvents {
     fn peer_state(&self, role: u8, disk: u8) {
-        let mut s = self.0.state();
-        s.peer_role = role_from_wire(role);
-        s.peer_disk = disk_from_wire(disk);
-        if s.repl == ReplState::SyncSource && s.peer_disk == DiskState::UpToDate {
-            s.repl = ReplState::Established;
-            info!("resync finished: the peer is UpToDate");
+        let sole_copy = {
+            let mut s = self.0.state();
+            s.peer_role = role_from_wire(role);
+            s.peer_disk = disk_from_wire(disk);
+            if s.repl == ReplState::SyncSource && s.peer_disk == DiskState::UpToDate {
+                s.repl = ReplState::Established;
+                info!("resync finished: the peer is UpToDate");
+            }
+            s.peer_role == Role::Primary && !s.peer_disk.has_disk() && s.disk == DiskState::UpToDate
+        };
+        if sole_copy {
+            self.0.hold_sole_copy();
         }
     }
 }
@@ -44,6 +51,10 @@ impl ApplyEvents for NodeEvents {
 
     fn peer_state(&mut self, role: u8, disk: u8) {
         NodeEvents::peer_state(self, role, disk);
+    }
+
+    fn disk_failed(&mut self, error: DiskError) {
+        self.0.on_disk_error(error);
     }
 
     fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String> {

@@ -1,4 +1,5 @@
-//! Running the `[handlers]` commands (split-brain, pri-lost-after-sb, pri-lost, out-of-sync).
+//! Running the `[handlers]` commands (split-brain, pri-lost-after-sb, pri-lost, out-of-sync,
+//! local-io-error).
 //!
 //! A handler is an operator's shell command, run through `/bin/sh -c` with the resource, the
 //! two node names and the event in its environment. Its output goes to the daemon's log and its
@@ -38,6 +39,7 @@ pub enum HandlerEvent {
     PriLostAfterSb,
     PriLost,
     OutOfSync,
+    LocalIoError,
 }
 
 impl HandlerEvent {
@@ -47,6 +49,7 @@ impl HandlerEvent {
             HandlerEvent::PriLostAfterSb => "pri-lost-after-sb",
             HandlerEvent::PriLost => "pri-lost",
             HandlerEvent::OutOfSync => "out-of-sync",
+            HandlerEvent::LocalIoError => "local-io-error",
         }
     }
 
@@ -57,6 +60,7 @@ impl HandlerEvent {
             HandlerEvent::PriLostAfterSb => handlers.pri_lost_after_sb.as_deref(),
             HandlerEvent::PriLost => handlers.pri_lost.as_deref(),
             HandlerEvent::OutOfSync => handlers.out_of_sync.as_deref(),
+            HandlerEvent::LocalIoError => handlers.local_io_error.as_deref(),
         }
     }
 }
@@ -367,12 +371,14 @@ mod tests {
             pri_lost_after_sb: Some("b".into()),
             pri_lost: None,
             out_of_sync: Some("d".into()),
+            local_io_error: Some("e".into()),
         };
         let names: Vec<_> = [
             HandlerEvent::SplitBrain,
             HandlerEvent::PriLostAfterSb,
             HandlerEvent::PriLost,
             HandlerEvent::OutOfSync,
+            HandlerEvent::LocalIoError,
         ]
         .iter()
         .map(|e| (e.as_str(), e.command(&handlers)))
@@ -383,7 +389,8 @@ mod tests {
                 ("split-brain", Some("a")),
                 ("pri-lost-after-sb", Some("b")),
                 ("pri-lost", None),
-                ("out-of-sync", Some("d"))
+                ("out-of-sync", Some("d")),
+                ("local-io-error", Some("e"))
             ]
         );
     }

@@ -9,6 +9,7 @@
 //! - [`nbd_service`]: the NBD server a Primary runs.
 
 pub mod control;
+mod disk;
 pub mod event_stream;
 mod events;
 pub mod handlers;
@@ -30,15 +31,16 @@ use tracing::{info, warn};
 
 use crate::config::{NodeConfig, ResourceConfig};
 use crate::metadata::generations::Generations;
-use crate::metadata::store::{self, MetaLocation};
+use crate::metadata::store;
 use crate::metadata::superblock::{flags, Superblock};
 use crate::nbd::Shards;
-use crate::replication::device::{ReplicatedDevice, Tracking};
+use crate::replication::device::ReplicatedDevice;
+use crate::replication::disk_health::ErrorPolicy;
 use crate::replication::peer::PeerLink;
 use crate::replication::states::{
     check_demote, check_promote, ConnState, DemoteRefusal, DiskState, PromoteRefusal, ReplState, Role,
 };
-use crate::storage::{BlockDevice, FileDevice, OpenOptions};
+use crate::storage::BlockDevice;
 
 use nbd_service::NbdService;
 
@@ -127,10 +129,14 @@ struct NodeState {
     verifies_ended: u64,
     /// A promotion is under way: the peer cannot have this node outdate itself meanwhile.
     promoting: bool,
+    /// Why the disk is Diskless, Failed or Inconsistent after an I/O error (or the operator's
+    /// `detach`), for `status`.
+    disk_error: Option<String>,
 }
 
 /// One node of one resource, running.
 pub struct Node {
+    weak: std::sync::Weak<Node>,
     config: ResourceConfig,
     me: usize,
     device: Arc<ReplicatedDevice>,
@@ -227,53 +233,19 @@ impl Node {
     /// Attaches this node's disk and metadata (folding the activity log after a crash) and
     /// marks the metadata in use. The node starts Secondary and not yet connected.
     pub fn attach(config: ResourceConfig, me: usize) -> Result<Arc<Self>, NodeError> {
-        let node = &config.nodes[me];
-        let attached = store::attach(&node.disk, &MetaLocation::from(&node.meta_disk), &node.name)?;
-        for damage in &attached.report.damage {
-            warn!("metadata damage detected: {damage}");
-        }
-        if attached.report.unclean {
-            info!(
-                extents = attached.report.al_extents_applied,
-                dirty_blocks = attached.report.dirty_blocks,
-                "previous run did not shut down cleanly: activity log folded into the bitmap"
-            );
-        }
-        let mut meta = attached.meta;
-        let data_size = meta.layout().data_size;
-        let bitmap_block = meta.superblock().bitmap_block;
-        let was_primary = meta.superblock().has(flags::PRIMARY);
-        // In use from now on: a crash before the clean shutdown folds the activity log, and a
-        // crash while Primary is remembered.
-        meta.update(|sb| {
-            sb.set(flags::AL_CLEAN, false);
-            if was_primary {
-                sb.set(flags::CRASHED_PRIMARY, true);
-                sb.set(flags::PRIMARY, false);
-            }
-        })?;
-        let disk = disk_from_flags(meta.superblock());
-        let opts = OpenOptions { size: Some(data_size), prefix: true, ..Default::default() };
-        let is_file = std::fs::metadata(&node.disk).map(|m| m.file_type().is_file()).unwrap_or(true);
-        let open = |opts: &OpenOptions| {
-            if is_file {
-                FileDevice::open_file(&node.disk, opts)
-            } else {
-                FileDevice::open_block_device(&node.disk, opts)
-            }
+        let opened = disk::open_disk(&config.nodes[me])?;
+        let disk = opened.disk;
+        let policy = match config.disk.on_io_error {
+            crate::config::OnIoError::PassOn => ErrorPolicy::PassOn,
+            _ => ErrorPolicy::Detach,
         };
-        let local: Arc<dyn BlockDevice> = Arc::new(open(&opts)?);
-        // Resync moves bulk data the page cache would only hold up: O_DIRECT (which measured
-        // 2.8x buffered copying here), where the file system supports it.
-        let resync_local: Arc<dyn BlockDevice> = match open(&OpenOptions { direct: true, ..opts.clone() }) {
-            Ok(direct) => Arc::new(direct),
-            Err(e) => {
-                info!("resync uses the page cache: cannot open {} with O_DIRECT: {e}", node.disk.display());
-                local.clone()
-            }
-        };
-        let tracking = Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, meta)) };
-        let device = ReplicatedDevice::with_resync_device(local, resync_local, tracking, bitmap_block);
+        let device = ReplicatedDevice::with_resync_device(
+            opened.local,
+            opened.resync,
+            opened.tracking,
+            opened.bitmap_block,
+            policy,
+        );
         let shards = Arc::new(Shards::per_cpu()?);
         let state = NodeState {
             role: Role::Secondary,
@@ -295,8 +267,10 @@ impl Node {
             last_verify: None,
             verifies_ended: 0,
             promoting: false,
+            disk_error: None,
         };
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|weak| Self {
+            weak: weak.clone(),
             config,
             me,
             device,
@@ -311,6 +285,11 @@ impl Node {
             ha_release: HaRelease::default(),
             ha_yield: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// This node as the `Arc` it lives in (for work spawned from a `&self` method).
+    fn myself(&self) -> Option<Arc<Node>> {
+        self.weak.upgrade()
     }
 
     pub fn config(&self) -> &ResourceConfig {
@@ -345,11 +324,13 @@ impl Node {
         // too: a write and its replication then never cross threads.
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
         let retirer = tokio::spawn(retire_idle_extents(self.clone()));
+        let disk_watch = tokio::spawn(disk::watch_errors(self.clone(), self.device.health().subscribe()));
         let supervisor =
             self.config.ha.clone().map(|ha| tokio::spawn(crate::supervisor::run(self.clone(), ha)));
         self.shutdown.cancelled().await;
         let _ = connection.await;
         retirer.abort();
+        disk_watch.abort();
         if let Some(supervisor) = supervisor {
             let _ = supervisor.await;
         }
@@ -374,16 +355,23 @@ impl Node {
         self.superblock().generations
     }
 
-    /// Changes the superblock durably.
+    /// Changes the superblock durably. A Diskless node has no metadata to change: nothing is
+    /// written. A failed write is a disk error (see [`Node::on_disk_error`]).
     fn persist(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), NodeError> {
-        self.device.with_tracking(|t| t.activity.as_mut().expect("a node has metadata").1.update(change))?;
-        Ok(())
+        if !self.device.health().usable() {
+            return Ok(());
+        }
+        let result =
+            self.device.with_tracking(|t| t.activity.as_mut().expect("a node has metadata").1.update(change));
+        self.metadata_result(result)
     }
 
     /// Writes every bitmap page changed in memory since it was last written.
     fn persist_bitmap(&self, all: bool) -> Result<(), NodeError> {
-        self.device.write_stale_bitmap_pages(all)?;
-        Ok(())
+        if !self.device.health().usable() {
+            return Ok(());
+        }
+        self.metadata_result(self.device.write_stale_bitmap_pages(all))
     }
 
     /// Sets this node's disk state, in memory and in the superblock flags.
@@ -425,6 +413,12 @@ impl Node {
                 return Err(NodeError::Refused("a promotion is already under way".into()));
             }
             let connected = s.conn == ConnState::Connected;
+            if let (DiskState::Diskless | DiskState::Failed, Some(e)) = (s.disk, &s.disk_error) {
+                return Err(NodeError::Refused(format!(
+                    "cannot promote: the disk is {} ({e}); `rdbd attach` it first",
+                    s.disk
+                )));
+            }
             check_promote(s.disk, s.peer_role, connected, force)?;
             s.promoting = true;
             (s.disk, connected)
@@ -786,6 +780,10 @@ impl Node {
         self.persist_bitmap(false)?;
         // A clean log is trusted at the next start: everything written must be on this disk
         // before it says so, or a power loss now would lose writes no resync would repair.
+        if !self.device.health().usable() {
+            info!("down: the disk is detached; no metadata written");
+            return Ok(());
+        }
         if let Err(e) = self.device.sync() {
             warn!("down: flushing the data failed ({e}): the metadata stays unclean");
             self.persist(|sb| sb.set(flags::PRIMARY, false))?;

@@ -221,9 +221,10 @@ enum Outcome {
     Retry,
     /// Refused for a reason retrying cannot fix: StandAlone until `connect`.
     StandAlone(String),
-    /// Refused for now (rr-conflict retry-connect): the reason goes to status, and the next
-    /// attempt waits `connect-interval` (or a role change), so refusals do not spin.
-    RetryLater(String),
+    /// Refused for now (rr-conflict retry-connect, a Diskless Secondary): the reason goes to
+    /// status, and the next attempt waits `connect-interval` (or a role change, or `attach`),
+    /// so refusals do not spin. The peer's disk state as the handshake showed it.
+    RetryLater(String, DiskState),
 }
 
 /// Connects, runs and reconnects until the node shuts down.
@@ -301,8 +302,12 @@ pub async fn run(node: Arc<Node>) {
                 match outcome {
                     Outcome::Retry => {}
                     Outcome::StandAlone(message) => set_standalone(&node, message),
-                    Outcome::RetryLater(message) => {
-                        node.state().last_error = Some(message);
+                    Outcome::RetryLater(message, peer_disk) => {
+                        {
+                            let mut s = node.state();
+                            s.last_error = Some(message);
+                            s.peer_disk = peer_disk;
+                        }
                         tokio::select! {
                             _ = node.shutdown.cancelled() => break,
                             _ = node.renegotiate.notified() => {}
@@ -362,6 +367,7 @@ fn end_session(node: &Node) {
         }
     }
     node.device.clear_peer();
+    node.device.set_sole_copy(false);
     node.device.release_writes();
     if let Err(e) = node.primary_without_peer().and_then(|()| node.persist_bitmap(false)) {
         warn!("cannot write metadata after losing the peer: {e}");
@@ -525,6 +531,9 @@ async fn session(
         s.discard_my_data = false;
     }
     let decision = decide(&local, &peer);
+    if decision.outcome == SyncDecision::NoDisk {
+        return diskless_session(node, est, &local, &peer).await;
+    }
     // Two Primaries whose data diverged are reported as the split brain they are.
     let diverged = matches!(decision.outcome, SyncDecision::SplitBrain { .. } | SyncDecision::Unrelated);
     if local.role == Role::Primary && peer.role == Role::Primary && !diverged {
@@ -567,7 +576,10 @@ async fn session(
                 // through.
                 send_refuse(&mut est, RefuseCode::Other, &conflict).await;
                 node.state().discard_my_data = discard;
-                return Outcome::RetryLater(format!("{conflict}; rr-conflict retry-connect: retrying"));
+                return Outcome::RetryLater(
+                    format!("{conflict}; rr-conflict retry-connect: retrying"),
+                    DiskState::DUnknown,
+                );
             }
             RrConflictAction::CallPriLost { here: true } => {
                 node.spawn_handler(HandlerEvent::PriLost, Vec::new());
@@ -626,6 +638,38 @@ async fn session(
     } else {
         let csums = outcome.is_target().then(|| resync_csums(node, decision.rule)).flatten();
         run_receiver(node, est, outcome.is_target(), csums).await
+    }
+}
+
+/// A side of the handshake has no disk (Diskless). A Diskless Primary with an UpToDate peer
+/// goes on through it: it sends every request, reads included, and the peer, now the only copy,
+/// marks what it writes for the Primary's disk to resync once attached again (DRBD's diskless
+/// mode). Otherwise there is nothing to replicate: both nodes try again every connect-interval,
+/// status naming the disk, until `rdbd attach` there.
+async fn diskless_session(node: &Arc<Node>, est: Established, local: &SideView, peer: &SideView) -> Outcome {
+    let served_through = |diskless: &SideView, other: &SideView| {
+        diskless.role == Role::Primary && !diskless.disk.has_disk() && other.disk == DiskState::UpToDate
+    };
+    let (me, them) = (&node.me().name, &node.peer_config().name);
+    if !served_through(local, peer) && !served_through(peer, local) {
+        let (who, disk) = if local.disk.has_disk() { (them, peer.disk) } else { (me, local.disk) };
+        let message = format!("{who}'s disk is {disk}: nothing to replicate until `rdbd attach` on {who}");
+        info!("{message}");
+        return Outcome::RetryLater(message, peer.disk);
+    }
+    {
+        let mut s = node.state();
+        s.conn = ConnState::Connected;
+        s.repl = ReplState::Established;
+        s.peer_role = peer.role;
+        s.peer_disk = peer.disk;
+    }
+    if local.role == Role::Primary {
+        info!("Diskless Primary: serving through {them}");
+        run_sender(node, est, false).await
+    } else {
+        node.hold_sole_copy();
+        run_receiver(node, est, false, None).await
     }
 }
 
@@ -756,6 +800,7 @@ async fn run_receiver(
     let (verify_tx, verify_rx) = mpsc::unbounded_channel();
     *node.verify_starts.lock().expect("verify lock") = Some(verify_tx);
     let mut applier = applier
+        .with_tracker(node.device.clone())
         .with_verify(wire_digest(net.verify_alg), node.device.bitmap_block(), verify_rx)
         .with_events(Box::new(NodeEvents(node.clone())))
         .with_silence_limit(net.ping_interval * 2 + net.ping_timeout);

@@ -17,6 +17,10 @@ pub struct Status {
     pub pid: u32,
     pub role: Role,
     pub disk: DiskState,
+    /// The I/O error that failed the disk (Diskless, or Inconsistent under pass_on), or the
+    /// operator's detach.
+    #[serde(default)]
+    pub disk_error: Option<String>,
     pub connection: ConnState,
     pub replication: ReplState,
     pub peer: PeerStatus,
@@ -105,6 +109,7 @@ impl Node {
             pid: std::process::id(),
             role: s.role,
             disk: s.disk,
+            disk_error: s.disk_error.clone(),
             connection: s.conn,
             replication: s.repl,
             peer: PeerStatus { node: self.peer_config().name.clone(), role: s.peer_role, disk: s.peer_disk },
@@ -182,7 +187,14 @@ impl Status {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "{} role:{}", self.resource, self.role);
-        let _ = writeln!(out, "  disk:{}", self.disk);
+        match &self.disk_error {
+            Some(e) => {
+                let _ = writeln!(out, "  disk:{} ({e})", self.disk);
+            }
+            None => {
+                let _ = writeln!(out, "  disk:{}", self.disk);
+            }
+        }
         if self.connection == ConnState::Connected {
             let _ = writeln!(out, "  {} role:{}", self.peer.node, self.peer.role);
             let mut line = format!("    replication:{} peer-disk:{}", self.replication, self.peer.disk);
@@ -205,7 +217,7 @@ impl Status {
                 let _ = writeln!(out, "    out-of-sync:{}KiB", self.out_of_sync_bytes / 1024);
             }
             if let Some(e) = &self.last_error {
-                if self.connection == ConnState::StandAlone {
+                if self.connection == ConnState::StandAlone || self.peer.disk == DiskState::Diskless {
                     let _ = writeln!(out, "    reason: {e}");
                 }
             }
@@ -259,6 +271,7 @@ mod tests {
             pid: 1,
             role: Role::Primary,
             disk: DiskState::UpToDate,
+            disk_error: None,
             connection: ConnState::Connected,
             replication: ReplState::SyncSource,
             peer: PeerStatus { node: "beta".into(), role: Role::Secondary, disk: DiskState::Inconsistent },
@@ -304,6 +317,20 @@ mod tests {
             s.to_text(),
             "res0 role:Primary\n  disk:UpToDate\n  beta connection:StandAlone\n    out-of-sync:1024KiB\n    \
              reason: split brain detected\n"
+        );
+        let mut s = status();
+        s.disk = DiskState::Diskless;
+        s.disk_error = Some("local disk write at offset 0x0 failed: I/O error (errno 5)".into());
+        s.resync = None;
+        s.replication = ReplState::Established;
+        s.peer.disk = DiskState::UpToDate;
+        s.out_of_sync_bytes = 0;
+        assert!(
+            s.to_text().starts_with(
+                "res0 role:Primary\n  disk:Diskless (local disk write at offset 0x0 failed: I/O error (errno 5))\n"
+            ),
+            "{}",
+            s.to_text()
         );
     }
 

@@ -16,6 +16,8 @@ use slab::Slab;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::device::ReplicatedDevice;
+use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, Framed};
 use super::resync::controller::STEP;
 use super::resync::target::{Answers, ResyncTarget, Unrequested};
@@ -43,8 +45,10 @@ pub enum ApplyError {
     PeerSilent(Duration),
     #[error("peer disconnected: {0}")]
     Disconnected(String),
-    #[error("reading the local disk at offset {offset} failed")]
-    LocalRead { offset: u64 },
+    #[error("{0}")]
+    LocalDisk(DiskError),
+    #[error("cannot record a write to this only copy in the metadata: {0}")]
+    SoleCopyMetadata(String),
 }
 
 /// Counters of what was applied.
@@ -72,6 +76,9 @@ pub trait ApplyEvents: Send {
     fn out_of_sync(&mut self, _offset: u64, _len: u32) {}
     /// The peer's verify is over.
     fn verify_done(&mut self, _checked_bytes: u64, _out_of_sync_blocks: u64) {}
+    /// The local disk failed a request: carry out `on-io-error` now, before the NegAck that
+    /// follows tells the peer (which then takes this disk as no longer UpToDate).
+    fn disk_failed(&mut self, _error: DiskError) {}
 }
 
 /// Events nobody listens to (tests, a plain replica).
@@ -99,6 +106,8 @@ enum Kind {
     /// Reading a range for the peer's online verify: ordered like a write, so it sees exactly
     /// the writes the peer sent before the request.
     VerifyRead,
+    /// Reading for a Diskless Primary, ordered like a write: it sees every write sent before.
+    PeerRead,
 }
 
 /// A request received and not yet acknowledged.
@@ -117,7 +126,7 @@ impl Received {
     /// Ordered against overlapping writes (a verify read counts: it must not overtake or be
     /// overtaken by a write to its range).
     fn is_write(&self) -> bool {
-        matches!(self.kind, Kind::Write | Kind::ResyncWrite | Kind::VerifyRead)
+        matches!(self.kind, Kind::Write | Kind::ResyncWrite | Kind::VerifyRead | Kind::PeerRead)
     }
 }
 
@@ -148,8 +157,12 @@ pub struct Applier {
     acks: Vec<Message<'static>>,
     /// Digests being encoded (reused).
     digests: Vec<u8>,
-    /// A read for digests failed at this offset: the connection ends.
-    read_failed: Option<u64>,
+    /// The local disk failed a request: the connection ends once the NegAck is out, and the
+    /// next handshake finds the disk detached (or Inconsistent, under pass_on).
+    disk_failure: Option<DiskError>,
+    /// The device whose bitmap records what this node writes while it holds the only copy (its
+    /// peer is a Diskless Primary).
+    tracker: Option<Arc<ReplicatedDevice>>,
     /// Frames for the peer's data channel (resync requests, verify replies, state changes),
     /// encoded, since some carry digests computed here.
     outgoing: Vec<u8>,
@@ -186,7 +199,8 @@ impl Applier {
             acks: Vec::new(),
             outgoing: Vec::new(),
             digests: Vec::new(),
-            read_failed: None,
+            disk_failure: None,
+            tracker: None,
             verify_alg: DigestAlg::Sha256,
             block: 4096,
             verify_starts: None,
@@ -227,6 +241,12 @@ impl Applier {
         } else {
             std::task::Poll::Pending
         }
+    }
+
+    /// Marks every write in `device`'s bitmap, durably, while it holds the only copy.
+    pub fn with_tracker(mut self, device: Arc<ReplicatedDevice>) -> Self {
+        self.tracker = Some(device);
+        self
     }
 
     pub fn with_events(mut self, events: Box<dyn ApplyEvents>) -> Self {
@@ -334,8 +354,10 @@ impl Applier {
             self.start_ready();
             self.collect_ready_completions();
             self.pump_resync();
-            if let Some(offset) = self.read_failed {
-                return Err(ApplyError::LocalRead { offset });
+            if let Some(failure) = self.disk_failure.take() {
+                // The NegAck goes out first: the peer marks what this disk failed.
+                meta.send_all(&self.acks).await?;
+                return Err(ApplyError::LocalDisk(failure));
             }
             if !open && self.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
@@ -373,6 +395,24 @@ impl Applier {
     }
 
     fn accept(&mut self, message: Message<'_>) -> Result<(), ApplyError> {
+        if self.disk_failure.is_some() {
+            // The connection ends after this round: nothing more reaches the failed disk.
+            return Ok(());
+        }
+        if let (Some(device), Message::Data(_) | Message::Trim(_) | Message::Zeroes(_)) =
+            (&self.tracker, &message)
+        {
+            if device.sole_copy() {
+                let (offset, len) = match &message {
+                    Message::Data(d) => (d.offset, d.data.len() as u64),
+                    Message::Trim(t) => (t.offset, t.len),
+                    Message::Zeroes(z) => (z.offset, z.len),
+                    _ => unreachable!("matched above"),
+                };
+                let range = self.check_range(offset, len)?;
+                device.mark_durably(range).map_err(|e| ApplyError::SoleCopyMetadata(e.to_string()))?;
+            }
+        }
         let (seq, ack, range, op, kind) = match message {
             Message::Data(d) => {
                 if self.integrity && block_crc32c(d.data) != d.crc32c {
@@ -427,6 +467,11 @@ impl Applier {
                 let range = self.check_range(offset, u64::from(len))?;
                 let buf = self.pool.take(len as usize);
                 (0, AckMode::None, range, IoOp::Read { offset, buf }, Kind::VerifyRead)
+            }
+            Message::ReadRequest { seq, offset, len } => {
+                let range = self.check_range(offset, u64::from(len))?;
+                let buf = self.pool.take(len as usize);
+                (seq, AckMode::None, range, IoOp::Read { offset, buf }, Kind::PeerRead)
             }
             Message::OutOfSync { offset, len } => {
                 self.check_range(offset, u64::from(len))?;
@@ -544,7 +589,7 @@ impl Applier {
                 Kind::ResyncFlush => false,
                 // Submitted directly, never waiting.
                 Kind::CsumRead => false,
-                Kind::Write | Kind::ResyncWrite | Kind::VerifyRead => {
+                Kind::Write | Kind::ResyncWrite | Kind::VerifyRead | Kind::PeerRead => {
                     let running =
                         self.running.iter().any(|(_, o)| o.is_write() && overlaps(o.range, r.range));
                     let earlier = self
@@ -570,8 +615,21 @@ impl Applier {
         }
     }
 
+    /// Reports a failure of the local disk (once per connection: the connection ends).
+    fn disk_failed(&mut self, op: DiskOp, offset: Option<u64>, error: IoError) {
+        let failure = DiskError::new(op, offset, error);
+        if self.disk_failure.is_none() {
+            self.events.disk_failed(failure.clone());
+            self.disk_failure = Some(failure);
+        }
+    }
+
     fn complete(&mut self, c: Completion) {
         let Some(r) = self.running.try_remove(c.tag as usize) else { return };
+        if r.kind == Kind::PeerRead {
+            self.open_writes.remove(&r.index);
+            return self.peer_read_done(r, c);
+        }
         if matches!(r.kind, Kind::CsumRead | Kind::VerifyRead) {
             self.open_writes.remove(&r.index);
             return self.digests_read(r, c);
@@ -588,9 +646,9 @@ impl Applier {
                 self.stats.writes += 1;
                 self.stats.bytes += r.range.1 - r.range.0;
             }
-            Kind::ResyncWrite => return self.resync_written(r.seq, c.result),
+            Kind::ResyncWrite => return self.resync_written(r.seq, r.range.0, c.result),
             Kind::ResyncFlush => return self.resync_flushed(c.result),
-            Kind::CsumRead | Kind::VerifyRead => unreachable!("handled above"),
+            Kind::CsumRead | Kind::VerifyRead | Kind::PeerRead => unreachable!("handled above"),
         }
         match c.result {
             Ok(()) => {
@@ -601,8 +659,36 @@ impl Applier {
                 }
             }
             Err(e) => {
-                // The peer marks the range out of sync (or fails the flush) on a NegAck.
+                // This disk leaves UpToDate first (on-io-error), then the peer marks the range
+                // out of sync (or every write the flush covered) on the NegAck.
                 self.stats.failed += 1;
+                if let IoError::Io(_) = e {
+                    let (op, offset) = if r.kind == Kind::Flush {
+                        (DiskOp::Flush, None)
+                    } else {
+                        (DiskOp::Write, Some(r.range.0))
+                    };
+                    self.disk_failed(op, offset, e);
+                }
+                self.acks.push(Message::NegAck { seq: r.seq, errno: errno_of(e) });
+            }
+        }
+    }
+
+    /// A read for the Diskless Primary finished: its data goes back, or a NegAck.
+    fn peer_read_done(&mut self, r: Received, c: Completion) {
+        match (c.result, c.buf) {
+            (Ok(()), Some(buf)) => {
+                Message::ReadReply { seq: r.seq, data: &buf }.encode(&mut self.outgoing);
+                self.pool.give(buf);
+            }
+            (result, buf) => {
+                if let Some(buf) = buf {
+                    self.pool.give(buf);
+                }
+                let e = result.err().unwrap_or(IoError::Io(libc::EIO));
+                warn!(offset = r.range.0, "reading for the Diskless Primary failed: {e}");
+                self.disk_failed(DiskOp::Read, Some(r.range.0), e);
                 self.acks.push(Message::NegAck { seq: r.seq, errno: errno_of(e) });
             }
         }
@@ -614,7 +700,7 @@ impl Applier {
         let (offset, len) = (r.range.0, (r.range.1 - r.range.0) as u32);
         let Some(buf) = c.buf.filter(|_| c.result.is_ok()) else {
             warn!(offset, len, "reading for digests failed: {:?}", c.result);
-            self.read_failed = Some(offset);
+            self.disk_failed(DiskOp::Read, Some(offset), c.result.err().unwrap_or(IoError::Io(libc::EIO)));
             return;
         };
         self.digests.clear();
@@ -633,18 +719,22 @@ impl Applier {
         self.pool.give(buf);
     }
 
-    fn resync_written(&mut self, request: u64, result: Result<(), IoError>) {
-        let Some(target) = self.resync.as_mut() else { return };
+    fn resync_written(&mut self, request: u64, offset: u64, result: Result<(), IoError>) {
         if let Err(e) = result {
-            warn!(offset = request, "writing resync data failed: {e:?}");
+            warn!(offset, "writing resync data failed: {e:?}");
             self.stats.failed += 1;
+            self.disk_failed(DiskOp::Write, Some(offset), e);
         }
+        let Some(target) = self.resync.as_mut() else { return };
         target.written(request, result.map_err(errno_of), &mut self.answers);
     }
 
     /// The flush made the written resync data durable: the bookkeeping clears and acknowledges
     /// it (SPEC §6).
     fn resync_flushed(&mut self, result: Result<(), IoError>) {
+        if let Err(e) = result {
+            self.disk_failed(DiskOp::Flush, None, e);
+        }
         let Some(target) = self.resync.as_mut() else { return };
         target.flush_done(result.map_err(errno_of), &mut self.answers);
     }

@@ -7,26 +7,39 @@
 //! write still completes locally and its blocks are marked out of sync in the bitmap, to be
 //! resynced later. Two overlapping writes are never in flight together, so they reach both disks
 //! in the same order.
+//!
+//! When the local disk fails (see [`DiskHealth`]) the device stops using it and goes on through
+//! the peer, DRBD's diskless mode: writes and flushes go to the peer only, reads are answered
+//! from the peer's disk, and a read the local disk fails is retried there.
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use slab::Slab;
 
 use super::alone_gate::{AloneGate, AloneVerdict};
+use super::disk_health::{DiskError, DiskHealth, DiskOp, ErrorPolicy};
 use super::link::framed::{FrameWriter, Framed};
-use super::peer::{Inbox, LinkEvents, LinkOptions, PeerLink, PeerOutcome, ResyncReply, Submitted};
+use super::peer::{Delivery, Inbox, LinkEvents, LinkOptions, PeerLink, PeerOutcome, ResyncReply, Submitted};
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
 use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError, IoOp, IoQueue};
 
 pub struct ReplicatedDevice {
-    local: Arc<dyn BlockDevice>,
-    /// The same disk for resync I/O (opened with O_DIRECT where possible), else `local`.
-    resync_local: Arc<dyn BlockDevice>,
+    /// The local disk, and the same disk for resync I/O (opened with O_DIRECT where possible,
+    /// else the same handle). Replaced when a disk is attached again.
+    disks: RwLock<LocalDisks>,
+    /// Bumped at every attach: queues reopen their local queue on the new disk.
+    disk_epoch: AtomicU64,
+    /// Whether the local disk may be used, and where its errors go.
+    health: DiskHealth,
+    /// The peer has no disk (it is a Diskless Primary): this node holds the only copy, and the
+    /// applier marks what it writes for the peer's disk to resync once attached again.
+    sole_copy: AtomicBool,
     peer: RwLock<Option<Arc<PeerLink>>>,
     tracking: Mutex<Tracking>,
     bitmap_block: u32,
@@ -45,7 +58,13 @@ pub struct ReplicatedDevice {
     alone: AloneGate,
     /// Extents one part of a split discard spans: a quarter of the activity log at most, so
     /// that parts in flight together still fit.
-    discard_part_extents: u32,
+    discard_part_extents: std::sync::atomic::AtomicU32,
+}
+
+/// The local disk as a device, and the handle resync I/O uses.
+struct LocalDisks {
+    local: Arc<dyn BlockDevice>,
+    resync: Arc<dyn BlockDevice>,
 }
 
 /// The out-of-sync bitmap and, with on-disk metadata, the activity log that must record every
@@ -57,22 +76,25 @@ pub struct Tracking {
 
 impl ReplicatedDevice {
     pub fn new(local: Arc<dyn BlockDevice>, tracking: Tracking, bitmap_block: u32) -> Arc<Self> {
-        Self::with_resync_device(local.clone(), local, tracking, bitmap_block)
+        Self::with_resync_device(local.clone(), local, tracking, bitmap_block, ErrorPolicy::default())
     }
 
-    /// Like [`ReplicatedDevice::new`], with a second handle on the same disk for resync I/O.
+    /// Like [`ReplicatedDevice::new`], with a second handle on the same disk for resync I/O,
+    /// and what a local disk error does.
     pub fn with_resync_device(
         local: Arc<dyn BlockDevice>,
         resync_local: Arc<dyn BlockDevice>,
         tracking: Tracking,
         bitmap_block: u32,
+        policy: ErrorPolicy,
     ) -> Arc<Self> {
-        let slots = tracking.activity.as_ref().map_or(u32::MAX, |(log, _)| log.capacity());
-        let discard_part_extents = (slots / 4).clamp(1, DISCARD_PART_EXTENTS);
+        let discard_part_extents = Self::discard_parts_for(&tracking);
         Arc::new(Self {
-            discard_part_extents,
-            local,
-            resync_local,
+            discard_part_extents: std::sync::atomic::AtomicU32::new(discard_part_extents),
+            disks: RwLock::new(LocalDisks { local, resync: resync_local }),
+            disk_epoch: AtomicU64::new(0),
+            health: DiskHealth::new(policy),
+            sole_copy: AtomicBool::new(false),
             peer: RwLock::new(None),
             tracking: Mutex::new(tracking),
             bitmap_block,
@@ -82,6 +104,44 @@ impl ReplicatedDevice {
             app_active: std::sync::atomic::AtomicBool::new(false),
             alone: AloneGate::default(),
         })
+    }
+
+    fn discard_parts_for(tracking: &Tracking) -> u32 {
+        let slots = tracking.activity.as_ref().map_or(u32::MAX, |(log, _)| log.capacity());
+        (slots / 4).clamp(1, DISCARD_PART_EXTENTS)
+    }
+
+    /// The local disk's health: whether it is in use, and its errors.
+    pub fn health(&self) -> &DiskHealth {
+        &self.health
+    }
+
+    /// A disk is attached again (`rdbd attach`): queues move to it as their local I/O drains, and
+    /// the bitmap and activity log are its. The caller has ended the peer's link first, so that
+    /// no write followed on the old disk's log reports to the new one.
+    pub fn attach_disk(&self, local: Arc<dyn BlockDevice>, resync: Arc<dyn BlockDevice>, tracking: Tracking) {
+        self.discard_part_extents.store(Self::discard_parts_for(&tracking), Ordering::Relaxed);
+        *self.tracking.lock().expect("tracking lock") = tracking;
+        *self.disks.write().expect("disks lock") = LocalDisks { local, resync };
+        self.disk_epoch.fetch_add(1, Ordering::AcqRel);
+        self.health.attached();
+        self.wake_parked();
+    }
+
+    /// Whether this node holds the only copy (its peer is a Diskless Primary).
+    pub fn sole_copy(&self) -> bool {
+        self.sole_copy.load(Ordering::Acquire)
+    }
+
+    pub fn set_sole_copy(&self, sole: bool) {
+        self.sole_copy.store(sole, Ordering::Release);
+    }
+
+    /// Marks `range` out of sync durably before this node writes it as the only copy, so that the
+    /// peer's disk, attached again, is resynced over it even after a crash here.
+    pub fn mark_durably(&self, range: (u64, u64)) -> Result<(), crate::metadata::store::MetaError> {
+        self.mark_out_of_sync(range);
+        self.write_stale_bitmap_pages(false)
     }
 
     /// The gate for writes the peer does not have; after opening it, [`ReplicatedDevice::wake_parked`].
@@ -169,6 +229,10 @@ impl ReplicatedDevice {
     /// try again after a write completes. A metadata write failure fails the write: an
     /// unlogged write could be lost silently after a crash.
     fn activate(&self, (start, end): (u64, u64)) -> Result<bool, IoError> {
+        if !self.health.usable() {
+            // Diskless: the disk holding the log is gone; the peer tracks what it writes.
+            return Ok(true);
+        }
         let mut t = self.tracking.lock().expect("tracking lock");
         let Tracking { bitmap, activity } = &mut *t;
         let Some((log, meta)) = activity else { return Ok(true) };
@@ -201,7 +265,7 @@ impl ReplicatedDevice {
             // An evicted extent's writes must be on this disk before the log forgets it: a
             // power loss would otherwise lose them here while the peer has them, unmarked. One
             // flush per transaction (DRBD's AL write carries a preflush for the same reason).
-            let durable = if tx.evicted.is_empty() { Ok(()) } else { self.local.sync() };
+            let durable = if tx.evicted.is_empty() { Ok(()) } else { self.local().sync() };
             let committed = durable
                 .map_err(|e| e.to_string())
                 .and_then(|()| meta.commit(bitmap, &tx).map_err(|e| e.to_string()));
@@ -213,6 +277,7 @@ impl ReplicatedDevice {
                     for extent in extents {
                         log.end(extent);
                     }
+                    self.health.failed(DiskError::new(DiskOp::Metadata, None, format!("activity log: {e}")));
                     return Err(IoError::Io(libc::EIO));
                 }
             }
@@ -245,7 +310,11 @@ impl ReplicatedDevice {
             return Ok(0);
         }
         idle.sort_unstable();
-        if let Err(e) = self.local.sync() {
+        if !self.health.usable() {
+            return Ok(0);
+        }
+        if let Err(e) = self.local().sync() {
+            self.health.failed(DiskError::new(DiskOp::Flush, None, e));
             let error = std::io::Error::other(format!("flushing the data before the activity log: {e}"));
             return Err(crate::metadata::store::MetaError::Io { path: "data disk".into(), error });
         }
@@ -269,7 +338,8 @@ impl ReplicatedDevice {
     /// Writes the link followed are settled: stable on the peer, or (`lost`) marked out of sync;
     /// their extents may leave the activity log now, and writes waiting for a slot look again.
     fn release_followed(&self, ranges: &[(u64, u64)], lost: bool) {
-        {
+        // Diskless: the log and bitmap are the failed disk's; the peer tracks what it lacks.
+        if self.health.usable() {
             let mut t = self.tracking.lock().expect("tracking lock");
             let Tracking { bitmap, activity } = &mut *t;
             for &(start, end) in ranges {
@@ -312,6 +382,16 @@ impl ReplicatedDevice {
         link
     }
 
+    /// The Primary's disk was just detached: the peer hears it before any request sent from now
+    /// on, so that it marks every one for this disk's resync (and holds the only copy).
+    fn announce_detached(&self) {
+        tracing::error!("the local disk failed: detached; serving through the peer");
+        if let Some(peer) = self.peer() {
+            use rdbd_protocol::repl::{disk, role, Message};
+            peer.send_other(&Message::StateChange { role: role::PRIMARY, disk: disk::DISKLESS });
+        }
+    }
+
     /// Stops mirroring (the peer is gone or disconnected).
     pub fn clear_peer(&self) {
         *self.peer.write().expect("peer lock") = None;
@@ -332,17 +412,17 @@ impl ReplicatedDevice {
     }
 
     /// The backing device under the replication.
-    pub fn local(&self) -> &Arc<dyn BlockDevice> {
-        &self.local
+    pub fn local(&self) -> Arc<dyn BlockDevice> {
+        self.disks.read().expect("disks lock").local.clone()
     }
 
     /// The backing device for resync reads and writes.
-    pub fn resync_local(&self) -> &Arc<dyn BlockDevice> {
-        &self.resync_local
+    pub fn resync_local(&self) -> Arc<dyn BlockDevice> {
+        self.disks.read().expect("disks lock").resync.clone()
     }
 
     pub fn info_size(&self) -> u64 {
-        self.local.info().size
+        self.info().size
     }
 
     pub fn bitmap_block(&self) -> u32 {
@@ -389,14 +469,16 @@ impl ReplicatedDevice {
 
 impl BlockDevice for ReplicatedDevice {
     fn info(&self) -> DeviceInfo {
-        self.local.info()
+        self.disks.read().expect("disks lock").local.info()
     }
 
     fn open_queue(self: Arc<Self>) -> std::io::Result<Box<dyn IoQueue>> {
-        let local = self.local.clone().open_queue()?;
+        let local_epoch = self.disk_epoch.load(Ordering::Acquire);
+        let local = self.local().open_queue()?;
         Ok(Box::new(ReplicatedQueue {
             device: self,
             local,
+            local_epoch,
             inbox: Arc::new(Inbox::default()),
             ops: Slab::new(),
             parked: VecDeque::new(),
@@ -410,11 +492,17 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, IoError> {
-        self.local.block_status(offset, len, max_extents)
+        if !self.health.usable() {
+            return Ok(vec![Extent { len: len.max(1), hole: false }]);
+        }
+        self.local().block_status(offset, len, max_extents)
     }
 
     fn sync(&self) -> Result<(), IoError> {
-        self.local.sync()
+        if !self.health.usable() {
+            return Err(IoError::Io(libc::EIO));
+        }
+        self.local().sync()
     }
 
     // Splicing would bypass the copy the peer needs: not offered.
@@ -473,17 +561,25 @@ struct Op {
     followed: bool,
     /// The peer does not have it (gone, or lost it): answered only through the alone gate.
     alone: bool,
+    /// The request went to the peer (which has it unless reported lost or failed).
+    sent: bool,
+    /// A read's offset: a read the local disk fails is retried on the peer.
+    read_at: Option<u64>,
+    /// Served by the peer alone (diskless, or a read moved there): its local result stands in.
+    remote: bool,
 }
 
 pub struct ReplicatedQueue {
     device: Arc<ReplicatedDevice>,
     local: Box<dyn IoQueue>,
+    /// The device's disk epoch `local` was opened in.
+    local_epoch: u64,
     inbox: Arc<Inbox>,
     ops: Slab<Op>,
     /// Writes waiting for an overlapping write in flight to finish.
     parked: VecDeque<(u32, IoOp)>,
     local_done: Vec<Completion>,
-    peer_done: Vec<(usize, PeerOutcome)>,
+    peer_done: Vec<Delivery>,
     /// Requests refused before they started (activity log write failed).
     early: Vec<Completion>,
     /// Client requests cut into parts (a discard wider than the activity log may hold): tag,
@@ -561,6 +657,10 @@ fn write_range(op: &IoOp) -> Option<(u64, u64)> {
 impl ReplicatedQueue {
     /// Starts a request whose range (if a write) is claimed and logged.
     fn start(&mut self, tag: u32, op: IoOp) {
+        self.follow_attached_disk();
+        if !self.device.health.usable() {
+            return self.start_remote(tag, op);
+        }
         let key = self.ops.vacant_key();
         let range = write_range(&op);
         let peer = self.device.peer();
@@ -580,7 +680,11 @@ impl ReplicatedQueue {
             }
             (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => not_sent,
         };
-        let alone = peer.is_none() && (range.is_some() || matches!(op, IoOp::Flush));
+        let writes = range.is_some() || matches!(op, IoOp::Flush);
+        let read_at = match &op {
+            IoOp::Read { offset, .. } => Some(*offset),
+            _ => None,
+        };
         self.ops.insert(Op {
             tag,
             range,
@@ -588,9 +692,96 @@ impl ReplicatedQueue {
             buf: None,
             waiting_for_peer: sent.answered,
             followed: sent.followed,
-            alone,
+            alone: peer.is_none() && writes,
+            sent: peer.is_some() && writes,
+            read_at,
+            remote: false,
         });
         self.local.submit(key as u32, op);
+    }
+
+    /// Starts a request on the peer alone: this node's disk failed or is detached (DRBD's
+    /// diskless mode). Without a peer there is no data to serve: EIO.
+    fn start_remote(&mut self, tag: u32, op: IoOp) {
+        let key = self.ops.vacant_key();
+        let range = write_range(&op);
+        let Some(peer) = self.device.peer() else {
+            if let Some(range) = range {
+                self.device.release(range);
+            }
+            return self.fail_early(tag, op, IoError::Io(libc::EIO));
+        };
+        let inbox = &self.inbox;
+        let (sent, buf) = match op {
+            IoOp::Read { offset, buf } => (peer.read(offset, buf.len() as u32, inbox, key), Some(buf)),
+            IoOp::Write { offset, buf, fua } => (peer.write(offset, &buf, fua, inbox, key), Some(buf)),
+            IoOp::Trim { offset, len, fua } => (peer.trim(offset, len, fua, inbox, key), None),
+            IoOp::WriteZeroes { offset, len, may_punch, fua, .. } => {
+                (peer.zeroes(offset, len, may_punch, fua, inbox, key), None)
+            }
+            IoOp::Flush => (peer.flush(inbox, key), None),
+            IoOp::Cache { .. } => (Submitted { answered: false, followed: false }, None),
+        };
+        self.ops.insert(Op {
+            tag,
+            range,
+            local: Some(Ok(())),
+            buf,
+            waiting_for_peer: sent.answered,
+            followed: sent.followed,
+            alone: false,
+            sent: true,
+            read_at: None,
+            remote: true,
+        });
+        if !sent.answered {
+            self.ready.push(key);
+        }
+    }
+
+    /// Moves to the disk attached since this queue opened its local queue, once nothing runs on
+    /// the old one.
+    fn follow_attached_disk(&mut self) {
+        let epoch = self.device.disk_epoch.load(Ordering::Acquire);
+        if epoch == self.local_epoch || self.local.in_flight() > 0 {
+            return;
+        }
+        match self.device.local().open_queue() {
+            Ok(queue) => {
+                self.local = queue;
+                self.local_epoch = epoch;
+            }
+            Err(e) => tracing::warn!("cannot open a queue on the attached disk: {e}"),
+        }
+    }
+
+    /// The local disk failed `key`'s request. Reports it (which may detach the disk), and
+    /// retries a read on the peer; returns whether the op goes on there.
+    fn local_failed(&mut self, key: usize, error: IoError, buf: Option<IoBuf>) -> bool {
+        let op = &self.ops[key];
+        let (kind, offset) = match (op.read_at, op.range) {
+            (Some(offset), _) => (DiskOp::Read, Some(offset)),
+            (None, Some((start, _))) => (DiskOp::Write, Some(start)),
+            (None, None) => (DiskOp::Flush, None),
+        };
+        if self.device.health.failed(DiskError::new(kind, offset, error)) {
+            self.device.announce_detached();
+        }
+        let peer = self.device.peer();
+        if let (Some(range), Some(peer)) = (op.range, &peer) {
+            // This disk lacks what the peer has: the peer keeps it marked for the resync to
+            // this disk once it is attached again.
+            let len = (range.1 - range.0).min(u64::from(u32::MAX)) as u32;
+            peer.send_other(&rdbd_protocol::repl::Message::OutOfSync { offset: range.0, len });
+        }
+        let (Some(offset), Some(peer), Some(buf)) = (op.read_at, peer, buf) else { return false };
+        let sent = peer.read(offset, buf.len() as u32, &self.inbox, key);
+        let op = &mut self.ops[key];
+        op.buf = Some(buf);
+        op.remote = true;
+        op.local = Some(Ok(()));
+        op.waiting_for_peer = sent.answered;
+        true
     }
 
     /// Starts parked writes whose overlap has cleared, in order.
@@ -627,6 +818,8 @@ impl ReplicatedQueue {
         }
         match self.device.activate(range) {
             Ok(true) => Ok(true),
+            // The log's write failed and detached the disk: the peer takes the write.
+            Err(_) if !self.device.health.usable() => Ok(true),
             other => {
                 self.device.release(range);
                 other
@@ -664,7 +857,7 @@ impl IoQueue for ReplicatedQueue {
         if !self.device.app_active.load(std::sync::atomic::Ordering::Relaxed) {
             self.device.app_active.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        match split_discard(&op, self.device.discard_part_extents) {
+        match split_discard(&op, self.device.discard_part_extents.load(Ordering::Relaxed)) {
             None => self.submit_one(tag, op),
             Some(parts) => {
                 self.split.push((tag, parts.len(), Ok(())));
@@ -685,24 +878,43 @@ impl IoQueue for ReplicatedQueue {
             let _ = self.local.poll_complete(cx, &mut self.local_done);
         }
         self.inbox.take(cx, &mut self.peer_done);
-        for c in self.local_done.drain(..) {
+        for c in std::mem::take(&mut self.local_done) {
             let key = c.tag as usize;
-            if let Some(op) = self.ops.get_mut(key) {
+            if !self.ops.contains(key) {
+                continue;
+            }
+            if let Err(e @ IoError::Io(_)) = c.result {
+                if self.local_failed(key, e, c.buf) {
+                    continue;
+                }
+                self.ops[key].local = Some(c.result);
+            } else {
+                let op = &mut self.ops[key];
                 op.local = Some(c.result);
                 op.buf = c.buf;
-                if !op.waiting_for_peer {
-                    self.ready.push(key);
-                }
+            }
+            if !self.ops[key].waiting_for_peer {
+                self.ready.push(key);
             }
         }
-        for (key, outcome) in self.peer_done.drain(..) {
+        for (key, outcome, data) in self.peer_done.drain(..) {
             if let Some(op) = self.ops.get_mut(key) {
                 op.waiting_for_peer = false;
                 if outcome != PeerOutcome::Done {
-                    if let Some(range) = op.range {
+                    if op.remote {
+                        // No disk has it: the request fails.
+                        op.local = Some(Err(IoError::Io(libc::EIO)));
+                    } else if let Some(range) = op.range {
                         self.device.mark_out_of_sync(range);
                     }
                     op.alone = true;
+                }
+                if let (Some(data), Some(buf)) = (data, op.buf.as_mut()) {
+                    if data.len() == buf.len() {
+                        buf.copy_from_slice(&data);
+                    } else {
+                        op.local = Some(Err(IoError::Io(libc::EIO)));
+                    }
                 }
                 if op.local.is_some() {
                     self.ready.push(key);
@@ -712,19 +924,21 @@ impl IoQueue for ReplicatedQueue {
         // Frozen ops get another look: the gate may have opened (or turned to failing them).
         self.ready.append(&mut self.frozen);
         for key in self.ready.drain(..) {
-            if self.ops[key].alone {
+            let op = &mut self.ops[key];
+            let local_ok = op.local.as_ref().is_some_and(|r| r.is_ok());
+            if op.alone && local_ok && !op.remote {
                 match self.device.alone.verdict() {
                     AloneVerdict::Answer => {}
                     AloneVerdict::Hold => {
                         self.frozen.push(key);
                         continue;
                     }
-                    AloneVerdict::Fail => {
-                        if self.ops[key].local.as_ref().is_some_and(|r| r.is_ok()) {
-                            self.ops[key].local = Some(Err(IoError::Io(libc::EIO)));
-                        }
-                    }
+                    AloneVerdict::Fail => op.local = Some(Err(IoError::Io(libc::EIO))),
                 }
+            } else if !local_ok && op.read_at.is_none() && op.sent && !op.alone {
+                // This disk failed the write or flush, the peer has it: DRBD's rule, a request
+                // succeeds when either disk has it (this one is detached now).
+                op.local = Some(Ok(()));
             }
             let op = self.ops.remove(key);
             if let Some(range) = op.range {

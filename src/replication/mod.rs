@@ -5,6 +5,7 @@ pub mod alone_gate;
 pub mod apply;
 pub mod bitmap_exchange;
 pub mod device;
+pub mod disk_health;
 pub mod link;
 pub mod peer;
 pub mod resync;

@@ -36,21 +36,28 @@ pub enum PeerOutcome {
 
 /// Where a queue collects the outcomes of its requests; the link task fills it and wakes the
 /// queue's task.
+/// An outcome for the request under a queue's key, with the data of a read the peer answered.
+pub type Delivery = (usize, PeerOutcome, Option<Vec<u8>>);
+
 #[derive(Default)]
 pub struct Inbox {
-    outcomes: Mutex<Vec<(usize, PeerOutcome)>>,
+    outcomes: Mutex<Vec<Delivery>>,
     waker: AtomicWaker,
 }
 
 impl Inbox {
     fn deliver(&self, key: usize, outcome: PeerOutcome) {
-        self.outcomes.lock().expect("inbox lock").push((key, outcome));
+        self.deliver_data(key, outcome, None);
+    }
+
+    fn deliver_data(&self, key: usize, outcome: PeerOutcome, data: Option<Vec<u8>>) {
+        self.outcomes.lock().expect("inbox lock").push((key, outcome, data));
         self.waker.wake();
     }
 
     /// Registers `cx` for wakeup, then takes what has arrived (in that order, so nothing that
     /// arrives in between is missed).
-    pub fn take(&self, cx: &mut Context<'_>, out: &mut Vec<(usize, PeerOutcome)>) {
+    pub fn take(&self, cx: &mut Context<'_>, out: &mut Vec<Delivery>) {
         self.waker.register(cx.waker());
         out.append(&mut self.outcomes.lock().expect("inbox lock"));
     }
@@ -60,10 +67,22 @@ impl Inbox {
 struct Waiter {
     inbox: Arc<Inbox>,
     key: usize,
-    /// A FUA write: stable on the peer once WriteAcked.
-    fua: bool,
-    /// A flush: its FlushAck makes every earlier write stable, its NegAck loses them.
-    flush: bool,
+    /// A FUA write is stable on the peer once WriteAcked; a flush's FlushAck makes every
+    /// earlier write stable, its NegAck loses them.
+    request: Request,
+}
+
+/// What a request asks of the peer, for the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// A write of this byte range: followed until stable.
+    Write {
+        range: (u64, u64),
+        fua: bool,
+    },
+    Flush,
+    /// A read for a Diskless Primary: answered by ReadReply.
+    Read,
 }
 
 /// Everything the link tracks, under one lock. Requests are encoded into `frames` under the same
@@ -232,26 +251,24 @@ impl PeerLink {
         self.alive.load(Ordering::Acquire)
     }
 
-    /// The acknowledgement a request needs: FUA and flushes always wait for the disk.
-    fn ack_for(&self, fua: bool) -> AckMode {
-        if fua {
-            AckMode::Write
-        } else {
-            self.protocol.ack_mode()
-        }
-    }
-
     /// Queues a request whose outcome goes to `inbox` under `key` (see [`Submitted`]).
     fn submit<'a>(
         &self,
         make: impl FnOnce(u64, AckMode) -> Message<'a>,
-        fua: bool,
-        range: Option<(u64, u64)>,
+        request: Request,
         inbox: &Arc<Inbox>,
         key: usize,
     ) -> Submitted {
-        let ack = self.ack_for(fua);
+        // Flushes, FUA writes and reads always wait for the peer's disk.
+        let ack = match request {
+            Request::Write { fua: false, .. } => self.protocol.ack_mode(),
+            _ => AckMode::Write,
+        };
         let answered = ack != AckMode::None;
+        let range = match request {
+            Request::Write { range, .. } => Some(range),
+            _ => None,
+        };
         let unstable = {
             let mut ledger = self.ledger();
             // fail_all clears `alive` before it empties the ledger under this lock: seen alive
@@ -263,8 +280,7 @@ impl PeerLink {
             }
             let seq = ledger.take_seq();
             if answered {
-                let flush = range.is_none();
-                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, fua, flush });
+                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, request });
             }
             if let Some(range) = range {
                 ledger.unstable.insert(seq, range);
@@ -280,18 +296,18 @@ impl PeerLink {
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool, inbox: &Arc<Inbox>, key: usize) -> Submitted {
-        let range = Some((offset, offset + data.len() as u64));
+        let range = (offset, offset + data.len() as u64);
         let integrity = self.integrity;
         let make = |seq, ack| {
             let crc32c = if integrity { block_crc32c(data) } else { 0 };
             Message::Data(Data { seq, offset, fua, ack, crc32c, data })
         };
-        self.submit(make, fua, range, inbox, key)
+        self.submit(make, Request::Write { range, fua }, inbox, key)
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool, inbox: &Arc<Inbox>, key: usize) -> Submitted {
         let make = |seq, ack| Message::Trim(Trim { seq, offset, len, fua, ack });
-        self.submit(make, fua, Some((offset, offset + len)), inbox, key)
+        self.submit(make, Request::Write { range: (offset, offset + len), fua }, inbox, key)
     }
 
     pub fn zeroes(
@@ -304,12 +320,31 @@ impl PeerLink {
         key: usize,
     ) -> Submitted {
         let make = |seq, ack| Message::Zeroes(Zeroes { seq, offset, len, may_punch, fua, ack });
-        self.submit(make, fua, Some((offset, offset + len)), inbox, key)
+        self.submit(make, Request::Write { range: (offset, offset + len), fua }, inbox, key)
     }
 
     /// A flush always waits for the peer's FlushAck (durable there too).
     pub fn flush(&self, inbox: &Arc<Inbox>, key: usize) -> Submitted {
-        self.submit(|seq, _| Message::Flush { seq }, true, None, inbox, key)
+        self.submit(|seq, _| Message::Flush { seq }, Request::Flush, inbox, key)
+    }
+
+    /// Reads from the peer's disk, after every write sent before (a Diskless Primary's read):
+    /// the data comes with the `Done` outcome.
+    pub fn read(&self, offset: u64, len: u32, inbox: &Arc<Inbox>, key: usize) -> Submitted {
+        self.submit(|seq, _| Message::ReadRequest { seq, offset, len }, Request::Read, inbox, key)
+    }
+
+    /// The peer answered read `seq` (ReadReply, on the data channel). An answer to no read of
+    /// ours is a protocol error: false.
+    pub fn read_reply(&self, seq: u64, data: &[u8]) -> bool {
+        let waiter = self.ledger().waiting.remove(&seq);
+        match waiter {
+            Some(w) if w.request == Request::Read => {
+                w.inbox.deliver_data(w.key, PeerOutcome::Done, Some(data.to_vec()));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Has the peer make every write sent so far stable soon (the activity log needs a slot
@@ -413,7 +448,8 @@ impl PeerLink {
         let (waiter, stable, lost) = {
             let mut ledger = self.ledger();
             let waiter = ledger.waiting.remove(&seq);
-            let is_flush = waiter.as_ref().map_or(ledger.auto_flush == Some(seq), |w| w.flush);
+            let is_flush =
+                waiter.as_ref().map_or(ledger.auto_flush == Some(seq), |w| w.request == Request::Flush);
             if ledger.auto_flush == Some(seq) {
                 ledger.auto_flush = None;
             }
@@ -426,7 +462,7 @@ impl PeerLink {
                     unstable.remove(&seq).into_iter().collect()
                 }
             };
-            let fua = waiter.as_ref().is_some_and(|w| w.fua);
+            let fua = waiter.as_ref().is_some_and(|w| matches!(w.request, Request::Write { fua: true, .. }));
             let (stable, lost) = match answer {
                 Answer::Flushed => (taken(&mut ledger.unstable), Vec::new()),
                 Answer::Written if fua => (taken(&mut ledger.unstable), Vec::new()),

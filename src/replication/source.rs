@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::device::ReplicatedDevice;
+use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, FrameReader};
 use super::peer::{PeerLink, ResyncReply};
 use super::resync::controller::STEP;
@@ -223,6 +224,11 @@ pub async fn serve(
                     verify = start_verify(&device, verify, offset, options.verify_alg, &mut *events)?;
                 }
                 Message::StateChange { role, disk } => events.peer_state(role, disk),
+                Message::ReadReply { seq, data } => {
+                    if !link.read_reply(seq, data) {
+                        return Err(SourceError::Unexpected(repl_kind::READ_REPLY));
+                    }
+                }
                 Message::Disconnect { reason } => return Err(SourceError::Disconnected(reason.to_owned())),
                 other => return Err(SourceError::Unexpected(other.kind())),
             },
@@ -396,6 +402,8 @@ impl Resync {
             (result, _) => {
                 let errno = read_errno(result);
                 warn!(offset, len, errno, "reading a block for the resync failed");
+                let error = crate::storage::IoError::Io(errno as i32);
+                self.device.health().failed(DiskError::new(DiskOp::Read, Some(offset), error));
                 return Err(SourceError::LocalRead { offset, errno });
             }
         };
@@ -474,7 +482,12 @@ impl Verifier {
     ) -> Result<(), SourceError> {
         let buf = match (c.result, c.buf) {
             (Ok(()), Some(buf)) => buf,
-            (result, _) => return Err(SourceError::LocalRead { offset, errno: read_errno(result) }),
+            (result, _) => {
+                let errno = read_errno(result);
+                let error = crate::storage::IoError::Io(errno as i32);
+                self.device.health().failed(DiskError::new(DiskOp::Read, Some(offset), error));
+                return Err(SourceError::LocalRead { offset, errno });
+            }
         };
         self.run.local_read(offset, &buf);
         self.pool.give(buf);

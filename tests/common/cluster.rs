@@ -78,6 +78,9 @@ pub struct Options {
     pub placement: Option<Placement>,
     /// A directory searched first for the daemons' commands (stand-ins for reboot and the like).
     pub path_prefix: Option<PathBuf>,
+    /// Each node's existing disk (a block device, or a symlink to one, such as
+    /// [`super::powerloss::ForgetfulDisk::path`]) instead of a new backing file of `file_size`.
+    pub disks: Option<[PathBuf; 2]>,
 }
 
 /// Where the daemons run: a network namespace and an address each.
@@ -99,6 +102,7 @@ impl Default for Options {
             tables: String::new(),
             placement: None,
             path_prefix: None,
+            disks: None,
         }
     }
 }
@@ -126,7 +130,7 @@ pub struct Cluster {
 
 /// Makes a child die with the test process (the kernel sends SIGKILL when the spawning thread
 /// exits; children are spawned from the test's own thread, which outlives them).
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -173,8 +177,8 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 impl Cluster {
-    /// Writes the config files and backing files and runs `create-md` on both nodes; nothing
-    /// is started.
+    /// Writes the config files and backing files (unless `opts.disks` names the disks) and runs
+    /// `create-md` on both nodes; nothing is started.
     pub fn new(opts: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let run_dir = dir.path().join("run");
@@ -182,8 +186,14 @@ impl Cluster {
         let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
         let nodes = Node::BOTH.map(|node| {
             let i = node.idx();
-            let disk = dir.path().join(format!("{}.img", node.name()));
-            File::create(&disk).unwrap().set_len(opts.file_size[i]).unwrap();
+            let disk = match &opts.disks {
+                Some(disks) => disks[i].clone(),
+                None => {
+                    let disk = dir.path().join(format!("{}.img", node.name()));
+                    File::create(&disk).unwrap().set_len(opts.file_size[i]).unwrap();
+                    disk
+                }
+            };
             NodeInfo {
                 node,
                 config_dir: dir.path().join(format!("etc-{}", node.name())),
@@ -553,6 +563,40 @@ impl Cluster {
             self.diag()
         );
         stream
+    }
+
+    /// nbdsh running `code` against `node`'s export (must succeed).
+    pub fn nbdsh(&self, node: Node, code: &str) {
+        let out = output_within(super::nbdsh().args(["-u", &self.nbd_uri(node), "-c", code]), VERB_TIMEOUT);
+        assert_ok(&out, &format!("nbdsh on {}: {code}", node.name()), self);
+    }
+
+    /// `rdbd verify` from `node` (must succeed): the number of blocks out of sync and what it
+    /// printed.
+    pub fn verify_blocks(&self, node: Node) -> (u64, String) {
+        let out = self.rdbd(node, &["verify"]);
+        let stdout = text(&out.stdout);
+        let printed = format!("{stdout}{}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "verify on {} failed ({}):\n{printed}\n{}",
+            node.name(),
+            out.status,
+            self.diag()
+        );
+        // "r0: verify done: 255.9 MiB compared in 0.7 s, 5 blocks out of sync (20 KiB), ..." or
+        // "..., no blocks out of sync" (the progress lines before it count "so far").
+        let done = stdout.lines().find(|l| l.contains("verify done:"));
+        let count = done
+            .and_then(|l| match l.split_once(" blocks out of sync") {
+                Some((head, _)) if head.ends_with(" no") => Some(0),
+                Some((head, _)) => head.split_whitespace().last()?.parse().ok(),
+                None => None,
+            })
+            .unwrap_or_else(|| {
+                panic!("no \"verify done: ... N blocks out of sync\" in verify's output:\n{printed}")
+            });
+        (count, printed)
     }
 
     /// Both statuses and log tails, for failure messages.

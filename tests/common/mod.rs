@@ -6,6 +6,7 @@
 pub mod blocks;
 pub mod cluster;
 pub mod netns;
+pub mod powerloss;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

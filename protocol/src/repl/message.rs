@@ -560,6 +560,18 @@ pub enum Message<'a> {
         offset: u64,
         len: u32,
     },
+    /// From a Primary without a disk of its own (Diskless): read `len` bytes at `offset` after
+    /// every write sent before this, and answer with ReadReply (or NegAck on a read error).
+    ReadRequest {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// Answer to ReadRequest `seq`, on the data channel: exactly the bytes asked for.
+    ReadReply {
+        seq: u64,
+        data: &'a [u8],
+    },
 }
 
 impl<'a> Message<'a> {
@@ -598,6 +610,8 @@ impl<'a> Message<'a> {
             Message::VerifyStart { .. } => kind::VERIFY_START,
             Message::VerifyDone { .. } => kind::VERIFY_DONE,
             Message::OutOfSync { .. } => kind::OUT_OF_SYNC,
+            Message::ReadRequest { .. } => kind::READ_REQUEST,
+            Message::ReadReply { .. } => kind::READ_REPLY,
         }
     }
 
@@ -606,6 +620,7 @@ impl<'a> Message<'a> {
         match self {
             Message::Data(d) => d.data,
             Message::ResyncData(d) => d.data,
+            Message::ReadReply { data, .. } => data,
             _ => &[],
         }
     }
@@ -701,6 +716,12 @@ impl<'a> Message<'a> {
                 out.put_u64(seq);
                 out.put_u32(errno);
             }
+            Message::ReadRequest { seq, offset, len } => {
+                out.put_u64(seq);
+                out.put_u64(offset);
+                out.put_u32(len);
+            }
+            Message::ReadReply { seq, .. } => out.put_u64(seq),
             Message::Ping | Message::PingAck => {}
             Message::ResyncRequest { offset, len }
             | Message::ResyncAck { offset, len }
@@ -850,6 +871,12 @@ impl<'a> Message<'a> {
                 let (offset, len) = decode_range32(&mut r, "out-of-sync range")?;
                 Message::OutOfSync { offset, len }
             }
+            kind::READ_REQUEST => {
+                let seq = r.u64()?;
+                let (offset, len) = decode_range32(&mut r, "read request")?;
+                Message::ReadRequest { seq, offset, len }
+            }
+            kind::READ_REPLY => Message::ReadReply { seq: r.u64()?, data: r.rest() },
             other => return Err(DecodeError::Invalid { what: "message kind", value: other.into() }),
         };
         r.finish()?;

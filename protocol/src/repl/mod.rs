@@ -29,10 +29,10 @@ use crate::wire::{DecodeError, Reader};
 pub const MAGIC: u32 = 0x5244_4244;
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest version this build still speaks. Version 1 is not spoken any more (rdbd is
-/// pre-release; SPEC.md §11).
-pub const PROTOCOL_MIN: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest version this build still speaks. Versions 1 and 2 are not spoken any more (rdbd
+/// is pre-release; SPEC.md §11).
+pub const PROTOCOL_MIN: u16 = 3;
 
 /// Largest data block one Data or ResyncData message carries: the largest NBD request rdbd
 /// accepts, so one client write is always one message.
@@ -57,6 +57,7 @@ pub const MIN_BITMAP_BLOCK: u32 = 512;
 pub const MAX_DIGESTS_LEN: usize = 2 << 20;
 
 const _: () = assert!((24 + MAX_DATA_LEN) as u64 <= MAX_PAYLOAD as u64);
+const _: () = assert!((8 + MAX_DATA_LEN) as u64 <= MAX_PAYLOAD as u64);
 const _: () = assert!((8 + 4 * MAX_BITMAP_RUNS) as u64 <= MAX_PAYLOAD as u64);
 const _: () = assert!(MAX_DATA_LEN / MIN_BITMAP_BLOCK as usize * DigestAlg::Sha256.len() <= MAX_DIGESTS_LEN);
 const _: () = assert!((12 + MAX_DIGESTS_LEN) as u64 <= MAX_PAYLOAD as u64);
@@ -106,8 +107,11 @@ pub mod kind {
     pub const VERIFY_DONE: u16 = 0x0804;
     pub const OUT_OF_SYNC: u16 = 0x0805;
 
+    pub const READ_REQUEST: u16 = 0x0901;
+    pub const READ_REPLY: u16 = 0x0902;
+
     /// Every kind of this version, for tests and fuzzers.
-    pub const ALL: [u16; 33] = [
+    pub const ALL: [u16; 35] = [
         HELLO,
         REFUSE,
         AUTH_CHALLENGE,
@@ -141,6 +145,8 @@ pub mod kind {
         VERIFY_START,
         VERIFY_DONE,
         OUT_OF_SYNC,
+        READ_REQUEST,
+        READ_REPLY,
     ];
 }
 
@@ -174,6 +180,8 @@ pub fn payload_bounds(kind: u16) -> Option<(u32, u32)> {
         kind::PING | kind::PING_ACK => fixed(0),
         kind::STATE_CHANGE => fixed(2),
         kind::DISCONNECT => Some((2, STR)),
+        kind::READ_REQUEST => fixed(20),
+        kind::READ_REPLY => Some((8, 8 + DATA)),
         _ => None,
     }
 }

@@ -170,6 +170,12 @@ fn layout_of_every_message() {
             cat(&[&be64(1 << 30), &be64(3)]),
         ),
         (Message::OutOfSync { offset: 0xa000, len: 512 }, 0x0805, cat(&[&be64(0xa000), &be32(512)])),
+        (
+            Message::ReadRequest { seq: 11, offset: 0xb000, len: 8192 },
+            0x0901,
+            cat(&[&be64(11), &be64(0xb000), &be32(8192)]),
+        ),
+        (Message::ReadReply { seq: 12, data: &[7, 7, 7] }, 0x0902, cat(&[&be64(12), &[7, 7, 7]])),
     ];
     let mut seen: Vec<u16> = Vec::new();
     for (m, k, payload) in &cases {
@@ -632,6 +638,10 @@ fn arb_message() -> impl Strategy<Value = Message<'static>> {
             })
             .boxed(),
         arb_resync_range().prop_map(|(offset, len)| Message::OutOfSync { offset, len }).boxed(),
+        (any::<u64>(), arb_resync_range())
+            .prop_map(|(seq, (offset, len))| Message::ReadRequest { seq, offset, len })
+            .boxed(),
+        (any::<u64>(), arb_data()).prop_map(|(seq, data)| Message::ReadReply { seq, data }).boxed(),
     ];
     assert_eq!(arms.len(), kind::ALL.len(), "one arm per kind");
     Union::new(arms)
