@@ -42,14 +42,24 @@ fn pair(tables: &str) -> Option<(ForgetfulPair, MutexGuard<'static, ()>)> {
     Some((pair, serial))
 }
 
-/// `len` bytes of `byte` at `offset` through `node`'s export, then a FLUSH (which must succeed).
+/// `len` bytes of `byte` at `offset` through `node`'s export (in requests of at most 8 MiB),
+/// then a FLUSH (which must succeed).
 fn write_flushed(pair: &ForgetfulPair, node: Node, offset: u64, len: u64, byte: char) {
-    pair.cluster.nbdsh(node, &format!("h.pwrite(b'{byte}' * {len}, {offset})\nh.flush()"));
+    let step = len.min(8 * MIB);
+    let code = format!(
+        "for o in range({offset}, {}, {step}):\n    h.pwrite(b'{byte}' * {step}, o)\nh.flush()",
+        offset + len
+    );
+    pair.cluster.nbdsh(node, &code);
 }
 
-/// Reads back through `node`'s export and asserts the bytes.
+/// Reads back through `node`'s export (in requests of at most 8 MiB) and asserts the bytes.
 fn assert_reads(pair: &ForgetfulPair, node: Node, offset: u64, len: u64, byte: char) {
-    let code = format!("assert h.pread({len}, {offset}) == b'{byte}' * {len}, 'wrong data at {offset}'");
+    let step = len.min(8 * MIB);
+    let code = format!(
+        "for o in range({offset}, {}, {step}):\n    assert h.pread({step}, o) == b'{byte}' * {step}, f'wrong data at {{o}}'",
+        offset + len
+    );
     pair.cluster.nbdsh(node, &code);
 }
 
@@ -203,4 +213,27 @@ fn the_operator_detaches_and_attaches_a_disk() {
     // Detaching the Primary with its peer connected: it serves through the peer.
     pair.cluster.verb_ok(Alpha, &["detach"]);
     assert_reads(&pair, Alpha, 16 * MIB, MIB, 'd');
+}
+
+/// The sync target's disk fails in the middle of a resync: the resync ends (it does not hang
+/// on the block that failed), the target is detached, and after the repair and `attach` the
+/// resync finishes what was left.
+#[test]
+fn a_resync_whose_target_disk_fails_ends_and_finishes_after_attach() {
+    // A capped rate keeps the resync running long enough to fail in its middle.
+    let Some((mut pair, _serial)) = pair("[disk]\nc-max-rate = \"16MiB\"\n") else { return };
+    pair.cluster.verb_ok(Beta, &["disconnect"]);
+    write_flushed(&pair, Alpha, 0, 64 * MIB, 's');
+    pair.cluster.verb_ok(Beta, &["connect"]);
+    pair.cluster.wait_for(Beta, "sync target", WAIT, |s| str_at(s, &["replication"]) == "SyncTarget");
+    std::thread::sleep(Duration::from_millis(500));
+    pair.disk(Beta).fail_writes(true);
+    let b = pair.cluster.wait_for(Beta, "Diskless", WAIT, |s| disk_of(s) == "Diskless");
+    assert!(disk_error(&b).starts_with("local disk"), "{b:?}");
+    let a = pair
+        .cluster
+        .wait_for(Alpha, "the resync ended", WAIT, |s| str_at(s, &["replication"]) != "SyncSource");
+    assert!(a.field("out_of_sync_bytes").as_u64() > 0, "the rest stays marked: {a:?}");
+    attach_and_resync(&mut pair, Beta);
+    assert_reads(&pair, Alpha, 0, 64 * MIB, 's');
 }

@@ -100,3 +100,38 @@ fn validate_all_refuses_a_resource_with_its_own_supervisor() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The promotion score follows the disk: an UpToDate Secondary gets 10000, a Diskless one (its
+/// disk detached) none, so Pacemaker never promotes it.
+#[test]
+fn a_diskless_node_gets_no_promotion_score() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cluster = Cluster::new(Options::default());
+    cluster.start_both();
+    cluster.wait_for(Alpha, "connected", Duration::from_secs(30), |s| {
+        common::cluster::str_at(s, &["connection"]) == "Connected"
+    });
+    cluster.verb_ok(Alpha, &["new-current-uuid", "--clear-bitmap"]);
+    cluster.wait_in_sync(Duration::from_secs(30));
+    // crm_master, as the agent calls it, records its arguments.
+    let bin = tempfile::tempdir().unwrap();
+    let calls = bin.path().join("calls");
+    let fake = bin.path().join("crm_master");
+    std::fs::write(&fake, format!("#!/bin/sh\necho \"$*\" >> {}\n", calls.display())).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let monitor = |cluster: &Cluster| {
+        let mut cmd = Command::new(AGENT);
+        cmd.arg("monitor");
+        agent_env(cluster, &mut cmd);
+        let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+        cmd.env("PATH", path);
+        let out = output_within(&mut cmd, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(0), "Secondary: {}", String::from_utf8_lossy(&out.stderr));
+        let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
+        let _ = std::fs::remove_file(&calls);
+        recorded
+    };
+    assert_eq!(monitor(&cluster).trim(), "-l reboot -v 10000");
+    cluster.verb_ok(Alpha, &["detach"]);
+    assert_eq!(monitor(&cluster).trim(), "-l reboot -D", "a Diskless node must not be promoted");
+}

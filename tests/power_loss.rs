@@ -449,3 +449,15 @@ fn both_lose_power_right_after_unflushed_writes() {
 fn both_lose_power_15s_after_unflushed_writes() {
     both_lose_power_after(Duration::from_secs(15));
 }
+
+/// `down` makes the data durable before it marks the metadata clean (a clean log is trusted at
+/// the next start): the power going right after loses nothing the peer holds.
+#[test]
+fn the_power_fails_right_after_a_clean_down() {
+    let Some(mut rig) = Rig::new() else { return };
+    rig.write_anchor_then_unflushed(Alpha);
+    rig.cluster.down(Alpha);
+    rig.disk(Alpha).power_off();
+    rig.power_on(Alpha);
+    rig.check_recovered(Alpha);
+}

@@ -260,6 +260,17 @@ mod tests {
     }
 
     #[test]
+    fn a_node_without_a_disk_is_never_promoted() {
+        let none: Vec<String> = vec![];
+        for disk in [DiskState::Diskless, DiskState::Failed] {
+            let lonely = Situation { disk, alone_for: Duration::from_secs(3600), ..alone(&none) };
+            assert_eq!(decide(&lonely), Action::Stay, "{disk}, alone");
+            assert_eq!(decide(&Situation { disk, ..base(&none) }), Action::Stay, "{disk}, connected");
+            assert_eq!(promotion_delay(disk, true), None);
+        }
+    }
+
+    #[test]
     fn the_worse_the_data_the_longer_a_lonely_node_waits() {
         let none: Vec<String> = vec![];
         let alone = alone(&none);
@@ -330,7 +341,8 @@ mod tests {
             Just(DiskState::Outdated),
             Just(DiskState::Inconsistent),
             Just(DiskState::Consistent),
-            Just(DiskState::DUnknown)
+            Just(DiskState::DUnknown),
+            Just(DiskState::Diskless)
         ]
     }
 
