@@ -34,6 +34,9 @@ pub enum FaultKind {
     Eio,
     /// A write reaches the cache for its first half only, then fails with EIO.
     ShortWrite,
+    /// The power fails in the middle of a write: its first half is on the medium, the rest
+    /// never arrives, and the call fails with EIO (the node is gone; a test attaches again).
+    TornWrite,
 }
 
 /// An injected fault: `op` on any byte of `range` (every offset when `None`; a flush has no
@@ -144,6 +147,12 @@ impl Model {
             None => data.len(),
             Some(FaultKind::Eio) => return Err(IoError::Io(libc::EIO)),
             Some(FaultKind::ShortWrite) => data.len() / 2,
+            Some(FaultKind::TornWrite) => {
+                let half = offset + data.len() as u64 / 2;
+                self.visible[offset as usize..half as usize].copy_from_slice(&data[..data.len() / 2]);
+                self.persist(offset, half);
+                return Err(IoError::Io(libc::EIO));
+            }
         };
         let end_written = offset + len as u64;
         self.visible[offset as usize..end_written as usize].copy_from_slice(&data[..len]);
@@ -462,5 +471,10 @@ mod tests {
         assert_eq!(disk.read_visible(0, 4096)[..2048], [7; 2048]);
         assert_eq!(disk.read_visible(2048, 1), vec![1], "only the first half reached the disk");
         assert_eq!(disk.stats().injected, 3);
+        disk.inject(Fault { op: FaultOp::Write, range: None, count: Some(1), kind: FaultKind::TornWrite });
+        assert!(disk.write_durably(&[8; 4096], 8192).is_err());
+        disk.power_off(PowerLoss::DropAll);
+        assert_eq!(disk.read_visible(8192, 2048), vec![8; 2048], "the first half reached the medium");
+        assert_eq!(disk.read_visible(8192 + 2048, 1), vec![0], "the rest never did");
     }
 }
