@@ -145,6 +145,10 @@ pub fn decide(s: &Situation) -> Action {
                 if s.yielding {
                     return Action::Demote("switchover to the peer");
                 }
+                if !s.disk.has_disk() {
+                    // Serving through the peer works, but the peer's own disk is one hop closer.
+                    return Action::Demote("this node's disk failed: moving to the peer");
+                }
                 if s.services_failed {
                     return Action::Demote("services failed here: moving to the peer");
                 }
@@ -257,6 +261,15 @@ mod tests {
         for disk in [DiskState::Outdated, DiskState::Inconsistent, DiskState::Consistent] {
             assert_eq!(decide(&Situation { disk, ..alone.clone() }), Action::Stay, "{disk}");
         }
+    }
+
+    #[test]
+    fn a_primary_whose_disk_failed_hands_over_to_its_ready_peer() {
+        let none: Vec<String> = vec![];
+        let p = Situation { role: Role::Primary, disk: DiskState::Diskless, ..base(&none) };
+        assert_eq!(decide(&p), Action::Demote("this node's disk failed: moving to the peer"));
+        let alone = Situation { connected: false, peer_disk: DiskState::DUnknown, ..p.clone() };
+        assert_eq!(decide(&alone), Action::Stay, "no peer to hand over to: it serves nothing, but stays");
     }
 
     #[test]
