@@ -237,3 +237,32 @@ fn a_resync_whose_target_disk_fails_ends_and_finishes_after_attach() {
     attach_and_resync(&mut pair, Beta);
     assert_reads(&pair, Alpha, 0, 64 * MIB, 's');
 }
+
+/// The Secondary's disk fails a read (here, the peer's online verify): the range is marked on the
+/// Primary before the Secondary detaches, so that when the node comes back with the disk, whose
+/// sectors there were lost (zeroed while it was off), the resync rewrites them.
+#[test]
+fn a_range_the_secondary_could_not_read_is_resynced_when_it_comes_back() {
+    use std::os::unix::fs::FileExt;
+    let Some((mut pair, _serial)) = pair("") else { return };
+    write_flushed(&pair, Alpha, 32 * MIB, 4 * MIB, 'v');
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    pair.disk(Beta).fail_reads(true);
+    let verify = pair.cluster.rdbd(Alpha, &["verify", "--start", &(32 * MIB).to_string()]);
+    assert!(!verify.status.success(), "the verify cannot finish: beta cannot read");
+    pair.cluster.wait_for(Beta, "Diskless", WAIT, |s| disk_of(s) == "Diskless");
+    let a =
+        pair.cluster.wait_for(Alpha, "the range marked", WAIT, |s| s.field("out_of_sync_bytes").as_u64() > 0);
+    assert!(a.field("out_of_sync_bytes").as_u64() <= 4 * MIB, "only what beta could not read: {a:?}");
+    // The node goes down, and the sectors are lost: zeroed on the medium while it is off.
+    pair.power_loss(Beta);
+    pair.disk(Beta).fail_reads(false);
+    let image = std::fs::OpenOptions::new().write(true).open(pair.disk(Beta).image()).unwrap();
+    image.write_all_at(&vec![0u8; MIB as usize], 32 * MIB).unwrap();
+    drop(image);
+    pair.power_on(Beta);
+    pair.cluster.wait_in_sync(WAIT);
+    let (out_of_sync, printed) = pair.cluster.verify_blocks(Alpha);
+    assert_eq!(out_of_sync, 0, "{printed}");
+    pair.cluster.assert_same_data();
+}

@@ -28,6 +28,9 @@ pub mod flags {
     pub const AL_CLEAN: u32 = 1 << 4;
     /// The peer was marked Outdated by this node (fencing).
     pub const PEER_OUTDATED: u32 = 1 << 5;
+    /// The disk failed (an I/O error detached it): which of its blocks it lost is unknown, so
+    /// every one is resynced to it (DRBD's MDF_FULL_SYNC). Cleared when that resync finishes.
+    pub const FULL_SYNC: u32 = 1 << 6;
 }
 
 /// One replica's persistent identity and state.

@@ -2,8 +2,10 @@
 //! an I/O error does (`on-io-error`), and the operator's `detach`.
 //!
 //! - `detach` (default) and `call-local-io-error`: the disk goes Failed, then Diskless. Its
-//!   metadata is marked Inconsistent if it can still be written, so that it is never trusted as
-//!   UpToDate again without a resync; the peer hears it (a Primary's device announces it before
+//!   metadata is marked Inconsistent (and for a full resync) if it can still be written, so that
+//!   it is never trusted as UpToDate again without one; attached again, every block is resynced
+//!   to it, since which ones it lost is unknown (after the operator's `detach`, only what
+//!   changed); the peer hears it (a Primary's device announces it before
 //!   any further request, see [`crate::replication::disk_health`]); a Diskless Primary goes on
 //!   serving through the peer; a Diskless Secondary is never promoted.
 //! - `pass_on`: a read error is retried on the peer and changes nothing else; a write or flush
@@ -64,6 +66,11 @@ pub(super) fn open_disk(node: &NodeConfig) -> Result<OpenedDisk, NodeError> {
         }
     })?;
     let disk = disk_from_flags(meta.superblock());
+    let mut bitmap = attached.bitmap;
+    if meta.superblock().has(flags::FULL_SYNC) {
+        info!("the disk failed before: every block is resynced to it");
+        bitmap.set_all();
+    }
     let opts = OpenOptions { size: Some(data_size), prefix: true, ..Default::default() };
     let is_file = std::fs::metadata(&node.disk).map(|m| m.file_type().is_file()).unwrap_or(true);
     let open = |opts: &OpenOptions| {
@@ -83,7 +90,7 @@ pub(super) fn open_disk(node: &NodeConfig) -> Result<OpenedDisk, NodeError> {
             local.clone()
         }
     };
-    let tracking = Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, meta)) };
+    let tracking = Tracking { bitmap, activity: Some((attached.activity_log, meta)) };
     Ok(OpenedDisk { local, resync, tracking, disk, bitmap_block })
 }
 
@@ -153,15 +160,17 @@ impl Node {
             if failed {
                 s.disk = DiskState::Failed;
             }
+            s.disk_failed |= failed;
             s.disk_error = Some(reason.to_string());
             s.last_error = Some(reason.to_string());
         }
         let mark = if failed { DiskState::Inconsistent } else { DiskState::Outdated };
         let written = self.device.with_tracking(|t| match t.activity.as_mut() {
-            Some((_, meta)) if !failed || meta.superblock().has(flags::CONSISTENT) => {
-                meta.update(|sb| set_disk_flags(sb, mark.min(disk_from_flags(sb))))
-            }
-            _ => Ok(()),
+            Some((_, meta)) => meta.update(|sb| {
+                set_disk_flags(sb, mark.min(disk_from_flags(sb)));
+                sb.set(flags::FULL_SYNC, failed || sb.has(flags::FULL_SYNC));
+            }),
+            None => Ok(()),
         });
         if let Err(e) = written {
             warn!("cannot mark the detached disk {mark} in its metadata: {e}");
@@ -272,7 +281,19 @@ impl Node {
                     .into(),
             ));
         }
-        let opened = open_disk(self.me())?;
+        let mut opened = open_disk(self.me())?;
+        if self.state().disk_failed {
+            // Which blocks the failed disk lost is unknown (its metadata may not even say it
+            // failed): every one is resynced to it, and it is Inconsistent until then.
+            opened.tracking.bitmap.set_all();
+            opened.disk = DiskState::Inconsistent;
+            if let Some((_, meta)) = opened.tracking.activity.as_mut() {
+                meta.update(|sb| {
+                    set_disk_flags(sb, DiskState::Inconsistent);
+                    sb.set(flags::FULL_SYNC, true);
+                })?;
+            }
+        }
         let size = opened.local.info().size;
         if size != self.device.info_size() {
             return Err(NodeError::Refused(format!(
@@ -292,6 +313,7 @@ impl Node {
             let mut s = self.state();
             s.disk = opened.disk;
             s.disk_error = None;
+            s.disk_failed = false;
             s.last_error = None;
         }
         info!(disk = %opened.disk, "disk attached");

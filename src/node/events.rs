@@ -68,6 +68,7 @@ impl ApplyEvents for NodeEvents {
             sb.generations = gens;
             super::set_disk_flags(sb, DiskState::UpToDate);
             sb.set(crate::metadata::superblock::flags::CRASHED_PRIMARY, false);
+            sb.set(crate::metadata::superblock::flags::FULL_SYNC, false);
         })
         .map_err(|e| e.to_string())?;
         let mut s = node.state();

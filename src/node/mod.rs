@@ -132,6 +132,9 @@ struct NodeState {
     /// Why the disk is Diskless, Failed or Inconsistent after an I/O error (or the operator's
     /// `detach`), for `status`.
     disk_error: Option<String>,
+    /// The disk was detached by an I/O error (not by the operator): attached again, it is fully
+    /// resynced.
+    disk_failed: bool,
 }
 
 /// One node of one resource, running.
@@ -268,6 +271,7 @@ impl Node {
             verifies_ended: 0,
             promoting: false,
             disk_error: None,
+            disk_failed: false,
         };
         Ok(Arc::new_cyclic(|weak| Self {
             weak: weak.clone(),

@@ -355,8 +355,9 @@ impl Applier {
             self.collect_ready_completions();
             self.pump_resync();
             if let Some(failure) = self.disk_failure.take() {
-                // The NegAck goes out first: the peer marks what this disk failed.
+                // The NegAck and OutOfSync go out first: the peer marks what this disk failed.
                 meta.send_all(&self.acks).await?;
+                data.halves().1.write_encoded(&self.outgoing).await?;
                 return Err(ApplyError::LocalDisk(failure));
             }
             if !open && self.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
@@ -624,6 +625,14 @@ impl Applier {
         }
     }
 
+    /// This disk could not read `range`: the peer marks it, so that the resync to this disk
+    /// (attached again, or Inconsistent under pass_on) rewrites it.
+    fn read_failed(&mut self, range: (u64, u64), error: IoError) {
+        let len = (range.1 - range.0) as u32;
+        Message::OutOfSync { offset: range.0, len }.encode(&mut self.outgoing);
+        self.disk_failed(DiskOp::Read, Some(range.0), error);
+    }
+
     fn complete(&mut self, c: Completion) {
         let Some(r) = self.running.try_remove(c.tag as usize) else { return };
         if r.kind == Kind::PeerRead {
@@ -688,7 +697,7 @@ impl Applier {
                 }
                 let e = result.err().unwrap_or(IoError::Io(libc::EIO));
                 warn!(offset = r.range.0, "reading for the Diskless Primary failed: {e}");
-                self.disk_failed(DiskOp::Read, Some(r.range.0), e);
+                self.read_failed(r.range, e);
                 self.acks.push(Message::NegAck { seq: r.seq, errno: errno_of(e) });
             }
         }
@@ -700,7 +709,7 @@ impl Applier {
         let (offset, len) = (r.range.0, (r.range.1 - r.range.0) as u32);
         let Some(buf) = c.buf.filter(|_| c.result.is_ok()) else {
             warn!(offset, len, "reading for digests failed: {:?}", c.result);
-            self.disk_failed(DiskOp::Read, Some(offset), c.result.err().unwrap_or(IoError::Io(libc::EIO)));
+            self.read_failed(r.range, c.result.err().unwrap_or(IoError::Io(libc::EIO)));
             return;
         };
         self.digests.clear();

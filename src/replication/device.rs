@@ -768,11 +768,11 @@ impl ReplicatedQueue {
             self.device.announce_detached();
         }
         let peer = self.device.peer();
-        if let (Some(range), Some(peer)) = (op.range, &peer) {
-            // This disk lacks what the peer has: the peer keeps it marked for the resync to
-            // this disk once it is attached again.
-            let len = (range.1 - range.0).min(u64::from(u32::MAX)) as u32;
-            peer.send_other(&rdbd_protocol::repl::Message::OutOfSync { offset: range.0, len });
+        // This disk lacks what the peer has (a write it failed), or cannot read it: the peer
+        // keeps the range marked, so the resync to this disk, attached again, covers it.
+        let read = op.read_at.zip(buf.as_ref()).map(|(at, b)| (at, at + b.len() as u64));
+        if let (Some(range), Some(peer)) = (op.range.or(read), &peer) {
+            peer.send_out_of_sync(range);
         }
         let (Some(offset), Some(peer), Some(buf)) = (op.read_at, peer, buf) else { return false };
         let sent = peer.read(offset, buf.len() as u32, &self.inbox, key);

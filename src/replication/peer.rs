@@ -384,6 +384,19 @@ impl PeerLink {
         true
     }
 
+    /// Has the peer mark `range` out of sync (in messages of at most 32 MiB), after every request
+    /// queued before.
+    pub fn send_out_of_sync(&self, (start, end): (u64, u64)) -> bool {
+        let mut sent = true;
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(rdbd_protocol::repl::MAX_DATA_LEN as u64) as u32;
+            sent &= self.send_other(&Message::OutOfSync { offset: at, len });
+            at += u64::from(len);
+        }
+        sent
+    }
+
     /// Sends a block for the resync target after every write queued before it.
     pub fn send_resync_data(&self, offset: u64, data: &[u8]) -> bool {
         let crc32c = if self.integrity { block_crc32c(data) } else { 0 };

@@ -224,6 +224,11 @@ pub async fn serve(
                     verify = start_verify(&device, verify, offset, options.verify_alg, &mut *events)?;
                 }
                 Message::StateChange { role, disk } => events.peer_state(role, disk),
+                // The peer's disk could not read this range: it differs until resynced.
+                Message::OutOfSync { offset, len } => {
+                    check_request(offset, len.max(1), size, 1)?;
+                    device.mark_out_of_sync((offset, offset + u64::from(len)));
+                }
                 Message::ReadReply { seq, data } => {
                     if !link.read_reply(seq, data) {
                         return Err(SourceError::Unexpected(repl_kind::READ_REPLY));
