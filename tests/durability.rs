@@ -5,55 +5,26 @@
 //! they differ must be marked in the bitmap the restarted Primary attaches with, or the
 //! replicas would diverge silently.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::library::{blank_state, identity, params, run, write};
 use rdbd::metadata::store::{attach_in, create_in, Attached, CreateOptions, MetaArea};
 use rdbd::metadata::superblock::flags;
 use rdbd::replication::apply::Applier;
 use rdbd::replication::device::{ReplicatedDevice, Tracking};
 use rdbd::replication::link::connect::{dial, listen};
-use rdbd::replication::link::handshake::Identity;
 use rdbd::replication::peer::LinkOptions;
 use rdbd::storage::faulty::{Fault, FaultKind, FaultOp, FaultyDisk, PowerLoss};
-use rdbd::storage::{BlockDevice, BufPool, Completion, IoOp, IoQueue};
-use rdbd_protocol::repl::{
-    AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Message, Params, Protocol, State,
-};
+use rdbd::storage::{BlockDevice, BufPool, IoOp, IoQueue};
+use rdbd_protocol::repl::{Message, Protocol};
 
 const DISK: u64 = 64 << 20;
 const EXTENT: u64 = 4 << 20;
 const BLOCK: u64 = 4096;
-
-fn id<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
-    Identity {
-        resource: "r",
-        local_node: local,
-        peer_node: peer,
-        secret: None,
-        step_timeout: Duration::from_secs(5),
-    }
-}
-
-fn params(size: u64) -> Params {
-    Params {
-        protocol: Protocol::C,
-        device_size: size,
-        bitmap_block: BLOCK as u32,
-        data_integrity: true,
-        discard_my_data: false,
-        csums_alg: None,
-        verify_alg: DigestAlg::Sha256,
-        after_sb_0pri: AfterSb0::Disconnect,
-        after_sb_1pri: AfterSb1::Disconnect,
-        after_sb_2pri: AfterSb2::Disconnect,
-    }
-}
-
-fn state() -> State {
-    State { role: 0, disk: 0, flags: 0, generations: Generations::default(), dirty_blocks: 0 }
-}
 
 /// Creates the Primary's metadata on `disk` (`al_extents` slots).
 fn create_md(disk: &Arc<FaultyDisk>, al_extents: u32) {
@@ -90,12 +61,19 @@ async fn pair(al_extents: u32) -> Pair {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let applier = tokio::spawn(async move {
-        let mut est =
-            listen(&listener, &id("b", "a"), params(data_size), state(), &mut |_| {}).await.unwrap();
+        let mut est = listen(
+            &listener,
+            &identity("b", "a"),
+            params(Protocol::C, data_size),
+            blank_state(),
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
         let mut applier = Applier::new(secondary_data, true).unwrap();
         let _ = applier.run(&mut est.data, &mut est.meta).await;
     });
-    let est = dial(addr, &id("a", "b"), params(data_size), state()).await.unwrap();
+    let est = dial(addr, &identity("a", "b"), params(Protocol::C, data_size), blank_state()).await.unwrap();
     let tracking =
         Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, attached.meta)) };
     let device = ReplicatedDevice::new(primary.data_device(data_size), tracking, BLOCK as u32);
@@ -120,28 +98,6 @@ fn assert_bytes(data: &[u8], byte: u8, what: &str) {
     if let Some(at) = data.iter().position(|&b| b != byte) {
         panic!("{what}: byte {at} is {:#x}, expected {byte:#x}", data[at]);
     }
-}
-
-/// Submits `ops` and waits for all of them.
-async fn run(queue: &mut Box<dyn IoQueue>, ops: Vec<IoOp>) -> Vec<Completion> {
-    let n = ops.len();
-    for (tag, op) in ops.into_iter().enumerate() {
-        queue.submit(tag as u32, op);
-    }
-    let mut done = Vec::new();
-    let all = async {
-        while done.len() < n {
-            std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), all).await.expect("requests unanswered for 30 s");
-    done
-}
-
-fn write(pool: &mut BufPool, offset: u64, byte: u8, len: usize) -> IoOp {
-    let mut buf = pool.take(len);
-    buf.fill(byte);
-    IoOp::Write { offset, buf, fua: false }
 }
 
 async fn write_ok(queue: &mut Box<dyn IoQueue>, pool: &mut BufPool, offset: u64, byte: u8, len: usize) {

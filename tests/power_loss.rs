@@ -348,16 +348,23 @@ impl Rig {
     }
 }
 
+/// The pair up, the Primary (alpha) writes without a FLUSH, stays idle for `idle`, then `node`
+/// loses power, and its peer sees it gone.
+fn unflushed_writes_then_power_loss(node: Node, idle: Duration) -> Option<Rig> {
+    let mut rig = Rig::new()?;
+    rig.write_anchor_then_unflushed(Alpha);
+    std::thread::sleep(idle);
+    rig.power_loss(node);
+    rig.cluster.wait_for(node.peer(), "disconnected", Duration::from_secs(30), |s| {
+        str_at(s, &["connection"]) != "Connected"
+    });
+    Some(rig)
+}
+
 /// (a) The Primary writes without a FLUSH, is idle for `idle`, loses power, comes back and
 /// rejoins (as Secondary; the peer was not promoted).
 fn primary_loses_power_after(idle: Duration) {
-    let Some(mut rig) = Rig::new() else { return };
-    rig.write_anchor_then_unflushed(Alpha);
-    std::thread::sleep(idle);
-    rig.power_loss(Alpha);
-    rig.cluster.wait_for(Beta, "disconnected", Duration::from_secs(30), |s| {
-        str_at(s, &["connection"]) != "Connected"
-    });
+    let Some(mut rig) = unflushed_writes_then_power_loss(Alpha, idle) else { return };
     rig.power_on(Alpha);
     rig.check_recovered(Alpha);
 }
@@ -365,13 +372,7 @@ fn primary_loses_power_after(idle: Duration) {
 /// (a') As (a), but the Secondary takes over while the Primary is away and serves from then on;
 /// the former Primary comes back as its sync target.
 fn primary_loses_power_and_the_secondary_takes_over_after(idle: Duration) {
-    let Some(mut rig) = Rig::new() else { return };
-    rig.write_anchor_then_unflushed(Alpha);
-    std::thread::sleep(idle);
-    rig.power_loss(Alpha);
-    rig.cluster.wait_for(Beta, "disconnected", Duration::from_secs(30), |s| {
-        str_at(s, &["connection"]) != "Connected"
-    });
+    let Some(mut rig) = unflushed_writes_then_power_loss(Alpha, idle) else { return };
     rig.cluster.verb_ok(Beta, &["primary"]);
     rig.power_on(Alpha);
     rig.check_recovered(Beta);
@@ -380,13 +381,7 @@ fn primary_loses_power_and_the_secondary_takes_over_after(idle: Duration) {
 /// (b) The Secondary loses power after the Primary wrote without a FLUSH and was idle for
 /// `idle`; the Primary keeps serving; the Secondary comes back and resyncs.
 fn secondary_loses_power_after(idle: Duration) {
-    let Some(mut rig) = Rig::new() else { return };
-    rig.write_anchor_then_unflushed(Alpha);
-    std::thread::sleep(idle);
-    rig.power_loss(Beta);
-    rig.cluster.wait_for(Alpha, "disconnected", Duration::from_secs(30), |s| {
-        str_at(s, &["connection"]) != "Connected"
-    });
+    let Some(mut rig) = unflushed_writes_then_power_loss(Beta, idle) else { return };
     rig.power_on(Beta);
     rig.check_recovered(Alpha);
 }

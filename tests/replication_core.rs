@@ -1,71 +1,25 @@
 //! The replicated write path at library level: a primary's replicated device over one file, the
 //! secondary's applier over another, joined by the real link over loopback.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::library::{blank_state, identity, params, run, write};
 use rdbd::metadata::bitmap::DirtyBitmap;
 use rdbd::replication::apply::Applier;
 use rdbd::replication::device::{ReplicatedDevice, Tracking};
 use rdbd::replication::link::connect::{dial, listen};
-use rdbd::replication::link::handshake::Identity;
 use rdbd::replication::peer::LinkOptions;
-use rdbd::storage::{BlockDevice, BufPool, Completion, FileDevice, IoOp, IoQueue, OpenOptions};
-use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Params, Protocol, State};
+use rdbd::storage::{BlockDevice, BufPool, FileDevice, IoOp, OpenOptions};
+use rdbd_protocol::repl::Protocol;
 
 const SIZE: u64 = 16 << 20;
 
 fn file_device(dir: &tempfile::TempDir, name: &str) -> Arc<dyn BlockDevice> {
     let opts = OpenOptions { size: Some(SIZE), ..Default::default() };
     Arc::new(FileDevice::open_file(&dir.path().join(name), &opts).unwrap())
-}
-
-fn id<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
-    Identity {
-        resource: "r",
-        local_node: local,
-        peer_node: peer,
-        secret: Some(b"k"),
-        step_timeout: Duration::from_secs(5),
-    }
-}
-
-fn params(protocol: Protocol) -> Params {
-    Params {
-        protocol,
-        device_size: SIZE,
-        bitmap_block: 4096,
-        data_integrity: true,
-        discard_my_data: false,
-        csums_alg: None,
-        verify_alg: DigestAlg::Sha256,
-        after_sb_0pri: AfterSb0::Disconnect,
-        after_sb_1pri: AfterSb1::Disconnect,
-        after_sb_2pri: AfterSb2::Disconnect,
-    }
-}
-
-fn state() -> State {
-    State { role: 0, disk: 0, flags: 0, generations: Generations::default(), dirty_blocks: 0 }
-}
-
-/// Submits `ops` and waits for all of them.
-async fn run(queue: &mut Box<dyn IoQueue>, ops: Vec<IoOp>) -> Vec<Completion> {
-    let n = ops.len();
-    for (tag, op) in ops.into_iter().enumerate() {
-        queue.submit(tag as u32, op);
-    }
-    let mut done = Vec::new();
-    while done.len() < n {
-        std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
-    }
-    done
-}
-
-fn write(pool: &mut BufPool, offset: u64, byte: u8, len: usize) -> IoOp {
-    let mut buf = pool.take(len);
-    buf.fill(byte);
-    IoOp::Write { offset, buf, fua: false }
 }
 
 /// Connects a primary and a secondary; returns the primary's device and the secondary's task.
@@ -85,13 +39,14 @@ async fn pair_with(
     let addr = listener.local_addr().unwrap();
     let secondary_dev = file_device(dir, "b.img");
     let secondary = tokio::spawn(async move {
-        let ident = id("b", "a");
-        let mut est = listen(&listener, &ident, params(protocol), state(), &mut |_| {}).await.unwrap();
+        let ident = identity("b", "a");
+        let mut est =
+            listen(&listener, &ident, params(protocol, SIZE), blank_state(), &mut |_| {}).await.unwrap();
         let mut applier = Applier::new(secondary_dev, true).unwrap();
         applier.run(&mut est.data, &mut est.meta).await.unwrap()
     });
-    let ident = id("a", "b");
-    let est = dial(addr, &ident, params(protocol), state()).await.unwrap();
+    let ident = identity("a", "b");
+    let est = dial(addr, &ident, params(protocol, SIZE), blank_state()).await.unwrap();
     let tracking = Tracking { bitmap: DirtyBitmap::new(SIZE / 4096), activity: None };
     let device = ReplicatedDevice::new(file_device(dir, "a.img"), tracking, 4096);
     // No automatic flush during a test: what is stable on the peer is decided by the test.
@@ -245,12 +200,13 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     let addr = listener.local_addr().unwrap();
     let secondary_dev = file_device(&dir, "c.img");
     tokio::spawn(async move {
-        let ident = id("b", "a");
-        let mut est = listen(&listener, &ident, params(Protocol::C), state(), &mut |_| {}).await.unwrap();
+        let ident = identity("b", "a");
+        let mut est =
+            listen(&listener, &ident, params(Protocol::C, SIZE), blank_state(), &mut |_| {}).await.unwrap();
         let mut applier = Applier::new(secondary_dev, true).unwrap();
         let _ = applier.run(&mut est.data, &mut est.meta).await;
     });
-    let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();
+    let est = dial(addr, &identity("a", "b"), params(Protocol::C, SIZE), blank_state()).await.unwrap();
     let link = device.connect_peer(est.data.split().1, est.meta, fast(Protocol::C), None);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(link.is_alive(), "a peer that answers pings stays connected");
@@ -260,11 +216,12 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<(Framed, Framed)>();
     tokio::spawn(async move {
-        let ident = id("b", "a");
-        let est = listen(&listener, &ident, params(Protocol::C), state(), &mut |_| {}).await.unwrap();
+        let ident = identity("b", "a");
+        let est =
+            listen(&listener, &ident, params(Protocol::C, SIZE), blank_state(), &mut |_| {}).await.unwrap();
         let _ = tx.send((est.data, est.meta)); // kept open, never read
     });
-    let est = dial(addr, &id("a", "b"), params(Protocol::C), state()).await.unwrap();
+    let est = dial(addr, &identity("a", "b"), params(Protocol::C, SIZE), blank_state()).await.unwrap();
     let _hung = rx.await.unwrap();
     link.disconnect();
     let before = device.out_of_sync_blocks();

@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod cluster;
+pub mod library;
 pub mod netns;
 pub mod powerloss;
 pub mod vm;
