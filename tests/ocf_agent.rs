@@ -35,19 +35,25 @@ fn agent_env(cluster: &Cluster, cmd: &mut Command) {
         .env("OCF_RESKEY_run_dir", &cluster.run_dir);
 }
 
-#[test]
-fn ocf_tester_passes_the_agent_on_a_real_node() {
-    if !have_tool("ocf-tester") || !have_tool("xmllint") {
-        return;
-    }
+/// Both nodes up on blank disks, UpToDate without an initial sync (so the agent may promote
+/// alpha alone).
+fn blank_pair_in_sync() -> Cluster {
     let mut cluster = Cluster::new(Options::default());
     cluster.start_both();
     cluster.wait_for(Alpha, "connected", Duration::from_secs(30), |s| {
         common::cluster::str_at(s, &["connection"]) == "Connected"
     });
-    // Blank disks: both UpToDate without an initial sync, so the agent may promote alpha alone.
     cluster.verb_ok(Alpha, &["new-current-uuid", "--clear-bitmap"]);
     cluster.wait_in_sync(Duration::from_secs(30));
+    cluster
+}
+
+#[test]
+fn ocf_tester_passes_the_agent_on_a_real_node() {
+    if !have_tool("ocf-tester") || !have_tool("xmllint") {
+        return;
+    }
+    let mut cluster = blank_pair_in_sync();
     cluster.down(Beta);
     cluster.down(Alpha);
 
@@ -106,13 +112,7 @@ fn validate_all_refuses_a_resource_with_its_own_supervisor() {
 #[test]
 fn a_diskless_node_gets_no_promotion_score() {
     use std::os::unix::fs::PermissionsExt;
-    let mut cluster = Cluster::new(Options::default());
-    cluster.start_both();
-    cluster.wait_for(Alpha, "connected", Duration::from_secs(30), |s| {
-        common::cluster::str_at(s, &["connection"]) == "Connected"
-    });
-    cluster.verb_ok(Alpha, &["new-current-uuid", "--clear-bitmap"]);
-    cluster.wait_in_sync(Duration::from_secs(30));
+    let cluster = blank_pair_in_sync();
     // crm_master, as the agent calls it, records its arguments.
     let bin = tempfile::tempdir().unwrap();
     let calls = bin.path().join("calls");
