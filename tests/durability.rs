@@ -301,3 +301,59 @@ async fn a_read_the_local_disk_fails_is_answered_by_the_peer() {
     assert_bytes(&read_back(&mut queue, &mut pool, 0, 8192).await, 0x71, "the peer's copy");
     assert!(!p.device.health().usable(), "detach: a read error detaches too");
 }
+
+/// A NegAck marks the failed write, and no ack behind it may clear that mark: a ResyncAck for
+/// the same range that arrives after it (the target wrote the resync block, then failed the
+/// newer application write over it) is never taken, since the link ends at the NegAck. A
+/// scripted peer answers in exactly that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_ack_after_a_negack_does_not_clear_its_mark() {
+    let primary = FaultyDisk::new(DISK);
+    create_md(&primary, 67);
+    let attached = attach_md(&primary);
+    let size = attached.meta.layout().data_size;
+    let tracking =
+        Tracking { bitmap: attached.bitmap, activity: Some((attached.activity_log, attached.meta)) };
+    let device = ReplicatedDevice::new(primary.data_device(size), tracking, BLOCK as u32);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (peer_tx, peer_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let est =
+            listen(&listener, &identity("b", "a"), params(Protocol::C, size), blank_state(), &mut |_| {})
+                .await
+                .unwrap();
+        let _ = peer_tx.send(est);
+    });
+    let est = dial(addr, &identity("a", "b"), params(Protocol::C, size), blank_state()).await.unwrap();
+    let mut peer = peer_rx.await.unwrap();
+    let (replies_tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let options =
+        LinkOptions { auto_flush_interval: Duration::from_secs(3600), ..LinkOptions::new(Protocol::C, true) };
+    let link = device.connect_peer(est.data.split().1, est.meta, options, Some(replies_tx));
+
+    // The application writes 4 KiB at 64 KiB; the peer fails it, then acknowledges the resync
+    // of the 1 MiB around it.
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    queue.submit(0, write(&mut pool, 65536, 0x5a, 4096));
+    let seq = match peer.data.recv().await.unwrap() {
+        Message::Data(d) => d.seq,
+        other => panic!("expected the write, got {other:?}"),
+    };
+    peer.meta.send(&Message::NegAck { seq, errno: 5 }).await.unwrap();
+    peer.meta.send(&Message::ResyncAck { offset: 0, len: 1 << 20 }).await.unwrap();
+    let mut done = Vec::new();
+    while done.is_empty() {
+        std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+    }
+    assert!(done[0].result.is_ok(), "this disk has it: {:?}", done[0].result);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while link.is_alive() {
+        assert!(std::time::Instant::now() < deadline, "the link did not end at the NegAck");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(replies.try_recv().is_err(), "no resync ack behind the NegAck is taken");
+    assert_eq!(device.out_of_sync_blocks(), 1, "the failed write stays marked");
+}
