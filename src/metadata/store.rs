@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use super::bitmap::DirtyBitmap;
 use super::generations::Generations;
 use super::layout::{Layout, LayoutError, MD_BLOCK};
 use super::superblock::{flags, Superblock, SuperblockError};
+use crate::storage::MetaIo;
 
 /// Where a resource keeps its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,70 +93,6 @@ pub struct Attached {
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> MetaError + '_ {
     move |error| MetaError::Io { path: path.to_owned(), error }
-}
-
-/// The I/O the metadata needs from its device. Files and block devices implement it; so does
-/// the fault-injecting disk of the tests ([`crate::storage::faulty::FaultyDisk`]).
-pub trait MetaIo: Send + Sync {
-    /// Bytes on the device.
-    fn size(&self) -> io::Result<u64>;
-    /// Fills `buf` from `offset`.
-    fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// A plain write: durable only after [`MetaIo::make_durable`].
-    fn write_plain(&self, data: &[u8], offset: u64) -> io::Result<()>;
-    /// Writes `data` at `offset` and makes just that range durable.
-    fn write_durably(&self, data: &[u8], offset: u64) -> io::Result<()>;
-    /// Makes everything written so far durable.
-    fn make_durable(&self) -> io::Result<()>;
-}
-
-impl MetaIo for File {
-    fn size(&self) -> io::Result<u64> {
-        let meta = self.metadata()?;
-        if meta.is_file() {
-            return Ok(meta.len());
-        }
-        // Block device: its size is where seeking to the end lands.
-        rustix::fs::seek(self, rustix::fs::SeekFrom::End(0)).map_err(io::Error::from)
-    }
-
-    fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.read_exact_at(buf, offset)
-    }
-
-    fn write_plain(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.write_all_at(data, offset)
-    }
-
-    /// `RWF_DSYNC`: with internal metadata the file is also the data disk, and an `fdatasync`
-    /// would write back every dirty data page too, which under application load costs hundreds
-    /// of milliseconds per metadata update.
-    fn write_durably(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
-        while !data.is_empty() {
-            let iov = [std::io::IoSlice::new(data)];
-            match rustix::io::pwritev2(self, &iov, offset, rustix::io::ReadWriteFlags::DSYNC) {
-                Ok(0) => {
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "metadata write made no progress"))
-                }
-                Ok(n) => {
-                    data = &data[n..];
-                    offset += n as u64;
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                // A file system without per-write sync: write, then sync the whole file.
-                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
-                    self.write_all_at(data, offset)?;
-                    return self.sync_data();
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    fn make_durable(&self) -> io::Result<()> {
-        self.sync_all()
-    }
 }
 
 fn open_rw(path: &Path) -> Result<File, MetaError> {
@@ -429,6 +365,7 @@ impl MetaDevice {
 mod tests {
     use super::*;
     use crate::metadata::activity_log::Begin;
+    use std::os::unix::fs::FileExt;
 
     const SIZE: u64 = 256 << 20;
 

@@ -11,8 +11,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use super::{BlockDevice, Completion, DeviceInfo, Extent, IoError, IoOp, IoQueue};
-use crate::metadata::store::MetaIo;
+use super::{BlockDevice, Completion, DeviceInfo, Extent, IoError, IoOp, IoQueue, MetaIo};
 
 /// The unit a power loss keeps or drops.
 pub const SECTOR: u64 = 512;

@@ -8,10 +8,12 @@
 mod buffer;
 pub mod faulty;
 mod file;
+mod meta_io;
 mod uring_queue;
 
 pub use buffer::{BufPool, IoBuf, BUF_ALIGN};
 pub use file::{FileDevice, OpenError, OpenOptions};
+pub use meta_io::MetaIo;
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
