@@ -153,8 +153,9 @@ fn an_interrupted_resync_resumes_where_it_stopped() {
     // and what reached the disk after the last recorded progress (1 s at 64 MiB/s), generously.
     let margin = 96 * MIB;
 
-    // 1. The target dies.
-    wait_done(&c, Beta, 25.0);
+    // 1. The target dies, well past the first second of progress recorded in its metadata (so
+    // that what it kept exceeds what the 1 s recording lag may lose).
+    wait_done(&c, Beta, 40.0);
     c.kill(Beta);
     let remaining = c.status(Alpha).field("out_of_sync_bytes").as_u64();
     c.start(Beta);
@@ -167,7 +168,7 @@ fn an_interrupted_resync_resumes_where_it_stopped() {
 
     // 2. The link is cut: both channels reset under the nodes (`ss -K`), not a clean disconnect.
     // The nodes reconnect within milliseconds: the new resync is told by its new total.
-    let before = wait_done(&c, Beta, 40.0).field("resync").field("total_bytes").as_u64();
+    let before = wait_done(&c, Beta, 50.0).field("resync").field("total_bytes").as_u64();
     let remaining = c.status(Alpha).field("out_of_sync_bytes").as_u64();
     cut_link(&c);
     let total = next_resync_total(&c, Beta, before);
@@ -175,7 +176,7 @@ fn an_interrupted_resync_resumes_where_it_stopped() {
     assert!(total <= remaining + margin, "resync restarted from far back: {total} of {size}");
 
     // 2b. And a clean disconnect and connect.
-    let before = wait_done(&c, Beta, 45.0).field("resync").field("total_bytes").as_u64();
+    let before = wait_done(&c, Beta, 55.0).field("resync").field("total_bytes").as_u64();
     c.verb_ok(Alpha, &["disconnect"]);
     let remaining = c.status(Alpha).field("out_of_sync_bytes").as_u64();
     c.verb_ok(Alpha, &["connect"]);
@@ -184,7 +185,7 @@ fn an_interrupted_resync_resumes_where_it_stopped() {
     assert!(total <= remaining + margin, "resync restarted from far back: {total} of {size}");
 
     // 3. The source (the Primary) dies; it comes back as a Secondary and is still the source.
-    wait_done(&c, Beta, 55.0);
+    wait_done(&c, Beta, 65.0);
     let remaining = c.status(Beta).field("out_of_sync_bytes").as_u64();
     c.kill(Alpha);
     c.start(Alpha);
