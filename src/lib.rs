@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod nbd;
 pub mod node;
 pub mod replication;
+pub mod sim;
 pub mod storage;
 pub mod supervisor;
 pub mod witness;

@@ -17,6 +17,9 @@ echo "== cargo test"
 # Missing test tools are failures here, not skips.
 RDBD_REQUIRE_TOOLS=1 cargo test --workspace
 
+echo "== simulator"
+bash tools/sim-check.sh
+
 if [ -x tools/fuzz-smoke.sh ]; then
   echo "== fuzz smoke"
   FUZZ_SECONDS="${FUZZ_SECONDS:-15}" bash tools/fuzz-smoke.sh

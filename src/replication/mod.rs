@@ -4,6 +4,7 @@
 pub mod alone_gate;
 pub mod apply;
 pub mod bitmap_exchange;
+pub mod core;
 pub mod device;
 pub mod disk_health;
 pub mod link;

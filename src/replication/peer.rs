@@ -9,7 +9,6 @@
 //! reference until the peer's barrier ack), so an extent never leaves the log while the peer
 //! could still lose a write to it.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
@@ -21,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::core::ledger::{Answer, Ledger, Request};
 use super::link::framed::{FrameWriter, Framed};
 
 /// How the peer answered one request.
@@ -63,62 +63,23 @@ impl Inbox {
     }
 }
 
-/// A request waiting for its acknowledgement.
+/// Who waits for a request's answer: the queue's inbox and its key there.
 struct Waiter {
     inbox: Arc<Inbox>,
     key: usize,
-    /// A FUA write is stable on the peer once WriteAcked; a flush's FlushAck makes every
-    /// earlier write stable, its NegAck loses them.
-    request: Request,
-}
-
-/// What a request asks of the peer, for the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Request {
-    /// A write of this byte range: followed until stable.
-    Write {
-        range: (u64, u64),
-        fua: bool,
-    },
-    Flush,
-    /// A read for a Diskless Primary: answered by ReadReply.
-    Read,
 }
 
 /// Everything the link tracks, under one lock. Requests are encoded into `frames` under the same
 /// lock that hands out their sequence numbers, so the data channel carries them in `seq` order (a
 /// FlushAck then covers exactly the writes with smaller numbers), and a request costs one lock and
 /// one encoding on its way to the socket.
-struct Ledger {
+struct Outbox {
     /// Encoded frames waiting for the sender task.
     frames: Vec<u8>,
     /// A Disconnect is queued: the sender closes after writing it, nothing more is accepted.
     closing: bool,
-    next_seq: u64,
-    waiting: HashMap<u64, Waiter>,
-    /// Writes sent and not yet stable on the peer's disk (no FlushAck covering them, not a
-    /// WriteAcked FUA write), by sequence number. All of them are marked out of sync if the link
-    /// dies: an acknowledged write may still sit in the peer's volatile cache.
-    unstable: BTreeMap<u64, (u64, u64)>,
-    /// Sequence number of the flush we sent on our own and that is not answered yet.
-    auto_flush: Option<u64>,
-}
-
-impl Ledger {
-    fn take_seq(&mut self) -> u64 {
-        self.next_seq += 1;
-        self.next_seq
-    }
-}
-
-/// The peer's answer to a request, as the ledger takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
-    /// WriteAck or RecvAck.
-    Written,
-    Flushed,
-    /// NegAck.
-    Failed,
+    /// Sequence numbers, waiters and the writes not yet stable on the peer (the pure core).
+    ledger: Ledger<Waiter>,
 }
 
 /// The peer's answer to a block sent for resync, for the sync source.
@@ -191,7 +152,7 @@ impl LinkOptions {
 
 /// The connected peer, shared by every queue of the replicated device.
 pub struct PeerLink {
-    ledger: Mutex<Ledger>,
+    outbox: Mutex<Outbox>,
     /// Wakes the sender task when frames are queued.
     queued: tokio::sync::Notify,
     events: Arc<dyn LinkEvents>,
@@ -217,14 +178,7 @@ impl PeerLink {
     ) -> Arc<Self> {
         let LinkOptions { protocol, integrity, auto_flush_interval, ping_interval, ping_timeout } = options;
         let link = Arc::new(Self {
-            ledger: Mutex::new(Ledger {
-                frames: Vec::new(),
-                closing: false,
-                next_seq: 0,
-                waiting: HashMap::new(),
-                unstable: BTreeMap::new(),
-                auto_flush: None,
-            }),
+            outbox: Mutex::new(Outbox { frames: Vec::new(), closing: false, ledger: Ledger::default() }),
             queued: tokio::sync::Notify::new(),
             events,
             alive: AtomicBool::new(true),
@@ -240,11 +194,11 @@ impl PeerLink {
 
     /// Writes sent that a peer crash could still lose (for status).
     pub fn unstable_writes(&self) -> usize {
-        self.ledger().unstable.len()
+        self.outbox().ledger.unstable_writes()
     }
 
-    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        self.ledger.lock().expect("ledger lock")
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().expect("outbox lock")
     }
 
     pub fn is_alive(&self) -> bool {
@@ -270,23 +224,18 @@ impl PeerLink {
             _ => None,
         };
         let unstable = {
-            let mut ledger = self.ledger();
+            let mut outbox = self.outbox();
             // fail_all clears `alive` before it empties the ledger under this lock: seen alive
             // here, whatever is recorded below is answered or reported by it.
-            if !self.is_alive() || ledger.closing {
-                drop(ledger);
+            if !self.is_alive() || outbox.closing {
+                drop(outbox);
                 inbox.deliver(key, PeerOutcome::Lost);
                 return Submitted { answered: true, followed: false };
             }
-            let seq = ledger.take_seq();
-            if answered {
-                ledger.waiting.insert(seq, Waiter { inbox: inbox.clone(), key, request });
-            }
-            if let Some(range) = range {
-                ledger.unstable.insert(seq, range);
-            }
-            make(seq, ack).encode(&mut ledger.frames);
-            ledger.unstable.len()
+            let Outbox { frames, ledger, .. } = &mut *outbox;
+            let seq = ledger.submit(request, answered, Waiter { inbox: inbox.clone(), key });
+            make(seq, ack).encode(frames);
+            ledger.unstable_writes()
         };
         self.queued.notify_one();
         if range.is_some() && unstable >= AUTO_FLUSH_WRITES {
@@ -337,13 +286,13 @@ impl PeerLink {
     /// The peer answered read `seq` (ReadReply, on the data channel). An answer to no read of
     /// ours is a protocol error: false.
     pub fn read_reply(&self, seq: u64, data: &[u8]) -> bool {
-        let waiter = self.ledger().waiting.remove(&seq);
+        let waiter = self.outbox().ledger.take_read(seq);
         match waiter {
-            Some(w) if w.request == Request::Read => {
+            Some(w) => {
                 w.inbox.deliver_data(w.key, PeerOutcome::Done, Some(data.to_vec()));
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -355,14 +304,13 @@ impl PeerLink {
 
     /// Sends a flush nobody waits for, unless one is already on its way.
     fn auto_flush(&self) {
-        let mut ledger = self.ledger();
-        if ledger.auto_flush.is_some() || ledger.closing || !self.is_alive() {
+        let mut outbox = self.outbox();
+        if outbox.closing || !self.is_alive() {
             return;
         }
-        let seq = ledger.take_seq();
-        Message::Flush { seq }.encode(&mut ledger.frames);
-        ledger.auto_flush = Some(seq);
-        drop(ledger);
+        let Some(seq) = outbox.ledger.start_auto_flush() else { return };
+        Message::Flush { seq }.encode(&mut outbox.frames);
+        drop(outbox);
         self.queued.notify_one();
     }
 
@@ -373,13 +321,13 @@ impl PeerLink {
 
     /// Queues a frame that is not an application request (resync data, state).
     pub fn send_other(&self, message: &Message<'_>) -> bool {
-        let mut ledger = self.ledger();
-        if !self.is_alive() || ledger.closing {
+        let mut outbox = self.outbox();
+        if !self.is_alive() || outbox.closing {
             return false;
         }
-        message.encode(&mut ledger.frames);
-        ledger.closing = matches!(message, Message::Disconnect { .. });
-        drop(ledger);
+        message.encode(&mut outbox.frames);
+        outbox.closing = matches!(message, Message::Disconnect { .. });
+        drop(outbox);
         self.queued.notify_one();
         true
     }
@@ -412,10 +360,7 @@ impl PeerLink {
     pub async fn settle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while self.is_alive() && tokio::time::Instant::now() < deadline {
-            let settled = {
-                let ledger = self.ledger();
-                ledger.unstable.is_empty() && ledger.waiting.is_empty()
-            };
+            let settled = self.outbox().ledger.is_settled();
             if settled {
                 return true;
             }
@@ -443,14 +388,11 @@ impl PeerLink {
         self.events.dying();
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
-        let (unstable, waiting) = {
-            let mut ledger = self.ledger();
-            (std::mem::take(&mut ledger.unstable), std::mem::take(&mut ledger.waiting))
-        };
-        if !unstable.is_empty() {
-            self.events.lost(&unstable.into_values().collect::<Vec<_>>());
+        let (lost, waiting) = self.outbox().ledger.fail_all();
+        if !lost.is_empty() {
+            self.events.lost(&lost);
         }
-        for w in waiting.into_values() {
+        for w in waiting {
             w.inbox.deliver(w.key, PeerOutcome::Lost);
         }
     }
@@ -458,39 +400,14 @@ impl PeerLink {
     /// The peer answered request `seq`. A FlushAck makes every write before it stable, a
     /// WriteAck a FUA write; a NegAck loses the write, or for a flush every write before it.
     fn answer(&self, seq: u64, answer: Answer) {
-        let (waiter, stable, lost) = {
-            let mut ledger = self.ledger();
-            let waiter = ledger.waiting.remove(&seq);
-            let is_flush =
-                waiter.as_ref().map_or(ledger.auto_flush == Some(seq), |w| w.request == Request::Flush);
-            if ledger.auto_flush == Some(seq) {
-                ledger.auto_flush = None;
-            }
-            // The writes this answer settles: for a flush every one sent before it.
-            let taken = |unstable: &mut BTreeMap<u64, (u64, u64)>| -> Vec<(u64, u64)> {
-                if is_flush {
-                    let later = unstable.split_off(&seq);
-                    std::mem::replace(unstable, later).into_values().collect()
-                } else {
-                    unstable.remove(&seq).into_iter().collect()
-                }
-            };
-            let fua = waiter.as_ref().is_some_and(|w| matches!(w.request, Request::Write { fua: true, .. }));
-            let (stable, lost) = match answer {
-                Answer::Flushed => (taken(&mut ledger.unstable), Vec::new()),
-                Answer::Written if fua => (taken(&mut ledger.unstable), Vec::new()),
-                Answer::Written => (Vec::new(), Vec::new()),
-                Answer::Failed => (Vec::new(), taken(&mut ledger.unstable)),
-            };
-            (waiter, stable, lost)
-        };
-        if !stable.is_empty() {
-            self.events.stable(&stable);
+        let settled = self.outbox().ledger.answer(seq, answer);
+        if !settled.stable.is_empty() {
+            self.events.stable(&settled.stable);
         }
-        if !lost.is_empty() {
-            self.events.lost(&lost);
+        if !settled.lost.is_empty() {
+            self.events.lost(&settled.lost);
         }
-        if let Some(w) = waiter {
+        if let Some((w, _)) = settled.waiter {
             let outcome = if answer == Answer::Failed { PeerOutcome::Failed } else { PeerOutcome::Done };
             w.inbox.deliver(w.key, outcome);
         }
@@ -511,9 +428,9 @@ impl PeerLink {
         let mut sending = Vec::new();
         loop {
             let closing = {
-                let mut ledger = self.ledger();
-                std::mem::swap(&mut ledger.frames, &mut sending);
-                ledger.closing
+                let mut outbox = self.outbox();
+                std::mem::swap(&mut outbox.frames, &mut sending);
+                outbox.closing
             };
             if !sending.is_empty() {
                 if let Err(e) = data.write_encoded(&sending).await {

@@ -437,6 +437,24 @@ pub fn resolve_by_discard_my_data(d: Decision, local_discard: bool, peer_discard
     Decision { outcome, rule: d.rule, reason }
 }
 
+/// A split brain where exactly one side is Outdated: that side learnt (from the witness or the
+/// peer) that the other was allowed to write without it, so whatever it wrote on its own was
+/// never acknowledged as replicated; it becomes the target of a bitmap resync, as if its
+/// operator had typed `connect --discard-my-data`.
+pub fn resolve_by_outdated(d: Decision, local: DiskState, peer: DiskState) -> Decision {
+    let recoverable = d.outcome == SyncDecision::SplitBrain { auto_recoverable: true };
+    let (local_out, peer_out) = (local == DiskState::Outdated, peer == DiskState::Outdated);
+    if !recoverable || local_out == peer_out {
+        return d;
+    }
+    let (outcome, reason) = if local_out {
+        (SyncDecision::TargetBitmap, "split brain resolved: the local side is Outdated")
+    } else {
+        (SyncDecision::SourceBitmap, "split brain resolved: the peer is Outdated")
+    };
+    Decision { outcome, rule: d.rule, reason }
+}
+
 /// A source must have consistent data (better than Inconsistent); otherwise
 /// the connection cannot sync and must not pretend to.
 pub fn require_usable_source(d: Decision, local: DiskState, peer: DiskState) -> Decision {

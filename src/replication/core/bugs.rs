@@ -1,0 +1,93 @@
+//! Known bugs the simulator can plant in the core (`rdbd-sim run --inject-bug NAME`), to show
+//! that it finds them: a simulator that finds nothing is only proof when it can find these.
+//! The daemon never plants any ([`Bugs::NONE`]).
+
+/// One plantable bug; each names the guarantee it breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// An activity-log extent leaves the log (eviction or idle retire) before this node's data
+    /// is flushed: a power loss then loses writes the peer has, unmarked.
+    RetireBeforeLocalFlush,
+    /// A client FLUSH is answered once the local disk has flushed, without the peer's FlushAck.
+    AckFlushBeforePeer,
+    /// A disconnected Secondary promotes without asking the witness: two writers.
+    PromoteWithoutQuorum,
+    /// When the link dies, writes not yet stable on the peer are not marked out of sync.
+    ForgetUnstableOnLinkLoss,
+    /// The sync target acknowledges resync data before its disk has flushed it, so the source
+    /// clears bits a power loss can still undo.
+    AckResyncBeforeFlush,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 5] = [
+        Bug::RetireBeforeLocalFlush,
+        Bug::AckFlushBeforePeer,
+        Bug::PromoteWithoutQuorum,
+        Bug::ForgetUnstableOnLinkLoss,
+        Bug::AckResyncBeforeFlush,
+    ];
+
+    /// The name `--inject-bug` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Bug::RetireBeforeLocalFlush => "retire-before-local-flush",
+            Bug::AckFlushBeforePeer => "ack-flush-before-peer",
+            Bug::PromoteWithoutQuorum => "promote-without-quorum",
+            Bug::ForgetUnstableOnLinkLoss => "forget-unstable-on-link-loss",
+            Bug::AckResyncBeforeFlush => "ack-resync-before-flush",
+        }
+    }
+
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Bug::RetireBeforeLocalFlush => {
+                "an activity-log extent leaves the log before the local data flush"
+            }
+            Bug::AckFlushBeforePeer => "a client FLUSH is answered before the peer's FlushAck",
+            Bug::PromoteWithoutQuorum => "a disconnected Secondary promotes without the witness",
+            Bug::ForgetUnstableOnLinkLoss => "writes unstable on the peer are not marked when the link dies",
+            Bug::AckResyncBeforeFlush => "the sync target acknowledges resync data before flushing it",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    const fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+/// A set of planted bugs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bugs(u32);
+
+impl Bugs {
+    pub const NONE: Bugs = Bugs(0);
+
+    pub const fn only(bug: Bug) -> Bugs {
+        Bugs(bug.bit())
+    }
+
+    pub const fn has(self, bug: Bug) -> bool {
+        self.0 & bug.bit() != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_sets_hold_only_what_was_planted() {
+        for bug in Bug::ALL {
+            assert_eq!(Bug::from_name(bug.name()), Some(bug));
+            assert!(Bugs::only(bug).has(bug));
+            assert!(!Bugs::NONE.has(bug));
+        }
+        assert!(!Bugs::only(Bug::AckFlushBeforePeer).has(Bug::PromoteWithoutQuorum));
+        assert_eq!(Bug::from_name("no-such-bug"), None);
+    }
+}

@@ -1,0 +1,165 @@
+//! What goes into the node core and what comes out: client requests, peer messages, disk
+//! completions and operator commands in; sends, disk and metadata I/O, replies and witness
+//! requests out. `P` is the data a write carries; the core never looks inside it.
+
+use crate::metadata::bitmap::DirtyBitmap;
+use crate::metadata::generations::Generations;
+use crate::replication::states::{DiskState, Role};
+use crate::replication::sync_decision::Decision;
+
+use super::ledger::Answer;
+
+/// The driver's name for one client request.
+pub type ClientId = u64;
+/// The core's name for one disk or metadata request.
+pub type IoId = u64;
+
+/// A request of the client that uses the Primary's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest<P> {
+    Write { offset: u64, len: u64, data: P, fua: bool },
+    Read { offset: u64, len: u64 },
+    Flush,
+}
+
+/// The core's answer to a client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<P> {
+    Done,
+    /// A read's data.
+    Data(P),
+    /// EIO: the request may or may not have taken effect.
+    Failed,
+}
+
+/// What one node tells the other at connect time (DRBD's P_UUIDS and P_STATE, with the bitmap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub gens: Generations,
+    pub role: Role,
+    pub disk: DiskState,
+    pub crashed_primary: bool,
+    pub discard_my_data: bool,
+    pub node_id: u32,
+    /// The blocks this node's bitmap marks, as runs `[start, end)`.
+    pub dirty: Vec<(u64, u64)>,
+}
+
+/// A message between the two cores, in order per direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage<P> {
+    Hello(Hello),
+    /// The sync source's rotated bitmap identifier: the target's data belongs to it from now.
+    SyncStart {
+        sync_uuid: u64,
+    },
+    Write {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        data: P,
+        fua: bool,
+    },
+    Flush {
+        seq: u64,
+    },
+    Ack {
+        seq: u64,
+        answer: Answer,
+    },
+    ResyncData {
+        offset: u64,
+        len: u64,
+        data: P,
+    },
+    /// The target has the range durably.
+    ResyncAck {
+        offset: u64,
+        len: u64,
+    },
+    /// Every block is in sync: the source's generations as they are now.
+    ResyncDone {
+        gens: Generations,
+    },
+    /// The sender wants to become Primary while connected (two-phase, so that two nodes
+    /// promoting at once cannot both succeed).
+    PromoteRequest,
+    PromoteAnswer {
+        granted: bool,
+    },
+    /// The sender's role changed.
+    Role {
+        role: Role,
+    },
+}
+
+/// A durable image of the node's metadata: what a restart reads back.
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    pub gens: Generations,
+    pub disk: DiskState,
+    /// Set while Primary: found set at start, the node crashed as Primary.
+    pub primary: bool,
+    pub bitmap: DirtyBitmap,
+    /// Extents in the activity log: written recently, maybe not on the peer.
+    pub activity_log: Vec<u32>,
+}
+
+/// What the core asks its driver to do.
+#[derive(Debug, Clone)]
+pub enum Effect<P> {
+    Send(PeerMessage<P>),
+    /// Write the data disk; completes with [`super::NodeCore::handle_disk`].
+    Write {
+        io: IoId,
+        offset: u64,
+        len: u64,
+        data: P,
+    },
+    Read {
+        io: IoId,
+        offset: u64,
+        len: u64,
+    },
+    /// Makes every write completed before it durable.
+    Flush {
+        io: IoId,
+    },
+    /// Writes the metadata durably (atomically).
+    Persist {
+        io: IoId,
+        image: Persisted,
+    },
+    Reply {
+        client: ClientId,
+        reply: Reply<P>,
+    },
+    /// Ask the witness for the right to write without the peer (quorum).
+    AskWitness,
+    /// Give that right back: the peer has everything again.
+    ReleaseWitness,
+    /// End the connection (split brain, unrelated data, an operator's disconnect).
+    DropLink {
+        reason: &'static str,
+    },
+    /// The sync decision this node took at a handshake (for logs, and for the simulator to
+    /// check that both sides agree).
+    Decided(Decision),
+    /// This node became sync source: from now its data overwrites the peer's.
+    ResyncStarted {
+        source: bool,
+    },
+    /// The role changed.
+    RoleChanged(Role),
+}
+
+/// An operator's command (the `rdbd` verbs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Primary,
+    Secondary,
+    Connect,
+    Disconnect,
+    /// `connect --discard-my-data`: this node is the split-brain victim.
+    DiscardMyData,
+}

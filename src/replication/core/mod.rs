@@ -1,0 +1,23 @@
+//! The replication core: one node's state and decisions as pure code with no I/O and no clock.
+//! Drivers feed it what happened (`handle_*`) and carry out what it asks
+//! ([`NodeCore::poll_effect`]), so a seeded simulation (`rdbd-sim`) runs it under a simulated
+//! world of disks, links, crashes and operators.
+//!
+//! - [`node`]: the state, the connection lifecycle (handshake, sync decision) and role changes.
+//! - `write_path`: the Primary's requests, the activity log and the ledger.
+//! - `applier`: the peer's side of replication, and the sync target.
+//! - `resync`: the sync source.
+//! - [`ledger`]: what the Primary asked of its peer and which writes are stable there (also
+//!   used by the daemon's link).
+//! - [`io`]: the inputs and effects.
+//! - [`bugs`]: known bugs the simulator plants to show it can find them.
+
+mod applier;
+pub mod bugs;
+pub mod io;
+pub mod ledger;
+pub mod node;
+mod resync;
+mod write_path;
+
+pub use node::{CoreConfig, Grant, Link, NodeCore};

@@ -1,0 +1,714 @@
+//! One node's state, owned in one place: role, disk, generations, bitmap and activity log, the
+//! connection and what is outstanding on it. Inputs arrive through the `handle_*` methods;
+//! after each, [`NodeCore::poll_effect`] yields what the driver must do. No I/O, no clock: time
+//! passes only as [`NodeCore::handle_tick`] calls, randomness (new generation identifiers) comes
+//! from a seed.
+//!
+//! This file holds the state, the connection lifecycle (handshake and sync decision) and the
+//! role changes; the Primary's request path is in `write_path.rs`, the peer's side of
+//! replication and resync in `applier.rs`, the sync source in `resync.rs`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::metadata::activity_log::{extents_of, ActivityLog, EXTENT_BYTES};
+use crate::metadata::bitmap::DirtyBitmap;
+use crate::metadata::generations::Generations;
+use crate::replication::states::{check_promote, disk_after_decision, DiskState, Role};
+use crate::replication::sync_decision::{decide, resolve_by_outdated, SideView, SyncDecision};
+
+use super::applier::Applier;
+use super::bugs::{Bug, Bugs};
+use super::io::{ClientId, Command, Effect, Hello, IoId, PeerMessage, Persisted};
+use super::ledger::{Ledger, Range};
+use super::resync::Source;
+use super::write_path::WritePath;
+
+/// What a node is, beyond what its metadata says.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreConfig {
+    pub node_id: u32,
+    /// Bytes of the replicated device.
+    pub size: u64,
+    /// Bytes one bitmap bit covers.
+    pub bitmap_block: u32,
+    pub al_extents: u32,
+    /// Seeds the generation identifiers this node makes.
+    pub seed: u64,
+    /// Bugs planted for the simulator; [`Bugs::NONE`] elsewhere.
+    pub bugs: Bugs,
+}
+
+/// The connection as the core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Down,
+    /// Connected; the Hellos are being exchanged. New writes wait.
+    Handshake,
+    /// Replicating; the peer's role and disk as last heard.
+    Up {
+        peer_role: Role,
+        peer_disk: DiskState,
+    },
+}
+
+/// The right to write without the peer, as the witness gave it (quorum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    None,
+    Asked,
+    Held,
+    /// The witness gave it to the peer: this node's data is outdated.
+    Refused,
+}
+
+/// A promotion in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Promoting {
+    No,
+    /// Connected: waiting for the peer's consent.
+    AskedPeer,
+    /// Disconnected: waiting for the witness.
+    AskedWitness,
+}
+
+/// Why a disk or metadata request was made, to route its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IoPurpose {
+    /// A client request's local part.
+    Client(ClientId),
+    /// The local flush before an activity-log transaction that evicts extents.
+    AlFlush,
+    /// The local flush before idle extents retire; `mark` is the log's clock it retires by.
+    RetireFlush { mark: u64 },
+    /// A metadata image with this sequence number.
+    Persist(u64),
+    /// The applier's write or flush for the peer's request at this queue position.
+    Apply(u64),
+    /// The sync source's read of this range.
+    ResyncRead(Range),
+}
+
+/// One node's replication core.
+pub struct NodeCore<P> {
+    pub(super) cfg: CoreConfig,
+    pub(super) role: Role,
+    pub(super) disk: DiskState,
+    pub(super) gens: Generations,
+    /// Crashed while Primary and not resynced since (DRBD's MDF_CRASHED_PRIMARY).
+    pub(super) crashed_primary: bool,
+    pub(super) bitmap: DirtyBitmap,
+    pub(super) al: ActivityLog,
+    /// The extents the durable activity log holds (what a metadata image records).
+    pub(super) logged: Vec<u32>,
+    pub(super) link: Link,
+    pub(super) ledger: Ledger<ClientId>,
+    pub(super) want_connect: bool,
+    pub(super) discard_my_data: bool,
+    pub(super) grant: Grant,
+    pub(super) promoting: Promoting,
+    pub(super) writes: WritePath<P>,
+    pub(super) applier: Applier<P>,
+    pub(super) source: Option<Source>,
+    /// Waiting for the source's SyncStart.
+    pub(super) awaiting_sync_start: bool,
+    pub(super) io: BTreeMap<IoId, IoPurpose>,
+    next_io: IoId,
+    /// Metadata images: the latest requested, the one in flight, the latest durable.
+    persist_wanted: u64,
+    persist_in_flight: Option<u64>,
+    pub(super) persist_durable: u64,
+    pub(super) effects: VecDeque<Effect<P>>,
+    rng: u64,
+    /// The activity log's clock at the last tick: extents unused since are idle.
+    retire_mark: u64,
+}
+
+impl<P: Clone> NodeCore<P> {
+    /// A node whose data is in generation `gens` with `disk`, freshly started (Secondary).
+    pub fn new(cfg: CoreConfig, gens: Generations, disk: DiskState) -> Self {
+        let blocks = cfg.size.div_ceil(u64::from(cfg.bitmap_block));
+        Self {
+            cfg,
+            role: Role::Secondary,
+            disk,
+            gens,
+            crashed_primary: false,
+            bitmap: DirtyBitmap::new(blocks),
+            al: ActivityLog::new(cfg.al_extents),
+            logged: Vec::new(),
+            link: Link::Down,
+            ledger: Ledger::new(cfg.bugs),
+            want_connect: true,
+            discard_my_data: false,
+            grant: Grant::None,
+            promoting: Promoting::No,
+            writes: WritePath::default(),
+            applier: Applier::default(),
+            source: None,
+            awaiting_sync_start: false,
+            io: BTreeMap::new(),
+            next_io: 0,
+            persist_wanted: 0,
+            persist_in_flight: None,
+            persist_durable: 0,
+            effects: VecDeque::new(),
+            rng: cfg.seed,
+            retire_mark: 0,
+        }
+    }
+
+    /// A node starting from its durable metadata after a crash or power loss: the activity
+    /// log's extents are folded into the bitmap (they may differ from the peer) and stay in the
+    /// log, which lets them go only after a local flush — a resync may clear their bits while
+    /// their data still sits in a volatile cache that survived a killed process.
+    pub fn restart(cfg: CoreConfig, image: &Persisted) -> Self {
+        let mut core = Self::new(cfg, image.gens, image.disk);
+        core.bitmap = image.bitmap.clone();
+        for &extent in &image.activity_log {
+            let start = u64::from(extent) * EXTENT_BYTES;
+            let end = (start + EXTENT_BYTES).min(cfg.size);
+            if start < end {
+                core.bitmap.set(DirtyBitmap::blocks_of(start, end - start, cfg.bitmap_block));
+            }
+            core.al.begin(extent);
+        }
+        if let Some(tx) = core.al.prepare() {
+            core.al.committed(tx);
+        }
+        for &extent in &image.activity_log {
+            core.al.end(extent);
+        }
+        core.logged = image.activity_log.clone();
+        core.crashed_primary = image.primary;
+        core.persist();
+        core
+    }
+
+    // --- what the driver and the simulator may look at ---
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn gens(&self) -> Generations {
+        self.gens
+    }
+
+    pub fn link(&self) -> Link {
+        self.link
+    }
+
+    pub fn grant(&self) -> Grant {
+        self.grant
+    }
+
+    pub fn out_of_sync_blocks(&self) -> u64 {
+        self.bitmap.dirty_blocks()
+    }
+
+    /// Connected, in sync, nothing resyncing.
+    pub fn is_established(&self) -> bool {
+        matches!(self.link, Link::Up { .. }) && self.source.is_none() && !self.awaiting_sync_start
+    }
+
+    /// Whether this node answers client writes now: a Primary replicating to its peer, or one
+    /// the witness lets write alone.
+    pub fn answers_writes(&self) -> bool {
+        self.role == Role::Primary && (matches!(self.link, Link::Up { .. }) || self.grant == Grant::Held)
+    }
+
+    /// Nothing in flight anywhere: no client request, disk I/O, unanswered peer request or
+    /// metadata write.
+    pub fn is_quiet(&self) -> bool {
+        self.io.is_empty()
+            && self.writes.is_idle()
+            && self.applier.is_idle()
+            && self.ledger.is_settled()
+            && self.persist_in_flight.is_none()
+            && self.persist_wanted == self.persist_durable
+    }
+
+    /// The connection wants to be up (no operator disconnect, no split brain).
+    pub fn wants_connection(&self) -> bool {
+        self.want_connect
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_effect(&mut self) -> Option<Effect<P>> {
+        self.effects.pop_front()
+    }
+
+    // --- inputs ---
+
+    /// Time passed (the driver calls this about once a second): idle extents leave the activity
+    /// log, writes unstable on the peer get a flush, a grant no longer needed goes back.
+    pub fn handle_tick(&mut self) {
+        self.retire_idle_extents(self.retire_mark);
+        self.retire_mark = self.al.clock();
+        if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
+            self.flush_peer();
+        }
+        self.release_grant_if_synced();
+        self.pump();
+    }
+
+    /// An operator's command. Refusals are silent here: the role and states show the outcome.
+    pub fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Primary => self.promote(),
+            Command::Secondary => self.demote(),
+            Command::Connect => self.want_connect = true,
+            Command::Disconnect => {
+                self.want_connect = false;
+                if self.link != Link::Down {
+                    self.effects.push_back(Effect::DropLink { reason: "operator disconnect" });
+                }
+            }
+            Command::DiscardMyData => {
+                if self.role == Role::Secondary {
+                    self.discard_my_data = true;
+                }
+            }
+        }
+        self.pump();
+    }
+
+    /// The witness answered [`Effect::AskWitness`].
+    pub fn handle_witness(&mut self, granted: bool) {
+        if self.grant != Grant::Asked {
+            return;
+        }
+        if granted {
+            self.grant = Grant::Held;
+            // A generation changes only while disconnected: a Hello already sent carries the
+            // old one, and a peer that is back gets the marked blocks by resync anyway.
+            if self.link != Link::Down {
+                self.promoting = Promoting::No;
+            } else if self.promoting == Promoting::AskedWitness {
+                // The disk may have changed while the witness answered.
+                if check_promote(self.disk, Role::Unknown, false, false).is_ok() {
+                    self.become_primary(true);
+                } else {
+                    self.promoting = Promoting::No;
+                }
+            }
+        } else if self.link != Link::Down {
+            // Connected again: the handshake has settled whose data is newer, and the peer
+            // consents to the roles; the refusal is stale.
+            self.grant = Grant::None;
+            self.promoting = Promoting::No;
+        } else {
+            self.grant = Grant::Refused;
+            self.promoting = Promoting::No;
+            if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                self.disk = DiskState::Outdated;
+                self.persist();
+            }
+            if self.role == Role::Primary {
+                // The peer writes now: what waits for the witness here fails.
+                self.set_role(Role::Secondary);
+            }
+        }
+        self.pump();
+    }
+
+    /// A connection to the peer is established: the handshake starts.
+    pub fn handle_link_up(&mut self) {
+        self.link = Link::Handshake;
+        // A promotion asked of the witness is void: the peer is back and will be asked.
+        if self.promoting == Promoting::AskedWitness {
+            self.promoting = Promoting::No;
+        }
+        let mut dirty = Vec::new();
+        let mut runs = self.bitmap.runs_from(0);
+        for (first, len) in runs.by_ref() {
+            dirty.push((first, first + len));
+        }
+        let hello = Hello {
+            gens: self.gens,
+            role: self.role,
+            disk: self.disk,
+            crashed_primary: self.crashed_primary,
+            discard_my_data: self.discard_my_data,
+            node_id: self.cfg.node_id,
+            dirty,
+        };
+        self.effects.push_back(Effect::Send(PeerMessage::Hello(hello)));
+    }
+
+    /// The connection ended (or never completed). Writes not stable on the peer are out of
+    /// sync; a Primary needs the witness to go on writing alone.
+    pub fn handle_link_down(&mut self) {
+        if self.link == Link::Down {
+            return;
+        }
+        self.link = Link::Down;
+        let (lost, waiters) = self.ledger.fail_all();
+        self.settle_peer_writes(&[], &lost);
+        if self.role != Role::Primary && !lost.is_empty() {
+            // Demoted with writes the peer may lack: this data is newer, and a new generation
+            // says so at reconnect (otherwise both compare equal and the marks never resync).
+            self.new_generation();
+        }
+        self.writes.peer_lost(&waiters);
+        self.applier.link_down();
+        self.source = None;
+        self.awaiting_sync_start = false;
+        if self.promoting == Promoting::AskedPeer {
+            self.promoting = Promoting::No;
+        }
+        if self.role == Role::Primary {
+            // Writing without the peer: a new generation tells the data apart at reconnect
+            // (DRBD: new current UUID on peer loss).
+            self.new_generation();
+            if self.grant == Grant::None {
+                self.ask_witness();
+            }
+        }
+        self.pump();
+    }
+
+    /// A message from the peer on the current connection.
+    pub fn handle_message(&mut self, message: PeerMessage<P>) {
+        if self.link == Link::Down {
+            return;
+        }
+        match message {
+            PeerMessage::Hello(hello) => self.handshake(hello),
+            PeerMessage::SyncStart { sync_uuid } => self.start_as_target(sync_uuid),
+            PeerMessage::Ack { seq, answer } => self.peer_answered(seq, answer),
+            PeerMessage::ResyncAck { offset, len } => self.resync_acked(offset, len),
+            PeerMessage::PromoteRequest => self.peer_wants_promotion(),
+            PeerMessage::PromoteAnswer { granted } => self.promotion_answered(granted),
+            PeerMessage::Role { role } => {
+                if let Link::Up { peer_disk, .. } = self.link {
+                    self.link = Link::Up { peer_role: role, peer_disk };
+                }
+            }
+            m @ (PeerMessage::Write { .. }
+            | PeerMessage::Flush { .. }
+            | PeerMessage::ResyncData { .. }
+            | PeerMessage::ResyncDone { .. }) => self.applier.receive(m),
+        }
+        self.pump();
+    }
+
+    /// A disk or metadata request completed (`ok: false`: the disk failed it); a read's data.
+    pub fn handle_disk(&mut self, io: IoId, ok: bool, data: Option<P>) {
+        let Some(purpose) = self.io.remove(&io) else { return };
+        match purpose {
+            IoPurpose::Client(id) => self.client_io_done(id, ok, data),
+            IoPurpose::AlFlush => self.al_flushed(ok),
+            IoPurpose::RetireFlush { mark } => self.retire_flushed(ok, mark),
+            IoPurpose::Persist(n) => {
+                self.persist_in_flight = None;
+                if ok {
+                    self.persist_durable = self.persist_durable.max(n);
+                }
+            }
+            IoPurpose::Apply(position) => self.apply_done(position, ok),
+            IoPurpose::ResyncRead(range) => self.resync_read_done(range, ok, data),
+        }
+        self.pump();
+    }
+
+    // --- shared helpers for the other parts of the core ---
+
+    pub(super) fn start_io(&mut self, purpose: IoPurpose) -> IoId {
+        self.next_io += 1;
+        self.io.insert(self.next_io, purpose);
+        self.next_io
+    }
+
+    /// Asks for the metadata as it is now to be made durable; returns the image's number, for
+    /// [`NodeCore::persisted`].
+    pub(super) fn persist(&mut self) -> u64 {
+        self.persist_wanted += 1;
+        self.persist_wanted
+    }
+
+    /// Whether image `n` (or a later one) is durable.
+    pub(super) fn persisted(&self, n: u64) -> bool {
+        self.persist_durable >= n
+    }
+
+    fn image(&self) -> Persisted {
+        Persisted {
+            gens: self.gens,
+            disk: self.disk,
+            // Writes made as Primary may still be unflushed here while the log holds their
+            // extents: a crash until then counts as a Primary's crash (DRBD's rule 40).
+            primary: self.role == Role::Primary || self.crashed_primary || !self.logged.is_empty(),
+            bitmap: self.bitmap.clone(),
+            activity_log: self.logged.clone(),
+        }
+    }
+
+    pub(super) fn random(&mut self) -> u64 {
+        // splitmix64: deterministic per seed, good enough for identifiers.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Writes the peer settled: `stable` ones may leave the activity log, `lost` ones are out of
+    /// sync first.
+    pub(super) fn settle_peer_writes(&mut self, stable: &[Range], lost: &[Range]) {
+        for &(start, end) in lost {
+            self.bitmap.set(DirtyBitmap::blocks_of(start, end - start, self.cfg.bitmap_block));
+        }
+        for &(start, end) in stable.iter().chain(lost) {
+            for extent in extents_of(start, end - start) {
+                self.al.end(extent);
+            }
+        }
+    }
+
+    /// Asks the peer to flush (a flush nobody waits for), unless one is on its way.
+    pub(super) fn flush_peer(&mut self) {
+        if let Some(seq) = self.ledger.start_auto_flush() {
+            self.effects.push_back(Effect::Send(PeerMessage::Flush { seq }));
+        }
+    }
+
+    pub(super) fn send(&mut self, message: PeerMessage<P>) {
+        if self.link != Link::Down {
+            self.effects.push_back(Effect::Send(message));
+        }
+    }
+
+    pub(super) fn ask_witness(&mut self) {
+        self.grant = Grant::Asked;
+        self.effects.push_back(Effect::AskWitness);
+    }
+
+    /// A new data generation, unless the bitmap already tracks changes against an older one.
+    fn new_generation(&mut self) {
+        if self.gens.bitmap != 0 {
+            return;
+        }
+        let random = self.random();
+        self.gens = self.gens.new_current(random, self.role == Role::Primary);
+        self.persist();
+    }
+
+    /// Moves everything forward that waits on something that may have happened: the metadata
+    /// writer, the Primary's queue, the applier and the sync source.
+    pub(super) fn pump(&mut self) {
+        loop {
+            let before = (self.effects.len(), self.io.len(), self.persist_wanted);
+            self.pump_writes();
+            self.pump_applier();
+            self.pump_source();
+            if self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
+                let n = self.persist_wanted;
+                let io = self.start_io(IoPurpose::Persist(n));
+                self.persist_in_flight = Some(n);
+                let image = self.image();
+                self.effects.push_back(Effect::Persist { io, image });
+            }
+            if (self.effects.len(), self.io.len(), self.persist_wanted) == before {
+                break;
+            }
+        }
+    }
+
+    // --- the handshake ---
+
+    fn view(&self) -> SideView {
+        SideView {
+            gens: self.gens,
+            role: self.role,
+            disk: self.disk,
+            crashed_primary: self.crashed_primary,
+            dirty_blocks: self.bitmap.dirty_blocks(),
+            discard_my_data: self.discard_my_data,
+            node_id: self.cfg.node_id,
+        }
+    }
+
+    fn handshake(&mut self, hello: Hello) {
+        if self.link != Link::Handshake {
+            return;
+        }
+        let peer = SideView {
+            gens: hello.gens,
+            role: hello.role,
+            disk: hello.disk,
+            crashed_primary: hello.crashed_primary,
+            dirty_blocks: hello.dirty.iter().map(|(a, b)| b - a).sum(),
+            discard_my_data: hello.discard_my_data,
+            node_id: hello.node_id,
+        };
+        if self.role == Role::Primary && hello.role == Role::Primary {
+            // Two Primaries never replicate to each other: one must step down first.
+            self.want_connect = false;
+            self.effects.push_back(Effect::DropLink { reason: "both nodes are Primary" });
+            return;
+        }
+        let decision = resolve_by_outdated(decide(&self.view(), &peer), self.disk, peer.disk);
+        self.effects.push_back(Effect::Decided(decision));
+        self.discard_my_data = false;
+        let outcome = decision.outcome;
+        let usable = matches!(
+            outcome,
+            SyncDecision::InSync
+                | SyncDecision::SourceBitmap
+                | SyncDecision::SourceFull
+                | SyncDecision::TargetBitmap
+                | SyncDecision::TargetFull
+        );
+        let primary_target = outcome.is_target() && self.role == Role::Primary
+            || outcome.is_source() && hello.role == Role::Primary;
+        if !usable || primary_target {
+            // Split brain, unrelated data, no usable source, a Primary that would be overwritten:
+            // stand alone until an operator acts.
+            self.want_connect = false;
+            self.effects.push_back(Effect::DropLink { reason: decision.reason });
+            return;
+        }
+        let pair = disk_after_decision(outcome, self.disk, peer.disk);
+        self.link = Link::Up { peer_role: hello.role, peer_disk: pair.peer };
+        self.grant = match self.grant {
+            Grant::Refused => Grant::None,
+            other => other,
+        };
+        if outcome.is_source() || outcome.is_target() {
+            for &(start, end) in &hello.dirty {
+                self.bitmap.set(start..end);
+            }
+            if outcome.is_full() {
+                self.bitmap.set_all();
+            }
+        }
+        if outcome.is_source() {
+            let random = self.random();
+            self.gens = self.gens.start_resync_as_source(random);
+            self.disk = pair.local;
+            // The rotated identifier is durable before the target adopts it: a source that
+            // crashed before would not know the target's new current (unrelated data).
+            let image = self.persist();
+            self.source = Some(Source::starting(image));
+        } else if outcome.is_target() {
+            self.awaiting_sync_start = true;
+        } else if self.disk != pair.local {
+            self.disk = pair.local;
+            self.persist();
+        }
+        if outcome == SyncDecision::InSync && self.crashed_primary {
+            self.crashed_primary = false;
+            self.persist();
+        }
+    }
+
+    // --- roles ---
+
+    fn promote(&mut self) {
+        if self.role == Role::Primary || self.promoting != Promoting::No {
+            return;
+        }
+        match self.link {
+            Link::Handshake => {}
+            Link::Up { peer_role, .. } => {
+                if check_promote(self.disk, peer_role, true, false).is_ok() && self.is_established() {
+                    self.promoting = Promoting::AskedPeer;
+                    self.send(PeerMessage::PromoteRequest);
+                }
+            }
+            Link::Down => {
+                if check_promote(self.disk, Role::Unknown, false, false).is_err() {
+                    return;
+                }
+                if self.cfg.bugs.has(Bug::PromoteWithoutQuorum) || self.grant == Grant::Held {
+                    self.become_primary(true);
+                } else if self.grant != Grant::Asked {
+                    self.promoting = Promoting::AskedWitness;
+                    self.ask_witness();
+                }
+            }
+        }
+    }
+
+    /// Becomes Primary; `alone`: without the peer, so with a new data generation.
+    fn become_primary(&mut self, alone: bool) {
+        self.promoting = Promoting::No;
+        self.set_role(Role::Primary);
+        if alone {
+            self.new_generation();
+        }
+    }
+
+    fn set_role(&mut self, role: Role) {
+        self.role = role;
+        self.persist();
+        self.send(PeerMessage::Role { role });
+        self.effects.push_back(Effect::RoleChanged(role));
+    }
+
+    fn demote(&mut self) {
+        if self.role == Role::Primary && self.writes.is_idle() {
+            self.set_role(Role::Secondary);
+        }
+    }
+
+    fn peer_wants_promotion(&mut self) {
+        let granted = self.role == Role::Secondary && self.promoting == Promoting::No;
+        if granted {
+            if let Link::Up { peer_disk, .. } = self.link {
+                self.link = Link::Up { peer_role: Role::Primary, peer_disk };
+            }
+        }
+        self.send(PeerMessage::PromoteAnswer { granted });
+    }
+
+    fn promotion_answered(&mut self, granted: bool) {
+        if self.promoting != Promoting::AskedPeer {
+            return;
+        }
+        self.promoting = Promoting::No;
+        if granted && matches!(self.link, Link::Up { .. }) {
+            self.become_primary(false);
+        }
+    }
+
+    /// Connected and in sync again: the right to write alone goes back to the witness.
+    fn release_grant_if_synced(&mut self) {
+        let synced = matches!(self.link, Link::Up { peer_disk: DiskState::UpToDate, .. })
+            && self.is_established()
+            && self.disk == DiskState::UpToDate;
+        if self.grant == Grant::Held && synced {
+            self.grant = Grant::None;
+            self.effects.push_back(Effect::ReleaseWitness);
+        }
+    }
+
+    /// The peer's resync made this node's data whole: it takes the source's lineage.
+    pub(super) fn finish_as_target(&mut self, source: Generations) {
+        self.gens = self.gens.finish_resync_as_target(&source);
+        self.disk = DiskState::UpToDate;
+        self.crashed_primary = false;
+        self.awaiting_sync_start = false;
+        if let Link::Up { peer_role, .. } = self.link {
+            self.link = Link::Up { peer_role, peer_disk: DiskState::UpToDate };
+        }
+        self.persist();
+    }
+
+    fn start_as_target(&mut self, sync_uuid: u64) {
+        if !self.awaiting_sync_start {
+            return;
+        }
+        self.gens = self.gens.start_resync_as_target(sync_uuid);
+        self.disk = DiskState::Inconsistent;
+        let image = self.persist();
+        // Resync data is written only once the disk is durably marked Inconsistent.
+        self.applier.target_ready_at(image);
+        self.effects.push_back(Effect::ResyncStarted { source: false });
+    }
+}

@@ -1,0 +1,447 @@
+//! The Primary's request path: a client request is admitted in order once its range is free
+//! and its activity-log extents are logged, goes to the local disk and to the peer, and is
+//! answered when both have it (protocol C) — or, without the peer, when the witness lets this
+//! node write alone. A write keeps its extents in the log until it is on the local disk *and*
+//! stable on the peer (or marked out of sync); an extent leaves the log only after a local
+//! flush, so a power loss never loses a write the peer has without a mark.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::metadata::activity_log::{extents_of, Begin, Transaction};
+use crate::metadata::bitmap::DirtyBitmap;
+use crate::replication::states::{DiskState, Role};
+
+use super::bugs::Bug;
+use super::io::{ClientId, ClientRequest, Effect, PeerMessage, Reply};
+use super::ledger::{Answer, Range, Request};
+use super::node::{Grant, IoPurpose, Link, NodeCore};
+
+/// Where the peer's part of a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerPart {
+    Waiting,
+    Done,
+    /// Not sent, failed or lost: the peer may lack it (a write is marked out of sync).
+    Missing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write { range: Range, fua: bool },
+    Flush,
+    Read,
+}
+
+#[derive(Debug)]
+struct Op<P> {
+    kind: Kind,
+    /// The local part: `None` while in flight, then whether it succeeded.
+    local: Option<bool>,
+    /// A FUA write's local flush is still to come after its write.
+    fua_flush_pending: bool,
+    peer: PeerPart,
+    data: Option<P>,
+    /// A write still holds its range (see [`WritePath::claim`]).
+    claimed: bool,
+}
+
+/// An activity-log transaction on its way to the metadata.
+#[derive(Debug)]
+enum AlStep {
+    /// Flushing the data before extents leave the log.
+    Flushing(Transaction),
+    /// The metadata image with this number records the transaction.
+    Persisting(Transaction, u64),
+    /// Flushing the data before idle extents retire.
+    Retiring,
+}
+
+/// The Primary's requests in flight.
+pub(super) struct WritePath<P> {
+    queue: VecDeque<(ClientId, ClientRequest<P>)>,
+    ops: BTreeMap<ClientId, Op<P>>,
+    /// Ranges no other write or resync read may touch: writes in flight and resync reads.
+    claims: Vec<Range>,
+    al_step: Option<AlStep>,
+    /// Admitted writes waiting for the activity-log transaction that logs their extents.
+    al_waiting: Vec<(ClientId, ClientRequest<P>)>,
+}
+
+impl<P> Default for WritePath<P> {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            ops: BTreeMap::new(),
+            claims: Vec::new(),
+            al_step: None,
+            al_waiting: Vec::new(),
+        }
+    }
+}
+
+fn release(claims: &mut Vec<Range>, range: Range) {
+    if let Some(i) = claims.iter().position(|&r| r == range) {
+        claims.swap_remove(i);
+    }
+}
+
+fn overlaps(claims: &[Range], (start, end): Range) -> bool {
+    claims.iter().any(|&(s, e)| s < end && start < e)
+}
+
+impl<P> WritePath<P> {
+    pub(super) fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.ops.is_empty() && self.al_waiting.is_empty() && self.al_step.is_none()
+    }
+
+    /// Claims `range` for a resync read unless a write in flight overlaps it.
+    pub(super) fn claim(&mut self, range: Range) -> bool {
+        if overlaps(&self.claims, range) {
+            return false;
+        }
+        self.claims.push(range);
+        true
+    }
+
+    pub(super) fn release(&mut self, range: Range) {
+        release(&mut self.claims, range);
+    }
+
+    /// The link died: these requests will get no answer from the peer.
+    pub(super) fn peer_lost(&mut self, waiters: &[ClientId]) {
+        for id in waiters {
+            if let Some(op) = self.ops.get_mut(id) {
+                op.peer = PeerPart::Missing;
+            }
+        }
+    }
+}
+
+impl<P: Clone> NodeCore<P> {
+    /// A client request for this node's device.
+    pub fn handle_client(&mut self, id: ClientId, request: ClientRequest<P>) {
+        self.writes.queue.push_back((id, request));
+        self.pump();
+    }
+
+    /// The peer has a disk to replicate to.
+    fn replicating(&self) -> bool {
+        matches!(self.link, Link::Up { peer_disk, .. } if peer_disk.has_disk())
+    }
+
+    pub(super) fn pump_writes(&mut self) {
+        self.advance_al_step();
+        self.admit();
+        self.complete_ready();
+    }
+
+    /// Admits queued requests in order while they can start.
+    fn admit(&mut self) {
+        while let Some((id, request)) = self.writes.queue.front() {
+            let id = *id;
+            if self.role != Role::Primary {
+                self.writes.queue.pop_front();
+                self.effects.push_back(Effect::Reply { client: id, reply: Reply::Failed });
+                continue;
+            }
+            if self.link == Link::Handshake || self.writes.al_step.is_some() {
+                return;
+            }
+            match request {
+                ClientRequest::Read { offset, len } => {
+                    // Cut off from the peer, this node's data may be stale (the peer may write
+                    // now): reads wait for the witness, as writes do.
+                    if !self.answers_writes() || overlaps(&self.writes.claims, (*offset, offset + len)) {
+                        return;
+                    }
+                    let (offset, len) = (*offset, *len);
+                    self.writes.queue.pop_front();
+                    let io = self.start_io(IoPurpose::Client(id));
+                    self.effects.push_back(Effect::Read { io, offset, len });
+                    let op = Op {
+                        kind: Kind::Read,
+                        local: None,
+                        fua_flush_pending: false,
+                        peer: PeerPart::Done,
+                        data: None,
+                        claimed: false,
+                    };
+                    self.writes.ops.insert(id, op);
+                }
+                ClientRequest::Flush => {
+                    self.writes.queue.pop_front();
+                    self.start_flush(id);
+                }
+                ClientRequest::Write { offset, len, .. } => {
+                    let range = (*offset, offset + len);
+                    if overlaps(&self.writes.claims, range) {
+                        return;
+                    }
+                    match self.log_extents(range) {
+                        Begin::Full => return,
+                        Begin::Hot => {
+                            let request = self.writes.queue.pop_front().expect("front").1;
+                            self.writes.claims.push(range);
+                            self.dispatch_write(id, request);
+                        }
+                        Begin::Pending => {
+                            let entry = self.writes.queue.pop_front().expect("front");
+                            self.writes.claims.push(range);
+                            self.writes.al_waiting.push(entry);
+                            self.start_al_transaction();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts a write on its extents: `Hot` when all are logged, `Pending` when a transaction
+    /// must log some first, `Full` (nothing counted) when the log has no free slot.
+    fn log_extents(&mut self, (start, end): Range) -> Begin {
+        let extents = extents_of(start, end - start);
+        let mut result = Begin::Hot;
+        for (n, extent) in extents.clone().enumerate() {
+            match self.al.begin(extent) {
+                Begin::Hot => {}
+                Begin::Pending => result = Begin::Pending,
+                Begin::Full => {
+                    for undo in extents.clone().take(n) {
+                        self.al.end(undo);
+                    }
+                    // Slots held by writes unstable on the peer free up at its next FlushAck.
+                    if matches!(self.link, Link::Up { .. }) {
+                        self.flush_peer();
+                    }
+                    return Begin::Full;
+                }
+            }
+        }
+        result
+    }
+
+    fn start_al_transaction(&mut self) {
+        let Some(tx) = self.al.prepare() else {
+            return self.al_logged();
+        };
+        if tx.evicted.is_empty() || self.cfg.bugs.has(Bug::RetireBeforeLocalFlush) {
+            self.persist_al(tx);
+        } else {
+            // Evicted extents' writes must be on this disk before the log forgets them.
+            let io = self.start_io(IoPurpose::AlFlush);
+            self.effects.push_back(Effect::Flush { io });
+            self.writes.al_step = Some(AlStep::Flushing(tx));
+        }
+    }
+
+    fn persist_al(&mut self, tx: Transaction) {
+        self.logged = self.al.active_extents().collect();
+        let image = self.persist();
+        self.writes.al_step = Some(AlStep::Persisting(tx, image));
+    }
+
+    pub(super) fn al_flushed(&mut self, ok: bool) {
+        match self.writes.al_step.take() {
+            Some(AlStep::Flushing(tx)) if ok => self.persist_al(tx),
+            Some(AlStep::Flushing(tx)) => {
+                // The flush failed: the transaction is not written; its writes fail.
+                self.al.failed(tx);
+                self.fail_al_waiting();
+            }
+            other => self.writes.al_step = other,
+        }
+    }
+
+    fn advance_al_step(&mut self) {
+        if let Some(AlStep::Persisting(_, image)) = &self.writes.al_step {
+            if self.persisted(*image) {
+                let Some(AlStep::Persisting(tx, _)) = self.writes.al_step.take() else { unreachable!() };
+                self.al.committed(tx);
+                if self.al.has_pending() {
+                    self.start_al_transaction();
+                } else {
+                    self.al_logged();
+                }
+            }
+        }
+    }
+
+    /// Every waiting write's extents are logged: they start.
+    fn al_logged(&mut self) {
+        for (id, request) in std::mem::take(&mut self.writes.al_waiting) {
+            self.dispatch_write(id, request);
+        }
+    }
+
+    fn fail_al_waiting(&mut self) {
+        for (id, request) in std::mem::take(&mut self.writes.al_waiting) {
+            if let ClientRequest::Write { offset, len, .. } = request {
+                self.writes.release((offset, offset + len));
+                for extent in extents_of(offset, len) {
+                    self.al.end(extent);
+                }
+            }
+            self.effects.push_back(Effect::Reply { client: id, reply: Reply::Failed });
+        }
+    }
+
+    /// Idle extents (no write began on them since `mark`, none holds them) leave the log,
+    /// after a local flush makes their writes durable here.
+    pub(super) fn retire_idle_extents(&mut self, mark: u64) {
+        if self.writes.al_step.is_some() || self.al.unused_since(mark).is_empty() {
+            return;
+        }
+        if self.cfg.bugs.has(Bug::RetireBeforeLocalFlush) {
+            return self.retire_flushed(true, mark);
+        }
+        let io = self.start_io(IoPurpose::RetireFlush { mark });
+        self.effects.push_back(Effect::Flush { io });
+        self.writes.al_step = Some(AlStep::Retiring);
+    }
+
+    pub(super) fn retire_flushed(&mut self, ok: bool, mark: u64) {
+        if matches!(self.writes.al_step, Some(AlStep::Retiring)) {
+            self.writes.al_step = None;
+        }
+        if !ok || self.writes.al_step.is_some() {
+            return;
+        }
+        if let Some(tx) = self.al.retire(|_| true, mark) {
+            self.persist_al(tx);
+        }
+    }
+
+    fn start_flush(&mut self, id: ClientId) {
+        let io = self.start_io(IoPurpose::Client(id));
+        self.effects.push_back(Effect::Flush { io });
+        let peer = if self.replicating() {
+            let seq = self.ledger.submit(Request::Flush, true, id);
+            self.effects.push_back(Effect::Send(PeerMessage::Flush { seq }));
+            PeerPart::Waiting
+        } else {
+            PeerPart::Missing
+        };
+        let op =
+            Op { kind: Kind::Flush, local: None, fua_flush_pending: false, peer, data: None, claimed: false };
+        self.writes.ops.insert(id, op);
+    }
+
+    /// A write whose extents are logged goes to the local disk and the peer.
+    fn dispatch_write(&mut self, id: ClientId, request: ClientRequest<P>) {
+        let ClientRequest::Write { offset, len, data, fua } = request else { return };
+        let range = (offset, offset + len);
+        let io = self.start_io(IoPurpose::Client(id));
+        self.effects.push_back(Effect::Write { io, offset, len, data: data.clone() });
+        let peer = if self.replicating() {
+            // A second count on the extents, released when the peer has the write stably (the
+            // first goes with the local write).
+            for extent in extents_of(offset, len) {
+                self.al.begin(extent);
+            }
+            let seq = self.ledger.submit(Request::Write { range, fua }, true, id);
+            self.effects.push_back(Effect::Send(PeerMessage::Write { seq, offset, len, data, fua }));
+            PeerPart::Waiting
+        } else {
+            self.bitmap.set(DirtyBitmap::blocks_of(offset, len, self.cfg.bitmap_block));
+            PeerPart::Missing
+        };
+        let kind = Kind::Write { range, fua };
+        let op = Op { kind, local: None, fua_flush_pending: fua, peer, data: None, claimed: true };
+        self.writes.ops.insert(id, op);
+    }
+
+    pub(super) fn client_io_done(&mut self, id: ClientId, ok: bool, data: Option<P>) {
+        let Some(op) = self.writes.ops.get_mut(&id) else { return };
+        if let Kind::Write { range: (start, end), .. } = op.kind {
+            if op.local.is_none() {
+                // The local write is done (or failed): its count on the extents ends.
+                for extent in extents_of(start, end - start) {
+                    self.al.end(extent);
+                }
+            }
+        }
+        if ok && op.fua_flush_pending && op.local.is_none() {
+            // FUA: the write is done, now its flush.
+            op.local = Some(true);
+            let io = self.start_io(IoPurpose::Client(id));
+            self.effects.push_back(Effect::Flush { io });
+            return;
+        }
+        op.fua_flush_pending = false;
+        op.local = Some(ok && op.local != Some(false));
+        op.data = data;
+    }
+
+    pub(super) fn peer_answered(&mut self, seq: u64, answer: Answer) {
+        let settled = self.ledger.answer(seq, answer);
+        self.settle_peer_writes(&settled.stable, &settled.lost);
+        if let Some((id, _)) = settled.waiter {
+            if let Some(op) = self.writes.ops.get_mut(&id) {
+                op.peer = if answer == Answer::Failed { PeerPart::Missing } else { PeerPart::Done };
+            }
+        }
+        if answer == Answer::Failed {
+            self.effects.push_back(Effect::DropLink { reason: "the peer failed a request" });
+        }
+    }
+
+    /// Answers the requests whose parts are all done.
+    fn complete_ready(&mut self) {
+        // A write only this disk has is answered when the witness lets this node write alone, or
+        // once the peer is back and a resync has given it every marked block; it fails once
+        // this node is no longer Primary (the witness gave the peer the right to write).
+        let synced = matches!(self.link, Link::Up { peer_disk: DiskState::UpToDate, .. })
+            && self.is_established()
+            && self.disk == DiskState::UpToDate;
+        let alone_ok = self.grant == Grant::Held || synced;
+        let alone_fails = self.role != Role::Primary;
+        // A write waiting only for that permission frees its range, so that a resync can read
+        // it (and so make it the peer's too).
+        for op in self.writes.ops.values_mut() {
+            if let Kind::Write { range, .. } = op.kind {
+                if op.claimed && op.local.is_some() && !op.fua_flush_pending && op.peer != PeerPart::Waiting {
+                    op.claimed = false;
+                    release(&mut self.writes.claims, range);
+                }
+            }
+        }
+        let ready: Vec<ClientId> = self
+            .writes
+            .ops
+            .iter()
+            .filter(|(_, op)| op.local.is_some() && !op.fua_flush_pending)
+            .filter(|(_, op)| {
+                let peer_ok = op.peer == PeerPart::Done
+                    || (op.kind == Kind::Flush && self.cfg.bugs.has(Bug::AckFlushBeforePeer));
+                peer_ok
+                    || op.peer == PeerPart::Missing && (alone_ok || alone_fails || op.local == Some(false))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let need_witness = self.writes.ops.values().any(|op| {
+            op.local == Some(true)
+                && !op.fua_flush_pending
+                && op.peer == PeerPart::Missing
+                && op.kind != Kind::Read
+        }) && !alone_ok;
+        for id in ready {
+            let op = self.writes.ops.remove(&id).expect("listed above");
+            if let (Kind::Write { range, .. }, true) = (op.kind, op.claimed) {
+                self.writes.release(range);
+            }
+            let unanswerable = op.peer == PeerPart::Missing && !alone_ok && op.kind != Kind::Read;
+            let reply = match (op.local, op.kind, op.data) {
+                (Some(false), _, _) => Reply::Failed,
+                _ if unanswerable => Reply::Failed,
+                (_, Kind::Read, Some(data)) => Reply::Data(data),
+                (_, Kind::Read, None) => Reply::Failed,
+                _ => Reply::Done,
+            };
+            self.effects.push_back(Effect::Reply { client: id, reply });
+        }
+        if need_witness && self.grant == Grant::None && self.link == Link::Down {
+            self.ask_witness();
+        }
+    }
+}

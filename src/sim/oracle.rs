@@ -1,0 +1,155 @@
+//! What the clients were told, and what must therefore be on the disk that serves: every write
+//! is a unique token per block, so a block's value names the write it came from. A write
+//! covered by an acknowledged FLUSH (acknowledged before the flush was sent) or an
+//! acknowledged FUA write is *durable*: whichever node serves afterwards holds it or a later
+//! write to that block. A read returns the last write acknowledged before it was sent, or a
+//! later one.
+
+/// Index into a block's history (0: the initial zeroes).
+type Index = u32;
+
+pub struct Oracle {
+    /// Per block: the tokens written to it, in the order the writes were sent.
+    history: Vec<Vec<u64>>,
+    /// Per block: the latest write that must survive anything.
+    durable: Vec<Index>,
+    /// Per block: the latest acknowledged write.
+    acked: Vec<Index>,
+    /// Acknowledged writes in the order they were acknowledged: what a flush covers.
+    ack_log: Vec<(u64, Index)>,
+    /// How much of `ack_log` is already durable.
+    flushed_upto: usize,
+}
+
+impl Oracle {
+    pub fn new(blocks: u64) -> Self {
+        let blocks = blocks as usize;
+        Self {
+            history: vec![vec![0]; blocks],
+            durable: vec![0; blocks],
+            acked: vec![0; blocks],
+            ack_log: Vec::new(),
+            flushed_upto: 0,
+        }
+    }
+
+    /// A write of `token` to `blocks` is sent.
+    pub fn write_sent(&mut self, blocks: std::ops::Range<u64>, token: u64) {
+        for b in blocks {
+            self.history[b as usize].push(token);
+        }
+    }
+
+    fn index_of(&self, block: u64, token: u64) -> Option<Index> {
+        self.history[block as usize].iter().rposition(|&t| t == token).map(|i| i as Index)
+    }
+
+    /// The write of `token` was acknowledged.
+    pub fn write_acked(&mut self, blocks: std::ops::Range<u64>, token: u64, fua: bool) {
+        for b in blocks {
+            let i = self.index_of(b, token).expect("acknowledged writes were sent");
+            self.acked[b as usize] = self.acked[b as usize].max(i);
+            self.ack_log.push((b, i));
+            if fua {
+                self.durable[b as usize] = self.durable[b as usize].max(i);
+            }
+        }
+    }
+
+    /// A flush is sent: its mark, for [`Oracle::flush_acked`].
+    pub fn flush_sent(&self) -> usize {
+        self.ack_log.len()
+    }
+
+    /// The flush sent at `mark` was acknowledged: every write acknowledged before is durable.
+    pub fn flush_acked(&mut self, mark: usize) {
+        for &(b, i) in &self.ack_log[self.flushed_upto.min(mark)..mark] {
+            self.durable[b as usize] = self.durable[b as usize].max(i);
+        }
+        self.flushed_upto = self.flushed_upto.max(mark);
+    }
+
+    /// A new client session starts (the client attached to another Primary): its flushes do not
+    /// cover writes an earlier session had acknowledged and not flushed — those died with the
+    /// node that acknowledged them, as on a local disk that loses power.
+    pub fn new_session(&mut self) {
+        self.flushed_upto = self.ack_log.len();
+        // Reads of the new session may see only what is durable, not what the old one was told.
+        self.acked.clone_from(&self.durable);
+    }
+
+    /// The latest acknowledged write of each block of `blocks`, for [`Oracle::check_read`].
+    pub fn read_sent(&self, blocks: std::ops::Range<u64>) -> Vec<Index> {
+        blocks.map(|b| self.acked[b as usize]).collect()
+    }
+
+    /// A read of `blocks` sent when their acknowledged writes were `floors` returned `values`.
+    pub fn check_read(
+        &self,
+        blocks: std::ops::Range<u64>,
+        floors: &[Index],
+        values: &[u64],
+    ) -> Result<(), String> {
+        for ((b, &floor), &value) in blocks.zip(floors).zip(values) {
+            match self.index_of(b, value) {
+                None => return Err(format!("a read of block {b} returned {value:#x}, which no client wrote there")),
+                Some(i) if i < floor => {
+                    return Err(format!(
+                        "a read of block {b} returned write #{i} ({value:#x}), older than write #{floor} acknowledged before the read"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a node's data (`read` gives each block's value) against every durable write.
+    pub fn check_durable(&self, read: impl Fn(u64) -> u64) -> Result<(), String> {
+        for b in 0..self.history.len() as u64 {
+            let value = read(b);
+            match self.index_of(b, value) {
+                None => return Err(format!("block {b} holds {value:#x}, which no client wrote there")),
+                Some(i) if i < self.durable[b as usize] => {
+                    let want = self.durable[b as usize];
+                    return Err(format!(
+                        "block {b} holds write #{i} ({value:#x}) but write #{want} ({:#x}) was made durable (an acknowledged FLUSH or FUA covered it)",
+                        self.history[b as usize][want as usize]
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flushed_write_must_survive_an_unflushed_one_need_not() {
+        let mut o = Oracle::new(2);
+        o.write_sent(0..1, 10);
+        o.write_acked(0..1, 10, false);
+        let mark = o.flush_sent();
+        o.write_sent(1..2, 11);
+        o.write_acked(1..2, 11, false);
+        o.flush_acked(mark);
+        assert!(o.check_durable(|b| [10, 0][b as usize]).is_ok(), "block 1 was never flushed");
+        assert!(o.check_durable(|b| [0, 11][b as usize]).is_err(), "block 0 lost a flushed write");
+        assert!(o.check_durable(|b| [10, 99][b as usize]).is_err(), "a value nobody wrote");
+    }
+
+    #[test]
+    fn reads_see_every_write_acknowledged_before_them() {
+        let mut o = Oracle::new(1);
+        o.write_sent(0..1, 5);
+        o.write_acked(0..1, 5, true);
+        let floors = o.read_sent(0..1);
+        assert!(o.check_read(0..1, &floors, &[5]).is_ok());
+        assert!(o.check_read(0..1, &floors, &[0]).is_err());
+        assert!(o.check_durable(|_| 0).is_err(), "an acknowledged FUA write is durable");
+    }
+}

@@ -1,0 +1,873 @@
+//! One simulated run: two node cores, their disks, the replication link, the witness, a client
+//! and an operator, driven by one seeded PRNG in simulated time (microseconds). Events are
+//! processed in time order; after every one the invariants are checked.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use crate::metadata::generations::Generations;
+use crate::replication::core::bugs::{Bug, Bugs};
+use crate::replication::core::io::{
+    ClientId, ClientRequest, Command, Effect, IoId, PeerMessage, Persisted, Reply,
+};
+use crate::replication::core::{CoreConfig, Grant, Link, NodeCore};
+use crate::replication::states::{DiskState, Role};
+use crate::replication::sync_decision::SyncDecision;
+
+use super::disk::{SimDisk, BLOCK};
+use super::oracle::Oracle;
+
+/// Bytes of the simulated device: four activity-log extents.
+const SIZE: u64 = 16 << 20;
+const MS: u64 = 1000;
+/// Client requests in flight at most.
+const QUEUE_DEPTH: usize = 4;
+/// How long the healed world may take to converge before that counts as a violation.
+const CONVERGE_WITHIN: u64 = 300_000 * MS;
+
+/// How one run goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Events before the world is healed and must converge.
+    pub steps: u64,
+    pub bug: Option<Bug>,
+    pub trace: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { steps: 3000, bug: None, trace: false }
+    }
+}
+
+/// The first invariant a run broke.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub step: u64,
+    pub time_us: u64,
+    pub what: String,
+}
+
+pub struct RunResult {
+    pub seed: u64,
+    pub violation: Option<Violation>,
+    pub steps: u64,
+    pub trace: Vec<String>,
+}
+
+type Data = Vec<u64>;
+
+#[derive(Debug)]
+enum Event {
+    IoDone {
+        node: usize,
+        incarnation: u64,
+        io: IoId,
+    },
+    Deliver {
+        to: usize,
+        epoch: u64,
+        message: PeerMessage<Data>,
+    },
+    LinkDown {
+        node: usize,
+        epoch: u64,
+    },
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+    WitnessAsk {
+        node: usize,
+    },
+    WitnessAnswer {
+        node: usize,
+        incarnation: u64,
+        granted: bool,
+    },
+    WitnessRelease {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Chaos,
+    ClientNext,
+    /// The healed world: operators reconnect what stands alone.
+    Reconnect,
+}
+
+struct Scheduled {
+    time: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time, self.seq) == (other.time, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.time, self.seq).cmp(&(other.time, other.seq))
+    }
+}
+
+/// A disk request the simulated disk is carrying out.
+enum InFlight {
+    Write { offset: u64, data: Data },
+    Read { offset: u64, len: u64 },
+    Flush { mark: u64 },
+    Persist(Box<Persisted>),
+}
+
+struct SimNode {
+    core: Option<NodeCore<Data>>,
+    incarnation: u64,
+    disk: SimDisk,
+    /// By (incarnation, io): a killed process's requests still finish on the disk.
+    in_flight: BTreeMap<(u64, IoId), InFlight>,
+    /// The connection its core was last told about.
+    conn_epoch: u64,
+    restart_pending: bool,
+    /// Waiting for the witness (asked again when its link heals).
+    asking_witness: bool,
+}
+
+enum Pending {
+    Write { blocks: std::ops::Range<u64>, token: u64, fua: bool },
+    Flush { mark: usize },
+    Read { blocks: std::ops::Range<u64>, floors: Vec<u32> },
+}
+
+struct Client {
+    next_id: ClientId,
+    next_token: u64,
+    attached: Option<(usize, u64)>,
+    pending: BTreeMap<ClientId, Pending>,
+}
+
+struct World {
+    rng: fastrand::Rng,
+    seed: u64,
+    bugs: Bugs,
+    al_extents: u32,
+    now: u64,
+    seq: u64,
+    step: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    nodes: [SimNode; 2],
+    /// The replication link: cut by the network, up while a connection exists.
+    cut: bool,
+    conn_up: bool,
+    epoch: u64,
+    /// When the last message of each direction arrives (order per direction).
+    arrival: [u64; 2],
+    witness_holder: Option<usize>,
+    witness_cut: [bool; 2],
+    client: Client,
+    oracle: Oracle,
+    decisions: BTreeMap<u64, [Option<SyncDecision>; 2]>,
+    trace: Option<Vec<String>>,
+    violation: Option<Violation>,
+    ending: bool,
+    /// The node that last answered a client write.
+    last_writer: Option<usize>,
+    /// A handshake found the data unrelated: the operator recreates the victim's metadata.
+    unrelated: bool,
+}
+
+/// Runs the world of `seed`.
+pub fn run(seed: u64, options: &Options) -> RunResult {
+    let mut w = World::new(seed, options);
+    w.schedule(0, Event::ClientNext);
+    w.schedule(0, Event::Chaos);
+    for node in 0..2 {
+        w.schedule(0, Event::Tick { node, incarnation: 0 });
+    }
+    // Node 0 starts as the Primary of an in-sync pair.
+    w.command(0, Command::Primary);
+    let mut end_by = u64::MAX;
+    while w.violation.is_none() {
+        if !w.ending && w.step >= options.steps {
+            w.begin_ending();
+            end_by = w.now + CONVERGE_WITHIN;
+        }
+        if w.ending && w.converged() {
+            w.final_checks();
+            break;
+        }
+        let Some(Reverse(next)) = w.queue.pop() else { break };
+        if next.time > end_by {
+            w.violate(format!(
+                "the healed world did not converge within {} s: {}",
+                CONVERGE_WITHIN / 1_000_000,
+                w.describe()
+            ));
+            break;
+        }
+        w.now = next.time;
+        w.step += 1;
+        if let Some(trace) = &mut w.trace {
+            trace.push(format!("{:>10.3} ms #{}: {:?}", w.now as f64 / 1000.0, w.step, next.event));
+        }
+        w.handle(next.event);
+        w.maybe_connect();
+        w.check_writers();
+    }
+    RunResult { seed, violation: w.violation, steps: w.step, trace: w.trace.unwrap_or_default() }
+}
+
+impl World {
+    fn new(seed: u64, options: &Options) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let al_extents = rng.u32(2..=3);
+        let blocks = SIZE / BLOCK;
+        let gens = Generations { current: 0x5EED_0000_0000_0004, bitmap: 0, history: [0, 0] };
+        let bugs = options.bug.map_or(Bugs::NONE, Bugs::only);
+        let mut nodes = [0, 1].map(|_| SimNode {
+            core: None,
+            incarnation: 0,
+            disk: SimDisk::new(blocks),
+            in_flight: BTreeMap::new(),
+            conn_epoch: 0,
+            restart_pending: false,
+            asking_witness: false,
+        });
+        for (n, node) in nodes.iter_mut().enumerate() {
+            let cfg = node_config(seed, n, 0, al_extents, bugs);
+            let core = NodeCore::new(cfg, gens, DiskState::UpToDate);
+            node.disk.meta = Some(Persisted {
+                gens,
+                disk: DiskState::UpToDate,
+                primary: false,
+                bitmap: crate::metadata::bitmap::DirtyBitmap::new(blocks),
+                activity_log: Vec::new(),
+            });
+            node.core = Some(core);
+        }
+        Self {
+            rng,
+            seed,
+            bugs,
+            al_extents,
+            now: 0,
+            seq: 0,
+            step: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            cut: false,
+            conn_up: false,
+            epoch: 0,
+            arrival: [0; 2],
+            witness_holder: None,
+            witness_cut: [false; 2],
+            client: Client { next_id: 0, next_token: 0, attached: None, pending: BTreeMap::new() },
+            oracle: Oracle::new(blocks),
+            decisions: BTreeMap::new(),
+            trace: options.trace.then(Vec::new),
+            violation: None,
+            ending: false,
+            last_writer: None,
+            unrelated: false,
+        }
+    }
+
+    fn schedule(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled { time: self.now + delay, seq: self.seq, event }));
+    }
+
+    fn violate(&mut self, what: String) {
+        if self.violation.is_none() {
+            self.violation = Some(Violation { step: self.step, time_us: self.now, what });
+        }
+    }
+
+    fn note(&mut self, what: impl FnOnce() -> String) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(format!("{:>10.3} ms     {}", self.now as f64 / 1000.0, what()));
+        }
+    }
+
+    fn alive(&self, node: usize) -> bool {
+        self.nodes[node].core.is_some()
+    }
+
+    fn core(&mut self, node: usize) -> Option<&mut NodeCore<Data>> {
+        self.nodes[node].core.as_mut()
+    }
+
+    // --- events ---
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
+            Event::Deliver { to, epoch, message } => {
+                if self.conn_up && epoch == self.epoch && self.nodes[to].conn_epoch == epoch {
+                    if let Some(core) = self.core(to) {
+                        core.handle_message(message);
+                        self.drain(to);
+                    }
+                }
+            }
+            Event::LinkDown { node, epoch } => {
+                if self.nodes[node].conn_epoch == epoch {
+                    if let Some(core) = self.core(node) {
+                        core.handle_link_down();
+                        self.drain(node);
+                    }
+                }
+            }
+            Event::Tick { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation {
+                    if let Some(core) = self.core(node) {
+                        core.handle_tick();
+                        self.drain(node);
+                    }
+                    let next = self.rng.u64(200 * MS..300 * MS);
+                    self.schedule(next, Event::Tick { node, incarnation });
+                }
+            }
+            Event::WitnessAsk { node } => {
+                let granted = self.witness_holder.is_none_or(|h| h == node);
+                if granted {
+                    self.witness_holder = Some(node);
+                }
+                let incarnation = self.nodes[node].incarnation;
+                if !self.witness_cut[node] {
+                    let delay = self.rng.u64(100..2 * MS);
+                    self.schedule(delay, Event::WitnessAnswer { node, incarnation, granted });
+                }
+            }
+            Event::WitnessAnswer { node, incarnation, granted } => {
+                if self.nodes[node].incarnation == incarnation && self.nodes[node].asking_witness {
+                    self.nodes[node].asking_witness = false;
+                    if let Some(core) = self.core(node) {
+                        core.handle_witness(granted);
+                        self.drain(node);
+                    }
+                }
+            }
+            Event::WitnessRelease { node } => {
+                if self.witness_holder == Some(node) {
+                    self.witness_holder = None;
+                }
+            }
+            Event::Restart { node } => self.restart(node),
+            Event::Chaos => {
+                if !self.ending {
+                    self.chaos();
+                    let next = self.rng.u64(20 * MS..600 * MS);
+                    self.schedule(next, Event::Chaos);
+                }
+            }
+            Event::ClientNext => {
+                if !self.ending {
+                    self.client_next();
+                    let next = self.rng.u64(200..3 * MS);
+                    self.schedule(next, Event::ClientNext);
+                }
+            }
+            Event::Reconnect => {
+                if std::mem::take(&mut self.unrelated) {
+                    if let Some(victim) = self.split_brain_victim() {
+                        self.recreate_metadata(victim);
+                    }
+                }
+                for node in 0..2 {
+                    if self.nodes[node].core.as_ref().is_some_and(|c| !c.wants_connection()) {
+                        // A split brain's victim is the node that did not serve last, as DRBD's
+                        // manual recovery tells the operator.
+                        if self.split_brain_victim() == Some(node) {
+                            self.command(node, Command::Secondary);
+                            self.command(node, Command::DiscardMyData);
+                        }
+                        self.command(node, Command::Connect);
+                    }
+                }
+                self.schedule(1000 * MS, Event::Reconnect);
+            }
+        }
+    }
+
+    fn io_done(&mut self, node: usize, incarnation: u64, io: IoId) {
+        let n = &mut self.nodes[node];
+        let Some(request) = n.in_flight.remove(&(incarnation, io)) else { return };
+        let data = match request {
+            InFlight::Write { offset, data } => {
+                n.disk.write(offset, &data);
+                None
+            }
+            InFlight::Read { offset, len } => Some(n.disk.read(offset, len)),
+            InFlight::Flush { mark } => {
+                n.disk.flush_done(mark);
+                None
+            }
+            InFlight::Persist(image) => {
+                n.disk.meta = Some(*image);
+                None
+            }
+        };
+        if n.incarnation == incarnation {
+            if let Some(core) = n.core.as_mut() {
+                core.handle_disk(io, true, data);
+                self.drain(node);
+            }
+        }
+    }
+
+    /// Carries out what `node`'s core asks.
+    fn drain(&mut self, node: usize) {
+        while let Some(effect) = self.nodes[node].core.as_mut().and_then(|c| c.poll_effect()) {
+            self.effect(node, effect);
+        }
+    }
+
+    fn effect(&mut self, node: usize, effect: Effect<Data>) {
+        let incarnation = self.nodes[node].incarnation;
+        match effect {
+            Effect::Send(message) => {
+                if self.conn_up && self.nodes[node].conn_epoch == self.epoch {
+                    let latency = if self.rng.u32(0..100) < 2 {
+                        self.rng.u64(10 * MS..300 * MS)
+                    } else {
+                        self.rng.u64(20..500)
+                    };
+                    let at = (self.now + latency).max(self.arrival[node]);
+                    self.arrival[node] = at;
+                    let (to, epoch) = (1 - node, self.epoch);
+                    self.schedule(at - self.now, Event::Deliver { to, epoch, message });
+                }
+            }
+            Effect::Write { io, offset, len: _, data } => {
+                self.submit(node, io, InFlight::Write { offset, data })
+            }
+            Effect::Read { io, offset, len } => self.submit(node, io, InFlight::Read { offset, len }),
+            Effect::Flush { io } => {
+                let mark = self.nodes[node].disk.flush_mark();
+                self.submit(node, io, InFlight::Flush { mark })
+            }
+            Effect::Persist { io, image } => self.submit(node, io, InFlight::Persist(Box::new(image))),
+            Effect::Reply { client, reply } => self.client_reply(node, incarnation, client, reply),
+            Effect::AskWitness => {
+                self.nodes[node].asking_witness = true;
+                if !self.witness_cut[node] {
+                    let delay = self.rng.u64(100..2 * MS);
+                    self.schedule(delay, Event::WitnessAsk { node });
+                }
+            }
+            Effect::ReleaseWitness => {
+                if !self.witness_cut[node] {
+                    let delay = self.rng.u64(100..2 * MS);
+                    self.schedule(delay, Event::WitnessRelease { node });
+                }
+            }
+            Effect::DropLink { reason } => {
+                self.note(|| format!("node{node} drops the link: {reason}"));
+                self.link_down(Some(node));
+            }
+            Effect::Decided(decision) => self.decided(node, decision.outcome),
+            Effect::ResyncStarted { source } => {
+                if source {
+                    self.check_serving(node, "became sync source");
+                }
+            }
+            Effect::RoleChanged(role) => {
+                self.note(|| format!("node{node} is {role}"));
+                if role == Role::Primary {
+                    self.check_serving(node, "was promoted");
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self, node: usize, io: IoId, request: InFlight) {
+        self.note(|| match &request {
+            InFlight::Write { offset, data } => {
+                format!("node{node} disk: io {io} write block {} {data:?}", offset / BLOCK)
+            }
+            InFlight::Read { offset, len } => {
+                format!("node{node} disk: io {io} read blocks {}+{}", offset / BLOCK, len / BLOCK)
+            }
+            InFlight::Flush { mark } => format!("node{node} disk: io {io} flush (mark {mark})"),
+            InFlight::Persist(image) => format!(
+                "node{node} disk: io {io} metadata {:?} {:?} primary {} al {:?} oos {}",
+                image.disk,
+                image.gens,
+                image.primary,
+                image.activity_log,
+                image.bitmap.dirty_blocks()
+            ),
+        });
+        let latency = match request {
+            InFlight::Flush { .. } | InFlight::Persist(_) => self.rng.u64(500..5 * MS),
+            _ => self.rng.u64(50..2 * MS),
+        };
+        let incarnation = self.nodes[node].incarnation;
+        self.nodes[node].in_flight.insert((incarnation, io), request);
+        self.schedule(latency, Event::IoDone { node, incarnation, io });
+    }
+
+    // --- the connection ---
+
+    /// Connects the nodes when the network, both processes and both operators allow.
+    fn maybe_connect(&mut self) {
+        if self.conn_up || self.cut {
+            return;
+        }
+        let ready = (0..2).all(|n| {
+            self.nodes[n].core.as_ref().is_some_and(|c| c.wants_connection() && c.link() == Link::Down)
+        });
+        if !ready {
+            return;
+        }
+        self.epoch += 1;
+        self.conn_up = true;
+        self.arrival = [self.now; 2];
+        self.note(|| "connected".to_string());
+        for node in 0..2 {
+            self.nodes[node].conn_epoch = self.epoch;
+            if let Some(core) = self.core(node) {
+                core.handle_link_up();
+            }
+            self.drain(node);
+        }
+    }
+
+    /// The connection ends; each side notices after its ping timeout (`now` for `first`).
+    fn link_down(&mut self, first: Option<usize>) {
+        if !self.conn_up {
+            return;
+        }
+        self.conn_up = false;
+        let epoch = self.epoch;
+        for node in 0..2 {
+            let delay = if Some(node) == first { 0 } else { self.rng.u64(MS..300 * MS) };
+            self.schedule(delay, Event::LinkDown { node, epoch });
+        }
+    }
+
+    fn decided(&mut self, node: usize, outcome: SyncDecision) {
+        let epoch = self.nodes[node].conn_epoch;
+        let both = self.decisions.entry(epoch).or_default();
+        both[node] = Some(outcome);
+        if let [Some(a), Some(b)] = *both {
+            if b != a.mirror() {
+                self.violate(format!("the two sides decided differently: node0 {a:?}, node1 {b:?}"));
+            }
+        }
+        if outcome == SyncDecision::Unrelated {
+            // DRBD's rule table relates two generation sets only through a few identifiers; a
+            // resync start that never reached the target followed by writes on both sides
+            // leaves none in common. The operator's recovery, as DRBD documents it: new
+            // metadata on the victim, which then takes a full resync.
+            self.unrelated = true;
+        }
+    }
+
+    // --- processes ---
+
+    fn crash(&mut self, node: usize, power_loss: bool) {
+        if !self.alive(node) {
+            return;
+        }
+        self.note(|| format!("node{node} {}", if power_loss { "loses power" } else { "is killed" }));
+        let n = &mut self.nodes[node];
+        n.core = None;
+        n.incarnation += 1;
+        n.asking_witness = false;
+        if power_loss {
+            let rng = &mut self.rng;
+            n.disk.power_loss(|n| rng.usize(0..=n));
+            for (_, request) in std::mem::take(&mut n.in_flight) {
+                match request {
+                    InFlight::Write { offset, data } => n.disk.torn_write(offset, &data, || rng.bool()),
+                    InFlight::Persist(image) if rng.bool() => n.disk.meta = Some(*image),
+                    _ => {}
+                }
+            }
+        }
+        if self.client.attached.is_some_and(|(a, _)| a == node) {
+            self.client.attached = None;
+            self.client.pending.clear();
+        }
+        self.link_down(None);
+        self.nodes[node].restart_pending = true;
+        let delay = self.rng.u64(50 * MS..2000 * MS);
+        self.schedule(delay, Event::Restart { node });
+    }
+
+    /// `rdbd down; rdbd create-md; rdbd up` on `node`: its data is kept but no longer trusted.
+    fn recreate_metadata(&mut self, node: usize) {
+        self.note(|| format!("operator on node{node}: down, create-md, up"));
+        self.crash(node, false);
+        let blocks = self.nodes[node].disk.blocks();
+        self.nodes[node].disk.meta = Some(Persisted {
+            gens: Generations::just_created(),
+            disk: DiskState::Inconsistent,
+            primary: false,
+            bitmap: crate::metadata::bitmap::DirtyBitmap::new(blocks),
+            activity_log: Vec::new(),
+        });
+    }
+
+    fn restart(&mut self, node: usize) {
+        if self.alive(node) || !self.nodes[node].restart_pending {
+            return;
+        }
+        let n = &mut self.nodes[node];
+        n.restart_pending = false;
+        let cfg = node_config(self.seed, node, n.incarnation, self.al_extents, self.bugs);
+        let image = n.disk.meta.clone().expect("every node has metadata");
+        n.core = Some(NodeCore::restart(cfg, &image));
+        let incarnation = n.incarnation;
+        self.note(|| format!("node{node} restarts ({:?}, {:?})", image.disk, image.gens));
+        self.drain(node);
+        let delay = self.rng.u64(0..200 * MS);
+        self.schedule(delay, Event::Tick { node, incarnation });
+    }
+
+    fn command(&mut self, node: usize, command: Command) {
+        self.note(|| format!("operator on node{node}: {command:?}"));
+        if let Some(core) = self.core(node) {
+            core.handle_command(command);
+            self.drain(node);
+        }
+    }
+
+    /// One random fault or operator action.
+    fn chaos(&mut self) {
+        let node = self.rng.usize(0..2);
+        match self.rng.u32(0..100) {
+            0..=14 => {
+                self.cut = !self.cut;
+                let cut = self.cut;
+                self.note(|| format!("network: replication link {}", if cut { "cut" } else { "healed" }));
+                if self.cut {
+                    self.link_down(None);
+                }
+            }
+            15..=24 => {
+                self.witness_cut[node] = !self.witness_cut[node];
+                let cut = self.witness_cut[node];
+                self.note(|| {
+                    format!("network: node{node}'s witness link {}", if cut { "cut" } else { "healed" })
+                });
+                if !cut && self.nodes[node].asking_witness {
+                    let delay = self.rng.u64(100..2 * MS);
+                    self.schedule(delay, Event::WitnessAsk { node });
+                }
+            }
+            25..=31 => self.crash(node, false),
+            32..=41 => self.crash(node, true),
+            42..=61 => self.command(node, Command::Primary),
+            62..=71 => self.command(node, Command::Secondary),
+            72..=77 => self.command(node, Command::Disconnect),
+            78..=95 => self.command(node, Command::Connect),
+            _ => {
+                // The operator recovers a split brain by hand, discarding the data of the node
+                // that did not serve last.
+                if self.split_brain_victim() == Some(node) {
+                    self.command(node, Command::DiscardMyData);
+                }
+            }
+        }
+    }
+
+    /// Whose data an operator discards to recover from a split brain: the node that did not
+    /// serve the client last, as DRBD's manual recovery tells the operator (a policy such as
+    /// discard-secondary can throw away the writes that were acknowledged).
+    fn split_brain_victim(&self) -> Option<usize> {
+        self.last_writer.map(|w| 1 - w)
+    }
+
+    // --- the client ---
+
+    fn client_next(&mut self) {
+        let serving =
+            (0..2).find(|&n| self.nodes[n].core.as_ref().is_some_and(|c| c.role() == Role::Primary));
+        let attached = serving.map(|n| (n, self.nodes[n].incarnation));
+        if self.client.attached != attached {
+            self.client.attached = attached;
+            self.client.pending.clear();
+            self.oracle.new_session();
+        }
+        let Some((node, _)) = attached else { return };
+        if self.client.pending.len() >= QUEUE_DEPTH {
+            return;
+        }
+        self.client.next_id += 1;
+        let id = self.client.next_id;
+        let blocks_total = SIZE / BLOCK;
+        let roll = self.rng.u32(0..100);
+        let (request, pending) = if roll < 15 {
+            (ClientRequest::Flush, Pending::Flush { mark: self.oracle.flush_sent() })
+        } else {
+            let len = self.rng.u64(1..=8);
+            let first = self.rng.u64(0..blocks_total - len);
+            let blocks = first..first + len;
+            let busy = self.client.pending.values().any(|p| match p {
+                Pending::Write { blocks: b, .. } | Pending::Read { blocks: b, .. } => {
+                    b.start < blocks.end && blocks.start < b.end
+                }
+                Pending::Flush { .. } => false,
+            });
+            if busy {
+                return;
+            }
+            let (offset, bytes) = (first * BLOCK, len * BLOCK);
+            if roll < 40 {
+                let floors = self.oracle.read_sent(blocks.clone());
+                (ClientRequest::Read { offset, len: bytes }, Pending::Read { blocks, floors })
+            } else {
+                self.client.next_token += 1;
+                let token = (self.client.next_token << 8) | 0x5A;
+                let fua = self.rng.u32(0..10) == 0;
+                self.oracle.write_sent(blocks.clone(), token);
+                let data = vec![token; len as usize];
+                (
+                    ClientRequest::Write { offset, len: bytes, data, fua },
+                    Pending::Write { blocks, token, fua },
+                )
+            }
+        };
+        self.note(|| format!("client → node{node}: #{id} {request:?}"));
+        self.client.pending.insert(id, pending);
+        if let Some(core) = self.core(node) {
+            core.handle_client(id, request);
+            self.drain(node);
+        }
+    }
+
+    fn client_reply(&mut self, node: usize, incarnation: u64, id: ClientId, reply: Reply<Data>) {
+        self.note(|| format!("node{node} → client: #{id} {reply:?}"));
+        if self.client.attached != Some((node, incarnation)) {
+            return;
+        }
+        let Some(pending) = self.client.pending.remove(&id) else { return };
+        match (pending, reply) {
+            (_, Reply::Failed) => {}
+            (Pending::Write { blocks, token, fua }, _) => {
+                self.last_writer = Some(node);
+                self.oracle.write_acked(blocks, token, fua)
+            }
+            (Pending::Flush { mark }, _) => self.oracle.flush_acked(mark),
+            (Pending::Read { blocks, floors }, Reply::Data(values)) => {
+                if let Err(e) = self.oracle.check_read(blocks, &floors, &values) {
+                    self.violate(format!("node{node}: {e}"));
+                }
+            }
+            (Pending::Read { .. }, Reply::Done) => {
+                self.violate(format!("node{node} answered a read without data"))
+            }
+        }
+    }
+
+    // --- invariants ---
+
+    /// Never two nodes answering writes at once.
+    fn check_writers(&mut self) {
+        // A Primary that still believes in a cut link cannot answer: no acknowledgement crosses it.
+        let conn_up = self.conn_up;
+        let writes = |c: &NodeCore<Data>| c.answers_writes() && (conn_up || c.grant() == Grant::Held);
+        let writers: Vec<usize> =
+            (0..2).filter(|&n| self.nodes[n].core.as_ref().is_some_and(writes)).collect();
+        if writers.len() > 1 {
+            self.violate("both nodes answer writes: two writers".to_string());
+        }
+    }
+
+    /// A node about to serve (or to overwrite its peer) holds every durable write.
+    fn check_serving(&mut self, node: usize, why: &str) {
+        let disk = &self.nodes[node].disk;
+        if let Err(e) = self.oracle.check_durable(|b| disk.read_block(b)) {
+            self.violate(format!("node{node} {why} but lacks acknowledged data: {e}"));
+        }
+    }
+
+    fn begin_ending(&mut self) {
+        self.ending = true;
+        self.note(|| "the world heals: no more faults, operators reconnect".to_string());
+        self.cut = false;
+        self.witness_cut = [false; 2];
+        for node in 0..2 {
+            if self.nodes[node].asking_witness {
+                let delay = self.rng.u64(100..2 * MS);
+                self.schedule(delay, Event::WitnessAsk { node });
+            }
+            if !self.alive(node) && !self.nodes[node].restart_pending {
+                self.nodes[node].restart_pending = true;
+                self.schedule(0, Event::Restart { node });
+            }
+        }
+        self.schedule(0, Event::Reconnect);
+    }
+
+    fn converged(&self) -> bool {
+        self.conn_up
+            && self.nodes.iter().all(|n| {
+                n.core
+                    .as_ref()
+                    .is_some_and(|c| c.is_established() && c.disk() == DiskState::UpToDate && c.is_quiet())
+                    && n.in_flight.is_empty()
+            })
+    }
+
+    fn final_checks(&mut self) {
+        let (a, b) = (&self.nodes[0].disk, &self.nodes[1].disk);
+        if let Some(block) = (0..a.blocks()).find(|&x| a.read_block(x) != b.read_block(x)) {
+            let (va, vb) = (a.read_block(block), b.read_block(block));
+            return self.violate(format!(
+                "after heal and resync the replicas differ at block {block}: node0 {va:#x}, node1 {vb:#x} (verify would report it)"
+            ));
+        }
+        for node in 0..2 {
+            self.check_serving(node, "ended in sync");
+        }
+        let gens: Vec<Generations> =
+            self.nodes.iter().filter_map(|n| n.core.as_ref().map(|c| c.gens())).collect();
+        if !gens[0].equivalent(&gens[1]) {
+            self.violate(format!("in sync but with different generations: {:?} / {:?}", gens[0], gens[1]));
+        }
+    }
+
+    fn describe(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match &n.core {
+                None => format!("node{i}: down"),
+                Some(c) => format!(
+                    "node{i}: {} {} {:?} grant {:?} oos {} quiet {}",
+                    c.role(),
+                    c.disk(),
+                    c.link(),
+                    c.grant(),
+                    c.out_of_sync_blocks(),
+                    c.is_quiet()
+                ),
+            })
+            .collect();
+        format!("{}; link {}", nodes.join("; "), if self.conn_up { "up" } else { "down" })
+    }
+}
+
+fn node_config(seed: u64, node: usize, incarnation: u64, al_extents: u32, bugs: Bugs) -> CoreConfig {
+    CoreConfig {
+        node_id: node as u32,
+        size: SIZE,
+        bitmap_block: BLOCK as u32,
+        al_extents,
+        seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((node as u64) << 32 | incarnation),
+        bugs,
+    }
+}

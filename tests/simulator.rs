@@ -1,0 +1,34 @@
+//! The simulator's fast tier: a few hundred seeds of the whole-cluster simulation run clean, a
+//! run replays exactly, and planted bugs are found. CI runs the long tier with the release
+//! binary (`tools/test.sh`: 20,000 seeds and every planted bug).
+
+use rdbd::replication::core::bugs::Bug;
+use rdbd::sim::{run, Options};
+
+#[test]
+fn a_few_hundred_seeds_break_no_invariant() {
+    let options = Options::default();
+    for seed in 0..300 {
+        let result = run(seed, &options);
+        if let Some(v) = result.violation {
+            panic!("seed {seed}: {} (replay: cargo run --release --bin rdbd-sim -- replay --seed {seed} --trace)", v.what);
+        }
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let options = Options { trace: true, ..Options::default() };
+    let first = run(7, &options);
+    let again = run(7, &options);
+    assert!(first.trace.len() > 1000, "a run has events: {}", first.trace.len());
+    assert_eq!(first.trace, again.trace);
+}
+
+/// The planted bug that the fewest seeds need (see the README for all of them, run in CI).
+#[test]
+fn a_planted_bug_is_found() {
+    let options = Options { bug: Some(Bug::ForgetUnstableOnLinkLoss), ..Options::default() };
+    let found = (0..300).find_map(|seed| run(seed, &options).violation);
+    assert!(found.is_some(), "300 seeds did not find '{}'", Bug::ForgetUnstableOnLinkLoss.name());
+}
