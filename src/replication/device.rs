@@ -356,6 +356,17 @@ impl ReplicatedDevice {
         self.wake_parked();
     }
 
+    /// Counts one more holder on `range`'s extents, which are logged already (its write was
+    /// activated).
+    fn hold_extents(&self, (start, end): (u64, u64)) {
+        let mut t = self.tracking.lock().expect("tracking lock");
+        if let Some((log, _)) = &mut t.activity {
+            for extent in extents_of(start, end - start) {
+                log.begin(extent);
+            }
+        }
+    }
+
     fn deactivate(&self, (start, end): (u64, u64)) {
         let mut t = self.tracking.lock().expect("tracking lock");
         if let Some((log, _)) = &mut t.activity {
@@ -665,6 +676,16 @@ impl ReplicatedQueue {
         let range = write_range(&op);
         let peer = self.device.peer();
         let not_sent = Submitted { answered: false, followed: false };
+        // A write the link follows holds its extents twice: once until it is on this disk, once
+        // until it is stable on the peer. Taken before the peer can answer, dropped below if the
+        // link does not follow it.
+        let peer_hold = match (&peer, range) {
+            (Some(_), Some(range)) => {
+                self.device.hold_extents(range);
+                Some(range)
+            }
+            _ => None,
+        };
         let sent = match (&peer, &op) {
             (Some(p), IoOp::Write { offset, buf, fua }) => p.write(*offset, buf, *fua, &self.inbox, key),
             (Some(p), IoOp::Trim { offset, len, fua }) => p.trim(*offset, *len, *fua, &self.inbox, key),
@@ -680,6 +701,9 @@ impl ReplicatedQueue {
             }
             (Some(_), IoOp::Read { .. } | IoOp::Cache { .. }) => not_sent,
         };
+        if let (Some(range), false) = (peer_hold, sent.followed) {
+            self.device.deactivate(range);
+        }
         let writes = range.is_some() || matches!(op, IoOp::Flush);
         let read_at = match &op {
             IoOp::Read { offset, .. } => Some(*offset),
@@ -942,7 +966,9 @@ impl IoQueue for ReplicatedQueue {
             }
             let op = self.ops.remove(key);
             if let Some(range) = op.range {
-                if !op.followed {
+                // The local write's count; a followed write's other count goes when the peer
+                // has it stably (release_followed). A remote op has no local count.
+                if !op.remote || !op.followed {
                     self.device.deactivate(range);
                 }
                 self.device.release(range);

@@ -132,7 +132,7 @@ struct SimNode {
     core: Option<NodeCore<Data>>,
     incarnation: u64,
     disk: SimDisk,
-    /// By (incarnation, io): a killed process's requests still finish on the disk.
+    /// By (incarnation, io).
     in_flight: BTreeMap<(u64, IoId), InFlight>,
     /// The connection its core was last told about.
     conn_epoch: u64,
@@ -509,6 +509,8 @@ impl World {
         });
         let latency = match request {
             InFlight::Flush { .. } | InFlight::Persist(_) => self.rng.u64(500..5 * MS),
+            // Now and then a disk takes its time (a retried sector, a busy queue).
+            _ if self.rng.u32(0..100) < 2 => self.rng.u64(20 * MS..200 * MS),
             _ => self.rng.u64(50..2 * MS),
         };
         let incarnation = self.nodes[node].incarnation;
@@ -584,15 +586,21 @@ impl World {
         n.core = None;
         n.incarnation += 1;
         n.asking_witness = false;
+        let rng = &mut self.rng;
         if power_loss {
-            let rng = &mut self.rng;
             n.disk.power_loss(|n| rng.usize(0..=n));
-            for (_, request) in std::mem::take(&mut n.in_flight) {
-                match request {
-                    InFlight::Write { offset, data } => n.disk.torn_write(offset, &data, || rng.bool()),
-                    InFlight::Persist(image) if rng.bool() => n.disk.meta = Some(*image),
-                    _ => {}
+        }
+        // A killed process is reaped only once its submitted I/O is done (the kernel waits for
+        // it), so it lands before any restart; without power it may land in part.
+        for (_, request) in std::mem::take(&mut n.in_flight) {
+            match request {
+                InFlight::Write { offset, data } if power_loss => {
+                    n.disk.torn_write(offset, &data, || rng.bool())
                 }
+                InFlight::Write { offset, data } => n.disk.write(offset, &data),
+                InFlight::Persist(image) if !power_loss || rng.bool() => n.disk.meta = Some(*image),
+                InFlight::Flush { mark } if !power_loss => n.disk.flush_done(mark),
+                _ => {}
             }
         }
         if self.client.attached.is_some_and(|(a, _)| a == node) {
@@ -686,7 +694,8 @@ impl World {
     /// serve the client last, as DRBD's manual recovery tells the operator (a policy such as
     /// discard-secondary can throw away the writes that were acknowledged).
     fn split_brain_victim(&self) -> Option<usize> {
-        self.last_writer.map(|w| 1 - w)
+        // Nobody was told anything yet: either will do.
+        Some(self.last_writer.map_or(1, |w| 1 - w))
     }
 
     // --- the client ---
@@ -847,13 +856,14 @@ impl World {
             .map(|(i, n)| match &n.core {
                 None => format!("node{i}: down"),
                 Some(c) => format!(
-                    "node{i}: {} {} {:?} grant {:?} oos {} quiet {}",
+                    "node{i}: {} {} {:?} grant {:?} oos {} quiet {} ({})",
                     c.role(),
                     c.disk(),
                     c.link(),
                     c.grant(),
                     c.out_of_sync_blocks(),
-                    c.is_quiet()
+                    c.is_quiet(),
+                    c.describe_work()
                 ),
             })
             .collect();

@@ -17,15 +17,19 @@ pub enum Bug {
     /// The sync target acknowledges resync data before its disk has flushed it, so the source
     /// clears bits a power loss can still undo.
     AckResyncBeforeFlush,
+    /// A replicated write holds its activity-log extents only until the peer has it stably,
+    /// even while the local write is still in flight (the daemon's bug until 2026-12-07).
+    ReleaseExtentBeforeLocalWrite,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
         Bug::ForgetUnstableOnLinkLoss,
         Bug::AckResyncBeforeFlush,
+        Bug::ReleaseExtentBeforeLocalWrite,
     ];
 
     /// The name `--inject-bug` takes.
@@ -36,6 +40,7 @@ impl Bug {
             Bug::PromoteWithoutQuorum => "promote-without-quorum",
             Bug::ForgetUnstableOnLinkLoss => "forget-unstable-on-link-loss",
             Bug::AckResyncBeforeFlush => "ack-resync-before-flush",
+            Bug::ReleaseExtentBeforeLocalWrite => "release-extent-before-local-write",
         }
     }
 
@@ -48,6 +53,9 @@ impl Bug {
             Bug::PromoteWithoutQuorum => "a disconnected Secondary promotes without the witness",
             Bug::ForgetUnstableOnLinkLoss => "writes unstable on the peer are not marked when the link dies",
             Bug::AckResyncBeforeFlush => "the sync target acknowledges resync data before flushing it",
+            Bug::ReleaseExtentBeforeLocalWrite => {
+                "a write's extent leaves its count when the peer has it, the local write in flight"
+            }
         }
     }
 

@@ -84,8 +84,8 @@ pub(super) enum IoPurpose {
     Persist(u64),
     /// The applier's write or flush for the peer's request at this queue position.
     Apply(u64),
-    /// The sync source's read of this range.
-    ResyncRead(Range),
+    /// The sync source's read of this range, for the resync with this number.
+    ResyncRead(Range, u64),
 }
 
 /// One node's replication core.
@@ -111,6 +111,8 @@ pub struct NodeCore<P> {
     pub(super) source: Option<Source>,
     /// Waiting for the source's SyncStart.
     pub(super) awaiting_sync_start: bool,
+    /// Resyncs this node started as source (tells a late read of an ended one apart).
+    resyncs: u64,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -146,6 +148,7 @@ impl<P: Clone> NodeCore<P> {
             applier: Applier::default(),
             source: None,
             awaiting_sync_start: false,
+            resyncs: 0,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -230,6 +233,18 @@ impl<P: Clone> NodeCore<P> {
             && self.ledger.is_settled()
             && self.persist_in_flight.is_none()
             && self.persist_wanted == self.persist_durable
+    }
+
+    /// What is in flight, for diagnostics.
+    pub fn describe_work(&self) -> String {
+        format!(
+            "source {:?}, awaiting SyncStart {}, io {:?}, {}, ledger unstable {}",
+            self.source,
+            self.awaiting_sync_start,
+            self.io.values().collect::<Vec<_>>(),
+            self.writes.describe(),
+            self.ledger.unstable_writes()
+        )
     }
 
     /// The connection wants to be up (no operator disconnect, no split brain).
@@ -411,7 +426,7 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
-            IoPurpose::ResyncRead(range) => self.resync_read_done(range, ok, data),
+            IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
         }
         self.pump();
     }
@@ -594,7 +609,8 @@ impl<P: Clone> NodeCore<P> {
             // The rotated identifier is durable before the target adopts it: a source that
             // crashed before would not know the target's new current (unrelated data).
             let image = self.persist();
-            self.source = Some(Source::starting(image));
+            self.resyncs += 1;
+            self.source = Some(Source::starting(image, self.resyncs));
         } else if outcome.is_target() {
             self.awaiting_sync_start = true;
         } else if self.disk != pair.local {

@@ -21,6 +21,8 @@ const RUN_BLOCKS: u64 = 8;
 pub(super) struct Source {
     /// SyncStart goes out once this metadata image (the rotated generations) is durable.
     announce_at: Option<u64>,
+    /// This resync's number: reads of an earlier one may still complete.
+    id: u64,
     /// The next block to look at; wraps to 0 once everything sent is answered.
     cursor: u64,
     reading: usize,
@@ -28,8 +30,8 @@ pub(super) struct Source {
 }
 
 impl Source {
-    pub(super) fn starting(image: u64) -> Self {
-        Self { announce_at: Some(image), cursor: 0, reading: 0, unacked: 0 }
+    pub(super) fn starting(image: u64, id: u64) -> Self {
+        Self { announce_at: Some(image), id, cursor: 0, reading: 0, unacked: 0 }
     }
 }
 
@@ -68,14 +70,15 @@ impl<P: Clone> NodeCore<P> {
             let source = self.source.as_mut().expect("checked");
             source.cursor = end;
             source.reading += 1;
-            let io = self.start_io(IoPurpose::ResyncRead(range));
+            let id = source.id;
+            let io = self.start_io(IoPurpose::ResyncRead(range, id));
             self.effects.push_back(super::io::Effect::Read { io, offset: range.0, len: range.1 - range.0 });
         }
     }
 
-    pub(super) fn resync_read_done(&mut self, range: Range, ok: bool, data: Option<P>) {
+    pub(super) fn resync_read_done(&mut self, range: Range, resync: u64, ok: bool, data: Option<P>) {
         self.writes.release(range);
-        let Some(source) = self.source.as_mut() else { return };
+        let Some(source) = self.source.as_mut().filter(|s| s.id == resync) else { return };
         source.reading -= 1;
         if let (true, Some(data)) = (ok, data) {
             source.unacked += 1;

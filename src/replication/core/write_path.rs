@@ -43,6 +43,8 @@ struct Op<P> {
     data: Option<P>,
     /// A write still holds its range (see [`WritePath::claim`]).
     claimed: bool,
+    /// A write the ledger follows until it is stable on the peer.
+    followed: bool,
 }
 
 /// An activity-log transaction on its way to the metadata.
@@ -107,6 +109,17 @@ impl<P> WritePath<P> {
         release(&mut self.claims, range);
     }
 
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "queued {}, ops {:?}, claims {:?}, al step {}, al waiting {}",
+            self.queue.len(),
+            self.ops.iter().map(|(id, op)| (id, op.kind, op.local, op.peer)).collect::<Vec<_>>(),
+            self.claims,
+            self.al_step.is_some(),
+            self.al_waiting.len()
+        )
+    }
+
     /// The link died: these requests will get no answer from the peer.
     pub(super) fn peer_lost(&mut self, waiters: &[ClientId]) {
         for id in waiters {
@@ -165,6 +178,7 @@ impl<P: Clone> NodeCore<P> {
                         peer: PeerPart::Done,
                         data: None,
                         claimed: false,
+                        followed: false,
                     };
                     self.writes.ops.insert(id, op);
                 }
@@ -322,8 +336,15 @@ impl<P: Clone> NodeCore<P> {
         } else {
             PeerPart::Missing
         };
-        let op =
-            Op { kind: Kind::Flush, local: None, fua_flush_pending: false, peer, data: None, claimed: false };
+        let op = Op {
+            kind: Kind::Flush,
+            local: None,
+            fua_flush_pending: false,
+            peer,
+            data: None,
+            claimed: false,
+            followed: false,
+        };
         self.writes.ops.insert(id, op);
     }
 
@@ -333,11 +354,14 @@ impl<P: Clone> NodeCore<P> {
         let range = (offset, offset + len);
         let io = self.start_io(IoPurpose::Client(id));
         self.effects.push_back(Effect::Write { io, offset, len, data: data.clone() });
-        let peer = if self.replicating() {
+        let followed = self.replicating();
+        let peer = if followed {
             // A second count on the extents, released when the peer has the write stably (the
             // first goes with the local write).
-            for extent in extents_of(offset, len) {
-                self.al.begin(extent);
+            if !self.cfg.bugs.has(Bug::ReleaseExtentBeforeLocalWrite) {
+                for extent in extents_of(offset, len) {
+                    self.al.begin(extent);
+                }
             }
             let seq = self.ledger.submit(Request::Write { range, fua }, true, id);
             self.effects.push_back(Effect::Send(PeerMessage::Write { seq, offset, len, data, fua }));
@@ -347,14 +371,15 @@ impl<P: Clone> NodeCore<P> {
             PeerPart::Missing
         };
         let kind = Kind::Write { range, fua };
-        let op = Op { kind, local: None, fua_flush_pending: fua, peer, data: None, claimed: true };
+        let op = Op { kind, local: None, fua_flush_pending: fua, peer, data: None, claimed: true, followed };
         self.writes.ops.insert(id, op);
     }
 
     pub(super) fn client_io_done(&mut self, id: ClientId, ok: bool, data: Option<P>) {
         let Some(op) = self.writes.ops.get_mut(&id) else { return };
+        let planted = op.followed && self.cfg.bugs.has(Bug::ReleaseExtentBeforeLocalWrite);
         if let Kind::Write { range: (start, end), .. } = op.kind {
-            if op.local.is_none() {
+            if op.local.is_none() && !planted {
                 // The local write is done (or failed): its count on the extents ends.
                 for extent in extents_of(start, end - start) {
                     self.al.end(extent);
