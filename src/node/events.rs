@@ -11,7 +11,7 @@ use super::Node;
 use crate::metadata::generations::{Generations, PRIMARY_BIT};
 use crate::replication::apply::ApplyEvents;
 use crate::replication::disk_health::DiskError;
-use crate::replication::source::SourceEvents;
+use crate::replication::resync::source::SourceEvents;
 use crate::replication::states::{DiskState, ReplState, Role};
 use crate::replication::verify::VerifyReport;
 

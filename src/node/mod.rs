@@ -389,7 +389,14 @@ impl Node {
     /// tracks changes against an older one), so the peer's data is recognisably older at the
     /// next connect and the bitmap says what to resync (DRBD: new current UUID on peer loss).
     fn primary_without_peer(&self) -> Result<(), NodeError> {
-        if self.state().role != Role::Primary {
+        self.new_generation_without_peer(false)
+    }
+
+    /// [`Node::primary_without_peer`], and also for a node no longer Primary whose peer lost
+    /// writes it had not made stable (`peer_lost_writes`, a Primary just demoted): with equal
+    /// generations the two would compare as in sync and the marks would never resync.
+    fn new_generation_without_peer(&self, peer_lost_writes: bool) -> Result<(), NodeError> {
+        if self.state().role != Role::Primary && !peer_lost_writes {
             return Ok(());
         }
         let gens = self.generations();

@@ -27,13 +27,13 @@ use crate::config::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, DigestAlg};
 use crate::metadata::generations::Generations;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
-use crate::replication::bitmap_exchange::{self, BitmapExchangeError};
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
+use crate::replication::resync::bitmap_exchange::{self, BitmapExchangeError};
+use crate::replication::resync::source::{self, SourceOptions};
 use crate::replication::resync::target::ResyncTarget;
-use crate::replication::source::{self, SourceOptions};
 use crate::replication::split_brain::{self, Policies, Recovery, RrConflictAction};
 use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
 use crate::replication::sync_decision::{
@@ -369,7 +369,10 @@ fn end_session(node: &Node) {
     node.device.clear_peer();
     node.device.set_sole_copy(false);
     node.device.release_writes();
-    if let Err(e) = node.primary_without_peer().and_then(|()| node.persist_bitmap(false)) {
+    let peer_lost_writes = node.device.take_lost_writes();
+    if let Err(e) =
+        node.new_generation_without_peer(peer_lost_writes).and_then(|()| node.persist_bitmap(false))
+    {
         warn!("cannot write metadata after losing the peer: {e}");
     }
 }

@@ -1,6 +1,6 @@
 //! Online verify on the node: the `verify` verb, what a running verify has found (for status
 //! and events), and how its end is recorded. The comparison itself runs on the connection's
-//! sender (`replication::source`); the receiver answers and learns the results from the
+//! sender (`replication::resync::source`); the receiver answers and learns the results from the
 //! sender's OutOfSync and VerifyDone messages.
 
 use std::time::Instant;

@@ -56,6 +56,8 @@ pub struct ReplicatedDevice {
     app_active: std::sync::atomic::AtomicBool,
     /// Whether writes only this disk has may be answered (HA quorum).
     alone: AloneGate,
+    /// The peer lost writes since [`ReplicatedDevice::take_lost_writes`] last looked.
+    lost_writes: AtomicBool,
     /// Extents one part of a split discard spans: a quarter of the activity log at most, so
     /// that parts in flight together still fit.
     discard_part_extents: std::sync::atomic::AtomicU32,
@@ -95,6 +97,7 @@ impl ReplicatedDevice {
             disk_epoch: AtomicU64::new(0),
             health: DiskHealth::new(policy),
             sole_copy: AtomicBool::new(false),
+            lost_writes: AtomicBool::new(false),
             peer: RwLock::new(None),
             tracking: Mutex::new(tracking),
             bitmap_block,
@@ -408,6 +411,11 @@ impl ReplicatedDevice {
         *self.peer.write().expect("peer lock") = None;
     }
 
+    /// Whether a link died with writes unstable on the peer since the last call.
+    pub fn take_lost_writes(&self) -> bool {
+        self.lost_writes.swap(false, Ordering::AcqRel)
+    }
+
     /// The peer, while its link is alive.
     pub fn peer(&self) -> Option<Arc<PeerLink>> {
         self.peer.read().expect("peer lock").as_ref().filter(|p| p.is_alive()).cloned()
@@ -548,6 +556,12 @@ impl LinkEvents for DeviceLinkEvents {
     fn lost(&self, ranges: &[(u64, u64)]) {
         if let Some(device) = self.0.upgrade() {
             device.release_followed(ranges, true);
+        }
+    }
+
+    fn losing(&self) {
+        if let Some(device) = self.0.upgrade() {
+            device.lost_writes.store(true, Ordering::Release);
         }
     }
 

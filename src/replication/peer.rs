@@ -102,6 +102,9 @@ pub trait LinkEvents: Send + Sync {
     /// These writes may be missing on the peer (the link died before they were stable, or the
     /// peer failed them): their ranges are out of sync.
     fn lost(&self, ranges: &[(u64, u64)]);
+    /// The dying link is about to report writes lost: called under the link's lock, before
+    /// anyone can see the link closed (so must not block).
+    fn losing(&self) {}
     /// The sync target has this resync range durably: it is in sync. Taken in the order the
     /// acks arrive, so a later NegAck's marks are never undone by an earlier ResyncAck.
     fn resynced(&self, offset: u64, len: u32);
@@ -388,7 +391,14 @@ impl PeerLink {
         self.events.dying();
         self.alive.store(false, Ordering::Release);
         self.closed.cancel();
-        let (lost, waiting) = self.outbox().ledger.fail_all();
+        let (lost, waiting) = {
+            let mut outbox = self.outbox();
+            let taken = outbox.ledger.fail_all();
+            if !taken.0.is_empty() {
+                self.events.losing();
+            }
+            taken
+        };
         if !lost.is_empty() {
             self.events.lost(&lost);
         }

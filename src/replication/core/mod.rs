@@ -21,3 +21,6 @@ mod resync;
 mod write_path;
 
 pub use node::{CoreConfig, Grant, Link, NodeCore};
+
+#[cfg(test)]
+mod tests;

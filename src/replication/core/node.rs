@@ -662,6 +662,11 @@ impl<P: Clone> NodeCore<P> {
 
     fn set_role(&mut self, role: Role) {
         self.role = role;
+        if role == Role::Primary {
+            // A Primary's data is what clients were told: an earlier --discard-my-data no longer
+            // applies to it (seed 206865 discarded acknowledged writes this way).
+            self.discard_my_data = false;
+        }
         self.persist();
         self.send(PeerMessage::Role { role });
         self.effects.push_back(Effect::RoleChanged(role));

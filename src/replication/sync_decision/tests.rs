@@ -594,3 +594,25 @@ fn marked_blocks_in_the_same_generation_resync_from_the_primary() {
     let (a, b) = (side(Role::Primary, 0, 0), side(Role::Secondary, 0, 1));
     assert_eq!(decide(&a, &b).outcome, InSync, "nothing marked");
 }
+
+#[test]
+fn a_recoverable_split_brain_resolves_against_the_single_outdated_side() {
+    let sb =
+        Decision { outcome: SplitBrain { auto_recoverable: true }, rule: rules::BITMAP_BOTH, reason: "" };
+    assert_eq!(resolve_by_outdated(sb, Outdated, UpToDate).outcome, TargetBitmap);
+    assert_eq!(resolve_by_outdated(sb, UpToDate, Outdated).outcome, SourceBitmap);
+    assert_eq!(
+        resolve_by_outdated(sb, Outdated, Outdated).outcome,
+        sb.outcome,
+        "both outdated: no side known"
+    );
+    assert_eq!(resolve_by_outdated(sb, UpToDate, UpToDate).outcome, sb.outcome);
+    let hard = Decision { outcome: SplitBrain { auto_recoverable: false }, ..sb };
+    assert_eq!(
+        resolve_by_outdated(hard, Outdated, UpToDate).outcome,
+        hard.outcome,
+        "bitmaps do not cover it"
+    );
+    let in_sync = Decision { outcome: InSync, ..sb };
+    assert_eq!(resolve_by_outdated(in_sync, Outdated, UpToDate).outcome, InSync);
+}

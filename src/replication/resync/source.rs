@@ -16,15 +16,15 @@ use slab::Slab;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::device::ReplicatedDevice;
-use super::disk_health::{DiskError, DiskOp};
-use super::link::framed::{FrameError, FrameReader};
-use super::peer::{PeerLink, ResyncReply};
-use super::resync::controller::STEP;
-use super::resync::target::PERSIST_INTERVAL;
-use super::resync::throttle::Throttle;
-use super::verify::{differing_runs, VerifyError, VerifyReport, VerifyRun};
+use super::controller::STEP;
+use super::target::PERSIST_INTERVAL;
+use super::throttle::Throttle;
 use crate::config::ResyncConfig;
+use crate::replication::device::ReplicatedDevice;
+use crate::replication::disk_health::{DiskError, DiskOp};
+use crate::replication::link::framed::{FrameError, FrameReader};
+use crate::replication::peer::{PeerLink, ResyncReply};
+use crate::replication::verify::{differing_runs, VerifyError, VerifyReport, VerifyRun};
 use crate::storage::{BufPool, Completion, IoOp, IoQueue};
 
 /// Largest request a target may make (SPEC §6).

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rdbd_protocol::repl::{BitmapCursor, BitmapRuns, Message, MAX_BITMAP_RUNS};
 use rdbd_protocol::DecodeError;
 
-use super::link::framed::{FrameError, FrameReader, FrameWriter};
 use crate::metadata::bitmap::DirtyBitmap;
+use crate::replication::link::framed::{FrameError, FrameReader, FrameWriter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BitmapExchangeError {
