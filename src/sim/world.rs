@@ -172,6 +172,8 @@ struct World {
     arrival: [u64; 2],
     witness_holder: Option<usize>,
     witness_cut: [bool; 2],
+    /// When the last message to (`[0]`) and from (`[1]`) the witness arrives, per node.
+    witness_arrival: [[u64; 2]; 2],
     client: Client,
     oracle: Oracle,
     decisions: BTreeMap<u64, [Option<SyncDecision>; 2]>,
@@ -269,6 +271,7 @@ impl World {
             arrival: [0; 2],
             witness_holder: None,
             witness_cut: [false; 2],
+            witness_arrival: [[0; 2]; 2],
             client: Client { next_id: 0, next_token: 0, attached: None, pending: BTreeMap::new() },
             oracle: Oracle::new(blocks),
             decisions: BTreeMap::new(),
@@ -343,8 +346,7 @@ impl World {
                 }
                 let incarnation = self.nodes[node].incarnation;
                 if !self.witness_cut[node] {
-                    let delay = self.rng.u64(100..2 * MS);
-                    self.schedule(delay, Event::WitnessAnswer { node, incarnation, granted });
+                    self.send_from_witness(node, Event::WitnessAnswer { node, incarnation, granted });
                 }
             }
             Event::WitnessAnswer { node, incarnation, granted } => {
@@ -460,14 +462,12 @@ impl World {
             Effect::AskWitness => {
                 self.nodes[node].asking_witness = true;
                 if !self.witness_cut[node] {
-                    let delay = self.rng.u64(100..2 * MS);
-                    self.schedule(delay, Event::WitnessAsk { node });
+                    self.send_to_witness(node, Event::WitnessAsk { node });
                 }
             }
             Effect::ReleaseWitness => {
                 if !self.witness_cut[node] {
-                    let delay = self.rng.u64(100..2 * MS);
-                    self.schedule(delay, Event::WitnessRelease { node });
+                    self.send_to_witness(node, Event::WitnessRelease { node });
                 }
             }
             Effect::DropLink { reason } => {
@@ -516,6 +516,21 @@ impl World {
         let incarnation = self.nodes[node].incarnation;
         self.nodes[node].in_flight.insert((incarnation, io), request);
         self.schedule(latency, Event::IoDone { node, incarnation, io });
+    }
+
+    /// A message on `node`'s connection to the witness: in order, like the TCP connection it is
+    /// (a release overtaken by a later request would leave the witness without a holder).
+    fn send_to_witness(&mut self, node: usize, event: Event) {
+        let at = (self.now + self.rng.u64(100..2 * MS)).max(self.witness_arrival[node][0]);
+        self.witness_arrival[node][0] = at;
+        self.schedule(at - self.now, event);
+    }
+
+    /// The witness's answer to `node`, in order on the same connection.
+    fn send_from_witness(&mut self, node: usize, event: Event) {
+        let at = (self.now + self.rng.u64(100..2 * MS)).max(self.witness_arrival[node][1]);
+        self.witness_arrival[node][1] = at;
+        self.schedule(at - self.now, event);
     }
 
     // --- the connection ---
@@ -670,8 +685,7 @@ impl World {
                     format!("network: node{node}'s witness link {}", if cut { "cut" } else { "healed" })
                 });
                 if !cut && self.nodes[node].asking_witness {
-                    let delay = self.rng.u64(100..2 * MS);
-                    self.schedule(delay, Event::WitnessAsk { node });
+                    self.send_to_witness(node, Event::WitnessAsk { node });
                 }
             }
             25..=31 => self.crash(node, false),
@@ -809,8 +823,7 @@ impl World {
         self.witness_cut = [false; 2];
         for node in 0..2 {
             if self.nodes[node].asking_witness {
-                let delay = self.rng.u64(100..2 * MS);
-                self.schedule(delay, Event::WitnessAsk { node });
+                self.send_to_witness(node, Event::WitnessAsk { node });
             }
             if !self.alive(node) && !self.nodes[node].restart_pending {
                 self.nodes[node].restart_pending = true;

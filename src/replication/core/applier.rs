@@ -64,7 +64,8 @@ impl<P> Applier<P> {
         self.target_ready_at = None;
     }
 
-    fn overlaps_running(&self, (start, end): Range) -> bool {
+    /// Whether a write applied for the peer and still in flight overlaps `range`.
+    pub(super) fn overlaps_running(&self, (start, end): Range) -> bool {
         self.running.values().any(|(_, r)| match *r {
             Running::Write { range, .. } | Running::Resync { range, .. } => range.0 < end && start < range.1,
             Running::Flush { .. } => false,

@@ -425,3 +425,49 @@ fn a_promotion_cancels_an_earlier_discard_my_data() {
     p.settle();
     assert_eq!(p.disks[1].get(&5), Some(&0xAB), "node 1's acknowledged write survived the handshake");
 }
+
+/// Seed 1636581: a node promoted while its applier still carried out a write of its former
+/// Primary let a client write to the same blocks run alongside it; the older write finished
+/// last and won.
+#[test]
+fn a_promoted_node_waits_for_the_writes_it_still_applies_for_its_peer() {
+    let mut p = Pair::new([SYNCED; 2]);
+    p.connect();
+    p.settle();
+    p.command(1, Command::Primary);
+    p.settle();
+    p.client(1, 1, write(5, 0x11));
+    p.complete_io(1, |e| matches!(e, Effect::Persist { .. } | Effect::Flush { .. }));
+    p.deliver(0);
+    assert_eq!(p.io[0].len(), 1, "node 0 applies node 1's write, slowly");
+    p.disconnect();
+    p.command(0, Command::Primary);
+    p.witness(0, true);
+    assert_eq!(p.cores[0].role(), Role::Primary);
+    p.client(0, 2, write(5, 0x22));
+    while p.complete_io(0, |e| matches!(e, Effect::Persist { .. } | Effect::Flush { .. })) {}
+    assert!(
+        !p.io[0].iter().any(|(_, e)| matches!(e, Effect::Write { data, .. } if data == &vec![0x22])),
+        "the client write waits for the applier's"
+    );
+    p.complete_io(0, |e| matches!(e, Effect::Write { data, .. } if data == &vec![0x11]));
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+    assert_eq!(p.disks[0].get(&5), Some(&0x22));
+}
+
+/// Seed 1242453: a write waiting for its activity-log transaction started after the witness had
+/// refused this node and it had stepped down; it landed on a disk that was about to be
+/// resynced from the peer, outside what the resync covered.
+#[test]
+fn a_write_waiting_for_the_activity_log_fails_once_the_node_stepped_down() {
+    let mut p = Pair::connected_with_primary();
+    p.disconnect();
+    p.client(0, 1, write(5, 0xAB));
+    assert!(p.io[0].iter().any(|(_, e)| matches!(e, Effect::Persist { .. })), "the extent is being logged");
+    p.witness(0, false);
+    assert_eq!(p.cores[0].role(), Role::Secondary);
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Failed));
+    assert_eq!(p.disks[0].get(&5), None, "nothing was written");
+}

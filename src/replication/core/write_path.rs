@@ -164,7 +164,8 @@ impl<P: Clone> NodeCore<P> {
                 ClientRequest::Read { offset, len } => {
                     // Cut off from the peer, this node's data may be stale (the peer may write
                     // now): reads wait for the witness, as writes do.
-                    if !self.answers_writes() || overlaps(&self.writes.claims, (*offset, offset + len)) {
+                    let range = (*offset, offset + len);
+                    if !self.answers_writes() || self.range_busy(range) {
                         return;
                     }
                     let (offset, len) = (*offset, *len);
@@ -188,7 +189,7 @@ impl<P: Clone> NodeCore<P> {
                 }
                 ClientRequest::Write { offset, len, .. } => {
                     let range = (*offset, offset + len);
-                    if overlaps(&self.writes.claims, range) {
+                    if self.range_busy(range) {
                         return;
                     }
                     match self.log_extents(range) {
@@ -209,6 +210,13 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
         }
+    }
+
+    /// Another write is in flight on `range`: one of ours, a resync read, or one the applier
+    /// still carries out for the peer (a node just promoted may still be applying its former
+    /// Primary's writes; two overlapping writes in flight end in either order).
+    fn range_busy(&self, range: Range) -> bool {
+        overlaps(&self.writes.claims, range) || self.applier.overlaps_running(range)
     }
 
     /// Counts a write on its extents: `Hot` when all are logged, `Pending` when a transaction
@@ -281,8 +289,13 @@ impl<P: Clone> NodeCore<P> {
         }
     }
 
-    /// Every waiting write's extents are logged: they start.
+    /// Every waiting write's extents are logged: they start — unless this node stopped being
+    /// Primary meanwhile (the witness gave the peer the right to write; seed 1242453: such a
+    /// write landed during the resync that made this node the peer's copy).
     fn al_logged(&mut self) {
+        if self.role != Role::Primary {
+            return self.fail_al_waiting();
+        }
         for (id, request) in std::mem::take(&mut self.writes.al_waiting) {
             self.dispatch_write(id, request);
         }
