@@ -115,7 +115,10 @@ async fn run_foreground(res: Resource) -> anyhow::Result<()> {
     writeln!(out, "rdbd: {name} up on node {node_name}, control socket {}", socket.display())?;
     out.flush()?;
     drop(out);
-    node.run().await;
+    // The HA supervisor is a client of the node, as an operator is.
+    let supervisor =
+        node.config().ha.clone().map(|ha| tokio::spawn(rdbd::supervisor::run(node.handle(), ha)));
+    node.run(supervisor.into_iter().collect()).await;
     // Give the control task a moment to answer the `down` that stopped us.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = std::fs::remove_file(&socket);

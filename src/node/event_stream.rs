@@ -92,7 +92,7 @@ pub enum EventObject {
     /// The sync handshake found that both nodes changed the data.
     SplitBrain { peer: String, detail: String },
     /// A service of the HA chain changed state (`change`).
-    Service { service: String, state: crate::supervisor::services::ServiceState, failures: u32 },
+    Service { service: String, state: super::ha_report::ServiceState, failures: u32 },
     /// A user handler (`call`), then its exit status (`response`).
     Handler {
         handler: String,

@@ -7,11 +7,15 @@
 //! - [`status`]: what `rdbd status` shows.
 //! - [`event_stream`]: what `rdbd events` streams (state changes as JSON lines).
 //! - [`nbd_service`]: the NBD server a Primary runs.
+//! - [`handle`]: the narrow handle a client (the HA supervisor) drives the node through, and
+//!   [`ha_report`] what it publishes for `status`.
 
 pub mod control;
 mod disk;
 pub mod event_stream;
 mod events;
+pub mod ha_report;
+pub mod handle;
 pub mod handlers;
 mod nbd_service;
 mod session;
@@ -153,7 +157,7 @@ pub struct Node {
     /// Where `verify` sends its start offset: the current connection's sender or receiver.
     verify_starts: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u64>>>,
     /// What the HA supervisor last published (with an `[ha]` table).
-    ha_status: Mutex<Option<crate::supervisor::HaStatus>>,
+    ha_status: Mutex<Option<ha_report::HaStatus>>,
     /// `down` asks the supervisor to stop the services and demote, and waits for it.
     ha_release: HaRelease,
     /// `switchover`: the supervisor hands the role to the peer (cleared once the peer is Primary).
@@ -321,7 +325,9 @@ impl Node {
     }
 
     /// Runs the node until `down` or `stop`: the connection to the peer, in the background.
-    pub async fn run(self: &Arc<Self>) {
+    /// `clients` (the HA supervisor) end with the node: awaited before the event stream closes,
+    /// so that their last events are still reported.
+    pub async fn run(self: &Arc<Self>, clients: Vec<tokio::task::JoinHandle<()>>) {
         let watcher_done = CancellationToken::new();
         let watcher = tokio::spawn(event_stream::watch(self.clone(), watcher_done.clone()));
         // The replication link runs on the first shard, where the first NBD connection runs
@@ -329,14 +335,12 @@ impl Node {
         let connection = self.shards.spawn_on(0, session::run(self.clone()));
         let retirer = tokio::spawn(retire_idle_extents(self.clone()));
         let disk_watch = tokio::spawn(disk::watch_errors(self.clone(), self.device.health().subscribe()));
-        let supervisor =
-            self.config.ha.clone().map(|ha| tokio::spawn(crate::supervisor::run(self.clone(), ha)));
         self.shutdown.cancelled().await;
         let _ = connection.await;
         retirer.abort();
         disk_watch.abort();
-        if let Some(supervisor) = supervisor {
-            let _ = supervisor.await;
+        for client in clients {
+            let _ = client.await;
         }
         // The watcher ends after the session's last changes, which it broadcasts, then
         // `destroy`, before the daemon exits.
@@ -607,11 +611,11 @@ impl Node {
         self.ha_release.done.notify_one();
     }
 
-    pub(crate) fn set_ha_status(&self, status: crate::supervisor::HaStatus) {
+    pub(crate) fn set_ha_status(&self, status: ha_report::HaStatus) {
         *self.ha_status.lock().expect("ha status lock") = Some(status);
     }
 
-    pub(crate) fn ha_status(&self) -> Option<crate::supervisor::HaStatus> {
+    pub(crate) fn ha_status(&self) -> Option<ha_report::HaStatus> {
         self.ha_status.lock().expect("ha status lock").clone()
     }
 

@@ -54,7 +54,7 @@ pub struct Status {
     pub last_error: Option<String>,
     /// The HA supervisor's view (with an `[ha]` table).
     #[serde(default)]
-    pub ha: Option<crate::supervisor::HaStatus>,
+    pub ha: Option<super::ha_report::HaStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdbd_protocol::heartbeat::{Datagram, Kind, OutdateResult, MAX_DATAGRAM};
-use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::node::{disk_from_wire, disk_to_wire, role_from_wire, role_to_wire, Node, OutdateRefusal};
+pub use crate::node::ha_report::HeartbeatStatus;
+use crate::node::handle::NodeHandle;
+use crate::node::{disk_from_wire, disk_to_wire, role_from_wire, role_to_wire, OutdateRefusal};
 use crate::replication::states::{DiskState, Role};
 
 /// How old an echoed datagram of ours may be for an outdate request to count.
@@ -63,22 +64,6 @@ pub struct HeartbeatShared {
     ask_now: Notify,
     /// A datagram changed what the supervisor decides from.
     pub changed: Notify,
-}
-
-/// What `status` shows of the heartbeat path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeartbeatStatus {
-    /// The peer was heard within the silence limit.
-    pub peer_alive: bool,
-    /// Milliseconds since the peer was last heard (none yet: never).
-    #[serde(default)]
-    pub last_heard_ms: Option<u64>,
-    pub peer_role: Role,
-    pub peer_disk: DiskState,
-    /// The peer confirmed it marked its data Outdated for the current disconnection.
-    pub peer_outdated: bool,
-    #[serde(default)]
-    pub error: Option<String>,
 }
 
 impl HeartbeatShared {
@@ -193,7 +178,7 @@ fn outdate_answer(fresh: bool, outcome: impl FnOnce() -> Result<(), OutdateRefus
 }
 
 struct Task {
-    node: Arc<Node>,
+    node: NodeHandle,
     shared: Arc<HeartbeatShared>,
     secret: Vec<u8>,
     resource: String,
@@ -208,13 +193,13 @@ struct Task {
 }
 
 /// Runs until the node stops. `interval`: how often a beat goes out.
-pub async fn run(node: Arc<Node>, shared: Arc<HeartbeatShared>, interval: Duration) {
+pub async fn run(node: NodeHandle, shared: Arc<HeartbeatShared>, interval: Duration) {
     let (Some(local), Some(peer_address)) =
-        (node.me().heartbeat_address.clone(), node.peer_config().heartbeat_address.clone())
+        (node.me().heartbeat_address.clone(), node.peer().heartbeat_address.clone())
     else {
         return;
     };
-    let Some(secret) = node.config().net.shared_secret.clone() else {
+    let Some(secret) = node.net().shared_secret.clone() else {
         return;
     };
     let shutdown = node.shutdown_token();
@@ -236,9 +221,9 @@ pub async fn run(node: Arc<Node>, shared: Arc<HeartbeatShared>, interval: Durati
     shared.lock().error = None;
     info!(local, peer = peer_address, "heartbeat path up");
     let mut task = Task {
-        resource: node.config().name.clone(),
+        resource: node.resource().to_string(),
         me: node.me().name.clone(),
-        peer: node.peer_config().name.clone(),
+        peer: node.peer().name.clone(),
         node,
         shared,
         secret: secret.into_bytes(),

@@ -8,9 +8,11 @@
 //! - [`heartbeat`]: the second heartbeat path, and outdating the peer over it.
 //! - [`services`]: the chain: plans (pure) and their runner.
 //!
-//! The loop here looks at the node a few times a second (and at once when the witness's
-//! verdict changes): it computes the permit to act without the peer, sets the alone gate that
-//! holds or fails writes the peer does not have, and carries out the policy's action.
+//! The supervisor is a client of the node: it holds a [`NodeHandle`], not the node. The loop
+//! here looks at the node at each event of its stream, a few times a second besides, and at
+//! once when the witness's verdict changes: it computes the permit to act without the peer,
+//! sets the alone gate that holds or fails writes the peer does not have, and carries out the
+//! policy's action.
 
 pub mod fence;
 pub mod heartbeat;
@@ -24,14 +26,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss};
+pub use crate::node::ha_report::HaStatus;
+use crate::node::handle::NodeHandle;
 use crate::node::status::Status;
-use crate::node::Node;
 use crate::replication::states::{ConnState, DiskState, ReplState, Role};
-use heartbeat::{HeartbeatShared, HeartbeatStatus};
+use heartbeat::HeartbeatShared;
 use policy::{Action, Permit, Situation};
 use services::{Chain, ServiceStatus};
 use witness_client::WitnessShared;
@@ -47,28 +49,8 @@ const RECONNECT_RETRY: Duration = Duration::from_secs(3);
 /// After a failed promotion or demotion, wait this long before trying again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 
-/// What `status` shows of the supervisor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HaStatus {
-    /// Whether this node may write without its peer now (quorum, a fence, or the policy).
-    pub permit: String,
-    /// With a witness: who holds its lease, and whether it is reachable.
-    #[serde(default)]
-    pub lease_holder: Option<String>,
-    #[serde(default)]
-    pub witness_reachable: Option<bool>,
-    pub services: Vec<ServiceStatus>,
-    #[serde(default)]
-    pub last_action: Option<String>,
-    #[serde(default)]
-    pub warning: Option<String>,
-    /// With `heartbeat-address`: what the second path says of the peer.
-    #[serde(default)]
-    pub heartbeat: Option<HeartbeatStatus>,
-}
-
 struct Supervisor {
-    node: Arc<Node>,
+    node: NodeHandle,
     ha: HaConfig,
     witness: Option<Arc<WitnessShared>>,
     heartbeat: Option<Arc<HeartbeatShared>>,
@@ -96,11 +78,11 @@ struct Supervisor {
 }
 
 /// Runs until the node stops.
-pub async fn run(node: Arc<Node>, ha: HaConfig) {
+pub async fn run(node: NodeHandle, ha: HaConfig) {
     let env = BTreeMap::from([
-        ("RDBD_RESOURCE".to_string(), node.config().name.clone()),
+        ("RDBD_RESOURCE".to_string(), node.resource().to_string()),
         ("RDBD_NODE".to_string(), node.me().name.clone()),
-        ("RDBD_PEER".to_string(), node.peer_config().name.clone()),
+        ("RDBD_PEER".to_string(), node.peer().name.clone()),
     ]);
     let witness = ha.witness.clone().map(|config| {
         let shared = Arc::new(WitnessShared::default());
@@ -109,7 +91,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
         shared
     });
     let heartbeat = node.me().heartbeat_address.is_some().then(|| {
-        let net = &node.config().net;
+        let net = &node.net();
         // The same limit as the replication link's: silent this long, the peer is gone.
         let shared = Arc::new(HeartbeatShared::new(net.ping_interval * 2 + net.ping_timeout));
         tokio::spawn(heartbeat::run(node.clone(), shared.clone(), net.ping_interval));
@@ -149,6 +131,9 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
     };
     s.last_services = s.chain.status();
     let shutdown = s.node.shutdown_token();
+    // The node's event stream wakes the loop at each change of state (the tick remains for
+    // time-based steps: grace periods, retries, service monitors).
+    let mut events = s.node.subscribe_events().events;
     loop {
         let verdict = async {
             match &s.witness {
@@ -167,6 +152,11 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
             _ = tokio::time::sleep(TICK) => {}
             _ = verdict => {}
             _ = heard => {}
+            changed = events.recv() => {
+                if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    break;
+                }
+            }
         }
         s.step().await;
     }
@@ -180,7 +170,7 @@ pub async fn run(node: Arc<Node>, ha: HaConfig) {
 
 impl Supervisor {
     async fn step(&mut self) {
-        if self.node.ha_release_requested() {
+        if self.node.release_requested() {
             return self.release().await;
         }
         let status = self.node.status().await;
@@ -211,9 +201,9 @@ impl Supervisor {
         if connected && status.peer.role == Role::Primary {
             // The peer took over: this node's failures are history, a switchover is done.
             self.chain.reset_failures();
-            self.node.clear_ha_yield();
+            self.node.clear_yield();
         }
-        let (me, peer) = (self.node.me().name.clone(), self.node.peer_config().name.clone());
+        let (me, peer) = (self.node.me().name.clone(), self.node.peer().name.clone());
         // Whether this node is Primary or would promote with a permit: only then is one sought
         // (the witness's lease, a fence).
         let wants = policy::wants_lease(&self.situation(&status, now, Permit::Denied, &me, &peer));
@@ -289,7 +279,7 @@ impl Supervisor {
             witness: self.witness.is_some(),
             services_failed: self.chain.failures() >= self.ha.migration_threshold,
             unserved_too_long: self.ready_since.is_some_and(|t| now.duration_since(t) >= PROMOTE_GRACE),
-            yielding: self.node.ha_yielding(),
+            yielding: self.node.yielding(),
             peer_seen: self.peer_seen,
             alone_for: self.disconnected_since.map_or(Duration::ZERO, |t| now.duration_since(t)),
             peer_was_lost: self.peer_lost_as_primary,
@@ -315,7 +305,7 @@ impl Supervisor {
         }
         self.released = true;
         self.last_action = Some("released for down".into());
-        self.node.ha_released();
+        self.node.released();
     }
 
     /// May this node act without its peer? `wants`: it is Primary or would promote with a
@@ -324,7 +314,7 @@ impl Supervisor {
         if let Some(w) = &self.witness {
             let view = w.view.lock().expect("lease view lock");
             // Without the peer, only a lease that outdated the peer lets this node act alone.
-            let epoch = self.node.device().alone_gate().link_epoch();
+            let epoch = self.node.alone_gate().link_epoch();
             let granted = if connected { view.held(now) } else { view.held_alone(now, epoch) };
             return if view.outdated {
                 Permit::Outdated
@@ -338,7 +328,7 @@ impl Supervisor {
             return Permit::Granted;
         }
         if let Some(hb) = &self.heartbeat {
-            let epoch = self.node.device().alone_gate().link_epoch();
+            let epoch = self.node.alone_gate().link_epoch();
             if hb.peer_outdated_for(epoch) {
                 return Permit::Granted;
             }
@@ -391,7 +381,7 @@ impl Supervisor {
 
     /// Writes the peer lacks are answered only while this node may write without it.
     fn set_gate(&self, role: Role, connected: bool, permit: Permit) {
-        let gate = self.node.device().alone_gate();
+        let gate = self.node.alone_gate();
         let fail = self.ha.on_quorum_loss == OnQuorumLoss::FailIo;
         let before = gate.verdict();
         match (&self.witness, permit) {
@@ -411,20 +401,20 @@ impl Supervisor {
         // resync, and a sync target cannot be promoted before it has it all. (The device
         // closes this again the moment the link dies.)
         if connected && role == Role::Primary {
-            self.node.device().open_alone_gate_while_connected();
+            self.node.open_alone_gate_while_connected();
         }
         let after = gate.verdict();
         if after != before {
             if role == Role::Primary && !connected {
                 info!(?before, ?after, "writes without the peer: gate changed");
             }
-            self.node.device().wake_parked();
+            self.node.wake_parked();
         }
     }
 
     async fn promote(&mut self) {
         info!("supervisor: promoting");
-        if let Err(e) = self.node.promote(false).await {
+        if let Err(e) = self.node.promote().await {
             warn!("supervisor: promotion refused: {e}");
             self.retry_at = Some(Instant::now() + RETRY_DELAY);
             return;
@@ -481,10 +471,10 @@ impl Supervisor {
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(command)
-            .env("RDBD_RESOURCE", &self.node.config().name)
+            .env("RDBD_RESOURCE", self.node.resource())
             .env("RDBD_NODE", &self.node.me().name)
-            .env("RDBD_PEER", &self.node.peer_config().name)
-            .env("RDBD_PEER_ADDRESS", &self.node.peer_config().address);
+            .env("RDBD_PEER", &self.node.peer().name)
+            .env("RDBD_PEER_ADDRESS", &self.node.peer().address);
         cmd
     }
 
@@ -493,12 +483,7 @@ impl Supervisor {
         for s in &services {
             let before = self.last_services.iter().find(|b| b.service == s.service);
             if before.is_none_or(|b| b.state != s.state || b.failures != s.failures) {
-                let object = crate::node::event_stream::EventObject::Service {
-                    service: s.service.clone(),
-                    state: s.state,
-                    failures: s.failures,
-                };
-                self.node.emit_event(crate::node::event_stream::EventKind::Change, object);
+                self.node.service_changed(s.service.clone(), s.state, s.failures);
             }
         }
         self.last_services = services;
@@ -519,8 +504,8 @@ impl Supervisor {
             heartbeat: self
                 .heartbeat
                 .as_ref()
-                .map(|h| h.status(Instant::now(), self.node.device().alone_gate().link_epoch())),
+                .map(|h| h.status(Instant::now(), self.node.alone_gate().link_epoch())),
         };
-        self.node.set_ha_status(status);
+        self.node.publish(status);
     }
 }

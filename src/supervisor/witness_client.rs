@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::lease::LeaseView;
 use crate::config::WitnessConfig;
-use crate::node::Node;
+use crate::node::handle::NodeHandle;
 use crate::replication::states::{ConnState, DiskState};
 use crate::witness::channel::Channel;
 
@@ -33,10 +33,10 @@ pub struct WitnessShared {
 }
 
 /// `fail_io`: past a permission, lonely writes fail rather than wait (`on-quorum-loss`).
-pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShared>, fail_io: bool) {
-    let resource = node.config().name.clone();
+pub async fn run(node: NodeHandle, config: WitnessConfig, shared: Arc<WitnessShared>, fail_io: bool) {
+    let resource = node.resource().to_string();
     let me = node.me().name.clone();
-    let peer = node.peer_config().name.clone();
+    let peer = node.peer().name.clone();
     let mut reported_failure = false;
     loop {
         let connected = async {
@@ -81,7 +81,7 @@ pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShar
             };
             let claimed_connected = claim.peer_connected;
             // After the status: a link that died before it was read has bumped the epoch.
-            let epoch = node.device().alone_gate().link_epoch();
+            let epoch = node.alone_gate().link_epoch();
             let sent = Instant::now();
             let answered = tokio::time::timeout(VERDICT_TIMEOUT, async {
                 channel.send_claim(claim).await?;
@@ -96,8 +96,8 @@ pub async fn run(node: Arc<Node>, config: WitnessConfig, shared: Arc<WitnessShar
                     // Renewed here, not at the supervisor's next step, which may be busy
                     // starting services for longer than the lease lasts.
                     if let Some((until, epoch)) = view.alone_until().filter(|_| !view.outdated) {
-                        node.device().alone_gate().allow_until(until, epoch, fail_io);
-                        node.device().wake_parked();
+                        node.alone_gate().allow_until(until, epoch, fail_io);
+                        node.wake_parked();
                     }
                     let changed =
                         view.holder != before.holder || view.outdated != before.outdated || verdict.granted;

@@ -7,31 +7,15 @@ pub mod plan;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::ServiceConfig;
 use plan::{script, Op, Script};
 
 /// Longest a start, stop or monitor may run.
+pub use crate::node::ha_report::{ServiceState, ServiceStatus};
+
 const OP_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ServiceState {
-    Stopped,
-    Running,
-    Failed,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    pub service: String,
-    pub state: ServiceState,
-    pub failures: u32,
-    #[serde(default)]
-    pub last_error: Option<String>,
-}
 
 struct Entry {
     config: ServiceConfig,
