@@ -12,6 +12,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::repl::MAC_LEN;
+use crate::states::{decode_disk, decode_role, DiskState, Role};
 use crate::wire::{put_str16, DecodeError, Reader};
 
 /// "RDBH".
@@ -65,10 +66,9 @@ pub struct Datagram {
     /// The last (boot, seq) the sender heard from the receiver, 0 if none.
     pub echo_boot: u64,
     pub echo_seq: u64,
-    /// The sender's role and disk, with the replication link's codes ([`crate::repl::role`],
-    /// [`crate::repl::disk`]).
-    pub role: u8,
-    pub disk: u8,
+    /// The sender's role and disk, one byte each as on the replication link.
+    pub role: Role,
+    pub disk: DiskState,
     /// The sender's replication link is up.
     pub connected: bool,
     /// An outdate request's id (random), echoed by its reply; 0 in a beat.
@@ -135,8 +135,8 @@ impl Datagram {
         for v in [self.boot, self.seq, self.echo_boot, self.echo_seq] {
             out.extend_from_slice(&v.to_be_bytes());
         }
-        out.push(self.role);
-        out.push(self.disk);
+        out.push(self.role.to_wire());
+        out.push(self.disk.to_wire());
         out.push(if self.connected { FLAG_CONNECTED } else { 0 });
         out.extend_from_slice(&self.request.to_be_bytes());
         out.push(self.result as u8);
@@ -175,7 +175,8 @@ impl Datagram {
             );
         }
         let (boot, seq, echo_boot, echo_seq) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-        let (role, disk, flags) = (r.u8()?, r.u8()?, r.u8()?);
+        let (role, disk) = (decode_role(r.u8()?)?, decode_disk(r.u8()?)?);
+        let flags = r.u8()?;
         if flags & !FLAG_CONNECTED != 0 {
             return Err(DecodeError::Invalid { what: "heartbeat flags", value: flags.into() }.into());
         }
@@ -213,8 +214,8 @@ mod tests {
             seq: 42,
             echo_boot: 9,
             echo_seq: 40,
-            role: crate::repl::role::PRIMARY,
-            disk: crate::repl::disk::UP_TO_DATE,
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
             connected: false,
             request: 0xfeed,
             result: OutdateResult::None,
@@ -261,6 +262,7 @@ mod tests {
         #[test]
         fn any_datagram_round_trips(boot: u64, seq: u64, echo_seq: u64, request: u64, connected: bool,
                                     node in "[a-z]{1,20}", role in 0u8..3, disk in 0u8..9) {
+            let (role, disk) = (Role::from_wire(role).unwrap(), DiskState::from_wire(disk).unwrap());
             let d = Datagram { boot, seq, echo_seq, request, connected, node, role, disk, ..beat() };
             prop_assert_eq!(Datagram::decode(&d.encode(b"x"), b"x"), Ok(d));
         }

@@ -56,10 +56,10 @@ pub enum OnDemoteFailure {
     Poweroff,
 }
 
-spellings!(OnQuorumLoss { Freeze => "freeze", Demote => "demote", FailIo => "fail-io" });
-spellings!(NoQuorumPolicy { Stop => "stop", Ignore => "ignore" });
-spellings!(Failback { Never => "never", Always => "always" });
-spellings!(OnDemoteFailure { Stay => "stay", Reboot => "reboot", Poweroff => "poweroff" });
+rdbd_protocol::option_spellings!(OnQuorumLoss { Freeze => "freeze", Demote => "demote", FailIo => "fail-io" });
+rdbd_protocol::option_spellings!(NoQuorumPolicy { Stop => "stop", Ignore => "ignore" });
+rdbd_protocol::option_spellings!(Failback { Never => "never", Always => "always" });
+rdbd_protocol::option_spellings!(OnDemoteFailure { Stay => "stay", Reboot => "reboot", Poweroff => "poweroff" });
 
 /// The quorum witness (`rdbd witness` on a third host).
 #[derive(Debug, Clone, PartialEq, Eq)]

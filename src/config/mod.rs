@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
+pub use rdbd_protocol::repl::{AfterSb1, AfterSb2, DigestAlg, Protocol};
 pub use units::{format_duration, format_size, parse_duration};
 
 /// Where resource files live unless `--config-dir` or [`CONFIG_DIR_ENV`] says otherwise.
@@ -95,28 +96,6 @@ pub struct ResourceConfig {
     pub nodes: [NodeConfig; 2],
 }
 
-/// When a write is reported complete to the client (see DRBD's protocols A, B and C).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Protocol {
-    /// Once written locally and handed to the local TCP stack.
-    A,
-    /// Once written locally and received by the peer.
-    B,
-    /// Once written locally and on the peer's disk.
-    #[default]
-    C,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::A => "A",
-            Protocol::B => "B",
-            Protocol::C => "C",
-        }
-    }
-}
-
 /// The `[net]` table: how the two nodes talk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -135,9 +114,9 @@ pub struct NetConfig {
     /// Split brain with no Primary: which side's changes are discarded, if any.
     pub after_sb_0pri: AfterSb0Pri,
     /// Split brain with one Primary.
-    pub after_sb_1pri: AfterSb1Pri,
+    pub after_sb_1pri: AfterSb1,
     /// Split brain with two Primaries.
-    pub after_sb_2pri: AfterSb2Pri,
+    pub after_sb_2pri: AfterSb2,
     /// The sync decision would make a Primary the sync target.
     pub rr_conflict: RrConflict,
     /// Checksum-based resync: the target sends digests, the source sends only blocks that differ.
@@ -167,28 +146,6 @@ pub enum AfterSb0Pri {
     DiscardNode(String),
 }
 
-/// `after-sb-1pri`: split brain detected while exactly one node is Primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterSb1Pri {
-    #[default]
-    Disconnect,
-    /// Apply the after-sb-0pri outcome only if it discards the Secondary.
-    Consensus,
-    /// The Secondary always loses.
-    DiscardSecondary,
-    /// Apply the after-sb-0pri outcome; a losing Primary runs the pri-lost-after-sb handler.
-    CallPriLostAfterSb,
-}
-
-/// `after-sb-2pri`: split brain detected while both nodes are Primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterSb2Pri {
-    #[default]
-    Disconnect,
-    /// Apply the after-sb-0pri outcome; the losing Primary runs the pri-lost-after-sb handler.
-    CallPriLostAfterSb,
-}
-
 /// `rr-conflict`: the sync decision would make a Primary the sync target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RrConflict {
@@ -199,16 +156,6 @@ pub enum RrConflict {
     CallPriLost,
     /// Keep trying to connect (the Primary may be demoted meanwhile).
     RetryConnect,
-}
-
-/// A block digest for checksum-based resync and online verify.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DigestAlg {
-    /// 4 bytes, hardware-accelerated; detects corruption, not collisions made on purpose.
-    Crc32c,
-    /// 32 bytes (SHA-NI where the CPU has it).
-    #[default]
-    Sha256,
 }
 
 /// `on-io-error`: what a node does when its backing disk fails a read, write or flush (DRBD's
@@ -226,46 +173,13 @@ pub enum OnIoError {
     CallLocalIoError,
 }
 
-/// The spelling of each value in resource files (DRBD's), for fieldless enums: `ALL`,
-/// `as_str` and `Display`.
-macro_rules! spellings {
-    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
-        impl $ty {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
-
-            /// The value as written in a resource file.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name),+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $ty {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-spellings!(AfterSb1Pri {
-    Disconnect => "disconnect",
-    Consensus => "consensus",
-    DiscardSecondary => "discard-secondary",
-    CallPriLostAfterSb => "call-pri-lost-after-sb",
-});
-spellings!(AfterSb2Pri { Disconnect => "disconnect", CallPriLostAfterSb => "call-pri-lost-after-sb" });
-spellings!(RrConflict {
+rdbd_protocol::option_spellings!(RrConflict {
     Disconnect => "disconnect",
     CallPriLost => "call-pri-lost",
     RetryConnect => "retry-connect",
 });
-spellings!(DigestAlg { Crc32c => "crc32c", Sha256 => "sha256" });
-spellings!(OnIoError { Detach => "detach", PassOn => "pass_on", CallLocalIoError => "call-local-io-error" });
+rdbd_protocol::option_spellings!(OnIoError { Detach => "detach", PassOn => "pass_on", CallLocalIoError => "call-local-io-error" });
 
-// After `spellings!`, which it uses.
 mod ha;
 pub use ha::{
     Failback, HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss, ServiceConfig, WitnessConfig,
@@ -357,8 +271,8 @@ impl Default for NetConfig {
             connect_interval: DEFAULT_CONNECT_INTERVAL,
             data_integrity: false,
             after_sb_0pri: AfterSb0Pri::default(),
-            after_sb_1pri: AfterSb1Pri::default(),
-            after_sb_2pri: AfterSb2Pri::default(),
+            after_sb_1pri: AfterSb1::default(),
+            after_sb_2pri: AfterSb2::default(),
             rr_conflict: RrConflict::default(),
             csums_alg: None,
             csums_after_crash_only: false,

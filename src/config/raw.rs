@@ -12,13 +12,13 @@ use toml::Spanned;
 use super::locate::{key_at, line_of};
 use super::units::{format_duration, format_size, parse_duration, parse_size};
 use super::{
-    AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaDisk,
-    NbdDevice, NetConfig, NodeConfig, OnIoError, Protocol, ResourceConfig, ResyncConfig, RrConflict,
-    AL_EXTENTS_MAX, AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX,
-    C_DELAY_TARGET_MIN, C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK,
-    DEFAULT_CONNECT_INTERVAL, DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE,
-    DEFAULT_C_MIN_RATE, DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT,
-    DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT, RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
+    AfterSb0Pri, AfterSb1, AfterSb2, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaDisk, NbdDevice,
+    NetConfig, NodeConfig, OnIoError, Protocol, ResourceConfig, ResyncConfig, RrConflict, AL_EXTENTS_MAX,
+    AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX, C_DELAY_TARGET_MIN,
+    C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL,
+    DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE, DEFAULT_C_MIN_RATE,
+    DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT,
+    RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
 };
 
 #[derive(Deserialize)]
@@ -425,14 +425,14 @@ fn build_net(src: &Source, raw: Option<RawNet>) -> Result<(NetConfig, Option<Ran
             src,
             raw.after_sb_1pri,
             "net.after-sb-1pri",
-            AfterSb1Pri::ALL,
+            AfterSb1::ALL,
             defaults.after_sb_1pri,
         )?,
         after_sb_2pri: choice(
             src,
             raw.after_sb_2pri,
             "net.after-sb-2pri",
-            AfterSb2Pri::ALL,
+            AfterSb2::ALL,
             defaults.after_sb_2pri,
         )?,
         rr_conflict: choice(src, raw.rr_conflict, "net.rr-conflict", RrConflict::ALL, defaults.rr_conflict)?,

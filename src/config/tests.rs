@@ -116,8 +116,8 @@ fn minimal_file_gets_every_default() {
             connect_interval: Duration::from_secs(10),
             data_integrity: false,
             after_sb_0pri: AfterSb0Pri::Disconnect,
-            after_sb_1pri: AfterSb1Pri::Disconnect,
-            after_sb_2pri: AfterSb2Pri::Disconnect,
+            after_sb_1pri: AfterSb1::Disconnect,
+            after_sb_2pri: AfterSb2::Disconnect,
             rr_conflict: RrConflict::Disconnect,
             csums_alg: None,
             csums_after_crash_only: false,
@@ -180,8 +180,8 @@ fn full_file() {
             connect_interval: Duration::from_secs(120),
             data_integrity: true,
             after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
-            after_sb_1pri: AfterSb1Pri::Consensus,
-            after_sb_2pri: AfterSb2Pri::CallPriLostAfterSb,
+            after_sb_1pri: AfterSb1::Consensus,
+            after_sb_2pri: AfterSb2::CallPriLostAfterSb,
             rr_conflict: RrConflict::RetryConnect,
             csums_alg: Some(DigestAlg::Crc32c),
             csums_after_crash_only: true,
@@ -610,21 +610,21 @@ fn split_brain_policies() {
         assert_eq!(net(&format!("after-sb-0pri = \"{text}\"")).after_sb_0pri, want, "{text}");
         assert_eq!(want.to_string(), text);
     }
-    for &want in AfterSb1Pri::ALL {
+    for &want in AfterSb1::ALL {
         assert_eq!(net(&format!("after-sb-1pri = \"{want}\"")).after_sb_1pri, want);
     }
-    for &want in AfterSb2Pri::ALL {
+    for &want in AfterSb2::ALL {
         assert_eq!(net(&format!("after-sb-2pri = \"{want}\"")).after_sb_2pri, want);
     }
     for &want in RrConflict::ALL {
         assert_eq!(net(&format!("rr-conflict = \"{want}\"")).rr_conflict, want);
     }
     assert_eq!(
-        AfterSb1Pri::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        AfterSb1::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
         ["disconnect", "consensus", "discard-secondary", "call-pri-lost-after-sb"]
     );
     assert_eq!(
-        AfterSb2Pri::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        AfterSb2::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
         ["disconnect", "call-pri-lost-after-sb"]
     );
     assert_eq!(

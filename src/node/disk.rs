@@ -202,8 +202,8 @@ impl Node {
             // The Primary goes on through the peer on this connection; the peer marks what this
             // disk misses from now on.
             Some(link) if role == Role::Primary => {
-                use rdbd_protocol::repl::{disk, role as wire_role, Message};
-                link.send_other(&Message::StateChange { role: wire_role::PRIMARY, disk: disk::DISKLESS });
+                use rdbd_protocol::repl::Message;
+                link.send_other(&Message::StateChange { role: Role::Primary, disk: DiskState::Diskless });
             }
             // Anything else connects again, and the handshake shows the disk gone.
             _ => self.renegotiate.notify_one(),

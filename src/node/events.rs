@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use rdbd_protocol::repl::{disk as wire_disk, State};
+use rdbd_protocol::repl::State;
 use tracing::info;
 
-use super::session::{disk_from_wire, local_state, role_from_wire, role_to_wire};
+use super::session::local_state;
 use super::Node;
 use crate::metadata::generations::{Generations, PRIMARY_BIT};
 use crate::replication::apply::ApplyEvents;
@@ -18,11 +18,11 @@ use crate::replication::verify::VerifyReport;
 pub struct NodeEvents(pub Arc<Node>);
 
 impl NodeEvents {
-    fn peer_state(&self, role: u8, disk: u8) {
+    fn peer_state(&self, role: Role, disk: DiskState) {
         let sole_copy = {
             let mut s = self.0.state();
-            s.peer_role = role_from_wire(role);
-            s.peer_disk = disk_from_wire(disk);
+            s.peer_role = role;
+            s.peer_disk = disk;
             if s.repl == ReplState::SyncSource && s.peer_disk == DiskState::UpToDate {
                 s.repl = ReplState::Established;
                 info!("resync finished: the peer is UpToDate");
@@ -49,7 +49,7 @@ impl ApplyEvents for NodeEvents {
         self.0.verify_finished(Some(&report));
     }
 
-    fn peer_state(&mut self, role: u8, disk: u8) {
+    fn peer_state(&mut self, role: Role, disk: DiskState) {
         NodeEvents::peer_state(self, role, disk);
     }
 
@@ -57,7 +57,7 @@ impl ApplyEvents for NodeEvents {
         self.0.on_disk_error(error);
     }
 
-    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String> {
+    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(Role, DiskState), String> {
         let node = &self.0;
         // The source's final State is sent after it closed the resync: adopt its set as it is
         // (SPEC §6), so both nodes hold the same generations.
@@ -77,7 +77,7 @@ impl ApplyEvents for NodeEvents {
         s.repl = ReplState::Established;
         s.last_resync_bytes = Some(bytes);
         s.resyncs_completed += 1;
-        Ok((role_to_wire(s.role), wire_disk::UP_TO_DATE))
+        Ok((s.role, DiskState::UpToDate))
     }
 }
 
@@ -95,7 +95,7 @@ impl SourceEvents for NodeEvents {
         self.0.verify_finished(Some(report));
     }
 
-    fn peer_state(&mut self, role: u8, disk: u8) {
+    fn peer_state(&mut self, role: Role, disk: DiskState) {
         NodeEvents::peer_state(self, role, disk);
     }
 

@@ -22,7 +22,6 @@ mod session;
 pub mod status;
 mod verify;
 
-pub(crate) use session::{disk_from_wire, disk_to_wire, role_from_wire, role_to_wire};
 pub use verify::VerifyResult;
 
 use std::path::{Path, PathBuf};

@@ -12,9 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdbd_protocol::repl::{
-    self, disk as wire_disk, role as wire_role, state_flags, Message, Params, RefuseCode, State,
-};
+use rdbd_protocol::repl::{self, state_flags, Message, Params, RefuseCode, State};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -23,8 +21,7 @@ use super::event_stream::{EventKind, EventObject};
 use super::events::NodeEvents;
 use super::handlers::HandlerEvent;
 use super::{random_u64, Node};
-use crate::config::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, DigestAlg};
-use crate::metadata::generations::Generations;
+use crate::config::AfterSb0Pri;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
 use crate::replication::link::connect::{dial, dials, listen, Established};
@@ -39,58 +36,6 @@ use crate::replication::states::{disk_after_decision, ConnState, DiskState, Repl
 use crate::replication::sync_decision::{
     apply_skip_initial_sync, decide, require_usable_source, Decision, SideView, SyncDecision,
 };
-
-pub fn role_to_wire(role: Role) -> u8 {
-    match role {
-        Role::Primary => wire_role::PRIMARY,
-        Role::Secondary => wire_role::SECONDARY,
-        Role::Unknown => wire_role::UNKNOWN,
-    }
-}
-
-pub fn role_from_wire(role: u8) -> Role {
-    match role {
-        wire_role::PRIMARY => Role::Primary,
-        wire_role::SECONDARY => Role::Secondary,
-        _ => Role::Unknown,
-    }
-}
-
-pub fn disk_to_wire(disk: DiskState) -> u8 {
-    match disk {
-        DiskState::Diskless => wire_disk::DISKLESS,
-        DiskState::Attaching => wire_disk::ATTACHING,
-        DiskState::Failed => wire_disk::FAILED,
-        DiskState::Negotiating => wire_disk::NEGOTIATING,
-        DiskState::Inconsistent => wire_disk::INCONSISTENT,
-        DiskState::Outdated => wire_disk::OUTDATED,
-        DiskState::DUnknown => wire_disk::DUNKNOWN,
-        DiskState::Consistent => wire_disk::CONSISTENT,
-        DiskState::UpToDate => wire_disk::UP_TO_DATE,
-    }
-}
-
-pub fn disk_from_wire(disk: u8) -> DiskState {
-    match disk {
-        wire_disk::DISKLESS => DiskState::Diskless,
-        wire_disk::ATTACHING => DiskState::Attaching,
-        wire_disk::FAILED => DiskState::Failed,
-        wire_disk::NEGOTIATING => DiskState::Negotiating,
-        wire_disk::INCONSISTENT => DiskState::Inconsistent,
-        wire_disk::OUTDATED => DiskState::Outdated,
-        wire_disk::CONSISTENT => DiskState::Consistent,
-        wire_disk::UP_TO_DATE => DiskState::UpToDate,
-        _ => DiskState::DUnknown,
-    }
-}
-
-fn gens_to_wire(g: &Generations) -> repl::Generations {
-    repl::Generations { current: g.current, bitmap: g.bitmap, history: g.history }
-}
-
-fn gens_from_wire(g: &repl::Generations) -> Generations {
-    Generations { current: g.current, bitmap: g.bitmap, history: g.history }
-}
 
 /// This node's State as sent at the handshake and at the end of a resync.
 pub fn local_state(node: &Node) -> State {
@@ -113,26 +58,11 @@ pub fn local_state(node: &Node) -> State {
         f |= state_flags::SKIP_INITIAL_SYNC;
     }
     State {
-        role: role_to_wire(s.role),
-        disk: disk_to_wire(s.disk),
+        role: s.role,
+        disk: s.disk,
         flags: f,
-        generations: gens_to_wire(&sb.generations),
+        generations: sb.generations,
         dirty_blocks: node.device.out_of_sync_blocks(),
-    }
-}
-
-fn wire_protocol(p: crate::config::Protocol) -> repl::Protocol {
-    match p {
-        crate::config::Protocol::A => repl::Protocol::A,
-        crate::config::Protocol::B => repl::Protocol::B,
-        crate::config::Protocol::C => repl::Protocol::C,
-    }
-}
-
-fn wire_digest(alg: DigestAlg) -> repl::DigestAlg {
-    match alg {
-        DigestAlg::Crc32c => repl::DigestAlg::Crc32c,
-        DigestAlg::Sha256 => repl::DigestAlg::Sha256,
     }
 }
 
@@ -156,46 +86,26 @@ fn wire_after_sb_0pri(policy: &AfterSb0Pri, me: &str, peer: &str) -> repl::After
     }
 }
 
-fn wire_after_sb_1pri(policy: AfterSb1Pri) -> repl::AfterSb1 {
-    match policy {
-        AfterSb1Pri::Disconnect => repl::AfterSb1::Disconnect,
-        AfterSb1Pri::Consensus => repl::AfterSb1::Consensus,
-        AfterSb1Pri::DiscardSecondary => repl::AfterSb1::DiscardSecondary,
-        AfterSb1Pri::CallPriLostAfterSb => repl::AfterSb1::CallPriLostAfterSb,
-    }
-}
-
-fn wire_after_sb_2pri(policy: AfterSb2Pri) -> repl::AfterSb2 {
-    match policy {
-        AfterSb2Pri::Disconnect => repl::AfterSb2::Disconnect,
-        AfterSb2Pri::CallPriLostAfterSb => repl::AfterSb2::CallPriLostAfterSb,
-    }
-}
-
 fn params(node: &Node) -> Params {
     let net = &node.config.net;
     Params {
-        protocol: wire_protocol(node.config.protocol),
+        protocol: node.config.protocol,
         device_size: node.device.info_size(),
         bitmap_block: node.device.bitmap_block(),
         data_integrity: net.data_integrity,
         discard_my_data: node.state().discard_my_data,
-        csums_alg: net.csums_alg.map(wire_digest),
-        verify_alg: wire_digest(net.verify_alg),
+        csums_alg: net.csums_alg,
+        verify_alg: net.verify_alg,
         after_sb_0pri: wire_after_sb_0pri(&net.after_sb_0pri, &node.me().name, &node.peer_config().name),
-        after_sb_1pri: wire_after_sb_1pri(net.after_sb_1pri),
-        after_sb_2pri: wire_after_sb_2pri(net.after_sb_2pri),
+        after_sb_1pri: net.after_sb_1pri,
+        after_sb_2pri: net.after_sb_2pri,
     }
 }
 
 /// How this node answers resync requests and verifies as the connection's sender.
 fn source_options(node: &Node) -> SourceOptions {
     let net = &node.config.net;
-    SourceOptions {
-        pace: node.config.disk.resync,
-        csums: net.csums_alg.map(wire_digest),
-        verify_alg: wire_digest(net.verify_alg),
-    }
+    SourceOptions { pace: node.config.disk.resync, csums: net.csums_alg, verify_alg: net.verify_alg }
 }
 
 /// The digest this resync's requests carry as target: `csums-alg` when set, and with
@@ -204,12 +114,12 @@ fn resync_csums(node: &Node, rule: u32) -> Option<repl::DigestAlg> {
     use crate::replication::sync_decision::rules;
     let net = &node.config.net;
     let after_crash = matches!(rule, rules::CRASHED_PRIMARY | rules::CRASHED_PRIMARY_NOW_PRIMARY);
-    net.csums_alg.filter(|_| !net.csums_after_crash_only || after_crash).map(wire_digest)
+    net.csums_alg.filter(|_| !net.csums_after_crash_only || after_crash)
 }
 
 fn link_options(node: &Node) -> LinkOptions {
     let net = &node.config.net;
-    let mut options = LinkOptions::new(wire_protocol(node.config.protocol), net.data_integrity);
+    let mut options = LinkOptions::new(node.config.protocol, net.data_integrity);
     options.ping_interval = net.ping_interval;
     options.ping_timeout = net.ping_timeout;
     options
@@ -379,9 +289,9 @@ fn end_session(node: &Node) {
 
 fn view(state: &State, params_discard: bool, dialer: bool) -> SideView {
     SideView {
-        gens: gens_from_wire(&state.generations),
-        role: role_from_wire(state.role),
-        disk: disk_from_wire(state.disk),
+        gens: state.generations,
+        role: state.role,
+        disk: state.disk,
         crashed_primary: state.flags & state_flags::CRASHED_PRIMARY != 0,
         dirty_blocks: state.dirty_blocks,
         discard_my_data: params_discard,
@@ -804,7 +714,7 @@ async fn run_receiver(
     *node.verify_starts.lock().expect("verify lock") = Some(verify_tx);
     let mut applier = applier
         .with_tracker(node.device.clone())
-        .with_verify(wire_digest(net.verify_alg), node.device.bitmap_block(), verify_rx)
+        .with_verify(net.verify_alg, node.device.bitmap_block(), verify_rx)
         .with_events(Box::new(NodeEvents(node.clone())))
         .with_silence_limit(net.ping_interval * 2 + net.ping_timeout);
     tokio::select! {

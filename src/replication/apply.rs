@@ -7,6 +7,7 @@
 //! FLUSH is a barrier: every write received before it completes, then the device is made
 //! durable (fdatasync), then FlushAck — so a FLUSH acknowledged means durable here too.
 
+use crate::replication::states::{DiskState, Role};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,11 +66,11 @@ pub struct ApplyStats {
 /// What the applier reports to the node that runs it.
 pub trait ApplyEvents: Send {
     /// The peer announced a new role or disk state (raw wire values).
-    fn peer_state(&mut self, role: u8, disk: u8);
+    fn peer_state(&mut self, role: Role, disk: DiskState);
     /// Every block was resynced and the source sent its final State: make this node's data
     /// UpToDate in the source's generation, durably. `bytes`: resync data received. Returns the
     /// (role, disk) to announce.
-    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(u8, u8), String>;
+    fn resync_finished(&mut self, source: &State, bytes: u64) -> Result<(Role, DiskState), String>;
     /// The peer's verify asked for `len` bytes at `offset`, and their digests went back.
     fn verify_answered(&mut self, _offset: u64, _len: u32) {}
     /// The peer found these bytes out of sync (verify): mark them here too.
@@ -85,8 +86,8 @@ pub trait ApplyEvents: Send {
 pub struct NoEvents;
 
 impl ApplyEvents for NoEvents {
-    fn peer_state(&mut self, _: u8, _: u8) {}
-    fn resync_finished(&mut self, _: &State, _: u64) -> Result<(u8, u8), String> {
+    fn peer_state(&mut self, _: Role, _: DiskState) {}
+    fn resync_finished(&mut self, _: &State, _: u64) -> Result<(Role, DiskState), String> {
         Err("no resync was expected".into())
     }
 }

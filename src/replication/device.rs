@@ -12,6 +12,7 @@
 //! the peer, DRBD's diskless mode: writes and flushes go to the peer only, reads are answered
 //! from the peer's disk, and a read the local disk fails is retried there.
 
+use crate::replication::states::{DiskState, Role};
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -401,8 +402,8 @@ impl ReplicatedDevice {
     fn announce_detached(&self) {
         tracing::error!("the local disk failed: detached; serving through the peer");
         if let Some(peer) = self.peer() {
-            use rdbd_protocol::repl::{disk, role, Message};
-            peer.send_other(&Message::StateChange { role: role::PRIMARY, disk: disk::DISKLESS });
+            use rdbd_protocol::repl::Message;
+            peer.send_other(&Message::StateChange { role: Role::Primary, disk: DiskState::Diskless });
         }
     }
 

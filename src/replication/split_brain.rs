@@ -14,7 +14,7 @@
 //!
 //! [`sync_decision::decide`]: crate::replication::sync_decision::decide
 
-use crate::config::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, NetConfig, RrConflict};
+use crate::config::{AfterSb0Pri, AfterSb1, AfterSb2, NetConfig, RrConflict};
 use crate::metadata::generations::PRIMARY_BIT;
 use crate::replication::states::Role;
 use crate::replication::sync_decision::{Decision, SideView, SyncDecision};
@@ -23,8 +23,8 @@ use crate::replication::sync_decision::{Decision, SideView, SyncDecision};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policies {
     pub after_sb_0pri: AfterSb0Pri,
-    pub after_sb_1pri: AfterSb1Pri,
-    pub after_sb_2pri: AfterSb2Pri,
+    pub after_sb_1pri: AfterSb1,
+    pub after_sb_2pri: AfterSb2,
 }
 
 impl Policies {
@@ -314,8 +314,8 @@ fn after_sb_1pri(p: &Policies, s: &Sides) -> Result<(String, Verdict), String> {
     let primary_loses = |v: &Verdict| s.get(v.loser).view.role == Role::Primary;
     let combined = format!("after-sb-1pri {}, after-sb-0pri {}", p.after_sb_1pri, p.after_sb_0pri);
     match p.after_sb_1pri {
-        AfterSb1Pri::Disconnect => Err("after-sb-1pri is disconnect".to_string()),
-        AfterSb1Pri::Consensus => {
+        AfterSb1::Disconnect => Err("after-sb-1pri is disconnect".to_string()),
+        AfterSb1::Consensus => {
             let verdict =
                 after_sb_0pri(&p.after_sb_0pri, s).map_err(|r| format!("after-sb-1pri consensus: {r}"))?;
             if primary_loses(&verdict) {
@@ -328,12 +328,12 @@ fn after_sb_1pri(p: &Policies, s: &Sides) -> Result<(String, Verdict), String> {
             }
             Ok((combined, verdict))
         }
-        AfterSb1Pri::DiscardSecondary => {
+        AfterSb1::DiscardSecondary => {
             let secondary = if s.local.view.role == Role::Primary { Loser::Peer } else { Loser::Local };
             let verdict = s.loses(secondary, |n| format!("{n} is the Secondary"));
             Ok((format!("after-sb-1pri {}", p.after_sb_1pri), verdict))
         }
-        AfterSb1Pri::CallPriLostAfterSb => {
+        AfterSb1::CallPriLostAfterSb => {
             let verdict = after_sb_0pri(&p.after_sb_0pri, s)
                 .map_err(|r| format!("after-sb-1pri call-pri-lost-after-sb: {r}"))?;
             Ok((combined, verdict))
@@ -344,8 +344,8 @@ fn after_sb_1pri(p: &Policies, s: &Sides) -> Result<(String, Verdict), String> {
 /// after-sb-2pri, with (policy description, verdict). The loser is a Primary either way.
 fn after_sb_2pri(p: &Policies, s: &Sides) -> Result<(String, Verdict), String> {
     match p.after_sb_2pri {
-        AfterSb2Pri::Disconnect => Err("after-sb-2pri is disconnect".to_string()),
-        AfterSb2Pri::CallPriLostAfterSb => {
+        AfterSb2::Disconnect => Err("after-sb-2pri is disconnect".to_string()),
+        AfterSb2::CallPriLostAfterSb => {
             let verdict = after_sb_0pri(&p.after_sb_0pri, s)
                 .map_err(|r| format!("after-sb-2pri call-pri-lost-after-sb: {r}"))?;
             Ok((format!("after-sb-2pri {}, after-sb-0pri {}", p.after_sb_2pri, p.after_sb_0pri), verdict))

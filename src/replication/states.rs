@@ -2,123 +2,12 @@
 //! (so `rdbd status` reads like `drbdadm status`), and the pure checks that
 //! guard role changes.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
+pub use rdbd_protocol::drbd_spellings;
+pub use rdbd_protocol::states::{DiskState, ParseStateError, Role};
+
 use crate::replication::sync_decision::SyncDecision;
-
-/// A string did not name a state of the expected kind.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {kind} {input:?} (expected one of: {})", .expected.join(", "))]
-pub struct ParseStateError {
-    /// What was being parsed ("role", "disk state", ...).
-    pub kind: &'static str,
-    /// The rejected input.
-    pub input: String,
-    /// The accepted spellings.
-    pub expected: &'static [&'static str],
-}
-
-/// Display, FromStr (ASCII case-insensitive) and the list of DRBD spellings for
-/// a fieldless enum whose variant names are those spellings. Serde derives use
-/// the same names, exactly.
-macro_rules! drbd_spellings {
-    ($ty:ident, $kind:literal, [$($variant:ident),+ $(,)?]) => {
-        impl $ty {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
-            /// The DRBD spellings, in declaration order.
-            pub const NAMES: &'static [&'static str] = &[$(stringify!($variant)),+];
-
-            /// DRBD's spelling of this value.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => stringify!($variant)),+
-                }
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.pad(self.as_str())
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = ParseStateError;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Self::ALL.iter().copied().find(|v| v.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
-                    ParseStateError { kind: $kind, input: s.to_owned(), expected: Self::NAMES }
-                })
-            }
-        }
-    };
-}
-
-/// A node's role. Only a Primary accepts application I/O.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Role {
-    Primary,
-    Secondary,
-    /// The peer's role while not connected.
-    Unknown,
-}
-drbd_spellings!(Role, "role", [Primary, Secondary, Unknown]);
-
-/// The state of a node's backing disk. Declared in DRBD's order, so states
-/// with better data compare greater (`UpToDate > Consistent > Outdated >
-/// Inconsistent`); `DUnknown` (a peer's disk while disconnected) sits between
-/// Outdated and Consistent, as in DRBD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum DiskState {
-    /// No backing disk attached.
-    Diskless,
-    /// Attach in progress (metadata being read).
-    Attaching,
-    /// I/O error; about to become Diskless.
-    Failed,
-    /// Attached and connecting; the real state is settled by the handshake.
-    Negotiating,
-    /// Data is not usable (a resync target, or never synced).
-    Inconsistent,
-    /// Consistent but known to be stale: not promotable without force.
-    Outdated,
-    /// The peer's disk state while disconnected.
-    DUnknown,
-    /// Consistent, but whether it is the newest is not known (not connected).
-    Consistent,
-    /// Consistent and the newest data: the only state that allows I/O.
-    UpToDate,
-}
-drbd_spellings!(
-    DiskState,
-    "disk state",
-    [Diskless, Attaching, Failed, Negotiating, Inconsistent, Outdated, DUnknown, Consistent, UpToDate]
-);
-
-impl DiskState {
-    /// A node whose own disk is in one of these states takes part in the sync
-    /// handshake (DRBD: local and peer disk at least Negotiating).
-    pub const fn has_disk(self) -> bool {
-        matches!(
-            self,
-            DiskState::Negotiating
-                | DiskState::Inconsistent
-                | DiskState::Outdated
-                | DiskState::Consistent
-                | DiskState::UpToDate
-        )
-    }
-
-    /// The data is self-consistent, so the disk may be a sync source
-    /// (DRBD: better than Inconsistent).
-    pub const fn can_be_sync_source(self) -> bool {
-        matches!(self, DiskState::Outdated | DiskState::Consistent | DiskState::UpToDate)
-    }
-}
 
 /// The state of the connection to the peer (DRBD 9 names; the transient
 /// failure states collapse into `Unconnected`/`Connecting`).
@@ -273,6 +162,8 @@ mod tests {
     use proptest::prelude::*;
     use serde::de::value::{Error as DeError, StrDeserializer};
     use serde::de::IntoDeserializer;
+    use std::fmt;
+    use std::str::FromStr;
 
     fn roundtrip<T>(all: &[T])
     where

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 pub use crate::node::ha_report::HeartbeatStatus;
 use crate::node::handle::NodeHandle;
-use crate::node::{disk_from_wire, disk_to_wire, role_from_wire, role_to_wire, OutdateRefusal};
+use crate::node::OutdateRefusal;
 use crate::replication::states::{DiskState, Role};
 
 /// How old an echoed datagram of ours may be for an outdate request to count.
@@ -265,8 +265,8 @@ impl Task {
             seq: self.seq,
             echo_boot: echo.0,
             echo_seq: echo.1,
-            role: role_to_wire(role),
-            disk: disk_to_wire(disk),
+            role,
+            disk,
             connected,
             request,
             result,
@@ -315,12 +315,7 @@ impl Task {
             return None;
         }
         let now = Instant::now();
-        let heard = Heard {
-            at: now,
-            role: role_from_wire(d.role),
-            disk: disk_from_wire(d.disk),
-            connected: d.connected,
-        };
+        let heard = Heard { at: now, role: d.role, disk: d.disk, connected: d.connected };
         let changed = {
             let mut s = self.shared.lock();
             let before = s.heard.map(|h| (h.role, h.disk, h.connected));

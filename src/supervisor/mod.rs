@@ -9,8 +9,8 @@
 //! - [`services`]: the chain: plans (pure) and their runner.
 //!
 //! The supervisor is a client of the node: it holds a [`NodeHandle`], not the node. The loop
-//! here looks at the node at each event of its stream, a few times a second besides, and at
-//! once when the witness's verdict changes: it computes the permit to act without the peer,
+//! here looks at the node a few times a second (and at once when the witness's verdict
+//! changes): it computes the permit to act without the peer,
 //! sets the alone gate that holds or fails writes the peer does not have, and carries out the
 //! policy's action.
 
@@ -131,9 +131,6 @@ pub async fn run(node: NodeHandle, ha: HaConfig) {
     };
     s.last_services = s.chain.status();
     let shutdown = s.node.shutdown_token();
-    // The node's event stream wakes the loop at each change of state (the tick remains for
-    // time-based steps: grace periods, retries, service monitors).
-    let mut events = s.node.subscribe_events().events;
     loop {
         let verdict = async {
             match &s.witness {
@@ -152,11 +149,6 @@ pub async fn run(node: NodeHandle, ha: HaConfig) {
             _ = tokio::time::sleep(TICK) => {}
             _ = verdict => {}
             _ = heard => {}
-            changed = events.recv() => {
-                if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                    break;
-                }
-            }
         }
         s.step().await;
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdbd::replication::link::handshake::Identity;
 use rdbd::storage::{BufPool, Completion, IoOp, IoQueue};
-use rdbd_protocol::repl::{AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Params, Protocol, State};
+use rdbd_protocol::repl::{Params, Protocol, State};
 
 /// `local` connecting to `peer` for resource "r" with a shared secret.
 pub fn identity<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
@@ -22,23 +22,12 @@ pub fn identity<'a>(local: &'a str, peer: &'a str) -> Identity<'a> {
 /// The parameters both sides offer: `protocol`, a device of `size` bytes, 4 KiB bitmap blocks,
 /// data integrity on, every policy at its default.
 pub fn params(protocol: Protocol, size: u64) -> Params {
-    Params {
-        protocol,
-        device_size: size,
-        bitmap_block: 4096,
-        data_integrity: true,
-        discard_my_data: false,
-        csums_alg: None,
-        verify_alg: DigestAlg::Sha256,
-        after_sb_0pri: AfterSb0::Disconnect,
-        after_sb_1pri: AfterSb1::Disconnect,
-        after_sb_2pri: AfterSb2::Disconnect,
-    }
+    Params { data_integrity: true, ..Params::with_defaults(protocol, size, 4096) }
 }
 
 /// A State with nothing in it (these tests skip the sync decision).
 pub fn blank_state() -> State {
-    State { role: 0, disk: 0, flags: 0, generations: Generations::default(), dirty_blocks: 0 }
+    State::blank()
 }
 
 /// Submits `ops` and waits (at most 30 s) for all of them.

@@ -7,14 +7,16 @@
 use sha2::{Digest, Sha256};
 
 /// A block digest algorithm, as agreed in Params (`csums_alg`, `verify_alg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DigestAlg {
     /// [`super::block_crc32c`], 4 bytes big-endian: fast (a CPU instruction) and catches
     /// corruption, but two different blocks with the same CRC are easy to construct.
     Crc32c,
     /// SHA-256, 32 bytes: collisions are infeasible to find; SHA-NI makes it fast enough.
+    #[default]
     Sha256,
 }
+crate::option_spellings!(DigestAlg { Crc32c => "crc32c", Sha256 => "sha256" });
 
 impl DigestAlg {
     /// The wire value in Params: 1 crc32c, 2 sha256. (0 means "none" for `csums_alg` and is

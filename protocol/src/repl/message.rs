@@ -11,6 +11,9 @@ use bytes::BufMut;
 use super::bitmap::BitmapRuns;
 use super::digest::{csums_from_wire, csums_to_wire, DigestAlg};
 use super::{kind, payload_bounds, Channel, FrameHeader, MAX_DATA_LEN, MAX_STRING_LEN, MIN_BITMAP_BLOCK};
+pub use crate::generations::Generations;
+use crate::states::{decode_disk, decode_role};
+pub use crate::states::{DiskState, Role};
 use crate::wire::{put_str16, DecodeError, Reader};
 
 /// Flag bits of Data, Trim and Zeroes (u16). A receiver rejects bits the message does not
@@ -39,29 +42,6 @@ pub mod state_flags {
     /// sender's current generation instead of doing the initial full sync.
     pub const SKIP_INITIAL_SYNC: u32 = 1 << 4;
     pub const KNOWN: u32 = CONSISTENT | WAS_PRIMARY | CRASHED_PRIMARY | WAS_UP_TO_DATE | SKIP_INITIAL_SYNC;
-}
-
-/// Role values in State and StateChange. The codec carries them raw; the main crate maps its
-/// `Role` enum to these numbers, which SPEC.md fixes for interoperability.
-pub mod role {
-    pub const UNKNOWN: u8 = 0;
-    pub const PRIMARY: u8 = 1;
-    pub const SECONDARY: u8 = 2;
-}
-
-/// Disk state values in State and StateChange, ordered from worst to best as DRBD orders them.
-/// Carried raw, like [`role`].
-pub mod disk {
-    pub const DISKLESS: u8 = 0;
-    pub const ATTACHING: u8 = 1;
-    pub const FAILED: u8 = 2;
-    pub const NEGOTIATING: u8 = 3;
-    pub const INCONSISTENT: u8 = 4;
-    pub const OUTDATED: u8 = 5;
-    /// Only ever describes a peer; a node never sends it about itself.
-    pub const DUNKNOWN: u8 = 6;
-    pub const CONSISTENT: u8 = 7;
-    pub const UP_TO_DATE: u8 = 8;
 }
 
 /// Flag bits of Params (u8).
@@ -122,16 +102,19 @@ impl RefuseCode {
     }
 }
 
-/// The replication protocol: when the primary may complete a write to its client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The replication protocol: when the primary may complete a write to its client (DRBD's
+/// protocols A, B and C; C by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
     /// Local write done and the data handed to the data channel.
     A,
     /// Local write done and the peer has received the data (RecvAck).
     B,
     /// Local write done and the peer's disk write done (WriteAck).
+    #[default]
     C,
 }
+crate::option_spellings!(Protocol { A => "A", B => "B", C => "C" });
 
 impl Protocol {
     /// On the wire as the ASCII letter, which reads well in a packet dump.
@@ -241,8 +224,9 @@ impl AfterSb0 {
 }
 
 /// `after-sb-1pri`: split brain while exactly one node is Primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AfterSb1 {
+    #[default]
     Disconnect,
     /// Apply the after-sb-0pri outcome only if it discards the Secondary; else disconnect.
     Consensus,
@@ -251,6 +235,13 @@ pub enum AfterSb1 {
     /// Apply the after-sb-0pri outcome; a losing Primary runs its pri-lost-after-sb handler.
     CallPriLostAfterSb,
 }
+
+crate::option_spellings!(AfterSb1 {
+    Disconnect => "disconnect",
+    Consensus => "consensus",
+    DiscardSecondary => "discard-secondary",
+    CallPriLostAfterSb => "call-pri-lost-after-sb",
+});
 
 impl AfterSb1 {
     pub fn from_wire(value: u8) -> Option<Self> {
@@ -274,12 +265,15 @@ impl AfterSb1 {
 }
 
 /// `after-sb-2pri`: split brain while both nodes are Primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AfterSb2 {
+    #[default]
     Disconnect,
     /// Apply the after-sb-0pri outcome; the losing Primary runs its pri-lost-after-sb handler.
     CallPriLostAfterSb,
 }
+
+crate::option_spellings!(AfterSb2 { Disconnect => "disconnect", CallPriLostAfterSb => "call-pri-lost-after-sb" });
 
 impl AfterSb2 {
     pub fn from_wire(value: u8) -> Option<Self> {
@@ -334,24 +328,31 @@ pub struct Params {
 
 impl Params {
     pub const LEN: usize = 19;
-}
 
-/// Generation identifiers (see the reference on generation identifiers): the basis of the sync
-/// decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Generations {
-    pub current: u64,
-    pub bitmap: u64,
-    pub history: [u64; 2],
+    /// What a node offers with every other setting at its default: no data-integrity digests,
+    /// no checksum resync, SHA-256 verify, every split-brain policy `disconnect`.
+    pub fn with_defaults(protocol: Protocol, device_size: u64, bitmap_block: u32) -> Self {
+        Params {
+            protocol,
+            device_size,
+            bitmap_block,
+            data_integrity: false,
+            discard_my_data: false,
+            csums_alg: None,
+            verify_alg: DigestAlg::Sha256,
+            after_sb_0pri: AfterSb0::Disconnect,
+            after_sb_1pri: AfterSb1::Disconnect,
+            after_sb_2pri: AfterSb2::Disconnect,
+        }
+    }
 }
 
 /// A node's role, disk state and metadata, exchanged on the data channel after Params, and
-/// again by the sync source when a resync ends. Role and disk stay raw: their enums live in the
-/// main crate.
+/// again by the sync source when a resync ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct State {
-    pub role: u8,
-    pub disk: u8,
+    pub role: Role,
+    pub disk: DiskState,
     /// [`state_flags`]; unknown bits are rejected.
     pub flags: u32,
     pub generations: Generations,
@@ -361,6 +362,17 @@ pub struct State {
 
 impl State {
     pub const LEN: usize = 46;
+
+    /// A node that knows nothing yet: role Unknown, Diskless, blank generations, no flags.
+    pub fn blank() -> Self {
+        State {
+            role: Role::Unknown,
+            disk: DiskState::Diskless,
+            flags: 0,
+            generations: Generations::default(),
+            dirty_blocks: 0,
+        }
+    }
 }
 
 /// An application write, with its data following the fixed part.
@@ -527,8 +539,8 @@ pub enum Message<'a> {
         len: u32,
     },
     StateChange {
-        role: u8,
-        disk: u8,
+        role: Role,
+        disk: DiskState,
     },
     Disconnect {
         reason: &'a str,
@@ -683,8 +695,8 @@ impl<'a> Message<'a> {
                 out.put_u8(p.after_sb_2pri.to_wire());
             }
             Message::State(s) => {
-                out.put_u8(s.role);
-                out.put_u8(s.disk);
+                out.put_u8(s.role.to_wire());
+                out.put_u8(s.disk.to_wire());
                 out.put_u32(s.flags);
                 out.put_u64(s.generations.current);
                 out.put_u64(s.generations.bitmap);
@@ -742,8 +754,8 @@ impl<'a> Message<'a> {
                 out.put_u32(errno);
             }
             Message::StateChange { role, disk } => {
-                out.put_u8(role);
-                out.put_u8(disk);
+                out.put_u8(role.to_wire());
+                out.put_u8(disk.to_wire());
             }
             Message::Disconnect { reason } => put_str(out, reason),
             Message::ResyncCsumRequest { offset, len, digests }
@@ -843,7 +855,9 @@ impl<'a> Message<'a> {
                 let (offset, len) = decode_range32(&mut r, "resync block")?;
                 Message::ResyncReadError { offset, len, errno: r.u32()? }
             }
-            kind::STATE_CHANGE => Message::StateChange { role: r.u8()?, disk: r.u8()? },
+            kind::STATE_CHANGE => {
+                Message::StateChange { role: decode_role(r.u8()?)?, disk: decode_disk(r.u8()?)? }
+            }
             kind::DISCONNECT => {
                 Message::Disconnect { reason: r.string16("disconnect reason", MAX_STRING_LEN)? }
             }
@@ -980,7 +994,8 @@ fn decode_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
 }
 
 fn decode_state(r: &mut Reader<'_>) -> Result<State, DecodeError> {
-    let (role, disk, flags) = (r.u8()?, r.u8()?, r.u32()?);
+    let (role, disk) = (decode_role(r.u8()?)?, decode_disk(r.u8()?)?);
+    let flags = r.u32()?;
     if flags & !state_flags::KNOWN != 0 {
         return Err(DecodeError::Invalid { what: "state flags", value: flags.into() });
     }

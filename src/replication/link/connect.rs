@@ -98,9 +98,7 @@ pub async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdbd_protocol::repl::{
-        AfterSb0, AfterSb1, AfterSb2, DigestAlg, Generations, Message, Protocol, RefuseCode,
-    };
+    use rdbd_protocol::repl::{DiskState, Generations, Message, Protocol, RefuseCode, Role};
     use std::time::Duration;
 
     fn id<'a>(local: &'a str, peer: &'a str, secret: &'a [u8]) -> Identity<'a> {
@@ -114,27 +112,16 @@ mod tests {
     }
 
     fn params() -> Params {
-        Params {
-            protocol: Protocol::C,
-            device_size: 1 << 30,
-            bitmap_block: 4096,
-            data_integrity: true,
-            discard_my_data: false,
-            csums_alg: None,
-            verify_alg: DigestAlg::Sha256,
-            after_sb_0pri: AfterSb0::Disconnect,
-            after_sb_1pri: AfterSb1::Disconnect,
-            after_sb_2pri: AfterSb2::Disconnect,
-        }
+        Params { data_integrity: true, ..Params::with_defaults(Protocol::C, 1 << 30, 4096) }
     }
 
     fn state(current: u64) -> State {
         State {
-            role: 1,
-            disk: 8,
-            flags: 0,
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
             generations: Generations { current, ..Default::default() },
             dirty_blocks: 3,
+            ..State::blank()
         }
     }
 

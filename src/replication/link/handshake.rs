@@ -265,28 +265,11 @@ mod tests {
     }
 
     fn params(size: u64) -> Params {
-        Params {
-            protocol: Protocol::C,
-            device_size: size,
-            bitmap_block: 4096,
-            data_integrity: false,
-            discard_my_data: false,
-            csums_alg: None,
-            verify_alg: DigestAlg::Sha256,
-            after_sb_0pri: AfterSb0::Disconnect,
-            after_sb_1pri: AfterSb1::Disconnect,
-            after_sb_2pri: AfterSb2::Disconnect,
-        }
+        Params::with_defaults(Protocol::C, size, 4096)
     }
 
     fn state(current: u64) -> State {
-        State {
-            role: 0,
-            disk: 0,
-            flags: 0,
-            generations: Generations { current, ..Default::default() },
-            dirty_blocks: 0,
-        }
+        State { generations: Generations { current, ..Default::default() }, ..State::blank() }
     }
 
     async fn pair() -> (Framed, Framed) {

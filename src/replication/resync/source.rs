@@ -8,6 +8,7 @@
 //! waits, so the data channel carries the two in the order the local disk saw them (SPEC §5.5,
 //! §6.y).
 
+use crate::replication::states::{DiskState, Role};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -57,7 +58,7 @@ pub enum SourceError {
 /// What the inbound task reports to the node.
 pub trait SourceEvents: Send {
     /// The peer announced a new role or disk state (raw wire values).
-    fn peer_state(&mut self, role: u8, disk: u8);
+    fn peer_state(&mut self, role: Role, disk: DiskState);
     /// Every block is in sync on the peer: close the resync durably (generations) and return
     /// the final State to send. `bytes`: resync data sent.
     fn resync_finished(&mut self, bytes: u64) -> Result<State, String>;

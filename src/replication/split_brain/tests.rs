@@ -36,12 +36,12 @@ fn split_brain(auto_recoverable: bool) -> Decision {
     }
 }
 
-fn policies(p0: AfterSb0Pri, p1: AfterSb1Pri, p2: AfterSb2Pri) -> Policies {
+fn policies(p0: AfterSb0Pri, p1: AfterSb1, p2: AfterSb2) -> Policies {
     Policies { after_sb_0pri: p0, after_sb_1pri: p1, after_sb_2pri: p2 }
 }
 
 fn only_0pri(p0: AfterSb0Pri) -> Policies {
-    policies(p0, AfterSb1Pri::Disconnect, AfterSb2Pri::Disconnect)
+    policies(p0, AfterSb1::Disconnect, AfterSb2::Disconnect)
 }
 
 /// Who loses, as (name, flagged as a losing Primary), seen from alpha (local) and checked to
@@ -167,7 +167,7 @@ fn after_sb_0pri_table() {
 #[test]
 fn after_sb_1pri_table() {
     use AfterSb0Pri as Z;
-    use AfterSb1Pri as O;
+    use AfterSb1 as O;
     let primary = |dirty, id| view(Primary, false, dirty, id);
     // (1pri policy, 0pri policy, alpha, beta, want)
     let cases = [
@@ -238,7 +238,7 @@ fn after_sb_1pri_table() {
         ),
     ];
     for (p1, p0, alpha, beta, want) in cases {
-        let p = policies(p0.clone(), p1, AfterSb2Pri::CallPriLostAfterSb);
+        let p = policies(p0.clone(), p1, AfterSb2::CallPriLostAfterSb);
         check(&alpha, &beta, &p, want);
     }
 }
@@ -246,7 +246,7 @@ fn after_sb_1pri_table() {
 #[test]
 fn after_sb_2pri_table() {
     use AfterSb0Pri as Z;
-    use AfterSb2Pri as T;
+    use AfterSb2 as T;
     let primary = |dirty, id| view(Primary, false, dirty, id);
     let cases = [
         (
@@ -281,14 +281,14 @@ fn after_sb_2pri_table() {
         ),
     ];
     for (p2, p0, alpha, beta, want) in cases {
-        let p = policies(p0.clone(), AfterSb1Pri::DiscardSecondary, p2);
+        let p = policies(p0.clone(), AfterSb1::DiscardSecondary, p2);
         check(&alpha, &beta, &p, want);
     }
 }
 
 #[test]
 fn the_number_of_primaries_selects_the_policy() {
-    let p = policies(AfterSb0Pri::DiscardLeastChanges, AfterSb1Pri::Disconnect, AfterSb2Pri::Disconnect);
+    let p = policies(AfterSb0Pri::DiscardLeastChanges, AfterSb1::Disconnect, AfterSb2::Disconnect);
     check(&secondary(1, 1), &secondary(9, 2), &p, Loses("alpha"));
     check(&view(Primary, false, 1, 1), &secondary(9, 2), &p, Unresolved("after-sb-1pri"));
     check(&view(Primary, false, 1, 1), &view(Primary, false, 9, 2), &p, Unresolved("after-sb-2pri"));
@@ -300,17 +300,13 @@ fn the_number_of_primaries_selects_the_policy() {
 fn policies_from_the_config() {
     let net = NetConfig {
         after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
-        after_sb_1pri: AfterSb1Pri::Consensus,
-        after_sb_2pri: AfterSb2Pri::CallPriLostAfterSb,
+        after_sb_1pri: AfterSb1::Consensus,
+        after_sb_2pri: AfterSb2::CallPriLostAfterSb,
         ..NetConfig::default()
     };
     assert_eq!(
         Policies::from_net(&net),
-        policies(
-            AfterSb0Pri::DiscardNode("beta".into()),
-            AfterSb1Pri::Consensus,
-            AfterSb2Pri::CallPriLostAfterSb
-        )
+        policies(AfterSb0Pri::DiscardNode("beta".into()), AfterSb1::Consensus, AfterSb2::CallPriLostAfterSb)
     );
     assert_eq!(Policies::from_net(&NetConfig::default()), Policies::default());
 }
@@ -372,8 +368,8 @@ fn policies_strategy() -> impl Strategy<Value = Policies> {
         Just(AfterSb0Pri::DiscardNode("beta".into())),
         Just(AfterSb0Pri::DiscardNode("gamma".into())),
     ];
-    let p1 = prop::sample::select(AfterSb1Pri::ALL);
-    let p2 = prop::sample::select(AfterSb2Pri::ALL);
+    let p1 = prop::sample::select(AfterSb1::ALL);
+    let p2 = prop::sample::select(AfterSb2::ALL);
     (p0, p1, p2).prop_map(|(p0, p1, p2)| policies(p0, p1, p2))
 }
 
@@ -401,7 +397,7 @@ proptest! {
                 if primaries == 2 {
                     prop_assert!(r.loser_is_primary);
                 }
-                if primaries == 1 && p.after_sb_1pri != AfterSb1Pri::CallPriLostAfterSb {
+                if primaries == 1 && p.after_sb_1pri != AfterSb1::CallPriLostAfterSb {
                     prop_assert!(!r.loser_is_primary, "only call-pri-lost-after-sb discards a Primary");
                 }
             }

@@ -72,8 +72,8 @@ fn layout_of_every_message() {
         ),
         (
             Message::State(State {
-                role: 1,
-                disk: 4,
+                role: Role::Primary,
+                disk: DiskState::Inconsistent,
                 flags: state_flags::CONSISTENT | state_flags::CRASHED_PRIMARY,
                 generations: Generations { current: 0xaaaa, bitmap: 0xbbbb, history: [0xcccc, 0xdddd] },
                 dirty_blocks: 9,
@@ -151,7 +151,7 @@ fn layout_of_every_message() {
         (Message::ResyncInSync { offset: 0x7000, len: 4096 }, 0x0507, cat(&[&be64(0x7000), &be32(4096)])),
         (Message::Ping, 0x0601, vec![]),
         (Message::PingAck, 0x0602, vec![]),
-        (Message::StateChange { role: 2, disk: 8 }, 0x0701, vec![2, 8]),
+        (Message::StateChange { role: Role::Secondary, disk: DiskState::UpToDate }, 0x0701, vec![2, 8]),
         (Message::Disconnect { reason: "bye" }, 0x0702, cat(&[&be16(3), b"bye"])),
         (
             Message::VerifyRequest { offset: 0x10_0000, len: 0x10_0000 },
@@ -574,8 +574,8 @@ fn arb_message() -> impl Strategy<Value = Message<'static>> {
         (any::<(u8, u8, u32)>(), any::<[u64; 5]>())
             .prop_map(|((role, disk, flags), [current, bitmap, h0, h1, dirty_blocks])| {
                 Message::State(State {
-                    role,
-                    disk,
+                    role: Role::from_wire(role % 3).unwrap(),
+                    disk: DiskState::from_wire(disk % 9).unwrap(),
                     flags: flags & state_flags::KNOWN,
                     generations: Generations { current, bitmap, history: [h0, h1] },
                     dirty_blocks,
@@ -620,7 +620,12 @@ fn arb_message() -> impl Strategy<Value = Message<'static>> {
         (arb_resync_range(), any::<u32>())
             .prop_map(|((offset, len), errno)| Message::ResyncReadError { offset, len, errno })
             .boxed(),
-        any::<(u8, u8)>().prop_map(|(role, disk)| Message::StateChange { role, disk }).boxed(),
+        any::<(u8, u8)>()
+            .prop_map(|(role, disk)| Message::StateChange {
+                role: Role::from_wire(role % 3).unwrap(),
+                disk: DiskState::from_wire(disk % 9).unwrap(),
+            })
+            .boxed(),
         arb_str().prop_map(|reason| Message::Disconnect { reason }).boxed(),
         (arb_resync_range(), arb_digests())
             .prop_map(|((offset, len), digests)| Message::ResyncCsumRequest { offset, len, digests })
