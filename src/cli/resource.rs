@@ -76,6 +76,6 @@ impl Resource {
 
     /// Where this node keeps its metadata.
     pub fn meta_location(&self) -> MetaLocation {
-        MetaLocation::from(&self.me().meta_disk)
+        self.me().meta_disk.clone()
     }
 }

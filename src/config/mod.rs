@@ -29,6 +29,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::metadata::store::MetaLocation;
+pub use crate::replication::resync::pace::{
+    ResyncConfig, DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE, DEFAULT_C_MIN_RATE,
+    DEFAULT_C_PLAN_AHEAD, DEFAULT_RESYNC_RATE,
+};
+pub use crate::replication::split_brain::{AfterSb0Pri, Policies, RrConflict};
 pub use error::ConfigError;
 pub use rdbd_protocol::repl::{AfterSb1, AfterSb2, DigestAlg, Protocol};
 pub use units::{format_duration, format_size, parse_duration};
@@ -47,15 +53,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(6);
 pub const DEFAULT_CONNECT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const DEFAULT_BITMAP_BLOCK: u64 = 4096;
-/// Resync defaults. DRBD's controller defaults cap a resync at 100 MiB/s and keep 50 KiB in
-/// flight; rdbd's aim at the speed of the disks: no cap, a deeper fill, and a floor under
-/// application load that still finishes a resync in reasonable time.
-pub const DEFAULT_RESYNC_RATE: u64 = 250 << 10;
-pub const DEFAULT_C_PLAN_AHEAD: Duration = Duration::from_secs(2);
-pub const DEFAULT_C_FILL_TARGET: u64 = 16 << 20;
-pub const DEFAULT_C_DELAY_TARGET: Duration = Duration::from_secs(1);
-pub const DEFAULT_C_MAX_RATE: u64 = 0;
-pub const DEFAULT_C_MIN_RATE: u64 = 16 << 20;
 
 /// The activity-log size range the DRBD kernel module accepts (drbd_limits.h; its man page's
 /// lower bound of 7 is out of date).
@@ -127,37 +124,6 @@ pub struct NetConfig {
     pub verify_alg: DigestAlg,
 }
 
-/// `after-sb-0pri`: split brain detected while neither node is Primary (DRBD's values).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum AfterSb0Pri {
-    /// Refuse to connect; the operator resolves it.
-    #[default]
-    Disconnect,
-    /// The node that became Primary after the split loses: its bitmap generation lacks the
-    /// Primary bit (it was Secondary when it started its generation), the other's has it.
-    DiscardYoungerPrimary,
-    /// The node that was Primary at the split (its bitmap generation has the Primary bit) loses.
-    DiscardOlderPrimary,
-    /// A side with no changes loses; if both changed, disconnect.
-    DiscardZeroChanges,
-    /// The side with fewer changed blocks loses.
-    DiscardLeastChanges,
-    /// The named node loses.
-    DiscardNode(String),
-}
-
-/// `rr-conflict`: the sync decision would make a Primary the sync target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RrConflict {
-    /// Refuse to connect (StandAlone).
-    #[default]
-    Disconnect,
-    /// Run the pri-lost handler on the Primary, then refuse.
-    CallPriLost,
-    /// Keep trying to connect (the Primary may be demoted meanwhile).
-    RetryConnect,
-}
-
 /// `on-io-error`: what a node does when its backing disk fails a read, write or flush (DRBD's
 /// `disk` option).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,11 +139,6 @@ pub enum OnIoError {
     CallLocalIoError,
 }
 
-rdbd_protocol::option_spellings!(RrConflict {
-    Disconnect => "disconnect",
-    CallPriLost => "call-pri-lost",
-    RetryConnect => "retry-connect",
-});
 rdbd_protocol::option_spellings!(OnIoError { Detach => "detach", PassOn => "pass_on", CallLocalIoError => "call-local-io-error" });
 
 mod ha;
@@ -185,65 +146,6 @@ pub use ha::{
     Failback, HaConfig, NoQuorumPolicy, OnDemoteFailure, OnQuorumLoss, ServiceConfig, WitnessConfig,
     DEFAULT_MIGRATION_THRESHOLD, DEFAULT_MONITOR_INTERVAL,
 };
-
-impl AfterSb0Pri {
-    /// Written before the node name in `discard-node-NAME`.
-    pub const DISCARD_NODE_PREFIX: &'static str = "discard-node-";
-    /// The accepted spellings, for messages.
-    pub const NAMES: &'static [&'static str] = &[
-        "disconnect",
-        "discard-younger-primary",
-        "discard-older-primary",
-        "discard-zero-changes",
-        "discard-least-changes",
-        "discard-node-NAME",
-    ];
-}
-
-impl std::fmt::Display for AfterSb0Pri {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self {
-            AfterSb0Pri::Disconnect => "disconnect",
-            AfterSb0Pri::DiscardYoungerPrimary => "discard-younger-primary",
-            AfterSb0Pri::DiscardOlderPrimary => "discard-older-primary",
-            AfterSb0Pri::DiscardZeroChanges => "discard-zero-changes",
-            AfterSb0Pri::DiscardLeastChanges => "discard-least-changes",
-            AfterSb0Pri::DiscardNode(node) => return write!(f, "{}{node}", Self::DISCARD_NODE_PREFIX),
-        };
-        f.write_str(name)
-    }
-}
-
-/// Resync pace (DRBD's dynamic resync controller and its fixed-rate fallback).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResyncConfig {
-    /// Fixed rate in bytes/s, used when `c_plan_ahead` is zero.
-    pub resync_rate: u64,
-    /// How far ahead the controller plans; zero turns it off (fixed `resync_rate`).
-    pub c_plan_ahead: Duration,
-    /// Bytes the controller keeps in flight; zero: aim at `c_delay_target` instead.
-    pub c_fill_target: u64,
-    /// With no fill target: keep this much time's worth of data in flight.
-    pub c_delay_target: Duration,
-    /// Upper bound in bytes/s; zero: no bound (as fast as disks and link allow).
-    pub c_max_rate: u64,
-    /// While the application does I/O, the resync is slowed down to this rate (bytes/s), not
-    /// further; zero: the resync never yields.
-    pub c_min_rate: u64,
-}
-
-impl Default for ResyncConfig {
-    fn default() -> Self {
-        ResyncConfig {
-            resync_rate: DEFAULT_RESYNC_RATE,
-            c_plan_ahead: DEFAULT_C_PLAN_AHEAD,
-            c_fill_target: DEFAULT_C_FILL_TARGET,
-            c_delay_target: DEFAULT_C_DELAY_TARGET,
-            c_max_rate: DEFAULT_C_MAX_RATE,
-            c_min_rate: DEFAULT_C_MIN_RATE,
-        }
-    }
-}
 
 /// Commands the daemon runs on events, with `RDBD_RESOURCE`, `RDBD_NODE`, `RDBD_PEER` (and
 /// `RDBD_EVENT`) in their environment; run through `/bin/sh -c`. None: nothing runs.
@@ -259,6 +161,17 @@ pub struct HandlersConfig {
     pub out_of_sync: Option<String>,
     /// The backing disk failed (on-io-error call-local-io-error).
     pub local_io_error: Option<String>,
+}
+
+impl NetConfig {
+    /// The split-brain policies, as the recovery takes them.
+    pub fn split_brain_policies(&self) -> Policies {
+        Policies {
+            after_sb_0pri: self.after_sb_0pri.clone(),
+            after_sb_1pri: self.after_sb_1pri,
+            after_sb_2pri: self.after_sb_2pri,
+        }
+    }
 }
 
 impl Default for NetConfig {
@@ -313,7 +226,7 @@ pub struct NodeConfig {
     pub address: String,
     /// Backing disk or file, an absolute path.
     pub disk: PathBuf,
-    pub meta_disk: MetaDisk,
+    pub meta_disk: MetaLocation,
     /// Optional `host:port` where the primary serves the device over NBD to userspace clients.
     pub nbd_listen: Option<String>,
     /// Optional kernel NBD device to attach on the primary.
@@ -321,16 +234,6 @@ pub struct NodeConfig {
     /// Optional `host:port` of the second heartbeat path (UDP, another address pair than the
     /// replication link), so that one broken interconnect is not taken for a dead peer.
     pub heartbeat_address: Option<String>,
-}
-
-/// Where the metadata (superblock, activity log, bitmap) lives.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum MetaDisk {
-    /// At the end of the backing disk, which then shows a smaller size to clients.
-    #[default]
-    Internal,
-    /// On a separate device or file, an absolute path.
-    External(PathBuf),
 }
 
 /// The `nbd-device` value.
@@ -502,8 +405,8 @@ impl ResourceConfig {
             writeln!(out, "address = {}", quote(&node.address))?;
             writeln!(out, "disk = {}", quote(&node.disk.to_string_lossy()))?;
             let meta = match &node.meta_disk {
-                MetaDisk::Internal => "internal".into(),
-                MetaDisk::External(path) => path.to_string_lossy(),
+                MetaLocation::Internal => "internal".into(),
+                MetaLocation::External(path) => path.to_string_lossy(),
             };
             writeln!(out, "meta-disk = {}", quote(&meta))?;
             if let Some(listen) = &node.nbd_listen {

@@ -12,13 +12,13 @@ use toml::Spanned;
 use super::locate::{key_at, line_of};
 use super::units::{format_duration, format_size, parse_duration, parse_size};
 use super::{
-    AfterSb0Pri, AfterSb1, AfterSb2, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaDisk, NbdDevice,
-    NetConfig, NodeConfig, OnIoError, Protocol, ResourceConfig, ResyncConfig, RrConflict, AL_EXTENTS_MAX,
-    AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX, C_DELAY_TARGET_MIN,
-    C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK, DEFAULT_CONNECT_INTERVAL,
-    DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE, DEFAULT_C_MIN_RATE,
-    DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT,
-    RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
+    AfterSb0Pri, AfterSb1, AfterSb2, ConfigError, DigestAlg, DiskConfig, HandlersConfig, MetaLocation,
+    NbdDevice, NetConfig, NodeConfig, OnIoError, Protocol, ResourceConfig, ResyncConfig, RrConflict,
+    AL_EXTENTS_MAX, AL_EXTENTS_MIN, BITMAP_BLOCK_MAX, BITMAP_BLOCK_MIN, C_DELAY_TARGET_MAX,
+    C_DELAY_TARGET_MIN, C_FILL_TARGET_MAX, C_PLAN_AHEAD_MAX, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_BLOCK,
+    DEFAULT_CONNECT_INTERVAL, DEFAULT_C_DELAY_TARGET, DEFAULT_C_FILL_TARGET, DEFAULT_C_MAX_RATE,
+    DEFAULT_C_MIN_RATE, DEFAULT_C_PLAN_AHEAD, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT,
+    DEFAULT_RESYNC_RATE, DEFAULT_TIMEOUT, RATE_MAX, RATE_MIN, SHARED_SECRET_MAX,
 };
 
 #[derive(Deserialize)]
@@ -790,8 +790,8 @@ fn build_node(
     }
     let disk_path = absolute_path(src, &disk, &key("disk"))?;
     let meta_disk = match raw.meta_disk {
-        None => MetaDisk::Internal,
-        Some(meta) if meta.get_ref() == "internal" => MetaDisk::Internal,
+        None => MetaLocation::Internal,
+        Some(meta) if meta.get_ref() == "internal" => MetaLocation::Internal,
         Some(meta) => {
             let path = absolute_path(src, &meta, &key("meta-disk"))?;
             if path == disk_path {
@@ -801,7 +801,7 @@ fn build_node(
                     "is the backing disk itself; write \"internal\" to keep metadata on it",
                 ));
             }
-            MetaDisk::External(path)
+            MetaLocation::External(path)
         }
     };
     let nbd_listen = match raw.nbd_listen {

@@ -148,14 +148,14 @@ fn minimal_file_gets_every_default() {
             name: "alpha".into(),
             address: "192.168.10.1:7789".into(),
             disk: "/dev/vg/res0".into(),
-            meta_disk: MetaDisk::Internal,
+            meta_disk: MetaLocation::Internal,
             nbd_listen: None,
             nbd_device: None,
             heartbeat_address: None,
         }
     );
     assert_eq!(b.name, "beta");
-    assert_eq!(b.meta_disk, MetaDisk::Internal);
+    assert_eq!(b.meta_disk, MetaLocation::Internal);
 }
 
 #[test]
@@ -216,12 +216,12 @@ fn full_file() {
     );
     let [a, b] = &cfg.nodes;
     assert_eq!(a.address, "[fd00::1]:7789");
-    assert_eq!(a.meta_disk, MetaDisk::External("/dev/sdc1".into()));
+    assert_eq!(a.meta_disk, MetaLocation::External("/dev/sdc1".into()));
     assert_eq!(a.nbd_listen.as_deref(), Some("127.0.0.1:10809"));
     assert_eq!(a.nbd_device, Some(NbdDevice::Path("/dev/nbd0".into())));
     assert_eq!(b.address, "beta.example.com:7790");
     assert_eq!(b.disk, Path::new("/var/lib/rdbd/res0.img"));
-    assert_eq!(b.meta_disk, MetaDisk::Internal);
+    assert_eq!(b.meta_disk, MetaLocation::Internal);
     assert_eq!(b.nbd_listen, None);
     assert_eq!(b.nbd_device, Some(NbdDevice::Auto));
     assert_eq!(cfg.node("beta"), Some(b));
@@ -1039,4 +1039,23 @@ fn on_io_error_policies_and_the_handler_they_need() {
         "disk.on-io-error",
         "needs a command in handlers.local-io-error",
     );
+}
+
+#[test]
+fn policies_from_the_config() {
+    let net = NetConfig {
+        after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
+        after_sb_1pri: AfterSb1::Consensus,
+        after_sb_2pri: AfterSb2::CallPriLostAfterSb,
+        ..NetConfig::default()
+    };
+    assert_eq!(
+        net.split_brain_policies(),
+        Policies {
+            after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
+            after_sb_1pri: AfterSb1::Consensus,
+            after_sb_2pri: AfterSb2::CallPriLostAfterSb,
+        }
+    );
+    assert_eq!(NetConfig::default().split_brain_policies(), Policies::default());
 }

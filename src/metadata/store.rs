@@ -16,22 +16,14 @@ use super::layout::{Layout, LayoutError, MD_BLOCK};
 use super::superblock::{flags, Superblock, SuperblockError};
 use crate::storage::MetaIo;
 
-/// Where a resource keeps its metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a resource keeps its metadata (the `meta-disk` setting).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum MetaLocation {
-    /// At the end of the backing device itself.
+    /// At the end of the backing device itself, which then shows a smaller size to clients.
+    #[default]
     Internal,
     /// In a separate file or device.
     External(PathBuf),
-}
-
-impl From<&crate::config::MetaDisk> for MetaLocation {
-    fn from(meta_disk: &crate::config::MetaDisk) -> Self {
-        match meta_disk {
-            crate::config::MetaDisk::Internal => MetaLocation::Internal,
-            crate::config::MetaDisk::External(path) => MetaLocation::External(path.clone()),
-        }
-    }
 }
 
 /// Parameters chosen at `create-md` time.

@@ -22,7 +22,7 @@ use super::event_stream::{EventKind, EventObject};
 use super::handlers::HandlerEvent;
 use super::{disk_from_flags, set_disk_flags, Node, NodeError};
 use crate::config::{NodeConfig, OnIoError};
-use crate::metadata::store::{self, MetaError, MetaLocation};
+use crate::metadata::store::{self, MetaError};
 use crate::metadata::superblock::flags;
 use crate::replication::device::Tracking;
 use crate::replication::disk_health::{DiskError, DiskOp};
@@ -41,7 +41,7 @@ pub(super) struct OpenedDisk {
 /// Opens `node`'s disk and metadata (folding the activity log after a crash) and marks the
 /// metadata in use.
 pub(super) fn open_disk(node: &NodeConfig) -> Result<OpenedDisk, NodeError> {
-    let attached = store::attach(&node.disk, &MetaLocation::from(&node.meta_disk), &node.name)?;
+    let attached = store::attach(&node.disk, &node.meta_disk, &node.name)?;
     for damage in &attached.report.damage {
         warn!("metadata damage detected: {damage}");
     }

@@ -349,7 +349,7 @@ pub(super) async fn watch(node: Arc<Node>, done: CancellationToken) {
 mod tests {
     use super::*;
 
-    use crate::metadata::store::{self, CreateOptions, MetaLocation};
+    use crate::metadata::store::{self, CreateOptions};
 
     /// A node of a two-node resource on a small file, attached but not connected.
     fn node(dir: &std::path::Path) -> Arc<Node> {
@@ -367,7 +367,7 @@ mod tests {
             al_extents: config.disk.al_extents,
             node_name: me.name.clone(),
         };
-        store::create(&me.disk, &MetaLocation::from(&me.meta_disk), &opts, false).unwrap();
+        store::create(&me.disk, &me.meta_disk, &opts, false).unwrap();
         Node::attach(config, 0).unwrap()
     }
 

@@ -31,7 +31,7 @@ use crate::replication::peer::LinkOptions;
 use crate::replication::resync::bitmap_exchange::{self, BitmapExchangeError};
 use crate::replication::resync::source::{self, SourceOptions};
 use crate::replication::resync::target::ResyncTarget;
-use crate::replication::split_brain::{self, Policies, Recovery, RrConflictAction};
+use crate::replication::split_brain::{self, Recovery, RrConflictAction};
 use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
 use crate::replication::sync_decision::{
     apply_skip_initial_sync, decide, require_usable_source, Decision, SideView, SyncDecision,
@@ -340,7 +340,7 @@ async fn resolve_split_brain(
     peer: &mut SideView,
 ) -> Result<Decision, Outcome> {
     let (me, them) = (node.me().name.as_str(), node.peer_config().name.as_str());
-    let recovery = split_brain::recover(d, local, peer, &Policies::from_net(&node.config.net), me, them);
+    let recovery = split_brain::recover(d, local, peer, &node.config.net.split_brain_policies(), me, them);
     let resolved = match recovery {
         Recovery::Resolved(r) => {
             let decision = require_usable_source(r.decision(&d), local.disk, peer.disk);

@@ -14,28 +14,13 @@
 //!
 //! [`sync_decision::decide`]: crate::replication::sync_decision::decide
 
-use crate::config::{AfterSb0Pri, AfterSb1, AfterSb2, NetConfig, RrConflict};
+mod policies;
+
 use crate::metadata::generations::PRIMARY_BIT;
 use crate::replication::states::Role;
 use crate::replication::sync_decision::{Decision, SideView, SyncDecision};
-
-/// The three after-sb policies of a resource.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policies {
-    pub after_sb_0pri: AfterSb0Pri,
-    pub after_sb_1pri: AfterSb1,
-    pub after_sb_2pri: AfterSb2,
-}
-
-impl Policies {
-    pub fn from_net(net: &NetConfig) -> Self {
-        Policies {
-            after_sb_0pri: net.after_sb_0pri.clone(),
-            after_sb_1pri: net.after_sb_1pri,
-            after_sb_2pri: net.after_sb_2pri,
-        }
-    }
-}
+pub use policies::{AfterSb0Pri, Policies, RrConflict};
+use rdbd_protocol::repl::{AfterSb1, AfterSb2};
 
 /// What [`recover`] concluded, from the local side's point of view.
 #[derive(Clone, Debug, PartialEq, Eq)]

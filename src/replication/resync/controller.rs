@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::config::ResyncConfig;
+use super::pace::ResyncConfig;
 
 /// One controller step, as in DRBD.
 pub const STEP: Duration = Duration::from_millis(100);

@@ -2,7 +2,8 @@
 //!
 //! - [`bitmap_exchange`]: both sides' bitmaps merged at connect time, before a resync.
 //! - [`source`]: the source's side: reads what the target asks for and sends it.
-//! - [`controller`]: how much the target asks for per step (DRBD's `c-*` options).
+//! - [`pace`]: the settings of the pace (DRBD's `resync-rate` and `c-*` options).
+//! - [`controller`]: how much the target asks for per step, from those settings.
 //! - [`throttle`]: how the source yields to application I/O (`c-min-rate`).
 //! - [`target`]: the target's bookkeeping: what to request next, what arrived, what is written
 //!   and durable, and which acknowledgements that allows.
@@ -12,6 +13,7 @@
 
 pub mod bitmap_exchange;
 pub mod controller;
+pub mod pace;
 pub mod source;
 pub mod target;
 pub mod throttle;

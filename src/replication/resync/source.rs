@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::controller::STEP;
+use super::pace::ResyncConfig;
 use super::target::PERSIST_INTERVAL;
 use super::throttle::Throttle;
-use crate::config::ResyncConfig;
 use crate::replication::device::ReplicatedDevice;
 use crate::replication::disk_health::{DiskError, DiskOp};
 use crate::replication::link::framed::{FrameError, FrameReader};

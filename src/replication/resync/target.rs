@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::controller::Controller;
 use rdbd_protocol::repl::DigestAlg;
 
-use crate::config::ResyncConfig;
+use super::pace::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::replication::device::ReplicatedDevice;
 

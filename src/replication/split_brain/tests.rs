@@ -297,21 +297,6 @@ fn the_number_of_primaries_selects_the_policy() {
 }
 
 #[test]
-fn policies_from_the_config() {
-    let net = NetConfig {
-        after_sb_0pri: AfterSb0Pri::DiscardNode("beta".into()),
-        after_sb_1pri: AfterSb1::Consensus,
-        after_sb_2pri: AfterSb2::CallPriLostAfterSb,
-        ..NetConfig::default()
-    };
-    assert_eq!(
-        Policies::from_net(&net),
-        policies(AfterSb0Pri::DiscardNode("beta".into()), AfterSb1::Consensus, AfterSb2::CallPriLostAfterSb)
-    );
-    assert_eq!(Policies::from_net(&NetConfig::default()), Policies::default());
-}
-
-#[test]
 fn rr_conflict_actions() {
     use RrConflictAction as A;
     use SyncDecision::*;
