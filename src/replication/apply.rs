@@ -1,6 +1,7 @@
 //! The receiving side of replication: applies the peer's writes to the local device and
 //! acknowledges them as each message asks (none, on receipt, or once on disk). As a sync target
-//! it also pulls the blocks its bitmap marks (SPEC §6).
+//! it also pulls the blocks its bitmap marks (SPEC §6): that I/O is in
+//! [`super::resync::target_io`].
 //!
 //! Ordering: a write is started only when it overlaps no earlier write still in flight or
 //! waiting, so overlapping writes land in the order they were sent whatever the protocol.
@@ -15,7 +16,7 @@ use std::time::Duration;
 use rdbd_protocol::repl::{append_digests, block_crc32c, AckMode, DigestAlg, Message, State};
 use slab::Slab;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::device::ReplicatedDevice;
 use super::disk_health::{DiskError, DiskOp};
@@ -93,7 +94,7 @@ impl ApplyEvents for NoEvents {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(in crate::replication) enum Kind {
     /// An application write (Data, Trim, Zeroes).
     Write,
     /// An application FLUSH: a barrier.
@@ -112,15 +113,15 @@ enum Kind {
 }
 
 /// A request received and not yet acknowledged.
-struct Received {
-    seq: u64,
-    ack: AckMode,
+pub(in crate::replication) struct Received {
+    pub(in crate::replication) seq: u64,
+    pub(in crate::replication) ack: AckMode,
     /// Arrival order, for barriers.
-    index: u64,
+    pub(in crate::replication) index: u64,
     /// Byte range written (empty for a flush).
-    range: (u64, u64),
-    op: Option<IoOp>,
-    kind: Kind,
+    pub(in crate::replication) range: (u64, u64),
+    pub(in crate::replication) op: Option<IoOp>,
+    pub(in crate::replication) kind: Kind,
 }
 
 impl Received {
@@ -136,50 +137,50 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Tag bit of operations on the resync queue.
-const RESYNC_QUEUE: u32 = 1 << 31;
+pub(in crate::replication) const RESYNC_QUEUE: u32 = 1 << 31;
 
 /// Applies the peer's replication stream to a device.
 pub struct Applier {
-    queue: Box<dyn IoQueue>,
+    pub(in crate::replication) queue: Box<dyn IoQueue>,
     /// Resync writes go to their own queue on the device opened for resync (O_DIRECT where
     /// possible: a bulk copy has nothing to gain from the page cache); its tags carry
     /// [`RESYNC_QUEUE`].
-    resync_queue: Option<Box<dyn IoQueue>>,
-    pool: BufPool,
-    integrity: bool,
-    size: u64,
+    pub(in crate::replication) resync_queue: Option<Box<dyn IoQueue>>,
+    pub(in crate::replication) pool: BufPool,
+    pub(in crate::replication) integrity: bool,
+    pub(in crate::replication) size: u64,
     /// Started on the device; the key is the queue tag.
-    running: Slab<Received>,
+    pub(in crate::replication) running: Slab<Received>,
     /// Held back by an overlap or a barrier, in arrival order.
-    waiting: VecDeque<Received>,
+    pub(in crate::replication) waiting: VecDeque<Received>,
     /// Arrival indices of writes not yet complete (running or waiting).
-    open_writes: BTreeSet<u64>,
-    next_index: u64,
-    acks: Vec<Message<'static>>,
+    pub(in crate::replication) open_writes: BTreeSet<u64>,
+    pub(in crate::replication) next_index: u64,
+    pub(in crate::replication) acks: Vec<Message<'static>>,
     /// Digests being encoded (reused).
-    digests: Vec<u8>,
+    pub(in crate::replication) digests: Vec<u8>,
     /// The local disk failed a request: the connection ends once the NegAck is out, and the
     /// next handshake finds the disk detached (or Inconsistent, under pass_on).
-    disk_failure: Option<DiskError>,
+    pub(in crate::replication) disk_failure: Option<DiskError>,
     /// The device whose bitmap records what this node writes while it holds the only copy (its
     /// peer is a Diskless Primary).
-    tracker: Option<Arc<ReplicatedDevice>>,
+    pub(in crate::replication) tracker: Option<Arc<ReplicatedDevice>>,
     /// Frames for the peer's data channel (resync requests, verify replies, state changes),
     /// encoded, since some carry digests computed here.
-    outgoing: Vec<u8>,
+    pub(in crate::replication) outgoing: Vec<u8>,
     /// Digest and block size of online verify, as agreed in Params.
-    verify_alg: DigestAlg,
-    block: u32,
+    pub(in crate::replication) verify_alg: DigestAlg,
+    pub(in crate::replication) block: u32,
     /// This node's operator asks for a verify (from this offset): sent to the peer, which
     /// drives it.
-    verify_starts: Option<mpsc::UnboundedReceiver<u64>>,
-    completions: Vec<Completion>,
-    resync: Option<ResyncTarget>,
+    pub(in crate::replication) verify_starts: Option<mpsc::UnboundedReceiver<u64>>,
+    pub(in crate::replication) completions: Vec<Completion>,
+    pub(in crate::replication) resync: Option<ResyncTarget>,
     /// What the resync bookkeeping decided to acknowledge (reused).
-    answers: Answers,
-    events: Box<dyn ApplyEvents>,
+    pub(in crate::replication) answers: Answers,
+    pub(in crate::replication) events: Box<dyn ApplyEvents>,
     /// Silence on both channels for this long means the peer is gone.
-    silence_limit: Option<Duration>,
+    pub(in crate::replication) silence_limit: Option<Duration>,
     pub stats: ApplyStats,
 }
 
@@ -441,30 +442,8 @@ impl Applier {
                 (z.seq, z.ack, range, op, Kind::Write)
             }
             Message::Flush { seq } => (seq, AckMode::Write, (0, 0), IoOp::Flush, Kind::Flush),
-            Message::ResyncData(d) => {
-                let Some(target) = self.resync.as_mut() else {
-                    return Err(ApplyError::Unexpected(message.kind()));
-                };
-                let len = d.data.len();
-                if self.integrity && block_crc32c(d.data) != d.crc32c {
-                    return Err(ApplyError::Integrity { offset: d.offset });
-                }
-                let request = target.data(d.offset, len)?;
-                let range = (d.offset, d.offset + len as u64);
-                let mut buf = self.pool.take(len);
-                buf.copy_from_slice(d.data);
-                self.stats.resync_bytes += len as u64;
-                // The request's offset stands in for a sequence number: it names the request.
-                let op = IoOp::Write { offset: d.offset, buf, fua: false };
-                (request, AckMode::None, range, op, Kind::ResyncWrite)
-            }
-            Message::ResyncInSync { offset, len } => {
-                let Some(target) = self.resync.as_mut() else {
-                    return Err(ApplyError::Unexpected(message.kind()));
-                };
-                target.in_sync(offset, len, &mut self.answers)?;
-                return Ok(());
-            }
+            Message::ResyncData(d) => return self.resync_data(d.offset, d.data, d.crc32c),
+            Message::ResyncInSync { offset, len } => return self.resync_in_sync(offset, len),
             Message::VerifyRequest { offset, len } => {
                 let range = self.check_range(offset, u64::from(len))?;
                 let buf = self.pool.take(len as usize);
@@ -501,7 +480,14 @@ impl Applier {
         Ok(())
     }
 
-    fn enqueue(&mut self, seq: u64, ack: AckMode, range: (u64, u64), op: IoOp, kind: Kind) {
+    pub(in crate::replication) fn enqueue(
+        &mut self,
+        seq: u64,
+        ack: AckMode,
+        range: (u64, u64),
+        op: IoOp,
+        kind: Kind,
+    ) {
         let index = self.next_index;
         self.next_index += 1;
         if ack == AckMode::Recv {
@@ -514,73 +500,8 @@ impl Applier {
         self.waiting.push_back(r);
     }
 
-    /// The source's final State: valid only once every requested block is written and acked.
-    fn resync_end(&mut self, state: &State) -> Result<(), ApplyError> {
-        let Some(target) = &self.resync else {
-            return Err(ApplyError::Unexpected(Message::State(*state).kind()));
-        };
-        let remaining = target.device().out_of_sync_blocks();
-        if !target.idle() || remaining > 0 {
-            return Err(ApplyError::ResyncFinish(format!(
-                "the source finished while {remaining} blocks were still out of sync here"
-            )));
-        }
-        let (role, disk) =
-            self.events.resync_finished(state, self.stats.resync_bytes).map_err(ApplyError::ResyncFinish)?;
-        self.resync = None;
-        info!(bytes = self.stats.resync_bytes, "resync finished: this node is UpToDate");
-        Message::StateChange { role, disk }.encode(&mut self.outgoing);
-        Ok(())
-    }
-
-    /// Requests what the controller allows, starts a flush when one is due, and sends the
-    /// acknowledgements the bookkeeping decided.
-    fn pump_resync(&mut self) {
-        let Some(target) = self.resync.as_mut() else { return };
-        while let Some((offset, len)) = target.next_request() {
-            if target.csums().is_none() {
-                Message::ResyncRequest { offset, len }.encode(&mut self.outgoing);
-                continue;
-            }
-            // A checksum request carries the digests of what this node has: read it first.
-            // Not ordered against application writes: a write racing the read only makes the
-            // digests differ, and then the source sends the block.
-            let buf = self.pool.take(len as usize);
-            let range = (offset, offset + u64::from(len));
-            let r =
-                Received { seq: offset, ack: AckMode::None, index: 0, range, op: None, kind: Kind::CsumRead };
-            let tag = self.running.insert(r) as u32;
-            let op = IoOp::Read { offset, buf };
-            match self.resync_queue.as_mut() {
-                Some(q) => q.submit(tag | RESYNC_QUEUE, op),
-                None => self.queue.submit(tag, op),
-            }
-        }
-        let now = std::time::Instant::now();
-        let flush = target.flush_due(now);
-        if flush {
-            target.flush_started();
-        }
-        if target.persist_due(now) {
-            // Cleared bits reach the metadata, so an interrupted resync resumes from here.
-            if let Err(e) = target.device().write_stale_bitmap_pages(false) {
-                warn!("cannot record the resync's progress in the metadata: {e}");
-            }
-        }
-        self.acks.extend(self.answers.acks.drain(..).map(|(offset, len)| Message::ResyncAck { offset, len }));
-        self.acks.extend(self.answers.failed.drain(..).map(|(offset, len, errno)| Message::ResyncNegAck {
-            offset,
-            len,
-            errno,
-        }));
-        if flush {
-            self.enqueue(0, AckMode::None, (0, 0), IoOp::Flush, Kind::ResyncFlush);
-            self.start_ready();
-        }
-    }
-
     /// Starts every waiting request that no earlier request blocks.
-    fn start_ready(&mut self) {
+    pub(in crate::replication) fn start_ready(&mut self) {
         let mut i = 0;
         while i < self.waiting.len() {
             let r = &self.waiting[i];
@@ -618,7 +539,7 @@ impl Applier {
     }
 
     /// Reports a failure of the local disk (once per connection: the connection ends).
-    fn disk_failed(&mut self, op: DiskOp, offset: Option<u64>, error: IoError) {
+    pub(in crate::replication) fn disk_failed(&mut self, op: DiskOp, offset: Option<u64>, error: IoError) {
         let failure = DiskError::new(op, offset, error);
         if self.disk_failure.is_none() {
             self.events.disk_failed(failure.clone());
@@ -728,26 +649,6 @@ impl Applier {
         }
         self.pool.give(buf);
     }
-
-    fn resync_written(&mut self, request: u64, offset: u64, result: Result<(), IoError>) {
-        if let Err(e) = result {
-            warn!(offset, "writing resync data failed: {e:?}");
-            self.stats.failed += 1;
-            self.disk_failed(DiskOp::Write, Some(offset), e);
-        }
-        let Some(target) = self.resync.as_mut() else { return };
-        target.written(request, result.map_err(errno_of), &mut self.answers);
-    }
-
-    /// The flush made the written resync data durable: the bookkeeping clears and acknowledges
-    /// it (SPEC §6).
-    fn resync_flushed(&mut self, result: Result<(), IoError>) {
-        if let Err(e) = result {
-            self.disk_failed(DiskOp::Flush, None, e);
-        }
-        let Some(target) = self.resync.as_mut() else { return };
-        target.flush_done(result.map_err(errno_of), &mut self.answers);
-    }
 }
 
 async fn next_start(starts: &mut Option<mpsc::UnboundedReceiver<u64>>) -> Option<u64> {
@@ -757,7 +658,7 @@ async fn next_start(starts: &mut Option<mpsc::UnboundedReceiver<u64>>) -> Option
     }
 }
 
-fn errno_of(e: IoError) -> u32 {
+pub(in crate::replication) fn errno_of(e: IoError) -> u32 {
     match e {
         IoError::Io(errno) => errno as u32,
         IoError::NoSpace => libc::ENOSPC as u32,

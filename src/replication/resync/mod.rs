@@ -7,13 +7,13 @@
 //! - [`throttle`]: how the source yields to application I/O (`c-min-rate`).
 //! - [`target`]: the target's bookkeeping: what to request next, what arrived, what is written
 //!   and durable, and which acknowledgements that allows.
-//!
-//! The I/O itself stays with the tasks that own the disks and channels: the applier
-//! ([`super::apply`]) on the target, the inbound task ([`source`]) on the source.
+//! - [`target_io`]: the target's I/O, carried out by the applier ([`super::apply`]), which owns
+//!   the disk queues and channels on the target.
 
 pub mod bitmap_exchange;
 pub mod controller;
 pub mod pace;
 pub mod source;
 pub mod target;
+pub mod target_io;
 pub mod throttle;
