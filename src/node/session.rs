@@ -28,7 +28,8 @@ use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
-use crate::replication::resync::bitmap_exchange::{self, BitmapExchangeError};
+use crate::replication::resync::bitmap_exchange::BitmapExchangeError;
+use crate::replication::resync::setup::{self, SetupError, SetupNode};
 use crate::replication::resync::source::{self, SourceOptions};
 use crate::replication::resync::target::ResyncTarget;
 use crate::replication::split_brain::{self, Recovery, RrConflictAction};
@@ -531,7 +532,8 @@ async fn session(
         node.device.hold_writes(node.config.net.timeout).await;
     }
     if resyncing {
-        if let Err(e) = prepare_resync(node, &mut est, outcome).await {
+        let step = node.config.net.timeout.max(Duration::from_secs(1));
+        if let Err(e) = setup::prepare(&node.device, &mut est, outcome, step, node.as_ref()).await {
             node.device.release_writes();
             if let Some(BitmapExchangeError::Refused(message)) = e.downcast_ref() {
                 // The peer could not carry out the decision (a losing Primary with NBD
@@ -586,64 +588,37 @@ async fn diskless_session(node: &Arc<Node>, est: Established, local: &SideView, 
     }
 }
 
-/// Bitmap exchange (or everything dirty for a full sync), then the generation rotation and
-/// SyncUuid (SPEC §4.5, §4.6). The bitmap is durable before any resync data moves.
-async fn prepare_resync(
-    node: &Node,
-    est: &mut Established,
-    outcome: SyncDecision,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let step = node.config.net.timeout.max(Duration::from_secs(1));
-    if outcome.is_full() {
-        node.device.with_tracking(|t| t.bitmap.set_all());
-    } else {
-        let snapshot = node.device.with_tracking(|t| t.bitmap.clone());
-        let mut merged = snapshot.clone();
-        let (reader, writer) = est.data.halves();
-        let (sent, received) = tokio::join!(
-            bitmap_exchange::send(writer, &snapshot),
-            bitmap_exchange::receive(reader, &mut merged, step)
-        );
-        // The peer's answer first: a Refuse in place of its bitmap explains a failed send.
-        let added = received?;
-        sent?;
-        node.device.with_tracking(|t| {
-            for (start, len) in merged.runs_from(0) {
-                t.bitmap.set(start..start + len);
-            }
-        });
-        info!(added, "bitmaps exchanged");
+/// The node's part in setting up a resync: its metadata and the state `status` shows.
+impl SetupNode for Node {
+    fn persist_bitmap(&self) -> Result<(), SetupError> {
+        Ok(Node::persist_bitmap(self, true)?)
     }
-    node.persist_bitmap(true)?;
-    let total = node.device.out_of_sync_blocks();
-    if outcome.is_source() {
-        let gens = node.generations().start_resync_as_source(random_u64());
-        node.persist(|sb| sb.generations = gens)?;
-        est.data.send(&Message::SyncUuid { uuid: gens.sync_uuid() }).await?;
-        let mut s = node.state();
+
+    fn start_as_source(&self, total: u64) -> Result<u64, SetupError> {
+        let gens = self.generations().start_resync_as_source(random_u64());
+        self.persist(|sb| sb.generations = gens)?;
+        let mut s = self.state();
         s.repl = ReplState::SyncSource;
         s.resync_total = total;
         s.resync_started = Some(std::time::Instant::now());
         s.peer_disk = DiskState::Inconsistent;
-    } else {
-        let uuid = match est.data.recv_within(step).await? {
-            Message::SyncUuid { uuid } => uuid,
-            other => return Err(format!("expected SyncUuid, got message kind {:#x}", other.kind()).into()),
-        };
-        let gens = node.generations().start_resync_as_target(uuid);
-        node.persist(|sb| {
+        Ok(gens.sync_uuid())
+    }
+
+    fn start_as_target(&self, sync_uuid: u64, total: u64) -> Result<(), SetupError> {
+        let gens = self.generations().start_resync_as_target(sync_uuid);
+        self.persist(|sb| {
             sb.generations = gens;
             super::set_disk_flags(sb, DiskState::Inconsistent);
             sb.set(flags::CRASHED_PRIMARY, false);
         })?;
-        let mut s = node.state();
+        let mut s = self.state();
         s.disk = DiskState::Inconsistent;
         s.repl = ReplState::SyncTarget;
         s.resync_total = total;
         s.resync_started = Some(std::time::Instant::now());
+        Ok(())
     }
-    info!(blocks = total, full = outcome.is_full(), "resync starting");
-    Ok(())
 }
 
 /// The sending side: the link carries application writes (and resync data as source).

@@ -1,5 +1,7 @@
 //! Resync: bringing the sync target's blocks up to the source's, pipelined and paced.
 //!
+//! - [`setup`]: from the sync decision to the first request: bitmaps merged, generations
+//!   rotated, the sync identifier handed over.
 //! - [`bitmap_exchange`]: both sides' bitmaps merged at connect time, before a resync.
 //! - [`source`]: the source's side: reads what the target asks for and sends it.
 //! - [`pace`]: the settings of the pace (DRBD's `resync-rate` and `c-*` options).
@@ -13,6 +15,7 @@
 pub mod bitmap_exchange;
 pub mod controller;
 pub mod pace;
+pub mod setup;
 pub mod source;
 pub mod target;
 pub mod target_io;
