@@ -409,8 +409,17 @@ impl PeerLink {
 
     /// The peer answered request `seq`. A FlushAck makes every write before it stable, a
     /// WriteAck a FUA write; a NegAck loses the write, or for a flush every write before it.
-    fn answer(&self, seq: u64, answer: Answer) {
-        let settled = self.outbox().ledger.answer(seq, answer);
+    /// Takes the peer's answer; false for one it may not send (the link then ends: a peer that
+    /// acknowledges what it was never asked is broken, and trusting it could clear a mark).
+    fn answer(&self, seq: u64, answer: Answer) -> bool {
+        let settled = {
+            let mut outbox = self.outbox();
+            if !outbox.ledger.expects(seq, answer) {
+                warn!(seq, ?answer, "the peer answered a request it was not sent; dropping the link");
+                return false;
+            }
+            outbox.ledger.answer(seq, answer)
+        };
         if !settled.stable.is_empty() {
             self.events.stable(&settled.stable);
         }
@@ -421,6 +430,7 @@ impl PeerLink {
             let outcome = if answer == Answer::Failed { PeerOutcome::Failed } else { PeerOutcome::Done };
             w.inbox.deliver(w.key, outcome);
         }
+        true
     }
 
     fn forward(&self, reply: ResyncReply) {
@@ -492,9 +502,15 @@ impl PeerLink {
             };
             pinged = false;
             match received {
-                Ok(Message::FlushAck { seq }) => self.answer(seq, Answer::Flushed),
+                Ok(Message::FlushAck { seq }) => {
+                    if !self.answer(seq, Answer::Flushed) {
+                        break;
+                    }
+                }
                 Ok(Message::WriteAck { seq }) | Ok(Message::RecvAck { seq }) => {
-                    self.answer(seq, Answer::Written)
+                    if !self.answer(seq, Answer::Written) {
+                        break;
+                    }
                 }
                 Ok(Message::NegAck { seq, errno }) => {
                     // The peer left UpToDate before it answered so (SPEC §5.1): what it failed is
@@ -505,7 +521,7 @@ impl PeerLink {
                         seq,
                         errno, "peer failed a write or flush: its blocks are out of sync; reconnecting"
                     );
-                    self.answer(seq, Answer::Failed);
+                    let _ = self.answer(seq, Answer::Failed);
                     break;
                 }
                 Ok(Message::Ping) => {

@@ -129,6 +129,22 @@ impl<W> Ledger<W> {
         Settled { waiter, stable, lost }
     }
 
+    /// Whether `answer` to `seq` is one the peer may send: to a request that waits for it, of
+    /// the kind that request takes (a NegAck answers any). Anything else is a broken peer.
+    pub fn expects(&self, seq: u64, answer: Answer) -> bool {
+        let request = match self.waiting.get(&seq) {
+            Some((_, request)) => Some(request),
+            None if self.auto_flush == Some(seq) => Some(&Request::Flush),
+            None => None,
+        };
+        matches!(
+            (request, answer),
+            (Some(_), Answer::Failed)
+                | (Some(Request::Flush), Answer::Flushed)
+                | (Some(Request::Write { .. }), Answer::Written)
+        )
+    }
+
     /// Takes the waiter of read `seq`, if `seq` is a read we sent.
     pub fn take_read(&mut self, seq: u64) -> Option<W> {
         match self.waiting.get(&seq) {
@@ -168,6 +184,23 @@ mod tests {
 
     fn write(start: u64, fua: bool) -> Request {
         Request::Write { range: (start, start + 4096), fua }
+    }
+
+    #[test]
+    fn only_answers_to_requests_sent_and_of_their_kind_are_expected() {
+        let mut l = Ledger::default();
+        let w = l.submit(write(0, false), true, "w");
+        let f = l.submit(Request::Flush, true, "f");
+        let quiet = l.submit(write(8192, false), false, "protocol A");
+        assert!(l.expects(w, Answer::Written) && l.expects(w, Answer::Failed));
+        assert!(!l.expects(w, Answer::Flushed), "a FlushAck for a write");
+        assert!(l.expects(f, Answer::Flushed) && !l.expects(f, Answer::Written));
+        assert!(!l.expects(quiet, Answer::Written), "nobody asked for this ack");
+        assert!(!l.expects(f + 100, Answer::Failed), "never sent");
+        let auto = l.start_auto_flush().unwrap();
+        assert!(l.expects(auto, Answer::Flushed));
+        let _ = l.answer(w, Answer::Written);
+        assert!(!l.expects(w, Answer::Written), "answered already");
     }
 
     #[test]
