@@ -447,19 +447,23 @@ fn both_lose_power_15s_after_unflushed_writes() {
 
 /// (d) The Primary writes without a FLUSH and is demoted at once (its writes may still sit in
 /// the Secondary's volatile cache), then the Secondary loses power: the pair must resync to
-/// identical replicas. The simulator found this shape lose the marks in the core (seed 40834);
-/// here the daemon resyncs everything (a full resync, safe but more than needed; see the
-/// README), so this test guards the outcome, not that fix.
+/// identical replicas. The simulator found this shape lose the marks in the core (seed 40834).
+/// The daemon's demotion makes every write stable on the peer first (one flush), so the
+/// Secondary's power loss takes nothing and the pair reconnects in sync: no resync at all.
 #[test]
 fn the_secondary_loses_power_right_after_the_primary_was_demoted() {
     let Some(mut rig) = Rig::new() else { return };
     rig.write_anchor_then_unflushed(Alpha);
     rig.cluster.verb_ok(Alpha, &["secondary"]);
+    let resyncs = rig.cluster.status(Alpha).field("resyncs_completed").as_u64();
     rig.power_loss(Beta);
     rig.cluster.wait_for(Alpha, "disconnected", Duration::from_secs(30), |s| {
         str_at(s, &["connection"]) != "Connected"
     });
     rig.power_on(Beta);
+    rig.cluster.wait_in_sync(Duration::from_secs(120));
+    let after = rig.cluster.status(Alpha).field("resyncs_completed").as_u64();
+    assert_eq!(after, resyncs, "the demotion flushed the peer: nothing to resync after its power loss");
     rig.check_recovered(Alpha);
 }
 
