@@ -24,6 +24,7 @@ use super::{random_u64, Node};
 use crate::config::AfterSb0Pri;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
+use crate::replication::connection_plan::{self, Plan, Settings, SplitBrainFound};
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
@@ -32,11 +33,8 @@ use crate::replication::resync::bitmap_exchange::BitmapExchangeError;
 use crate::replication::resync::setup::{self, SetupError, SetupNode};
 use crate::replication::resync::source::{self, SourceOptions};
 use crate::replication::resync::target::ResyncTarget;
-use crate::replication::split_brain::{self, Recovery, RrConflictAction};
-use crate::replication::states::{disk_after_decision, ConnState, DiskState, ReplState, Role};
-use crate::replication::sync_decision::{
-    apply_skip_initial_sync, decide, require_usable_source, Decision, SideView, SyncDecision,
-};
+use crate::replication::states::{ConnState, DiskState, ReplState, Role};
+use crate::replication::sync_decision::{apply_skip_initial_sync, SideView};
 
 /// This node's State as sent at the handshake and at the end of a resync.
 pub fn local_state(node: &Node) -> State {
@@ -328,81 +326,22 @@ async fn send_refuse(est: &mut Established, code: RefuseCode, message: &str) {
     .await;
 }
 
-/// A split brain found by the rule table: the after-sb policy for the number of Primaries
-/// picks the side whose changes are discarded, or the connection is refused (StandAlone on
-/// both nodes). A losing Primary gives up its role here when no NBD client uses it (`local`
-/// or `peer` says Secondary then); with clients it refuses instead. Returns the decision to
-/// go on with, or how the session ends.
-async fn resolve_split_brain(
-    node: &Arc<Node>,
-    est: &mut Established,
-    d: Decision,
-    local: &mut SideView,
-    peer: &mut SideView,
-) -> Result<Decision, Outcome> {
-    let (me, them) = (node.me().name.as_str(), node.peer_config().name.as_str());
-    let recovery = split_brain::recover(d, local, peer, &node.config.net.split_brain_policies(), me, them);
-    let resolved = match recovery {
-        Recovery::Resolved(r) => {
-            let decision = require_usable_source(r.decision(&d), local.disk, peer.disk);
-            if decision.outcome.is_source() || decision.outcome.is_target() {
-                Ok((r, decision))
-            } else {
-                Err(format!("{} picked a side, but {}", r.policy, decision.reason))
-            }
-        }
-        Recovery::Unresolved { reason } => Err(reason),
-        Recovery::NotSplitBrain => Err(d.reason.to_string()),
-    };
-    // Every text below names nodes, not "local" and "peer": both logs read the same.
-    let detected = format!("split brain detected (rule {}: {})", d.rule, d.reason);
-    let loser = |r: &split_brain::Resolution| if r.local_loses() { me } else { them };
-    let detail = match &resolved {
-        Ok((r, _)) => format!(
-            "{detected}; resolved by {}: {}'s changes are discarded ({})",
-            r.policy,
-            loser(r),
-            r.reason
-        ),
-        Err(reason) => format!("{detected}; unresolved: {reason}"),
-    };
-    node.emit_event(EventKind::Detected, EventObject::SplitBrain { peer: them.to_string(), detail });
+/// A split brain the plan found: an event for `rdbd events` and the `split-brain` handler,
+/// resolved by a policy or not.
+fn report_split_brain(node: &Arc<Node>, found: &SplitBrainFound) {
+    let them = node.peer_config().name.clone();
+    node.emit_event(
+        EventKind::Detected,
+        EventObject::SplitBrain { peer: them, detail: found.detail.clone() },
+    );
     // DRBD 8.4 runs `split-brain` only for a split brain it leaves unresolved, and
     // `initial-split-brain` (which rdbd does not have) for every one. rdbd's one handler runs for
     // every split brain: a resolution by policy discards one node's changes, which the operator
     // needs to hear about as much.
     node.spawn_handler(HandlerEvent::SplitBrain, Vec::new());
-    let (r, decision) = match resolved {
-        Ok(resolved) => resolved,
-        Err(reason) => {
-            let message =
-                format!("{detected}: both nodes changed the data; not resolved ({reason}); resolve manually");
-            return Err(refuse(est, RefuseCode::SplitBrain, message).await);
-        }
-    };
-    warn!("split brain resolved by {}: {}'s changes are discarded ({})", r.policy, loser(&r), r.reason);
-    if r.local_must_give_up_primary() {
-        if let Err(e) = node.give_up_primary().await {
-            let handler = if node.spawn_handler(HandlerEvent::PriLostAfterSb, Vec::new()) {
-                "; pri-lost-after-sb handler run"
-            } else {
-                ""
-            };
-            let message = format!(
-                "split brain: {} discards the changes of the Primary {me}, which cannot become Secondary \
-                 ({e}){handler}; resolve manually",
-                r.policy
-            );
-            return Err(refuse(est, RefuseCode::SplitBrain, message).await);
-        }
-        info!("role: Secondary (this Primary's changes are discarded)");
-        local.role = Role::Secondary;
-    } else if r.loser_is_primary {
-        // The peer gives up its role, or, if it cannot, refuses in place of its bitmap and this
-        // node goes StandAlone too (see `session`).
-        peer.role = Role::Secondary;
+    if found.resolution.is_some() {
+        warn!("{}", found.detail);
     }
-    Ok(decision)
 }
 
 /// One established connection: the sync decision, then replication until the link ends.
@@ -444,70 +383,54 @@ async fn session(
         s.skip_initial_sync = false;
         s.discard_my_data = false;
     }
-    let decision = decide(&local, &peer);
-    if decision.outcome == SyncDecision::NoDisk {
-        return diskless_session(node, est, &local, &peer).await;
-    }
-    // Two Primaries whose data diverged are reported as the split brain they are.
-    let diverged = matches!(decision.outcome, SyncDecision::SplitBrain { .. } | SyncDecision::Unrelated);
-    if local.role == Role::Primary && peer.role == Role::Primary && !diverged {
-        let message = "both nodes are Primary: refusing to connect".to_string();
-        return refuse(&mut est, RefuseCode::Other, message).await;
-    }
-    info!(outcome = ?decision.outcome, rule = decision.rule, reason = decision.reason, "sync decision");
-    let decision = match decision.outcome {
-        SyncDecision::SplitBrain { .. } => {
-            match resolve_split_brain(node, &mut est, decision, &mut local, &mut peer).await {
-                Ok(resolved) => resolved,
-                Err(outcome) => return outcome,
-            }
-        }
-        _ => decision,
+    let settings = Settings {
+        policies: &node.config.net.split_brain_policies(),
+        rr_conflict: node.config.net.rr_conflict,
+        me: &node.me().name,
+        peer: &node.peer_config().name,
+        dialer,
     };
-    let outcome = decision.outcome;
-    match outcome {
-        SyncDecision::Unrelated => {
-            let message = format!("unrelated data: the nodes share no data generation ({})", decision.reason);
-            return refuse(&mut est, RefuseCode::UnrelatedData, message).await;
-        }
-        // A split brain was resolved or refused above.
-        SyncDecision::NoUsableSource | SyncDecision::NoDisk | SyncDecision::SplitBrain { .. } => {
-            let message = format!("no resync possible: {}", decision.reason);
-            return refuse(&mut est, RefuseCode::Other, message).await;
-        }
-        _ => {}
+    let (plan, split_brain) = connection_plan::plan(&local, &peer, &settings);
+    if let Some(found) = &split_brain {
+        report_split_brain(node, found);
     }
-    let action = split_brain::rr_conflict(outcome, local.role, peer.role, node.config.net.rr_conflict);
-    if action.refuses() {
-        let (me, them) = (&node.me().name, &node.peer_config().name);
-        let (primary, other) = if outcome.is_target() { (me, them) } else { (them, me) };
-        let conflict =
-            format!("{primary} is Primary with older data than {other} and would become sync target");
-        match action {
-            RrConflictAction::RetryConnect => {
-                // Both nodes keep connecting (if both are set so: rr-conflict is not in Params,
-                // as in DRBD); the operator's discard-my-data stands until a handshake goes
-                // through.
-                send_refuse(&mut est, RefuseCode::Other, &conflict).await;
-                node.state().discard_my_data = discard;
-                return Outcome::RetryLater(
-                    format!("{conflict}; rr-conflict retry-connect: retrying"),
-                    DiskState::DUnknown,
-                );
-            }
-            RrConflictAction::CallPriLost { here: true } => {
+    let go = match plan {
+        Plan::NoDisk => return diskless_session(node, est, &local, &peer).await,
+        Plan::Refuse(refusal) => {
+            if refusal.call_pri_lost {
                 node.spawn_handler(HandlerEvent::PriLost, Vec::new());
             }
-            _ => {}
+            if refusal.retry {
+                send_refuse(&mut est, refusal.code, &refusal.message).await;
+                // The operator's discard-my-data stands until a handshake goes through.
+                node.state().discard_my_data = discard;
+                return Outcome::RetryLater(refusal.message, DiskState::DUnknown);
+            }
+            return refuse(&mut est, refusal.code, refusal.message).await;
         }
-        return refuse(
-            &mut est,
-            RefuseCode::Other,
-            format!("{conflict} (rr-conflict {})", node.config.net.rr_conflict),
-        )
-        .await;
+        Plan::Proceed(go) => go,
+    };
+    let (decision, outcome) = (go.decision, go.decision.outcome);
+    info!(outcome = ?outcome, rule = decision.rule, reason = decision.reason, "sync decision");
+    if go.give_up_primary {
+        if let Err(e) = node.give_up_primary().await {
+            let handler = if node.spawn_handler(HandlerEvent::PriLostAfterSb, Vec::new()) {
+                "; pri-lost-after-sb handler run"
+            } else {
+                ""
+            };
+            let policy = split_brain.and_then(|f| f.resolution).map(|r| r.policy).unwrap_or_default();
+            let message = format!(
+                "split brain: {policy} discards the changes of the Primary {}, which cannot become Secondary \
+                 ({e}){handler}; resolve manually",
+                node.me().name
+            );
+            return refuse(&mut est, RefuseCode::SplitBrain, message).await;
+        }
+        info!("role: Secondary (this Primary's changes are discarded)");
     }
-    let disks = disk_after_decision(outcome, local.disk, peer.disk);
+    let (local, peer) = (SideView { role: go.local_role, ..local }, SideView { role: go.peer_role, ..peer });
+    let disks = go.disks;
     {
         let mut s = node.state();
         s.conn = ConnState::Connected;
@@ -524,8 +447,7 @@ async fn session(
             return Outcome::StandAlone(format!("cannot write metadata: {e}"));
         }
     }
-    let sender = local.role == Role::Primary
-        || (peer.role != Role::Primary && (outcome.is_source() || (!outcome.is_target() && dialer)));
+    let sender = go.sender;
     let resyncing = outcome.is_source() || outcome.is_target();
     if sender {
         // The bitmap must not change between its exchange and the start of replication.

@@ -6,6 +6,7 @@
 
 pub mod alone_gate;
 pub mod apply;
+pub mod connection_plan;
 pub mod core;
 pub mod device;
 pub mod disk_health;
