@@ -6,11 +6,13 @@
 //! - [`replication`]: the replicated device, the link to the peer, the applier, resync and
 //!   verify, and the pure decisions; [`replication::core`] is the replication state machine as
 //!   pure code.
-//! - [`metadata`]: the on-disk metadata: superblock, generations, bitmap, activity log.
+//! - [`metadata`]: the on-disk metadata: superblock, generations (defined in the wire crate,
+//!   `rdbd_protocol::generations`, which both nodes step alike), bitmap, activity log.
 //! - [`node`]: the per-resource daemon: disk, role, connection lifecycle, control socket.
 //! - [`sim`]: the deterministic whole-cluster simulator that drives [`replication::core`].
 //! - [`config`]: resource files (`/etc/rdbd/<res>.toml`): the two nodes and their options.
-//! - [`supervisor`]: the HA supervisor: automatic roles and the service chain.
+//! - [`supervisor`]: the HA supervisor: automatic roles and the service chain; a client of the
+//!   node through [`node::handle::NodeHandle`], which the node does not know.
 //! - [`witness`]: the quorum witness that breaks the tie between two nodes cut apart.
 
 pub mod config;

@@ -252,7 +252,7 @@ impl ActivityLog {
     }
 
     /// The log's clock, which advances with every write that begins: a mark for
-    /// [`ActivityLog::any_unused_since`] and [`ActivityLog::retire`].
+    /// [`ActivityLog::unused_since`] and [`ActivityLog::retire`].
     pub fn clock(&self) -> u64 {
         self.clock
     }

@@ -1,8 +1,16 @@
-//! Replication: the pure decisions (states, the sync decision at connect time, split-brain
-//! recovery, the HA gate), the pure state machine in [`core`] (which the simulator drives), and
-//! the daemon's I/O side — the replicated device (`device`), the link to the peer (`peer`,
-//! `link`), the peer's applier (`apply`), resync (`resync`: the bitmap exchange, the source, the target's bookkeeping) and
-//! online verify (`verify`).
+//! Replication, in two halves.
+//!
+//! Pure (no I/O, no clock): [`states`] (roles, disk and connection states, the role-change
+//! checks), [`sync_decision`] (DRBD's generation rule table), [`split_brain`] (the after-sb and
+//! rr-conflict policies), [`connection_plan`] (what a connection does with both), [`alone_gate`]
+//! (writes without the peer), and [`core`]: the node's state machine as inputs and effects,
+//! which the simulator (`crate::sim`) drives.
+//!
+//! The daemon's I/O side: the replicated device on the Primary ([`device`]), the link to the
+//! peer ([`link`]: connect, handshake, framing; [`peer`]: the sending side and its ledger of
+//! what the peer has stably), the peer's applier ([`apply`]), the disk's health
+//! ([`disk_health`]), resync in one place ([`resync`]: setup, bitmap exchange, source, target
+//! bookkeeping and I/O, pace) and online verify ([`verify`]).
 
 pub mod alone_gate;
 pub mod apply;
