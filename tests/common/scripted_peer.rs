@@ -92,14 +92,7 @@ impl ScriptedPair {
 
     /// Client requests completed within `limit` (none: an empty list).
     pub async fn completed_within(&mut self, limit: Duration) -> Vec<Completion> {
-        let mut done = Vec::new();
-        let _ = tokio::time::timeout(limit, async {
-            while done.is_empty() {
-                std::future::poll_fn(|cx| self.queue.poll_complete(cx, &mut done)).await;
-            }
-        })
-        .await;
-        done
+        completed_within(&mut self.queue, limit).await
     }
 
     /// Waits (at most 5 s) until the client request `tag` completes; returns its result.
@@ -129,4 +122,16 @@ impl ScriptedPair {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Requests of `queue` completed within `limit` (none: an empty list).
+pub async fn completed_within(queue: &mut Box<dyn IoQueue>, limit: Duration) -> Vec<Completion> {
+    let mut done = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while done.is_empty() {
+            std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+        }
+    })
+    .await;
+    done
 }
