@@ -588,6 +588,8 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The hand-over failed: this node may take its role back (the policy decides).
+        self.ha_yield.store(false, std::sync::atomic::Ordering::Release);
         Err(NodeError::Refused(format!("{peer} has not taken over within 55 s; see rdbd status")))
     }
 

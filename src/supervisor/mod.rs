@@ -9,8 +9,8 @@
 //! - [`services`]: the chain: plans (pure) and their runner.
 //!
 //! The supervisor is a client of the node: it holds a [`NodeHandle`], not the node. The loop
-//! here looks at the node a few times a second (and at once when the witness's verdict
-//! changes): it computes the permit to act without the peer,
+//! here looks at the node at each event of its stream, a few times a second besides, and at
+//! once when the witness's verdict changes: it computes the permit to act without the peer,
 //! sets the alone gate that holds or fails writes the peer does not have, and carries out the
 //! policy's action.
 
@@ -46,6 +46,10 @@ const PROMOTE_GRACE: Duration = Duration::from_secs(5);
 const SECONDARY_FENCE_DELAY: Duration = Duration::from_secs(3);
 /// How often the lease holder retries a connection the handshake refused.
 const RECONNECT_RETRY: Duration = Duration::from_secs(3);
+/// A link down for less than this may be the pair renegotiating (a role change drops it for a
+/// moment): nobody is fenced, promoted or demoted for it. Writes the peer lacks are held by the
+/// gate meanwhile, so waiting costs latency, never safety.
+const LINK_SETTLE: Duration = Duration::from_secs(1);
 /// After a failed promotion or demotion, wait this long before trying again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 
@@ -131,6 +135,9 @@ pub async fn run(node: NodeHandle, ha: HaConfig) {
     };
     s.last_services = s.chain.status();
     let shutdown = s.node.shutdown_token();
+    // The node's event stream wakes the loop at each change of state; the tick remains for
+    // what time alone changes (grace periods, retries, service monitors).
+    let mut events = s.node.subscribe_events().events;
     loop {
         let verdict = async {
             match &s.witness {
@@ -149,6 +156,11 @@ pub async fn run(node: NodeHandle, ha: HaConfig) {
             _ = tokio::time::sleep(TICK) => {}
             _ = verdict => {}
             _ = heard => {}
+            changed = events.recv() => {
+                if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    break;
+                }
+            }
         }
         s.step().await;
     }
@@ -177,7 +189,7 @@ impl Supervisor {
         }
         if status.role != Role::Primary {
             self.peer_lost_as_primary = false;
-        } else if !connected {
+        } else if !connected && !self.link_settling(now) {
             self.peer_lost_as_primary = true;
         }
         let both_ready = connected
@@ -206,6 +218,9 @@ impl Supervisor {
         }
         let action = policy::decide(&self.situation(&status, now, permit, &me, &peer));
         if self.retry_at.is_some_and(|t| now < t) && action != Action::Stay {
+            return self.publish(permit);
+        }
+        if action != Action::Stay && !connected && self.link_settling(now) {
             return self.publish(permit);
         }
         match action {
@@ -245,6 +260,11 @@ impl Supervisor {
             let _ = self.node.connect(false);
         }
         self.publish(permit);
+    }
+
+    /// The link is down, but not yet for [`LINK_SETTLE`].
+    fn link_settling(&self, now: Instant) -> bool {
+        self.disconnected_since.is_some_and(|t| now.duration_since(t) < LINK_SETTLE)
     }
 
     fn situation<'a>(
@@ -340,6 +360,9 @@ impl Supervisor {
         if let Some(command) = self.ha.fence_peer.clone() {
             // A Secondary fences only after a delay, so that of two nodes cut apart the Primary
             // shoots first and both cannot shoot each other.
+            if self.link_settling(now) {
+                return Permit::Denied;
+            }
             let since = self.disconnected_since.unwrap_or(now);
             if status.role != Role::Primary && now.duration_since(since) < SECONDARY_FENCE_DELAY {
                 return Permit::Denied;

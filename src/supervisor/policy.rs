@@ -57,6 +57,11 @@ pub fn promotion_delay(disk: DiskState, peer_seen: bool) -> Option<Duration> {
 pub const STARTED_ALONE_DELAY: Duration = Duration::from_secs(10);
 /// A Consistent node waits this long.
 pub const CONSISTENT_DELAY: Duration = Duration::from_secs(20);
+/// A node that is handing its role over (switchover) and loses its peer waits this long before
+/// it takes the role back: the renegotiation after its demotion drops the link for a moment,
+/// and taking the role back then (it still holds the witness's lease) would undo the
+/// switchover.
+pub const YIELDING_ALONE_DELAY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct Situation<'a> {
@@ -114,7 +119,10 @@ fn would_promote(s: &Situation) -> bool {
         return false;
     }
     if !s.connected {
-        return promotion_delay(s.disk, s.peer_seen).is_some_and(|wait| s.alone_for >= wait);
+        // A node handing its role over sees the link drop while the pair renegotiates the
+        // role change: only a peer gone for longer is a peer lost mid-switchover.
+        let floor = if s.yielding { YIELDING_ALONE_DELAY } else { Duration::ZERO };
+        return promotion_delay(s.disk, s.peer_seen).is_some_and(|wait| s.alone_for >= wait.max(floor));
     }
     s.disk == DiskState::UpToDate
         && pair_ready(s)
@@ -224,10 +232,14 @@ mod tests {
         // ...and the peer, second choice, promotes after the grace period.
         let peer = Situation { me: "beta", peer: "alpha", unserved_too_long: true, ..base(&none) };
         assert_eq!(decide(&peer), Action::Promote);
-        // Without its peer a yielding node still takes over.
+        // Without its peer a yielding node still takes over, but not during the moment the
+        // link drops to renegotiate the role change (the switchover bounced back so, when the
+        // supervisor looked at the node at every event).
         let alone =
             Situation { connected: false, peer_role: Role::Unknown, peer_disk: DiskState::DUnknown, ..s };
-        assert_eq!(decide(&alone), Action::Promote);
+        assert_eq!(decide(&alone), Action::Stay);
+        let gone = Situation { alone_for: YIELDING_ALONE_DELAY, ..alone };
+        assert_eq!(decide(&gone), Action::Promote);
     }
 
     #[test]
