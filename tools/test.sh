@@ -6,8 +6,8 @@
 #                           machine (loopback; those that need root or a tool skip without it)
 #   tools/test.sh vm        the VM test bed (tests/vm_*.rs) and the network-namespace tests
 #   tools/test.sh           what CI runs (.ci/run): installs the test dependencies, then fmt,
-#                           clippy, every tier with missing tools as failures, doc tests, the
-#                           simulator's long tier and a short fuzz run
+#                           clippy, every tier with missing tools as failures, doc tests and
+#                           examples, the simulator's long tier and a short fuzz run
 # Arguments after the tier go to `cargo test` (e.g. `tools/test.sh process -- --nocapture`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,8 +77,10 @@ case "$tier" in
     fast
     run_tests process "${PROCESS_TESTS[@]}"
     run_tests vm "${VM_TESTS[@]}"
-    echo "== doc tests"
+    # The rest of what `cargo test --workspace` covers: doc tests, and examples that build.
+    echo "== doc tests, examples"
     cargo test --workspace --doc
+    cargo build --workspace --examples --quiet
 
     echo "== simulator"
     bash tools/sim-check.sh
