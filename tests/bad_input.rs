@@ -26,6 +26,8 @@ use rdbd_protocol::nbd::{
 const SIZE: u64 = 16 << 20;
 /// How long any single socket read or write may block.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of the waits for the server to reach a state (generous: the machine may be loaded).
+const STATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The server's largest READ/WRITE payload.
 const MAX_PAYLOAD: u32 = 32 << 20;
 /// The server's largest option payload read into memory.
@@ -326,6 +328,30 @@ fn check_alive(server: &mut Server, after: &str) {
     assert!(server.is_running(), "rdbd died after {after}; log:\n{}", server.log());
 }
 
+/// Bytes queued on socket `s` by `request` (SIOCOUTQ: sent and not yet read by the server;
+/// FIONREAD: sent by the server and not yet read by us).
+fn queued(s: &UnixStream, request: libc::Ioctl) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: both requests write one int to the pointer they are given.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), request, &mut n) };
+    assert_eq!(rc, 0, "ioctl on the client socket: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// Waits until the server has read everything sent on `s` (it is past what was sent).
+fn wait_server_read_all(s: &UnixStream, what: &str) {
+    let read = wait_until(STATE_TIMEOUT, || queued(s, libc::TIOCOUTQ) == 0);
+    assert!(read, "the server did not read {what} within {STATE_TIMEOUT:?}");
+}
+
+/// Waits until `bytes` of the server's replies wait unread on `s`: it is answering a pipeline
+/// that nobody reads.
+fn wait_unread_replies(s: &UnixStream, bytes: usize, what: &str) {
+    let piled = wait_until(STATE_TIMEOUT, || queued(s, libc::FIONREAD) >= bytes);
+    assert!(piled, "no {bytes} bytes of replies to {what} within {STATE_TIMEOUT:?}");
+}
+
 /// A field of /proc/PID/status in KiB.
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
@@ -438,8 +464,9 @@ fn huge_option_lengths_are_not_allocated() {
         let mut msg = OptionHeader { option, length: 0xffff_fff0 }.encode().to_vec();
         msg.extend_from_slice(&[0x5a; 8192]);
         c.s.write_all(&msg).unwrap();
-        // The server is now skipping the payload; it must not have reserved 4 GiB for it.
-        thread::sleep(Duration::from_millis(200));
+        // Once it has read what was sent, the server is skipping the payload; it must not have
+        // reserved 4 GiB for it.
+        wait_server_read_all(&c.s, &format!("a 4 GiB option {option} header and 8 KiB"));
         let rss = proc_status_kib(pid, "VmRSS:");
         let size = proc_status_kib(pid, "VmSize:");
         assert!(rss < 200 << 10, "VmRSS {rss} kB after a 4 GiB option {option} header");
@@ -1106,7 +1133,7 @@ fn pipelined_requests_then_close_without_reading() {
         // The writer may block once the server stops reading because nobody reads its replies;
         // that is expected, and shutting the socket down below unblocks it.
         let writer = pipeline(s, count, 8 << 20);
-        thread::sleep(Duration::from_millis(300));
+        wait_unread_replies(&c.s, 32 << 10, &format!("{count} pipelined requests"));
         c.s.shutdown(std::net::Shutdown::Both).unwrap();
         let _ = writer.join().unwrap();
         drop(c);
@@ -1154,7 +1181,7 @@ fn many_idle_and_active_connections() {
 // Concurrency: abuse on one connection does not stall another.
 // ---------------------------------------------------------------------------------------------
 
-/// Sends `data` in `pieces`, sleeping `gap` between them.
+/// Sends `data` in `pieces`, sleeping `gap` between them (a slow client: the pace is the point).
 fn drip(s: &mut UnixStream, data: &[u8], pieces: usize, gap: Duration) -> std::io::Result<()> {
     for piece in data.chunks(data.len().div_ceil(pieces)) {
         s.write_all(piece)?;
@@ -1250,6 +1277,8 @@ fn abuse_on_one_connection_does_not_stall_another() {
         for i in 0..100u32 {
             let mut c = Conn::handshake_with_flags(&server, 0xffff_0000 | i);
             expect_closed(&mut c.s, "garbage flags");
+            // Paced, not waiting for anything: the abuse lasts long enough for the reader to
+            // show progress during it.
             thread::sleep(Duration::from_millis(5));
         }
     });
@@ -1272,7 +1301,7 @@ fn shutdown_does_not_wait_forever_for_a_client_that_never_reads() {
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     // Far more reply data than the socket buffers hold.
     let writer = pipeline(s, 5000, 8 << 20);
-    thread::sleep(Duration::from_millis(500));
+    wait_unread_replies(&c.s, 32 << 10, "5000 pipelined requests");
     let started = std::time::Instant::now();
     let status = server.stop();
     assert!(status.success(), "rdbd exited with {status}; log:\n{}", server.log());

@@ -778,13 +778,17 @@ fn sigterm_during_workload_exits_cleanly() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until both connections are up and busy.
+    // Wait until both connections are up and busy: fio's writes land in the (sparse) file.
     assert!(
         wait_until(Duration::from_secs(10), || connections_logged(&server) >= 2),
         "fio did not connect; log:\n{}",
         server.log()
     );
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_until(Duration::from_secs(10), || holds_data(&server.file, 0..32 * MIB)),
+        "fio wrote nothing within 10 s; log:\n{}",
+        server.log()
+    );
     let started = Instant::now();
     let status = server.stop();
     let elapsed = started.elapsed();

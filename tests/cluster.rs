@@ -179,8 +179,9 @@ fn secondary_killed_under_load_resyncs_only_what_changed() {
         .args(["--time_based=1", "--runtime=120"]);
     let mut load = Background::spawn(&mut cmd, work.path(), "fio-load");
     c.wait_for(Alpha, "serving fio", Duration::from_secs(20), |s| s.field("nbd_clients").as_u64() >= 1);
-    // Let writes be in flight on the link when the Secondary dies.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Writes in flight on the link when the Secondary dies: fio's data has reached beta's disk
+    // (zeroes there until then), and fio, at iodepth 32, keeps more coming.
+    c.wait_data_written(Beta, 0..FIO_REGION, Duration::from_secs(20));
     assert!(load.is_running(), "fio ended early");
     c.kill(Beta);
 

@@ -225,8 +225,13 @@ fn a_resync_whose_target_disk_fails_ends_and_finishes_after_attach() {
     pair.cluster.verb_ok(Beta, &["disconnect"]);
     write_flushed(&pair, Alpha, 0, 64 * MIB, 's');
     pair.cluster.verb_ok(Beta, &["connect"]);
-    pair.cluster.wait_for(Beta, "sync target", WAIT, |s| str_at(s, &["replication"]) == "SyncTarget");
-    std::thread::sleep(Duration::from_millis(500));
+    // In its middle: part of the resync is done on beta, part is left.
+    pair.cluster.wait_for(Beta, "sync target with part of the resync done", WAIT, |s| {
+        str_at(s, &["replication"]) == "SyncTarget"
+            && matches!(s.field("resync"), Json::Obj(_))
+            && s.field("resync").field("remaining_bytes").as_u64()
+                < s.field("resync").field("total_bytes").as_u64()
+    });
     pair.disk(Beta).fail_writes(true);
     let b = pair.cluster.wait_for(Beta, "Diskless", WAIT, |s| disk_of(s) == "Diskless");
     assert!(disk_error(&b).starts_with("local disk"), "{b:?}");

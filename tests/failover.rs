@@ -24,6 +24,15 @@ fn rounds(log: &std::path::Path) -> (u64, u64) {
     (last("flushed ").unwrap_or(0), last("begun ").unwrap_or(0))
 }
 
+/// Whether a block of `disk` holds a write of round `round` (rounds.py's block header: the magic,
+/// the block and the round, big-endian).
+fn round_started(disk: &std::path::Path, round: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; (BLOCKS * 4096) as usize];
+    let read = std::fs::File::open(disk).and_then(|f| f.read_exact_at(&mut data, 0));
+    read.is_ok() && data.chunks(4096).any(|b| b.starts_with(b"RDBDCHK1") && b[16..24] == round.to_be_bytes())
+}
+
 /// The system python running `rounds.py` with `args`.
 fn rounds_py(args: &[&str]) -> Command {
     let mut cmd = Command::new(SYSTEM_PYTHON);
@@ -55,8 +64,10 @@ fn a_killed_primary_loses_no_flushed_write_and_rejoins_with_a_bounded_resync() {
         assert!(child.try_wait().unwrap().is_none(), "the writer died before the kill");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Kill in the middle of a round.
-    std::thread::sleep(Duration::from_millis(150));
+    // Kill in the middle of a round: the next round's writes have begun landing on alpha's disk.
+    let disk = cluster.info(Alpha).disk.clone();
+    let mid_round = wait_until(Duration::from_secs(60), || round_started(&disk, rounds(&log).0 + 1));
+    assert!(mid_round, "the writer began no round after round {}", rounds(&log).0);
     cluster.kill(Alpha);
     let _ = child.wait();
     let (flushed, begun) = rounds(&log);

@@ -255,6 +255,7 @@ fn cutting_only_the_replication_link_keeps_the_primary_and_outdates_the_secondar
     });
     // Alpha keeps its lease and goes on; beta is refused it, and stays Secondary.
     s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    // A window, not a wait: for 3 s more (past the 2 s lease) nobody promotes beta.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(role(&s.cluster, Beta), "Secondary");
     assert_eq!(s.acked(Beta), 0);
@@ -323,6 +324,7 @@ fn losing_the_witness_changes_nothing_while_the_pair_is_connected() {
     s.wait_acks(Alpha, 20, Duration::from_secs(30));
     s.net.cut(Link::AlphaWitness);
     s.net.cut(Link::BetaWitness);
+    // A window, not a wait: two lease periods without the witness change nothing.
     std::thread::sleep(Duration::from_secs(4));
     s.wait_acks(Alpha, 50, Duration::from_secs(30));
     assert_eq!(role(&s.cluster, Beta), "Secondary");
@@ -347,6 +349,8 @@ fn repeated_cuts_and_heals_never_let_two_nodes_accept_writes() {
         for &l in links {
             s.net.cut(l);
         }
+        // A window, not a wait: the cut lasts past the link timeout and the lease, whatever the
+        // nodes make of it.
         std::thread::sleep(Duration::from_secs(6));
         for &l in links {
             s.net.mend(l);
@@ -380,7 +384,7 @@ fn a_switchover_moves_the_primary_role_to_the_peer() {
     assert_eq!(role(&s.cluster, Beta), "Primary");
     assert_eq!(role(&s.cluster, Alpha), "Secondary");
     s.wait_acks(Beta, 20, Duration::from_secs(30));
-    // Alpha, preferred, does not take it back.
+    // Alpha, preferred, does not take it back: a window, not a wait (7 s of nobody moving).
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(role(&s.cluster, Beta), "Primary");
     s.finish(1);
@@ -489,7 +493,7 @@ fn with_a_second_heartbeat_path_a_cut_link_outdates_the_secondary_instead_of_sho
     let status = s.cluster.try_status(Alpha).unwrap();
     assert!(heartbeat_flag(&status, "peer_outdated"), "{status:?}");
     // Past beta's fencing delay, and with the second path cut too: an Outdated Secondary
-    // neither fences nor promotes.
+    // neither fences nor promotes. Windows, not waits: 4 s (the delay is 3 s), then 5 s.
     std::thread::sleep(Duration::from_secs(4));
     s.net.cut(Link::Heartbeat);
     std::thread::sleep(Duration::from_secs(5));
@@ -551,6 +555,7 @@ fn with_a_second_heartbeat_path_no_quorum_policy_ignore_does_not_split_the_brain
         str_at(st, &["disk"]) == "Outdated"
     });
     s.wait_acks(Alpha, 50, Duration::from_secs(30));
+    // A window, not a wait: for 3 s more (past the link timeout) beta does not promote.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(role(&s.cluster, Beta), "Secondary");
     assert_eq!(s.acked(Beta), 0);
@@ -574,6 +579,7 @@ fn a_node_that_starts_without_its_peer_waits_for_it_before_it_takes_over() {
     let started = Instant::now();
     cluster.start(Beta);
     // UpToDate, but the peer has not been seen in this run: it may be rebooting with newer data.
+    // A window, not a wait: for 7 s (of the 10 s it waits) beta does not promote.
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(role(&cluster, Beta), "Secondary", "promoted before waiting for the peer");
     cluster.wait_for(Beta, "Primary after waiting for the peer", Duration::from_secs(30), |s| {

@@ -164,11 +164,17 @@ fn a_dirty_page_cache_is_lost_with_the_power() {
     holder.write_all_at(&[b'P'; BLOCK], 5 * MIB).unwrap();
     assert!(!disk.request_log().contains("offset=0x500000"), "the write must still be in the page cache");
     // Power off with the device still open: the loop device is only marked for autoclear...
+    let loop_name = std::fs::canonicalize(&dev).unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    let autoclear = format!("/sys/block/{loop_name}/loop/autoclear");
     std::thread::scope(|s| {
         let closer = s.spawn(|| {
             // ...and detaches at the last close, here, which must not hang on the dead server.
-            std::thread::sleep(Duration::from_millis(500));
+            // power_off marks it once nbdkit and nbdfuse are gone: the close comes after the power.
+            let marked = wait_until(Duration::from_secs(60), || {
+                std::fs::read_to_string(&autoclear).is_ok_and(|v| v.trim() == "1")
+            });
             drop(holder);
+            assert!(marked, "{loop_name} was not marked for autoclear within 60 s");
         });
         disk.power_off();
         closer.join().unwrap();
@@ -353,6 +359,7 @@ impl Rig {
 fn unflushed_writes_then_power_loss(node: Node, idle: Duration) -> Option<Rig> {
     let mut rig = Rig::new()?;
     rig.write_anchor_then_unflushed(Alpha);
+    // A window, not a wait: how long the pair stays idle is the scenario under test.
     std::thread::sleep(idle);
     rig.power_loss(node);
     rig.cluster.wait_for(node.peer(), "disconnected", Duration::from_secs(30), |s| {
@@ -391,6 +398,7 @@ fn secondary_loses_power_after(idle: Duration) {
 fn both_lose_power_after(idle: Duration) {
     let Some(mut rig) = Rig::new() else { return };
     rig.write_anchor_then_unflushed(Alpha);
+    // A window, not a wait: how long the pair stays idle is the scenario under test.
     std::thread::sleep(idle);
     rig.power_loss(Alpha);
     rig.power_loss(Beta);

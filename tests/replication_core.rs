@@ -208,6 +208,8 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     });
     let est = dial(addr, &identity("a", "b"), params(Protocol::C, SIZE), blank_state()).await.unwrap();
     let link = device.connect_peer(est.data.split().1, est.meta, fast(Protocol::C), None);
+    // A window, not a wait: "stays connected" holds over four ping rounds (the link does not
+    // count the pings answered).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(link.is_alive(), "a peer that answers pings stays connected");
 

@@ -219,16 +219,19 @@ fn the_application_keeps_making_progress_during_a_full_resync() {
         .args(["--write_iops_log=app", "--log_avg_msec=1000"])
         .arg(format!("--uri={}", c.nbd_uri(Alpha)));
     let mut load = common::cluster::Background::spawn(&mut fio, work.path(), "fio");
+    c.wait_for(Alpha, "serving fio", SYNC_TIMEOUT, |s| s.field("nbd_clients").as_u64() >= 1);
+    c.wait_data_written(Alpha, 0..64 * MIB, SYNC_TIMEOUT);
     // Progress shows when a flush has made blocks durable on the target; under a writing
-    // application that flush may take a second or two, so look over four.
-    std::thread::sleep(Duration::from_secs(1));
+    // application that flush may take a second or two. fio runs 8 s: the resync must move on
+    // (or end) while it still writes.
     let early = done_percent(&c.status(Beta));
-    std::thread::sleep(Duration::from_secs(4));
-    let later = c.status(Beta);
-    assert!(
-        done_percent(&later) > early || common::cluster::in_sync(&later),
-        "the resync stood still under load: {early}% then {later:?}"
-    );
+    let mut under_load = false;
+    c.wait_for(Beta, &format!("resyncing on from {early}% under load"), SYNC_TIMEOUT, |s| {
+        let moved = done_percent(s) > early || common::cluster::in_sync(s);
+        under_load = moved && load.is_running();
+        moved
+    });
+    assert!(under_load, "the resync stood still at {early}% while fio wrote");
     let out = load.wait(Duration::from_secs(60));
     assert!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
     // One line per second: "msec, iops, direction, bs, offset".
@@ -273,7 +276,7 @@ fn verify_finds_corrupted_blocks_and_never_reports_writes_in_flight() {
         .args(["--size=128M", "--time_based=1", "--runtime=120"])
         .arg(format!("--uri={}", c.nbd_uri(Alpha)));
     let mut load = common::cluster::Background::spawn(&mut fio, work.path(), "fio");
-    std::thread::sleep(Duration::from_millis(500));
+    c.wait_data_written(Alpha, 0..128 * MIB, Duration::from_secs(20));
     for node in [Alpha, Beta, Alpha] {
         let started = std::time::Instant::now();
         let out = c.verb_ok(node, &["verify"]);

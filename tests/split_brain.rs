@@ -315,14 +315,19 @@ fn rr_conflict_retry_connect_keeps_connecting_until_the_primary_is_demoted() {
             |s| matches!(s.field("last_error"), Json::Str(e) if e.contains("rr-conflict retry-connect")),
         );
     }
-    // Several connect intervals (500 ms here): still trying, never StandAlone.
-    for _ in 0..10 {
+    // Three more attempts (one per connect interval, 500 ms here), each refused: still trying,
+    // never StandAlone.
+    let attempts = || c.log(Beta).matches(": connected peer=").count();
+    let target = attempts() + 3;
+    let deadline = std::time::Instant::now() + REFUSAL_TIMEOUT;
+    while attempts() < target {
         for node in Node::BOTH {
             let s = c.status(node);
             assert_ne!(str_at(&s, &["connection"]), "StandAlone", "{}: {s:?}", node.name());
             assert_ne!(str_at(&s, &["replication"]), "SyncTarget", "{}: {s:?}", node.name());
         }
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(std::time::Instant::now() < deadline, "beta stopped connecting\n{}", c.diag());
+        std::thread::sleep(Duration::from_millis(50));
     }
     let events = c.follow_events(Beta);
     c.verb_ok(Beta, &["secondary"]);

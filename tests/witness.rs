@@ -62,8 +62,26 @@ impl Drop for Witness {
 }
 
 async fn connect(addr: &str, secret: &str, node: &str) -> Result<Channel, WitnessError> {
+    connect_to(addr, secret, "r0", node).await
+}
+
+async fn connect_to(addr: &str, secret: &str, resource: &str, node: &str) -> Result<Channel, WitnessError> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    Channel::connect(stream, secret.as_bytes(), "r0", node).await
+    Channel::connect(stream, secret.as_bytes(), resource, node).await
+}
+
+/// Waits until the witness is past its first lease period (it grants nothing before): a probe of
+/// another resource, which leaves r0's lease and outdated nodes alone, asks until it is granted.
+async fn wait_grants(w: &Witness) {
+    let mut probe = connect_to(&w.addr, SECRET, "probe", "p1").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for seq in 1.. {
+        if ask(&mut probe, claim(seq, "p2", true, true)).await.granted {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the witness granted nothing within 10 s of its start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn claim(seq: u64, peer: &str, want: bool, connected: bool) -> Claim {
@@ -90,25 +108,33 @@ async fn one_lease_at_a_time_and_the_partitioned_node_stays_outdated_across_a_re
     let mut beta = connect(&w.addr, SECRET, "beta").await.unwrap();
     // Nothing is granted in the first lease period after the start.
     assert!(!ask(&mut alpha, claim(1, "beta", true, true)).await.granted);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_grants(&w).await;
     let a = ask(&mut alpha, claim(2, "beta", true, true)).await;
     assert!(a.granted && a.holder == "alpha" && a.lease_ms == 1000, "{a:?}");
     // Cut apart: alpha keeps renewing and reports beta gone; beta is refused and outdated.
     assert!(ask(&mut alpha, claim(3, "beta", true, false)).await.granted);
     let b = ask(&mut beta, claim(1, "alpha", true, false)).await;
     assert!(!b.granted && b.outdated && b.holder == "alpha", "{b:?}");
-    // Alpha dies; its lease runs out, but beta lacks its writes and gets nothing.
+    // Alpha dies; its lease runs out (no holder), but beta lacks its writes and gets nothing.
     drop(alpha);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let b = ask(&mut beta, claim(2, "alpha", true, false)).await;
-    assert!(!b.granted && b.outdated && b.holder.is_empty(), "{b:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for seq in 2.. {
+        let b = ask(&mut beta, claim(seq, "alpha", true, false)).await;
+        assert!(!b.granted && b.outdated, "{b:?}");
+        if b.holder.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "alpha's 1 s lease did not run out within 10 s: {b:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let state = std::fs::read_to_string(&w.state).unwrap();
     assert!(state.contains("beta"), "{state}");
 
     // A restarted witness remembers.
     let w = w.restart();
     let mut beta = connect(&w.addr, SECRET, "beta").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Past the start-up period, so that the refusal is for the remembered outdate.
+    wait_grants(&w).await;
     let b = ask(&mut beta, claim(1, "alpha", true, false)).await;
     assert!(!b.granted && b.outdated, "{b:?}");
     // In sync again with alpha (both UpToDate, connected): beta may hold the lease again.

@@ -500,6 +500,14 @@ impl Cluster {
         assert_eq!(str_at(&s, &["role"]), "Primary", "{s:?}");
     }
 
+    /// Waits until `node`'s backing file holds data in `range` (it was all zeroes): writes to
+    /// that range have reached this node's disk.
+    pub fn wait_data_written(&self, node: Node, range: std::ops::Range<u64>, timeout: Duration) {
+        let disk = &self.info(node).disk;
+        let written = super::wait_until(timeout, || super::holds_data(disk, range.clone()));
+        assert!(written, "{}: nothing written in {range:?} within {timeout:?}\n{}", node.name(), self.diag());
+    }
+
     /// Compares both backing files over the data area; on a difference, says where.
     pub fn compare_data(&self) -> Result<(), String> {
         let size = self.data_size();

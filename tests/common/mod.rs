@@ -351,6 +351,27 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Whether `file` holds a byte other than zero in `range`: on a disk that started zeroed, whether
+/// writes have landed there.
+pub fn holds_data(file: &Path, range: std::ops::Range<u64>) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(file) else { return false };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = range.start;
+    while pos < range.end {
+        let want = buf.len().min((range.end - pos) as usize);
+        let got = f.read_at(&mut buf[..want], pos).unwrap_or(0);
+        if got == 0 {
+            return false;
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            return true;
+        }
+        pos += got as u64;
+    }
+    false
+}
+
 /// A parsed JSON value with accessors that panic with context, to keep assertions short
 /// (numbers are kept as their text).
 #[derive(Debug, Clone, PartialEq)]
