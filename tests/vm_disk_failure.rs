@@ -13,5 +13,5 @@ use std::time::Duration;
 
 #[test]
 fn failing_disks_detach_serve_through_the_peer_and_resync_once_repaired() {
-    common::vm::run_scenario("disk_failure.sh", Duration::from_secs(600), "disk failure passed");
+    common::vm::run_scenario("disk_failure.sh", Duration::from_secs(900), "disk failure passed");
 }
