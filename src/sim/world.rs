@@ -95,6 +95,31 @@ enum Event {
     ClientNext,
     /// The healed world: operators reconnect what stands alone.
     Reconnect,
+    /// `node` has heard nothing on its connection for its ping timeout (a one-way cut begun at
+    /// `cut_gen` that has not changed since).
+    PingTimeout {
+        node: usize,
+        epoch: u64,
+        cut_gen: u64,
+    },
+    /// The direction from `from` healed: what it held back arrives, in order (TCP retransmits).
+    Unstall {
+        from: usize,
+    },
+    /// One more toggle of a flapping link.
+    Flap {
+        what: Flapping,
+        remaining: u32,
+    },
+}
+
+/// A link that flaps: cut and healed in quick succession.
+#[derive(Debug, Clone, Copy)]
+enum Flapping {
+    /// The replication link in one direction (messages from this node).
+    From(usize),
+    /// This node's link to the witness.
+    Witness(usize),
 }
 
 struct Scheduled {
@@ -164,8 +189,13 @@ struct World {
     step: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     nodes: [SimNode; 2],
-    /// The replication link: cut by the network, up while a connection exists.
-    cut: bool,
+    /// The replication link per direction: `cut[n]` holds back what node `n` sends (both set:
+    /// a full partition). Up while a connection exists.
+    cut: [bool; 2],
+    /// Counts changes of `cut`: a ping timeout counts only for the cut that started it.
+    cut_gen: u64,
+    /// Messages of the connection held back per sending node while its direction is cut.
+    stalled: [Vec<(u64, PeerMessage<Data>)>; 2],
     conn_up: bool,
     epoch: u64,
     /// When the last message of each direction arrives (order per direction).
@@ -265,7 +295,9 @@ impl World {
             step: 0,
             queue: BinaryHeap::new(),
             nodes,
-            cut: false,
+            cut: [false; 2],
+            cut_gen: 0,
+            stalled: [Vec::new(), Vec::new()],
             conn_up: false,
             epoch: 0,
             arrival: [0; 2],
@@ -314,10 +346,36 @@ impl World {
         match event {
             Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
             Event::Deliver { to, epoch, message } => {
-                if self.conn_up && epoch == self.epoch && self.nodes[to].conn_epoch == epoch {
-                    if let Some(core) = self.core(to) {
-                        core.handle_message(message);
-                        self.drain(to);
+                let from = 1 - to;
+                if self.cut[from] || !self.stalled[from].is_empty() {
+                    // Held back with what came before it: order per direction holds.
+                    self.stalled[from].push((epoch, message));
+                } else {
+                    self.deliver(to, epoch, message);
+                }
+            }
+            Event::PingTimeout { node, epoch, cut_gen } => {
+                if self.conn_up && epoch == self.epoch && cut_gen == self.cut_gen {
+                    self.note(|| format!("node{node}: ping timeout, drops the connection"));
+                    self.link_down(Some(node));
+                }
+            }
+            Event::Unstall { from } => {
+                if !self.cut[from] {
+                    for (epoch, message) in std::mem::take(&mut self.stalled[from]) {
+                        self.deliver(1 - from, epoch, message);
+                    }
+                }
+            }
+            Event::Flap { what, remaining } => {
+                if !self.ending {
+                    match what {
+                        Flapping::From(node) => self.cut_direction(node, !self.cut[node]),
+                        Flapping::Witness(node) => self.toggle_witness_link(node),
+                    }
+                    if remaining > 0 {
+                        let next = self.rng.u64(MS..80 * MS);
+                        self.schedule(next, Event::Flap { what, remaining: remaining - 1 });
                     }
                 }
             }
@@ -533,11 +591,78 @@ impl World {
         self.schedule(at - self.now, event);
     }
 
+    fn deliver(&mut self, to: usize, epoch: u64, message: PeerMessage<Data>) {
+        if self.conn_up && epoch == self.epoch && self.nodes[to].conn_epoch == epoch {
+            if let Some(core) = self.core(to) {
+                core.handle_message(message);
+                self.drain(to);
+            }
+        }
+    }
+
+    // --- the network ---
+
+    /// Cuts (or heals) the replication link in the direction from `from` only. Each side notices
+    /// a cut that lasts at its own ping timeout (the sender hears no ping answers, the receiver
+    /// no pings); a shorter one only delays what was sent.
+    fn cut_direction(&mut self, from: usize, cut: bool) {
+        if self.cut[from] == cut {
+            return;
+        }
+        self.cut[from] = cut;
+        self.cut_gen += 1;
+        self.note(|| {
+            format!("network: node{from} → node{} {}", 1 - from, if cut { "cut" } else { "healed" })
+        });
+        if cut && self.cut[1 - from] {
+            // Both ways: the connection is gone, as with a full partition.
+            return self.link_down(None);
+        }
+        if cut {
+            if self.conn_up {
+                let (epoch, cut_gen) = (self.epoch, self.cut_gen);
+                for node in 0..2 {
+                    let timeout = self.rng.u64(100 * MS..600 * MS);
+                    self.schedule(timeout, Event::PingTimeout { node, epoch, cut_gen });
+                }
+            }
+        } else if !self.stalled[from].is_empty() {
+            let latency = self.rng.u64(MS..20 * MS);
+            self.schedule(latency, Event::Unstall { from });
+        }
+    }
+
+    /// Both directions at once: a full partition, noticed by each side at its ping timeout.
+    fn cut_both(&mut self, cut: bool) {
+        self.note(|| format!("network: replication link {}", if cut { "cut" } else { "healed" }));
+        for from in 0..2 {
+            if self.cut[from] != cut {
+                self.cut[from] = cut;
+                self.cut_gen += 1;
+                if !cut && !self.stalled[from].is_empty() {
+                    self.schedule(0, Event::Unstall { from });
+                }
+            }
+        }
+        if cut {
+            self.link_down(None);
+        }
+    }
+
+    fn toggle_witness_link(&mut self, node: usize) {
+        self.witness_cut[node] = !self.witness_cut[node];
+        let cut = self.witness_cut[node];
+        self.note(|| format!("network: node{node}'s witness link {}", if cut { "cut" } else { "healed" }));
+        if !cut && self.nodes[node].asking_witness {
+            self.send_to_witness(node, Event::WitnessAsk { node });
+        }
+    }
+
     // --- the connection ---
 
     /// Connects the nodes when the network, both processes and both operators allow.
     fn maybe_connect(&mut self) {
-        if self.conn_up || self.cut {
+        if self.conn_up || self.cut[0] || self.cut[1] {
             return;
         }
         let ready = (0..2).all(|n| {
@@ -549,6 +674,7 @@ impl World {
         self.epoch += 1;
         self.conn_up = true;
         self.arrival = [self.now; 2];
+        self.stalled = [Vec::new(), Vec::new()];
         self.note(|| "connected".to_string());
         for node in 0..2 {
             self.nodes[node].conn_epoch = self.epoch;
@@ -670,24 +796,19 @@ impl World {
     fn chaos(&mut self) {
         let node = self.rng.usize(0..2);
         match self.rng.u32(0..100) {
-            0..=14 => {
-                self.cut = !self.cut;
-                let cut = self.cut;
-                self.note(|| format!("network: replication link {}", if cut { "cut" } else { "healed" }));
-                if self.cut {
-                    self.link_down(None);
-                }
+            0..=8 => {
+                let cut = !(self.cut[0] && self.cut[1]);
+                self.cut_both(cut);
             }
-            15..=24 => {
-                self.witness_cut[node] = !self.witness_cut[node];
-                let cut = self.witness_cut[node];
-                self.note(|| {
-                    format!("network: node{node}'s witness link {}", if cut { "cut" } else { "healed" })
-                });
-                if !cut && self.nodes[node].asking_witness {
-                    self.send_to_witness(node, Event::WitnessAsk { node });
-                }
+            // One way only: what `node` sends is held back while the other direction flows.
+            9..=12 => self.cut_direction(node, !self.cut[node]),
+            13..=14 => {
+                let what = if self.rng.bool() { Flapping::From(node) } else { Flapping::Witness(node) };
+                let remaining = self.rng.u32(2..8);
+                self.note(|| format!("network: {what:?} starts flapping ({remaining} toggles)"));
+                self.schedule(0, Event::Flap { what, remaining });
             }
+            15..=24 => self.toggle_witness_link(node),
             25..=31 => self.crash(node, false),
             32..=41 => self.crash(node, true),
             42..=61 => self.command(node, Command::Primary),
@@ -819,7 +940,7 @@ impl World {
     fn begin_ending(&mut self) {
         self.ending = true;
         self.note(|| "the world heals: no more faults, operators reconnect".to_string());
-        self.cut = false;
+        self.cut_both(false);
         self.witness_cut = [false; 2];
         for node in 0..2 {
             if self.nodes[node].asking_witness {
