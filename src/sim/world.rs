@@ -177,6 +177,9 @@ struct Client {
     next_token: u64,
     attached: Option<(usize, u64)>,
     pending: BTreeMap<ClientId, Pending>,
+    /// The blocks of the last write sent: TRIMs mostly discard what was written (a file
+    /// deleted), so a lost TRIM shows.
+    last_written: Option<std::ops::Range<u64>>,
 }
 
 struct World {
@@ -304,7 +307,13 @@ impl World {
             witness_holder: None,
             witness_cut: [false; 2],
             witness_arrival: [[0; 2]; 2],
-            client: Client { next_id: 0, next_token: 0, attached: None, pending: BTreeMap::new() },
+            client: Client {
+                next_id: 0,
+                next_token: 0,
+                attached: None,
+                pending: BTreeMap::new(),
+                last_written: None,
+            },
             oracle: Oracle::new(blocks),
             decisions: BTreeMap::new(),
             trace: options.trace.then(Vec::new),
@@ -508,6 +517,11 @@ impl World {
                 }
             }
             Effect::Write { io, offset, len: _, data } => {
+                self.submit(node, io, InFlight::Write { offset, data })
+            }
+            Effect::Discard { io, offset, len } => {
+                // A discarded range reads as zeroes: a write of zeroes to the simulated disk.
+                let data = vec![0; (len / BLOCK) as usize];
                 self.submit(node, io, InFlight::Write { offset, data })
             }
             Effect::Read { io, offset, len } => self.submit(node, io, InFlight::Read { offset, len }),
@@ -855,9 +869,13 @@ impl World {
         let (request, pending) = if roll < 15 {
             (ClientRequest::Flush, Pending::Flush { mark: self.oracle.flush_sent() })
         } else {
+            let trim = (40..46).contains(&roll);
             let len = self.rng.u64(1..=8);
             let first = self.rng.u64(0..blocks_total - len);
-            let blocks = first..first + len;
+            let blocks = match &self.client.last_written {
+                Some(last) if trim && self.rng.u32(0..4) > 0 => last.clone(),
+                _ => first..first + len,
+            };
             let busy = self.client.pending.values().any(|p| match p {
                 Pending::Write { blocks: b, .. } | Pending::Read { blocks: b, .. } => {
                     b.start < blocks.end && blocks.start < b.end
@@ -867,11 +885,17 @@ impl World {
             if busy {
                 return;
             }
-            let (offset, bytes) = (first * BLOCK, len * BLOCK);
+            let bytes = (blocks.end - blocks.start) * BLOCK;
+            let offset = blocks.start * BLOCK;
             if roll < 40 {
                 let floors = self.oracle.read_sent(blocks.clone());
                 (ClientRequest::Read { offset, len: bytes }, Pending::Read { blocks, floors })
+            } else if trim {
+                // To the oracle a TRIM is a write of zeroes.
+                self.oracle.write_sent(blocks.clone(), 0);
+                (ClientRequest::Trim { offset, len: bytes }, Pending::Write { blocks, token: 0, fua: false })
             } else {
+                self.client.last_written = Some(blocks.clone());
                 self.client.next_token += 1;
                 let token = (self.client.next_token << 8) | 0x5A;
                 let fua = self.rng.u32(0..10) == 0;

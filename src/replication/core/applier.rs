@@ -77,7 +77,9 @@ impl<P: Clone> NodeCore<P> {
     pub(super) fn pump_applier(&mut self) {
         while let Some(front) = self.applier.queue.front() {
             match front {
-                PeerMessage::Write { offset, len, .. } | PeerMessage::ResyncData { offset, len, .. } => {
+                PeerMessage::Write { offset, len, .. }
+                | PeerMessage::Trim { offset, len, .. }
+                | PeerMessage::ResyncData { offset, len, .. } => {
                     let is_resync = matches!(front, PeerMessage::ResyncData { .. });
                     if self.applier.overlaps_running((*offset, offset + len)) {
                         return;
@@ -102,6 +104,11 @@ impl<P: Clone> NodeCore<P> {
                     let io = self.start_io(IoPurpose::Apply(position));
                     self.effects.push_back(Effect::Write { io, offset, len, data });
                     Running::Write { range: (offset, offset + len), seq, fua, flushing: false }
+                }
+                PeerMessage::Trim { seq, offset, len } => {
+                    let io = self.start_io(IoPurpose::Apply(position));
+                    self.effects.push_back(Effect::Discard { io, offset, len });
+                    Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
                 }
                 PeerMessage::ResyncData { offset, len, data } => {
                     let io = self.start_io(IoPurpose::Apply(position));

@@ -20,16 +20,19 @@ pub enum Bug {
     /// A replicated write holds its activity-log extents only until the peer has it stably,
     /// even while the local write is still in flight (the daemon's bug until 2026-12-07).
     ReleaseExtentBeforeLocalWrite,
+    /// A client TRIM is carried out locally and answered, but never sent to the peer.
+    TrimNotReplicated,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
         Bug::ForgetUnstableOnLinkLoss,
         Bug::AckResyncBeforeFlush,
         Bug::ReleaseExtentBeforeLocalWrite,
+        Bug::TrimNotReplicated,
     ];
 
     /// The name `--inject-bug` takes.
@@ -41,6 +44,7 @@ impl Bug {
             Bug::ForgetUnstableOnLinkLoss => "forget-unstable-on-link-loss",
             Bug::AckResyncBeforeFlush => "ack-resync-before-flush",
             Bug::ReleaseExtentBeforeLocalWrite => "release-extent-before-local-write",
+            Bug::TrimNotReplicated => "trim-not-replicated",
         }
     }
 
@@ -56,6 +60,7 @@ impl Bug {
             Bug::ReleaseExtentBeforeLocalWrite => {
                 "a write's extent leaves its count when the peer has it, the local write in flight"
             }
+            Bug::TrimNotReplicated => "a TRIM is applied locally and answered but not mirrored",
         }
     }
 

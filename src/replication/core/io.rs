@@ -17,9 +17,22 @@ pub type IoId = u64;
 /// A request of the client that uses the Primary's device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRequest<P> {
-    Write { offset: u64, len: u64, data: P, fua: bool },
-    Read { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+        data: P,
+        fua: bool,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     Flush,
+    /// TRIM/discard: the range reads as zeroes afterwards; ordered and replicated like a write.
+    Trim {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// The core's answer to a client request.
@@ -59,6 +72,12 @@ pub enum PeerMessage<P> {
         len: u64,
         data: P,
         fua: bool,
+    },
+    /// A client's TRIM, mirrored: answered like a write.
+    Trim {
+        seq: u64,
+        offset: u64,
+        len: u64,
     },
     Flush {
         seq: u64,
@@ -115,6 +134,12 @@ pub enum Effect<P> {
         offset: u64,
         len: u64,
         data: P,
+    },
+    /// Discard the range of the data disk (it reads as zeroes); completes like a write.
+    Discard {
+        io: IoId,
+        offset: u64,
+        len: u64,
     },
     Read {
         io: IoId,

@@ -405,6 +405,7 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
             m @ (PeerMessage::Write { .. }
+            | PeerMessage::Trim { .. }
             | PeerMessage::Flush { .. }
             | PeerMessage::ResyncData { .. }
             | PeerMessage::ResyncDone { .. }) => self.applier.receive(m),

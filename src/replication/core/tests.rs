@@ -64,6 +64,7 @@ impl Pair {
                 Effect::AskWitness => self.asked_witness[n] = true,
                 Effect::DropLink { .. } => self.dropped[n] = true,
                 e @ (Effect::Write { io, .. }
+                | Effect::Discard { io, .. }
                 | Effect::Read { io, .. }
                 | Effect::Flush { io }
                 | Effect::Persist { io, .. }) => self.io[n].push((io, e)),
@@ -86,6 +87,12 @@ impl Pair {
                 Effect::Write { offset, data, .. } => {
                     for (i, token) in data.into_iter().enumerate() {
                         self.disks[n].insert(offset / BLOCK + i as u64, token);
+                    }
+                    None
+                }
+                Effect::Discard { offset, len, .. } => {
+                    for block in offset / BLOCK..(offset + len) / BLOCK {
+                        self.disks[n].insert(block, 0);
                     }
                     None
                 }
@@ -470,4 +477,16 @@ fn a_write_waiting_for_the_activity_log_fails_once_the_node_stepped_down() {
     p.settle();
     assert_eq!(p.reply(1), Some(&Reply::Failed));
     assert_eq!(p.disks[0].get(&5), None, "nothing was written");
+}
+
+/// A TRIM is ordered and mirrored like a write: the peer's block reads as zeroes too.
+#[test]
+fn a_trim_is_mirrored_like_a_write() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.client(0, 2, ClientRequest::Trim { offset: 5 * BLOCK, len: BLOCK });
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+    assert_eq!((p.disks[0].get(&5), p.disks[1].get(&5)), (Some(&0), Some(&0)));
 }

@@ -187,7 +187,7 @@ impl<P: Clone> NodeCore<P> {
                     self.writes.queue.pop_front();
                     self.start_flush(id);
                 }
-                ClientRequest::Write { offset, len, .. } => {
+                ClientRequest::Write { offset, len, .. } | ClientRequest::Trim { offset, len } => {
                     let range = (*offset, offset + len);
                     if self.range_busy(range) {
                         return;
@@ -303,7 +303,7 @@ impl<P: Clone> NodeCore<P> {
 
     fn fail_al_waiting(&mut self) {
         for (id, request) in std::mem::take(&mut self.writes.al_waiting) {
-            if let ClientRequest::Write { offset, len, .. } = request {
+            if let ClientRequest::Write { offset, len, .. } | ClientRequest::Trim { offset, len } = request {
                 self.writes.release((offset, offset + len));
                 for extent in extents_of(offset, len) {
                     self.al.end(extent);
@@ -361,12 +361,34 @@ impl<P: Clone> NodeCore<P> {
         self.writes.ops.insert(id, op);
     }
 
-    /// A write whose extents are logged goes to the local disk and the peer.
+    /// A write (or TRIM) whose extents are logged goes to the local disk and the peer.
     fn dispatch_write(&mut self, id: ClientId, request: ClientRequest<P>) {
-        let ClientRequest::Write { offset, len, data, fua } = request else { return };
+        let (offset, len, data, fua) = match request {
+            ClientRequest::Write { offset, len, data, fua } => (offset, len, Some(data), fua),
+            ClientRequest::Trim { offset, len } => (offset, len, None, false),
+            _ => return,
+        };
         let range = (offset, offset + len);
         let io = self.start_io(IoPurpose::Client(id));
-        self.effects.push_back(Effect::Write { io, offset, len, data: data.clone() });
+        self.effects.push_back(match &data {
+            Some(data) => Effect::Write { io, offset, len, data: data.clone() },
+            None => Effect::Discard { io, offset, len },
+        });
+        if data.is_none() && self.replicating() && self.cfg.bugs.has(Bug::TrimNotReplicated) {
+            // Planted: the TRIM counts as mirrored without being sent.
+            let kind = Kind::Write { range, fua };
+            let op = Op {
+                kind,
+                local: None,
+                fua_flush_pending: false,
+                peer: PeerPart::Done,
+                data: None,
+                claimed: true,
+                followed: false,
+            };
+            self.writes.ops.insert(id, op);
+            return;
+        }
         let followed = self.replicating();
         let peer = if followed {
             // A second count on the extents, released when the peer has the write stably (the
@@ -377,7 +399,11 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
             let seq = self.ledger.submit(Request::Write { range, fua }, true, id);
-            self.effects.push_back(Effect::Send(PeerMessage::Write { seq, offset, len, data, fua }));
+            let message = match data {
+                Some(data) => PeerMessage::Write { seq, offset, len, data, fua },
+                None => PeerMessage::Trim { seq, offset, len },
+            };
+            self.effects.push_back(Effect::Send(message));
             PeerPart::Waiting
         } else {
             self.bitmap.set(DirtyBitmap::blocks_of(offset, len, self.cfg.bitmap_block));
