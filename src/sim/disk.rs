@@ -82,6 +82,25 @@ impl SimDisk {
         }
     }
 
+    /// `invalidate` took effect: the data is whatever `garbage` says per block (the operator
+    /// invalidates a disk because its data cannot be trusted, so the simulator makes it so).
+    pub fn scramble(&mut self, mut garbage: impl FnMut(u64) -> u64) {
+        self.cache.clear();
+        for (block, value) in self.durable.iter_mut().enumerate() {
+            *value = garbage(block as u64);
+        }
+    }
+
+    /// Silent corruption: `block` reads as `token` from now, if no write of it sits in the
+    /// cache (the medium rots, not what is cached). Whether it rotted.
+    pub fn rot(&mut self, block: u64, token: u64) -> bool {
+        if self.cache.contains_key(&block) {
+            return false;
+        }
+        self.durable[block as usize] = token;
+        true
+    }
+
     /// A write that was in flight when the power went lands, block by block, as `keep` says.
     pub fn torn_write(&mut self, offset: u64, data: &[u64], mut keep: impl FnMut() -> bool) {
         for (i, &token) in data.iter().enumerate() {

@@ -217,6 +217,25 @@ struct World {
     last_writer: Option<usize>,
     /// A handshake found the data unrelated: the operator recreates the victim's metadata.
     unrelated: bool,
+    /// Counts garbage made (invalidated disks, rotten blocks): each garbage token is unique.
+    garbage: u64,
+    closing: Closing,
+    /// What the verify of the healed world reported.
+    verify_result: Option<u64>,
+}
+
+/// The healed world's last steps: converge, verify (repair what it found by a resync from
+/// the Primary, as DRBD's documentation tells), verify again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    Converging {
+        round: u32,
+    },
+    Verifying {
+        round: u32,
+    },
+    /// A Primary is needed for the marked blocks to resync.
+    Promoting,
 }
 
 /// Runs the world of `seed`.
@@ -235,8 +254,7 @@ pub fn run(seed: u64, options: &Options) -> RunResult {
             w.begin_ending();
             end_by = w.now + CONVERGE_WITHIN;
         }
-        if w.ending && w.converged() {
-            w.final_checks();
+        if w.ending && w.closing_step() {
             break;
         }
         let Some(Reverse(next)) = w.queue.pop() else { break };
@@ -321,6 +339,9 @@ impl World {
             ending: false,
             last_writer: None,
             unrelated: false,
+            garbage: 0,
+            closing: Closing::Converging { round: 0 },
+            verify_result: None,
         }
     }
 
@@ -549,13 +570,27 @@ impl World {
             Effect::Decided(decision) => self.decided(node, decision.outcome),
             Effect::ResyncStarted { source } => {
                 if source {
+                    self.check_up_to_date(node, "became sync source");
                     self.check_serving(node, "became sync source");
                 }
             }
             Effect::RoleChanged(role) => {
                 self.note(|| format!("node{node} is {role}"));
                 if role == Role::Primary {
+                    self.check_up_to_date(node, "was promoted");
                     self.check_serving(node, "was promoted");
+                }
+            }
+            Effect::Invalidated => {
+                self.note(|| format!("node{node} is invalidated: its data is garbage now"));
+                self.garbage += 1;
+                let tag = self.garbage << 20;
+                self.nodes[node].disk.scramble(|block| ((tag | block) << 8) | 0xBD);
+            }
+            Effect::VerifyDone { out_of_sync } => {
+                self.note(|| format!("node{node}: verify done, {out_of_sync} blocks out of sync"));
+                if matches!(self.closing, Closing::Verifying { .. }) {
+                    self.verify_result = Some(out_of_sync);
                 }
             }
         }
@@ -828,12 +863,24 @@ impl World {
             42..=61 => self.command(node, Command::Primary),
             62..=71 => self.command(node, Command::Secondary),
             72..=77 => self.command(node, Command::Disconnect),
-            78..=95 => self.command(node, Command::Connect),
-            _ => {
+            78..=89 => self.command(node, Command::Connect),
+            96..=99 => {
                 // The operator recovers a split brain by hand, discarding the data of the node
                 // that did not serve last.
                 if self.split_brain_victim() == Some(node) {
                     self.command(node, Command::DiscardMyData);
+                }
+            }
+            90..=91 => self.command(node, Command::Verify),
+            92..=93 => self.command(node, Command::Invalidate),
+            _ => {
+                // Silent corruption: a block of one disk rots.
+                let block = self.rng.u64(0..SIZE / BLOCK);
+                self.garbage += 1;
+                let token = (self.garbage << 8) | 0xB0;
+                if self.nodes[node].disk.rot(block, token) {
+                    self.oracle.taint(block);
+                    self.note(|| format!("node{node}'s disk: block {block} rots"));
                 }
             }
         }
@@ -953,6 +1000,15 @@ impl World {
         }
     }
 
+    /// Only an UpToDate disk is promoted or becomes sync source (an invalidated one is
+    /// Inconsistent until its full sync ends).
+    fn check_up_to_date(&mut self, node: usize, why: &str) {
+        let disk = self.nodes[node].core.as_ref().map(|c| c.disk());
+        if disk != Some(DiskState::UpToDate) {
+            self.violate(format!("node{node} {why} with its disk {disk:?}"));
+        }
+    }
+
     /// A node about to serve (or to overwrite its peer) holds every durable write.
     fn check_serving(&mut self, node: usize, why: &str) {
         let disk = &self.nodes[node].disk;
@@ -978,6 +1034,53 @@ impl World {
         self.schedule(0, Event::Reconnect);
     }
 
+    /// One step of the healed world's end; whether the run is over.
+    fn closing_step(&mut self) -> bool {
+        match self.closing {
+            Closing::Converging { round } => {
+                if self.converged() {
+                    let node = self.rng.usize(0..2);
+                    self.closing = Closing::Verifying { round };
+                    self.command(node, Command::Verify);
+                }
+            }
+            Closing::Verifying { round } => {
+                let Some(out_of_sync) = self.verify_result.take() else { return false };
+                if out_of_sync == 0 {
+                    self.final_checks();
+                    return true;
+                }
+                if round > 0 {
+                    self.violate(format!(
+                        "verify still finds {out_of_sync} blocks out of sync after the repair"
+                    ));
+                    return true;
+                }
+                // The repair is for what the disks lost (rot); a difference anywhere else is one
+                // the core failed to track.
+                if let Some(block) = self.first_difference(|o, b| !o.is_tainted(b)) {
+                    self.replicas_differ(block);
+                    return true;
+                }
+                self.closing = Closing::Promoting;
+            }
+            Closing::Promoting => {
+                let primary =
+                    (0..2).find(|&n| self.nodes[n].core.as_ref().is_some_and(|c| c.role() == Role::Primary));
+                match primary {
+                    // Disconnect and connect: the Primary resyncs the blocks verify marked.
+                    Some(p) => {
+                        self.closing = Closing::Converging { round: 1 };
+                        self.command(1 - p, Command::Disconnect);
+                    }
+                    None if self.converged() => self.command(0, Command::Primary),
+                    None => {}
+                }
+            }
+        }
+        false
+    }
+
     fn converged(&self) -> bool {
         self.conn_up
             && self.nodes.iter().all(|n| {
@@ -988,13 +1091,22 @@ impl World {
             })
     }
 
-    fn final_checks(&mut self) {
+    /// The first block where the replicas differ, among those `consider` picks.
+    fn first_difference(&self, consider: impl Fn(&Oracle, u64) -> bool) -> Option<u64> {
         let (a, b) = (&self.nodes[0].disk, &self.nodes[1].disk);
-        if let Some(block) = (0..a.blocks()).find(|&x| a.read_block(x) != b.read_block(x)) {
-            let (va, vb) = (a.read_block(block), b.read_block(block));
-            return self.violate(format!(
-                "after heal and resync the replicas differ at block {block}: node0 {va:#x}, node1 {vb:#x} (verify would report it)"
-            ));
+        (0..a.blocks()).find(|&x| a.read_block(x) != b.read_block(x) && consider(&self.oracle, x))
+    }
+
+    fn replicas_differ(&mut self, block: u64) {
+        let (va, vb) = (self.nodes[0].disk.read_block(block), self.nodes[1].disk.read_block(block));
+        self.violate(format!(
+            "after heal and resync the replicas differ at block {block}: node0 {va:#x}, node1 {vb:#x} (verify would report it)"
+        ));
+    }
+
+    fn final_checks(&mut self) {
+        if let Some(block) = self.first_difference(|_, _| true) {
+            return self.replicas_differ(block);
         }
         for node in 0..2 {
             self.check_serving(node, "ended in sync");

@@ -22,10 +22,14 @@ pub enum Bug {
     ReleaseExtentBeforeLocalWrite,
     /// A client TRIM is carried out locally and answered, but never sent to the peer.
     TrimNotReplicated,
+    /// The source of an `invalidate`'s full sync resyncs only the blocks it had marked.
+    InvalidateWithoutFullSync,
+    /// Online verify counts the blocks that differ but does not mark them out of sync.
+    VerifySkipsMarking,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 9] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
@@ -33,6 +37,8 @@ impl Bug {
         Bug::AckResyncBeforeFlush,
         Bug::ReleaseExtentBeforeLocalWrite,
         Bug::TrimNotReplicated,
+        Bug::InvalidateWithoutFullSync,
+        Bug::VerifySkipsMarking,
     ];
 
     /// The name `--inject-bug` takes.
@@ -45,6 +51,8 @@ impl Bug {
             Bug::AckResyncBeforeFlush => "ack-resync-before-flush",
             Bug::ReleaseExtentBeforeLocalWrite => "release-extent-before-local-write",
             Bug::TrimNotReplicated => "trim-not-replicated",
+            Bug::InvalidateWithoutFullSync => "invalidate-without-full-sync",
+            Bug::VerifySkipsMarking => "verify-skips-marking",
         }
     }
 
@@ -61,6 +69,8 @@ impl Bug {
                 "a write's extent leaves its count when the peer has it, the local write in flight"
             }
             Bug::TrimNotReplicated => "a TRIM is applied locally and answered but not mirrored",
+            Bug::InvalidateWithoutFullSync => "invalidate's sync source resyncs only what it had marked",
+            Bug::VerifySkipsMarking => "online verify counts differing blocks but does not mark them",
         }
     }
 

@@ -110,6 +110,22 @@ pub enum PeerMessage<P> {
     Role {
         role: Role,
     },
+    /// The sender's operator typed `invalidate`: it asks to become the target of a full sync.
+    InvalidateRequest,
+    /// Granted: the sender is the full sync's source from now (its SyncStart follows).
+    InvalidateAnswer {
+        granted: bool,
+    },
+    /// Online verify: the sender asks for the receiver's data of this range, to compare.
+    VerifyRequest {
+        offset: u64,
+        len: u64,
+    },
+    VerifyReply {
+        offset: u64,
+        len: u64,
+        data: P,
+    },
 }
 
 /// A durable image of the node's metadata: what a restart reads back.
@@ -176,6 +192,14 @@ pub enum Effect<P> {
     },
     /// The role changed.
     RoleChanged(Role),
+    /// `invalidate` took effect: the metadata durably says Inconsistent with every block marked,
+    /// so this node's data is no longer trusted until a full sync made it whole.
+    Invalidated,
+    /// An online verify this node ran is complete: `out_of_sync` blocks differed from the
+    /// peer's (and are marked out of sync).
+    VerifyDone {
+        out_of_sync: u64,
+    },
 }
 
 /// An operator's command (the `rdbd` verbs).
@@ -187,4 +211,10 @@ pub enum Command {
     Disconnect,
     /// `connect --discard-my-data`: this node is the split-brain victim.
     DiscardMyData,
+    /// On a connected Secondary whose peer is UpToDate: this disk becomes Inconsistent and
+    /// takes a full sync from the peer (refused otherwise).
+    Invalidate,
+    /// Online verify on a connected pair in sync: compares every block with the peer's and
+    /// marks those that differ.
+    Verify,
 }

@@ -21,6 +21,7 @@ use super::bugs::{Bug, Bugs};
 use super::io::{ClientId, Command, Effect, Hello, IoId, PeerMessage, Persisted};
 use super::ledger::{Ledger, Range};
 use super::resync::Source;
+use super::verify::Verifier;
 use super::write_path::WritePath;
 
 /// What a node is, beyond what its metadata says.
@@ -86,6 +87,8 @@ pub(super) enum IoPurpose {
     Apply(u64),
     /// The sync source's read of this range, for the resync with this number.
     ResyncRead(Range, u64),
+    /// A verify's read of the range the applier runs at this queue position.
+    VerifyRead(u64),
 }
 
 /// One node's replication core.
@@ -112,7 +115,12 @@ pub struct NodeCore<P> {
     /// Waiting for the source's SyncStart.
     pub(super) awaiting_sync_start: bool,
     /// Resyncs this node started as source (tells a late read of an ended one apart).
-    resyncs: u64,
+    pub(super) resyncs: u64,
+    /// Asked the peer to be the source of an `invalidate`'s full sync.
+    pub(super) invalidating: bool,
+    /// `invalidate` took effect once this metadata image is durable.
+    pub(super) invalidated_at: Option<u64>,
+    pub(super) verifier: Option<Verifier>,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -125,7 +133,7 @@ pub struct NodeCore<P> {
     retire_mark: u64,
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     /// A node whose data is in generation `gens` with `disk`, freshly started (Secondary).
     pub fn new(cfg: CoreConfig, gens: Generations, disk: DiskState) -> Self {
         let blocks = cfg.size.div_ceil(u64::from(cfg.bitmap_block));
@@ -149,6 +157,9 @@ impl<P: Clone> NodeCore<P> {
             source: None,
             awaiting_sync_start: false,
             resyncs: 0,
+            invalidating: false,
+            invalidated_at: None,
+            verifier: None,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -233,17 +244,19 @@ impl<P: Clone> NodeCore<P> {
             && self.ledger.is_settled()
             && self.persist_in_flight.is_none()
             && self.persist_wanted == self.persist_durable
+            && self.verify_idle()
     }
 
     /// What is in flight, for diagnostics.
     pub fn describe_work(&self) -> String {
         format!(
-            "source {:?}, awaiting SyncStart {}, io {:?}, {}, ledger unstable {}",
+            "source {:?}, awaiting SyncStart {}, io {:?}, {}, ledger unstable {}, {}",
             self.source,
             self.awaiting_sync_start,
             self.io.values().collect::<Vec<_>>(),
             self.writes.describe(),
-            self.ledger.unstable_writes()
+            self.ledger.unstable_writes(),
+            self.describe_verify()
         )
     }
 
@@ -288,6 +301,8 @@ impl<P: Clone> NodeCore<P> {
                     self.discard_my_data = true;
                 }
             }
+            Command::Invalidate => self.invalidate(),
+            Command::Verify => self.start_verify(),
         }
         self.pump();
     }
@@ -371,6 +386,8 @@ impl<P: Clone> NodeCore<P> {
         }
         self.writes.peer_lost(&waiters);
         self.applier.link_down();
+        self.invalidating = false;
+        self.verify_link_down();
         self.source = None;
         self.awaiting_sync_start = false;
         if self.promoting == Promoting::AskedPeer {
@@ -404,8 +421,12 @@ impl<P: Clone> NodeCore<P> {
                     self.link = Link::Up { peer_role: role, peer_disk };
                 }
             }
+            PeerMessage::InvalidateRequest => self.peer_invalidates(),
+            PeerMessage::InvalidateAnswer { granted } => self.invalidate_answered(granted),
             m @ (PeerMessage::Write { .. }
             | PeerMessage::Trim { .. }
+            | PeerMessage::VerifyRequest { .. }
+            | PeerMessage::VerifyReply { .. }
             | PeerMessage::Flush { .. }
             | PeerMessage::ResyncData { .. }
             | PeerMessage::ResyncDone { .. }) => self.applier.receive(m),
@@ -428,6 +449,7 @@ impl<P: Clone> NodeCore<P> {
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
             IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
+            IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),
         }
         self.pump();
     }
@@ -520,8 +542,11 @@ impl<P: Clone> NodeCore<P> {
         loop {
             let before = (self.effects.len(), self.io.len(), self.persist_wanted);
             self.pump_writes();
+            // Before the applier: the data counts as untrusted before resync data lands.
+            self.pump_invalidated();
             self.pump_applier();
             self.pump_source();
+            self.pump_verify();
             if self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
                 let n = self.persist_wanted;
                 let io = self.start_io(IoPurpose::Persist(n));
@@ -627,7 +652,7 @@ impl<P: Clone> NodeCore<P> {
     // --- roles ---
 
     fn promote(&mut self) {
-        if self.role == Role::Primary || self.promoting != Promoting::No {
+        if self.role == Role::Primary || self.promoting != Promoting::No || self.invalidating {
             return;
         }
         match self.link {

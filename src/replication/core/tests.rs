@@ -29,6 +29,8 @@ struct Pair {
     asked_witness: [bool; 2],
     dropped: [bool; 2],
     images: [Option<Persisted>; 2],
+    invalidated: [bool; 2],
+    verified: [Option<u64>; 2],
 }
 
 fn config(node: u32) -> CoreConfig {
@@ -53,6 +55,8 @@ impl Pair {
             asked_witness: [false; 2],
             dropped: [false; 2],
             images: [None, None],
+            invalidated: [false; 2],
+            verified: [None; 2],
         }
     }
 
@@ -68,6 +72,8 @@ impl Pair {
                 | Effect::Read { io, .. }
                 | Effect::Flush { io }
                 | Effect::Persist { io, .. }) => self.io[n].push((io, e)),
+                Effect::Invalidated => self.invalidated[n] = true,
+                Effect::VerifyDone { out_of_sync } => self.verified[n] = Some(out_of_sync),
                 Effect::ReleaseWitness
                 | Effect::Decided(_)
                 | Effect::ResyncStarted { .. }
@@ -489,4 +495,61 @@ fn a_trim_is_mirrored_like_a_write() {
     p.settle();
     assert_eq!(p.reply(2), Some(&Reply::Done));
     assert_eq!((p.disks[0].get(&5), p.disks[1].get(&5)), (Some(&0), Some(&0)));
+}
+
+/// `invalidate` is refused on a Primary; on the Secondary its disk turns Inconsistent and a
+/// full sync from the peer rewrites every block, also those nobody marked.
+#[test]
+fn invalidate_takes_a_full_sync_from_the_peer() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.command(0, Command::Invalidate);
+    p.settle();
+    assert!(!p.invalidated[0] && p.cores[0].disk() == DiskState::UpToDate, "refused on the Primary");
+    // The reason to invalidate: data this node holds but cannot trust.
+    p.disks[1].insert(9, 0xBAD);
+    p.command(1, Command::Invalidate);
+    p.deliver(0);
+    p.deliver(1);
+    assert_eq!(p.cores[1].disk(), DiskState::Inconsistent);
+    assert!(p.cores[1].out_of_sync_blocks() == SIZE / BLOCK, "every block is marked");
+    p.settle();
+    assert!(p.invalidated[1]);
+    assert!(p.cores.iter().all(|c| c.is_established() && c.disk() == DiskState::UpToDate));
+    assert_eq!((p.disks[1].get(&5), p.disks[1].get(&9)), (Some(&0xAB), Some(&0)));
+}
+
+/// Online verify finds a block that differs and marks it; a reconnect resyncs it from the
+/// Primary, and a second verify finds nothing.
+#[test]
+fn verify_marks_what_differs_and_a_reconnect_repairs_it() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.disks[1].insert(9, 0xBAD);
+    p.command(1, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified[1], Some(64), "one verify request's blocks differ");
+    assert!(p.cores[1].out_of_sync_blocks() > 0, "and are marked");
+    p.disconnect();
+    p.connect();
+    p.settle();
+    assert_eq!(p.disks[1].get(&9), Some(&0));
+    p.command(0, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified[0], Some(0));
+}
+
+/// Seed 52926: both nodes ran a verify at once; each held the ranges it had asked about as
+/// claims of its write path, so each one's read for the other's request waited for the other's
+/// reply, which waited behind it in the applier.
+#[test]
+fn two_verifies_at_once_both_finish() {
+    let mut p = Pair::connected_with_primary();
+    p.command(0, Command::Verify);
+    p.command(1, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified, [Some(0), Some(0)]);
+    assert!(p.cores.iter().all(|c| c.is_quiet()));
 }

@@ -105,6 +105,11 @@ impl<P> WritePath<P> {
         true
     }
 
+    /// Whether a write in flight (or a resync read) holds part of `range`.
+    pub(super) fn overlaps_claims(&self, range: Range) -> bool {
+        overlaps(&self.claims, range)
+    }
+
     pub(super) fn release(&mut self, range: Range) {
         release(&mut self.claims, range);
     }
@@ -130,7 +135,7 @@ impl<P> WritePath<P> {
     }
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     /// A client request for this node's device.
     pub fn handle_client(&mut self, id: ClientId, request: ClientRequest<P>) {
         self.writes.queue.push_back((id, request));
@@ -212,11 +217,13 @@ impl<P: Clone> NodeCore<P> {
         }
     }
 
-    /// Another write is in flight on `range`: one of ours, a resync read, or one the applier
-    /// still carries out for the peer (a node just promoted may still be applying its former
+    /// Another write is in flight on `range`: one of ours, a resync read, a range this node's
+    /// verify compares, or one the applier still carries out for the peer (a node just promoted may still be applying its former
     /// Primary's writes; two overlapping writes in flight end in either order).
     fn range_busy(&self, range: Range) -> bool {
-        overlaps(&self.writes.claims, range) || self.applier.overlaps_running(range)
+        overlaps(&self.writes.claims, range)
+            || self.applier.overlaps_running(range)
+            || self.verify_holds(range)
     }
 
     /// Counts a write on its extents: `Hot` when all are logged, `Pending` when a transaction
