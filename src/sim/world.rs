@@ -106,6 +106,13 @@ enum Event {
     Unstall {
         from: usize,
     },
+    /// A planned switchover from `from`: once the client's requests are drained, demote it
+    /// (`promoting`: false), then promote its peer (`promoting`: true), `tries` so far.
+    Switchover {
+        from: usize,
+        promoting: bool,
+        tries: u32,
+    },
     /// One more toggle of a flapping link.
     Flap {
         what: Flapping,
@@ -177,6 +184,8 @@ struct Client {
     next_token: u64,
     attached: Option<(usize, u64)>,
     pending: BTreeMap<ClientId, Pending>,
+    /// The application is stopped for a switchover: no new requests.
+    paused: bool,
     /// The blocks of the last write sent: TRIMs mostly discard what was written (a file
     /// deleted), so a lost TRIM shows.
     last_written: Option<std::ops::Range<u64>>,
@@ -222,6 +231,10 @@ struct World {
     closing: Closing,
     /// What the verify of the healed world reported.
     verify_result: Option<u64>,
+    /// A switchover's new Primary (node, incarnation) and the connection it is promoted on:
+    /// the client's session goes on there, so its reads must see every write the old Primary
+    /// acknowledged.
+    handover: Option<(usize, u64, u64)>,
 }
 
 /// The healed world's last steps: converge, verify (repair what it found by a resync from
@@ -330,6 +343,7 @@ impl World {
                 next_token: 0,
                 attached: None,
                 pending: BTreeMap::new(),
+                paused: false,
                 last_written: None,
             },
             oracle: Oracle::new(blocks),
@@ -342,6 +356,7 @@ impl World {
             garbage: 0,
             closing: Closing::Converging { round: 0 },
             verify_result: None,
+            handover: None,
         }
     }
 
@@ -397,6 +412,7 @@ impl World {
                     }
                 }
             }
+            Event::Switchover { from, promoting, tries } => self.switchover(from, promoting, tries),
             Event::Flap { what, remaining } => {
                 if !self.ending {
                     match what {
@@ -861,7 +877,8 @@ impl World {
             25..=31 => self.crash(node, false),
             32..=41 => self.crash(node, true),
             42..=61 => self.command(node, Command::Primary),
-            62..=71 => self.command(node, Command::Secondary),
+            62..=65 => self.command(node, Command::Secondary),
+            66..=71 => self.start_switchover(),
             72..=77 => self.command(node, Command::Disconnect),
             78..=89 => self.command(node, Command::Connect),
             96..=99 => {
@@ -901,12 +918,28 @@ impl World {
             (0..2).find(|&n| self.nodes[n].core.as_ref().is_some_and(|c| c.role() == Role::Primary));
         let attached = serving.map(|n| (n, self.nodes[n].incarnation));
         if self.client.attached != attached {
+            // A switchover hands the session over: nothing acknowledged may be lost, since the
+            // new Primary was promoted with its peer's consent on the same connection.
+            let handed_over = match (attached, self.handover) {
+                (None, Some(_)) => true,
+                (Some((n, inc)), Some((to, incarnation, epoch))) => {
+                    (n, inc) == (to, incarnation) && self.conn_up && self.epoch == epoch
+                }
+                _ => false,
+            };
+            if attached.is_some() {
+                self.handover = None;
+            }
             self.client.attached = attached;
             self.client.pending.clear();
-            self.oracle.new_session();
+            if handed_over {
+                self.note(|| format!("client: the session goes on at {attached:?}"));
+            } else {
+                self.oracle.new_session();
+            }
         }
         let Some((node, _)) = attached else { return };
-        if self.client.pending.len() >= QUEUE_DEPTH {
+        if self.client.paused || self.client.pending.len() >= QUEUE_DEPTH {
             return;
         }
         self.client.next_id += 1;
@@ -960,6 +993,48 @@ impl World {
             core.handle_client(id, request);
             self.drain(node);
         }
+    }
+
+    /// The operator hands the Primary role over to the peer of a connected pair in sync, the
+    /// application stopped meanwhile.
+    fn start_switchover(&mut self) {
+        let from = (0..2).find(|&n| {
+            self.nodes[n].core.as_ref().is_some_and(|c| c.role() == Role::Primary && c.is_established())
+        });
+        let Some(from) = from.filter(|_| self.conn_up && !self.client.paused) else { return };
+        self.note(|| format!("operator: switchover from node{from}"));
+        self.client.paused = true;
+        self.schedule(MS, Event::Switchover { from, promoting: false, tries: 0 });
+    }
+
+    fn switchover(&mut self, from: usize, promoting: bool, tries: u32) {
+        let to = 1 - from;
+        let role = |w: &World, n: usize| w.nodes[n].core.as_ref().map(|c| c.role());
+        if self.ending || tries > 50 {
+            self.note(|| "operator: switchover abandoned".to_string());
+            self.client.paused = false;
+            return;
+        }
+        if !promoting {
+            if !self.client.pending.is_empty() {
+                return self.schedule(2 * MS, Event::Switchover { from, promoting, tries: tries + 1 });
+            }
+            self.command(from, Command::Secondary);
+            if role(self, from) != Some(Role::Secondary) {
+                self.note(|| "operator: switchover abandoned (not demoted)".to_string());
+                self.client.paused = false;
+                return;
+            }
+            self.handover = Some((to, self.nodes[to].incarnation, self.epoch)).filter(|_| self.conn_up);
+            // The peer promotes once it has heard of the demotion.
+            return self.schedule(MS, Event::Switchover { from, promoting: true, tries: 0 });
+        }
+        if role(self, to) == Some(Role::Primary) {
+            self.client.paused = false;
+            return;
+        }
+        self.command(to, Command::Primary);
+        self.schedule(5 * MS, Event::Switchover { from, promoting, tries: tries + 1 });
     }
 
     fn client_reply(&mut self, node: usize, incarnation: u64, id: ClientId, reply: Reply<Data>) {
