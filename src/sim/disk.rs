@@ -40,6 +40,11 @@ impl SimDisk {
             .map_or(self.durable[block as usize], |&(_, token)| token)
     }
 
+    /// What `block` holds durably (what a power loss now would keep at least).
+    pub fn durable_block(&self, block: u64) -> u64 {
+        self.durable[block as usize]
+    }
+
     /// The tokens of `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: u64) -> Vec<u64> {
         (offset / BLOCK..(offset + len).div_ceil(BLOCK)).map(|b| self.read_block(b)).collect()

@@ -19,6 +19,9 @@ pub struct Oracle {
     ack_log: Vec<(u64, Index)>,
     /// How much of `ack_log` is already durable.
     flushed_upto: usize,
+    /// Where the current Primary's own acknowledgements start in `ack_log` (after a
+    /// switchover, earlier ones are the old Primary's, kept by its activity log).
+    own_from: usize,
     /// Blocks that rotted on some disk: the disk lost their data, not the core, so no value is
     /// demanded of them (only that verify finds and a resync removes the difference).
     tainted: Vec<bool>,
@@ -33,6 +36,7 @@ impl Oracle {
             acked: vec![0; blocks],
             ack_log: Vec::new(),
             flushed_upto: 0,
+            own_from: 0,
             tainted: vec![false; blocks],
         }
     }
@@ -74,6 +78,29 @@ impl Oracle {
         self.ack_log.len()
     }
 
+    /// The writes a flush sent at `mark` makes durable (those not made durable before), by
+    /// block: `check(block, token index)` says which one is missing where.
+    pub fn check_flushed(&self, mark: usize, check: impl Fn(u64, u64) -> bool) -> Result<(), String> {
+        for &(b, i) in &self.ack_log[self.flushed_upto.max(self.own_from).min(mark)..mark] {
+            if self.tainted[b as usize] {
+                continue;
+            }
+            let token = self.history[b as usize][i as usize];
+            if !check(b, token) {
+                return Err(format!("block {b}: write #{i} ({token:#x})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `value` in `block` is write `token`'s or a later one's.
+    pub fn at_least(&self, block: u64, value: u64, token: u64) -> bool {
+        match (self.index_of(block, value), self.index_of(block, token)) {
+            (Some(have), Some(want)) => have >= want,
+            _ => false,
+        }
+    }
+
     /// The flush sent at `mark` was acknowledged: every write acknowledged before is durable.
     pub fn flush_acked(&mut self, mark: usize) {
         for &(b, i) in &self.ack_log[self.flushed_upto.min(mark)..mark] {
@@ -86,9 +113,16 @@ impl Oracle {
     /// cover writes an earlier session had acknowledged and not flushed — those died with the
     /// node that acknowledged them, as on a local disk that loses power.
     pub fn new_session(&mut self) {
+        self.handover();
         self.flushed_upto = self.ack_log.len();
         // Reads of the new session may see only what is durable, not what the old one was told.
         self.acked.clone_from(&self.durable);
+    }
+
+    /// The session goes on at another Primary (a switchover): what it acknowledges from now is
+    /// its own.
+    pub fn handover(&mut self) {
+        self.own_from = self.ack_log.len();
     }
 
     /// The latest acknowledged write of each block of `blocks`, for [`Oracle::check_read`].

@@ -171,6 +171,8 @@ struct SimNode {
     restart_pending: bool,
     /// Waiting for the witness (asked again when its link heals).
     asking_witness: bool,
+    /// Requests in flight that the disk will fail (EIO), by (incarnation, io).
+    failing: std::collections::BTreeSet<(u64, IoId)>,
 }
 
 enum Pending {
@@ -306,6 +308,7 @@ impl World {
             conn_epoch: 0,
             restart_pending: false,
             asking_witness: false,
+            failing: Default::default(),
         });
         for (n, node) in nodes.iter_mut().enumerate() {
             let cfg = node_config(seed, n, 0, al_extents, bugs);
@@ -489,6 +492,9 @@ impl World {
                     }
                 }
                 for node in 0..2 {
+                    if self.nodes[node].core.as_ref().is_some_and(|c| c.is_diskless()) {
+                        self.attach(node);
+                    }
                     if self.nodes[node].core.as_ref().is_some_and(|c| !c.wants_connection()) {
                         // A split brain's victim is the node that did not serve last, as DRBD's
                         // manual recovery tells the operator.
@@ -507,6 +513,18 @@ impl World {
     fn io_done(&mut self, node: usize, incarnation: u64, io: IoId) {
         let n = &mut self.nodes[node];
         let Some(request) = n.in_flight.remove(&(incarnation, io)) else { return };
+        if n.failing.remove(&(incarnation, io)) {
+            // EIO: a failed write leaves the blocks as they were, a failed flush makes nothing
+            // durable.
+            if n.incarnation == incarnation {
+                self.note(|| format!("node{node} disk: io {io} fails (EIO)"));
+                if let Some(core) = self.nodes[node].core.as_mut() {
+                    core.handle_disk(io, false, None);
+                    self.drain(node);
+                }
+            }
+            return;
+        }
         let data = match request {
             InFlight::Write { offset, data } => {
                 n.disk.write(offset, &data);
@@ -637,6 +655,10 @@ impl World {
             _ => self.rng.u64(50..2 * MS),
         };
         let incarnation = self.nodes[node].incarnation;
+        // Now and then the disk fails a data request (never the metadata, in this model).
+        if !self.ending && !matches!(request, InFlight::Persist(_)) && self.rng.u32(0..3000) == 0 {
+            self.nodes[node].failing.insert((incarnation, io));
+        }
         self.nodes[node].in_flight.insert((incarnation, io), request);
         self.schedule(latency, Event::IoDone { node, incarnation, io });
     }
@@ -798,7 +820,11 @@ impl World {
         }
         // A killed process is reaped only once its submitted I/O is done (the kernel waits for
         // it), so it lands before any restart; without power it may land in part.
-        for (_, request) in std::mem::take(&mut n.in_flight) {
+        let failing = std::mem::take(&mut n.failing);
+        for (key, request) in std::mem::take(&mut n.in_flight) {
+            if failing.contains(&key) {
+                continue;
+            }
             match request {
                 InFlight::Write { offset, data } if power_loss => {
                     n.disk.torn_write(offset, &data, || rng.bool())
@@ -817,6 +843,14 @@ impl World {
         self.nodes[node].restart_pending = true;
         let delay = self.rng.u64(50 * MS..2000 * MS);
         self.schedule(delay, Event::Restart { node });
+    }
+
+    /// `rdbd detach; rdbd attach` on a node whose disk failed (and was repaired): it starts
+    /// again from the metadata on that disk.
+    fn attach(&mut self, node: usize) {
+        self.note(|| format!("operator on node{node}: attach the repaired disk"));
+        self.crash(node, false);
+        self.restart(node);
     }
 
     /// `rdbd down; rdbd create-md; rdbd up` on `node`: its data is kept but no longer trusted.
@@ -880,6 +914,7 @@ impl World {
             62..=65 => self.command(node, Command::Secondary),
             66..=71 => self.start_switchover(),
             72..=77 => self.command(node, Command::Disconnect),
+            78..=89 if self.nodes[node].core.as_ref().is_some_and(|c| c.is_diskless()) => self.attach(node),
             78..=89 => self.command(node, Command::Connect),
             96..=99 => {
                 // The operator recovers a split brain by hand, discarding the data of the node
@@ -934,6 +969,7 @@ impl World {
             self.client.pending.clear();
             if handed_over {
                 self.note(|| format!("client: the session goes on at {attached:?}"));
+                self.oracle.handover();
             } else {
                 self.oracle.new_session();
             }
@@ -1049,7 +1085,10 @@ impl World {
                 self.last_writer = Some(node);
                 self.oracle.write_acked(blocks, token, fua)
             }
-            (Pending::Flush { mark }, _) => self.oracle.flush_acked(mark),
+            (Pending::Flush { mark }, _) => {
+                self.check_flush_on_peer(node, mark);
+                self.oracle.flush_acked(mark);
+            }
             (Pending::Read { blocks, floors }, Reply::Data(values)) => {
                 if let Err(e) = self.oracle.check_read(blocks, &floors, &values) {
                     self.violate(format!("node{node}: {e}"));
@@ -1072,6 +1111,21 @@ impl World {
             (0..2).filter(|&n| self.nodes[n].core.as_ref().is_some_and(writes)).collect();
         if writers.len() > 1 {
             self.violate("both nodes answer writes: two writers".to_string());
+        }
+    }
+
+    /// A FLUSH acknowledged by `node` made its writes durable on the peer too, unless `node`
+    /// marked them out of sync (so a resync will give them): protocol C with flushes.
+    fn check_flush_on_peer(&mut self, node: usize, mark: usize) {
+        let Some(core) = self.nodes[node].core.as_ref() else { return };
+        let peer = &self.nodes[1 - node].disk;
+        let oracle = &self.oracle;
+        let check =
+            |b: u64, token: u64| oracle.at_least(b, peer.durable_block(b), token) || core.is_out_of_sync(b);
+        if let Err(e) = self.oracle.check_flushed(mark, check) {
+            self.violate(format!(
+                "node{node} acknowledged a FLUSH but the peer lacks a write it covers, unmarked: {e}"
+            ));
         }
     }
 

@@ -26,10 +26,13 @@ pub enum Bug {
     InvalidateWithoutFullSync,
     /// Online verify counts the blocks that differ but does not mark them out of sync.
     VerifySkipsMarking,
+    /// The peer's disk fails a replicated write and the applier answers it as written (and
+    /// keeps its disk): the Primary never marks the block.
+    IgnorePeerWriteError,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
@@ -39,6 +42,7 @@ impl Bug {
         Bug::TrimNotReplicated,
         Bug::InvalidateWithoutFullSync,
         Bug::VerifySkipsMarking,
+        Bug::IgnorePeerWriteError,
     ];
 
     /// The name `--inject-bug` takes.
@@ -53,6 +57,7 @@ impl Bug {
             Bug::TrimNotReplicated => "trim-not-replicated",
             Bug::InvalidateWithoutFullSync => "invalidate-without-full-sync",
             Bug::VerifySkipsMarking => "verify-skips-marking",
+            Bug::IgnorePeerWriteError => "ignore-peer-write-error",
         }
     }
 
@@ -71,6 +76,7 @@ impl Bug {
             Bug::TrimNotReplicated => "a TRIM is applied locally and answered but not mirrored",
             Bug::InvalidateWithoutFullSync => "invalidate's sync source resyncs only what it had marked",
             Bug::VerifySkipsMarking => "online verify counts differing blocks but does not mark them",
+            Bug::IgnorePeerWriteError => "the peer answers a write its disk failed as written",
         }
     }
 

@@ -220,6 +220,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.grant
     }
 
+    /// Whether bitmap block `block` is marked out of sync.
+    pub fn is_out_of_sync(&self, block: u64) -> bool {
+        self.bitmap.is_dirty(block)
+    }
+
     pub fn out_of_sync_blocks(&self) -> u64 {
         self.bitmap.dirty_blocks()
     }
@@ -232,7 +237,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// Whether this node answers client writes now: a Primary replicating to its peer, or one
     /// the witness lets write alone.
     pub fn answers_writes(&self) -> bool {
-        self.role == Role::Primary && (matches!(self.link, Link::Up { .. }) || self.grant == Grant::Held)
+        self.role == Role::Primary
+            && self.disk != DiskState::Diskless
+            && (matches!(self.link, Link::Up { .. }) || self.grant == Grant::Held)
     }
 
     /// Nothing in flight anywhere: no client request, disk I/O, unanswered peer request or
@@ -262,7 +269,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     /// The connection wants to be up (no operator disconnect, no split brain).
     pub fn wants_connection(&self) -> bool {
-        self.want_connect
+        // A detached node has nothing to replicate until its disk is attached again.
+        self.want_connect && self.disk != DiskState::Diskless
     }
 
     /// The next thing the driver must do.
@@ -275,6 +283,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// Time passed (the driver calls this about once a second): idle extents leave the activity
     /// log, writes unstable on the peer get a flush, a grant no longer needed goes back.
     pub fn handle_tick(&mut self) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
         self.retire_idle_extents(self.retire_mark);
         self.retire_mark = self.al.clock();
         if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
@@ -406,7 +417,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     /// A message from the peer on the current connection.
     pub fn handle_message(&mut self, message: PeerMessage<P>) {
-        if self.link == Link::Down {
+        if self.link == Link::Down || self.disk == DiskState::Diskless {
             return;
         }
         match message {
@@ -437,6 +448,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// A disk or metadata request completed (`ok: false`: the disk failed it); a read's data.
     pub fn handle_disk(&mut self, io: IoId, ok: bool, data: Option<P>) {
         let Some(purpose) = self.io.remove(&io) else { return };
+        let ignored = matches!(purpose, IoPurpose::Apply(_)) && self.cfg.bugs.has(Bug::IgnorePeerWriteError);
+        let ok = ok || ignored;
+        if !ok && !matches!(purpose, IoPurpose::Persist(_)) {
+            // DRBD's on-io-error=detach: the disk is not trusted from now (what this request
+            // was for fails below; the peer learns it when the link drops).
+            self.detach();
+        }
         match purpose {
             IoPurpose::Client(id) => self.client_io_done(id, ok, data),
             IoPurpose::AlFlush => self.al_flushed(ok),
@@ -452,6 +470,31 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),
         }
         self.pump();
+    }
+
+    /// The data disk failed a request: this node goes Diskless. It answers client I/O with
+    /// errors, is never promoted (no disk to check) and never a sync source, and leaves the
+    /// connection, so the peer marks what it mirrored and did not hear back as out of sync.
+    /// The metadata is not written again (it sits on the failed disk); attaching the disk
+    /// again starts from it ([`NodeCore::restart`]), and the peer resyncs what it marked.
+    fn detach(&mut self) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
+        self.disk = DiskState::Diskless;
+        self.source = None;
+        self.awaiting_sync_start = false;
+        self.invalidating = false;
+        self.invalidated_at = None;
+        self.verifier = None;
+        self.promoting = Promoting::No;
+        if self.link != Link::Down {
+            self.effects.push_back(Effect::DropLink { reason: "local disk failed: detached" });
+        }
+    }
+
+    pub fn is_diskless(&self) -> bool {
+        self.disk == DiskState::Diskless
     }
 
     // --- shared helpers for the other parts of the core ---
@@ -547,7 +590,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             self.pump_applier();
             self.pump_source();
             self.pump_verify();
-            if self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
+            let attached = self.disk != DiskState::Diskless;
+            if attached && self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
                 let n = self.persist_wanted;
                 let io = self.start_io(IoPurpose::Persist(n));
                 self.persist_in_flight = Some(n);

@@ -119,6 +119,17 @@ impl Pair {
         any
     }
 
+    /// Fails (EIO) every disk request of node `n` that `pick` accepts.
+    fn fail_io(&mut self, n: usize, pick: impl Fn(&Effect<Data>) -> bool) {
+        let (now, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.io[n]).into_iter().partition(|(_, e)| pick(e));
+        self.io[n] = later;
+        for (io, _) in now {
+            self.cores[n].handle_disk(io, false, None);
+            self.drain(n);
+        }
+    }
+
     fn deliver(&mut self, n: usize) -> bool {
         let any = !self.inbox[n].is_empty();
         while let Some(m) = self.inbox[n].pop_front() {
@@ -552,4 +563,55 @@ fn two_verifies_at_once_both_finish() {
     p.settle();
     assert_eq!(p.verified, [Some(0), Some(0)]);
     assert!(p.cores.iter().all(|c| c.is_quiet()));
+}
+
+/// DRBD's on-io-error=detach: the Secondary's disk fails a replicated write. It goes Diskless,
+/// leaves the connection and is never promoted; the Primary marks the write; once the disk is
+/// attached again (the node starts from the metadata on it) the resync gives it the block.
+#[test]
+fn a_failed_disk_detaches_and_gets_what_it_missed_after_attach() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    while p.complete_io(0, |e| matches!(e, Effect::Persist { .. })) {}
+    p.deliver(1);
+    p.fail_io(1, |e| matches!(e, Effect::Write { .. }));
+    assert!(p.cores[1].is_diskless() && p.dropped[1], "detached and left the connection");
+    p.disconnect();
+    p.witness(0, true);
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Done), "the Primary writes alone with the witness");
+    assert!(p.cores[0].out_of_sync_blocks() > 0, "and marks what the peer lacks");
+    p.command(1, Command::Primary);
+    assert_eq!(p.cores[1].role(), Role::Secondary, "a Diskless node is never promoted");
+    assert!(!p.cores[1].wants_connection());
+    let blocks = SIZE / BLOCK;
+    let image = p.images[1].clone().unwrap_or(Persisted {
+        gens: SYNCED,
+        disk: DiskState::UpToDate,
+        primary: false,
+        bitmap: crate::metadata::bitmap::DirtyBitmap::new(blocks),
+        activity_log: Vec::new(),
+    });
+    p.cores[1] = NodeCore::restart(config(1), &image);
+    p.drain(1);
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established() && c.disk() == DiskState::UpToDate));
+    assert_eq!(p.disks[1].get(&5), Some(&0xAB));
+}
+
+/// A Primary whose disk fails a read answers it with an error, not with data, and every later
+/// request too: it has no disk to serve from.
+#[test]
+fn a_primary_whose_disk_failed_answers_with_errors() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, ClientRequest::Read { offset: 0, len: BLOCK });
+    p.fail_io(0, |e| matches!(e, Effect::Read { .. }));
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Failed));
+    assert!(p.cores[0].is_diskless() && !p.cores[0].answers_writes());
+    p.client(0, 2, write(5, 0xAB));
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Failed));
+    assert_eq!(p.disks[0].get(&5), None);
 }

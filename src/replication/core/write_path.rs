@@ -157,7 +157,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn admit(&mut self) {
         while let Some((id, request)) = self.writes.queue.front() {
             let id = *id;
-            if self.role != Role::Primary {
+            if self.role != Role::Primary || self.disk == DiskState::Diskless {
                 self.writes.queue.pop_front();
                 self.effects.push_back(Effect::Reply { client: id, reply: Reply::Failed });
                 continue;
@@ -440,7 +440,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         op.fua_flush_pending = false;
-        op.local = Some(ok && op.local != Some(false));
+        // Detached meanwhile: a read's data or a write's success no longer counts.
+        let attached = self.disk != DiskState::Diskless;
+        op.local = Some(ok && attached && op.local != Some(false));
         op.data = data;
     }
 
