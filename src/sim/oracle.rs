@@ -6,7 +6,7 @@
 //! later one.
 
 /// Index into a block's history (0: the initial zeroes).
-type Index = u32;
+pub type Index = u32;
 
 pub struct Oracle {
     /// Per block: the tokens written to it, in the order the writes were sent.
@@ -79,26 +79,24 @@ impl Oracle {
     }
 
     /// The writes a flush sent at `mark` makes durable (those not made durable before), by
-    /// block: `check(block, token index)` says which one is missing where.
-    pub fn check_flushed(&self, mark: usize, check: impl Fn(u64, u64) -> bool) -> Result<(), String> {
+    /// block: `check(block, write index)` says whether a disk holds it (or a later write).
+    pub fn check_flushed(&self, mark: usize, check: impl Fn(u64, Index) -> bool) -> Result<(), String> {
         for &(b, i) in &self.ack_log[self.flushed_upto.max(self.own_from).min(mark)..mark] {
             if self.tainted[b as usize] {
                 continue;
             }
-            let token = self.history[b as usize][i as usize];
-            if !check(b, token) {
+            if !check(b, i) {
+                let token = self.history[b as usize][i as usize];
                 return Err(format!("block {b}: write #{i} ({token:#x})"));
             }
         }
         Ok(())
     }
 
-    /// Whether `value` in `block` is write `token`'s or a later one's.
-    pub fn at_least(&self, block: u64, value: u64, token: u64) -> bool {
-        match (self.index_of(block, value), self.index_of(block, token)) {
-            (Some(have), Some(want)) => have >= want,
-            _ => false,
-        }
+    /// Whether `value` in `block` is write `want`'s or a later one's (by index: zeroes of
+    /// TRIMs share a token).
+    pub fn at_least(&self, block: u64, value: u64, want: Index) -> bool {
+        self.index_of(block, value).is_some_and(|have| have >= want)
     }
 
     /// The flush sent at `mark` was acknowledged: every write acknowledged before is durable.

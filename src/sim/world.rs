@@ -1120,8 +1120,7 @@ impl World {
         let Some(core) = self.nodes[node].core.as_ref() else { return };
         let peer = &self.nodes[1 - node].disk;
         let oracle = &self.oracle;
-        let check =
-            |b: u64, token: u64| oracle.at_least(b, peer.durable_block(b), token) || core.is_out_of_sync(b);
+        let check = |b: u64, want| oracle.at_least(b, peer.durable_block(b), want) || core.is_out_of_sync(b);
         if let Err(e) = self.oracle.check_flushed(mark, check) {
             self.violate(format!(
                 "node{node} acknowledged a FLUSH but the peer lacks a write it covers, unmarked: {e}"
