@@ -121,6 +121,8 @@ pub struct NodeCore<P> {
     /// `invalidate` took effect once this metadata image is durable.
     pub(super) invalidated_at: Option<u64>,
     pub(super) verifier: Option<Verifier>,
+    /// The peer became Primary on this connection: its data is the newer from then on.
+    peer_took_over: bool,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -160,6 +162,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             invalidating: false,
             invalidated_at: None,
             verifier: None,
+            peer_took_over: false,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -360,6 +363,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// A connection to the peer is established: the handshake starts.
     pub fn handle_link_up(&mut self) {
         self.link = Link::Handshake;
+        self.peer_took_over = false;
         // A promotion asked of the witness is void: the peer is back and will be asked.
         if self.promoting == Promoting::AskedWitness {
             self.promoting = Promoting::No;
@@ -390,9 +394,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.link = Link::Down;
         let (lost, waiters) = self.ledger.fail_all();
         self.settle_peer_writes(&[], &lost);
-        if self.role != Role::Primary && !lost.is_empty() {
+        if self.role != Role::Primary && !lost.is_empty() && !self.peer_took_over {
             // Demoted with writes the peer may lack: this data is newer, and a new generation
             // says so at reconnect (otherwise both compare equal and the marks never resync).
+            // Not once the peer became Primary since (a switchover): its data is the newer
+            // one, and the marks resync from it (seed 192651: this node claimed to be newer
+            // than the Primary, and the pair never connected again).
             self.new_generation();
         }
         self.writes.peer_lost(&waiters);
@@ -428,6 +435,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             PeerMessage::PromoteRequest => self.peer_wants_promotion(),
             PeerMessage::PromoteAnswer { granted } => self.promotion_answered(granted),
             PeerMessage::Role { role } => {
+                self.peer_took_over |= role == Role::Primary;
                 if let Link::Up { peer_disk, .. } = self.link {
                     self.link = Link::Up { peer_role: role, peer_disk };
                 }
@@ -751,6 +759,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn peer_wants_promotion(&mut self) {
         let granted = self.role == Role::Secondary && self.promoting == Promoting::No;
         if granted {
+            self.peer_took_over = true;
             if let Link::Up { peer_disk, .. } = self.link {
                 self.link = Link::Up { peer_role: Role::Primary, peer_disk };
             }

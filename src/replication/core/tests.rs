@@ -615,3 +615,29 @@ fn a_primary_whose_disk_failed_answers_with_errors() {
     assert_eq!(p.reply(2), Some(&Reply::Failed));
     assert_eq!(p.disks[0].get(&5), None);
 }
+
+/// Seed 192651: a Primary handed its role over (switchover) with writes its peer had not made
+/// stable yet; when the link dropped later it took a new generation as if its data were newer
+/// than the new Primary's, and the pair never connected again (a Primary is never target).
+#[test]
+fn a_node_that_handed_over_its_role_takes_no_new_generation_for_its_old_writes() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
+    p.command(0, Command::Secondary);
+    p.settle();
+    p.command(1, Command::Primary);
+    p.settle();
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.client(1, 2, write(6, 0xCD));
+    p.settle();
+    p.disconnect();
+    p.witness(1, true);
+    p.settle();
+    assert_eq!(p.cores[0].gens(), SYNCED, "node 0's data is not the newer one");
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
+    assert_eq!((p.disks[0].get(&6), p.disks[1].get(&5)), (Some(&0xCD), Some(&0xAB)));
+}
