@@ -237,6 +237,8 @@ struct World {
     /// the client's session goes on there, so its reads must see every write the old Primary
     /// acknowledged.
     handover: Option<(usize, u64, u64)>,
+    /// Blocks either node had marked out of sync when the closing verify started.
+    marked_before_verify: Vec<bool>,
 }
 
 /// The healed world's last steps: converge, verify (repair what it found by a resync from
@@ -360,6 +362,7 @@ impl World {
             closing: Closing::Converging { round: 0 },
             verify_result: None,
             handover: None,
+            marked_before_verify: Vec::new(),
         }
     }
 
@@ -1167,6 +1170,11 @@ impl World {
         match self.closing {
             Closing::Converging { round } => {
                 if self.converged() {
+                    self.marked_before_verify = (0..SIZE / BLOCK)
+                        .map(|b| {
+                            self.nodes.iter().any(|n| n.core.as_ref().is_some_and(|c| c.is_out_of_sync(b)))
+                        })
+                        .collect();
                     let node = self.rng.usize(0..2);
                     self.closing = Closing::Verifying { round };
                     self.command(node, Command::Verify);
@@ -1184,9 +1192,16 @@ impl World {
                     ));
                     return true;
                 }
-                // The repair is for what the disks lost (rot); a difference anywhere else is one
-                // the core failed to track.
-                if let Some(block) = self.first_difference(|o, b| !o.is_tainted(b)) {
+                // The repair is for what the disks lost (rot) and for blocks the core marked but
+                // had no Primary to resync from (two Secondaries keep their marks, as DRBD's);
+                // a difference anywhere else is one the core failed to track.
+                // (Marked before the verify: its own marks prove nothing.)
+                let marked = std::mem::take(&mut self.marked_before_verify);
+                let untracked = (0..SIZE / BLOCK).find(|&b| {
+                    let (x, y) = (self.nodes[0].disk.read_block(b), self.nodes[1].disk.read_block(b));
+                    x != y && !self.oracle.is_tainted(b) && !marked.get(b as usize).copied().unwrap_or(false)
+                });
+                if let Some(block) = untracked {
                     self.replicas_differ(block);
                     return true;
                 }
