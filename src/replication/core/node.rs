@@ -331,7 +331,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             // A generation changes only while disconnected: a Hello already sent carries the
             // old one, and a peer that is back gets the marked blocks by resync anyway.
             if self.link != Link::Down {
-                self.promoting = Promoting::No;
+                self.drop_witness_promotion();
             } else if self.promoting == Promoting::AskedWitness {
                 // The disk may have changed while the witness answered.
                 if check_promote(self.disk, Role::Unknown, false, false).is_ok() {
@@ -344,7 +344,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             // Connected again: the handshake has settled whose data is newer, and the peer
             // consents to the roles; the refusal is stale.
             self.grant = Grant::None;
-            self.promoting = Promoting::No;
+            self.drop_witness_promotion();
         } else {
             self.grant = Grant::Refused;
             self.promoting = Promoting::No;
@@ -767,8 +767,21 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.send(PeerMessage::PromoteAnswer { granted });
     }
 
+    /// A promotion asked of the witness is void once connected; one asked of the peer is not
+    /// the witness's to end (seed 378732: a stale refusal ended it after the peer had consented,
+    /// and the peer took this node for Primary from then on).
+    fn drop_witness_promotion(&mut self) {
+        if self.promoting == Promoting::AskedWitness {
+            self.promoting = Promoting::No;
+        }
+    }
+
     fn promotion_answered(&mut self, granted: bool) {
         if self.promoting != Promoting::AskedPeer {
+            if granted {
+                // The peer now counts this node as Primary: tell it what it is.
+                self.send(PeerMessage::Role { role: self.role });
+            }
             return;
         }
         self.promoting = Promoting::No;

@@ -641,3 +641,21 @@ fn a_node_that_handed_over_its_role_takes_no_new_generation_for_its_old_writes()
     assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
     assert_eq!((p.disks[0].get(&6), p.disks[1].get(&5)), (Some(&0xCD), Some(&0xAB)));
 }
+
+/// Seed 378732: a refusal of the witness, stale since the nodes were connected again, ended a
+/// promotion this node had meanwhile asked of its peer; the peer's consent then found no
+/// promotion, and the peer took this node for Primary from then on (and refused to promote).
+#[test]
+fn a_stale_witness_answer_leaves_a_promotion_asked_of_the_peer_alone() {
+    let mut p = Pair::new([SYNCED; 2]);
+    p.command(1, Command::Primary);
+    assert!(p.asked_witness[1], "disconnected: the witness is asked");
+    p.connect();
+    p.settle();
+    p.command(1, Command::Primary);
+    assert!(p.inbox[0].iter().any(|m| matches!(m, PeerMessage::PromoteRequest)));
+    p.witness(1, false);
+    p.settle();
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    assert_eq!(p.cores[0].link(), Link::Up { peer_role: Role::Primary, peer_disk: DiskState::UpToDate });
+}
