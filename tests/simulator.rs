@@ -32,3 +32,13 @@ fn a_planted_bug_is_found() {
     let found = (0..300).find_map(|seed| run(seed, &options).violation);
     assert!(found.is_some(), "300 seeds did not find '{}'", Bug::ForgetUnstableOnLinkLoss.name());
 }
+
+/// The planted bugs of the newer features are found in the first few seeds.
+#[test]
+fn the_newer_planted_bugs_are_found() {
+    for bug in [Bug::TrimNotReplicated, Bug::InvalidateWithoutFullSync, Bug::VerifySkipsMarking] {
+        let options = Options { bug: Some(bug), ..Options::default() };
+        let found = (0..100).find_map(|seed| run(seed, &options).violation);
+        assert!(found.is_some(), "100 seeds did not find '{}'", bug.name());
+    }
+}

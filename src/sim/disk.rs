@@ -40,6 +40,11 @@ impl SimDisk {
             .map_or(self.durable[block as usize], |&(_, token)| token)
     }
 
+    /// What `block` holds durably (what a power loss now would keep at least).
+    pub fn durable_block(&self, block: u64) -> u64 {
+        self.durable[block as usize]
+    }
+
     /// The tokens of `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: u64) -> Vec<u64> {
         (offset / BLOCK..(offset + len).div_ceil(BLOCK)).map(|b| self.read_block(b)).collect()
@@ -80,6 +85,25 @@ impl SimDisk {
                 self.durable[block as usize] = writes[chosen - 1].1;
             }
         }
+    }
+
+    /// `invalidate` took effect: the data is whatever `garbage` says per block (the operator
+    /// invalidates a disk because its data cannot be trusted, so the simulator makes it so).
+    pub fn scramble(&mut self, mut garbage: impl FnMut(u64) -> u64) {
+        self.cache.clear();
+        for (block, value) in self.durable.iter_mut().enumerate() {
+            *value = garbage(block as u64);
+        }
+    }
+
+    /// Silent corruption: `block` reads as `token` from now, if no write of it sits in the
+    /// cache (the medium rots, not what is cached). Whether it rotted.
+    pub fn rot(&mut self, block: u64, token: u64) -> bool {
+        if self.cache.contains_key(&block) {
+            return false;
+        }
+        self.durable[block as usize] = token;
+        true
     }
 
     /// A write that was in flight when the power went lands, block by block, as `keep` says.

@@ -6,7 +6,7 @@
 //! later one.
 
 /// Index into a block's history (0: the initial zeroes).
-type Index = u32;
+pub type Index = u32;
 
 pub struct Oracle {
     /// Per block: the tokens written to it, in the order the writes were sent.
@@ -19,6 +19,12 @@ pub struct Oracle {
     ack_log: Vec<(u64, Index)>,
     /// How much of `ack_log` is already durable.
     flushed_upto: usize,
+    /// Where the current Primary's own acknowledgements start in `ack_log` (after a
+    /// switchover, earlier ones are the old Primary's, kept by its activity log).
+    own_from: usize,
+    /// Blocks that rotted on some disk: the disk lost their data, not the core, so no value is
+    /// demanded of them (only that verify finds and a resync removes the difference).
+    tainted: Vec<bool>,
 }
 
 impl Oracle {
@@ -30,7 +36,18 @@ impl Oracle {
             acked: vec![0; blocks],
             ack_log: Vec::new(),
             flushed_upto: 0,
+            own_from: 0,
+            tainted: vec![false; blocks],
         }
+    }
+
+    pub fn is_tainted(&self, block: u64) -> bool {
+        self.tainted[block as usize]
+    }
+
+    /// `block` rotted on a disk.
+    pub fn taint(&mut self, block: u64) {
+        self.tainted[block as usize] = true;
     }
 
     /// A write of `token` to `blocks` is sent.
@@ -61,6 +78,27 @@ impl Oracle {
         self.ack_log.len()
     }
 
+    /// The writes a flush sent at `mark` makes durable (those not made durable before), by
+    /// block: `check(block, write index)` says whether a disk holds it (or a later write).
+    pub fn check_flushed(&self, mark: usize, check: impl Fn(u64, Index) -> bool) -> Result<(), String> {
+        for &(b, i) in &self.ack_log[self.flushed_upto.max(self.own_from).min(mark)..mark] {
+            if self.tainted[b as usize] {
+                continue;
+            }
+            if !check(b, i) {
+                let token = self.history[b as usize][i as usize];
+                return Err(format!("block {b}: write #{i} ({token:#x})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `value` in `block` is write `want`'s or a later one's (by index: zeroes of
+    /// TRIMs share a token).
+    pub fn at_least(&self, block: u64, value: u64, want: Index) -> bool {
+        self.index_of(block, value).is_some_and(|have| have >= want)
+    }
+
     /// The flush sent at `mark` was acknowledged: every write acknowledged before is durable.
     pub fn flush_acked(&mut self, mark: usize) {
         for &(b, i) in &self.ack_log[self.flushed_upto.min(mark)..mark] {
@@ -73,9 +111,16 @@ impl Oracle {
     /// cover writes an earlier session had acknowledged and not flushed — those died with the
     /// node that acknowledged them, as on a local disk that loses power.
     pub fn new_session(&mut self) {
+        self.handover();
         self.flushed_upto = self.ack_log.len();
         // Reads of the new session may see only what is durable, not what the old one was told.
         self.acked.clone_from(&self.durable);
+    }
+
+    /// The session goes on at another Primary (a switchover): what it acknowledges from now is
+    /// its own.
+    pub fn handover(&mut self) {
+        self.own_from = self.ack_log.len();
     }
 
     /// The latest acknowledged write of each block of `blocks`, for [`Oracle::check_read`].
@@ -91,6 +136,9 @@ impl Oracle {
         values: &[u64],
     ) -> Result<(), String> {
         for ((b, &floor), &value) in blocks.zip(floors).zip(values) {
+            if self.tainted[b as usize] {
+                continue;
+            }
             match self.index_of(b, value) {
                 None => return Err(format!("a read of block {b} returned {value:#x}, which no client wrote there")),
                 Some(i) if i < floor => {
@@ -107,6 +155,9 @@ impl Oracle {
     /// Checks a node's data (`read` gives each block's value) against every durable write.
     pub fn check_durable(&self, read: impl Fn(u64) -> u64) -> Result<(), String> {
         for b in 0..self.history.len() as u64 {
+            if self.tainted[b as usize] {
+                continue;
+            }
             let value = read(b);
             match self.index_of(b, value) {
                 None => return Err(format!("block {b} holds {value:#x}, which no client wrote there")),

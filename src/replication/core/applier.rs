@@ -14,9 +14,23 @@ use super::node::{IoPurpose, NodeCore};
 
 #[derive(Debug, Clone, Copy)]
 enum Running {
-    Write { range: Range, seq: u64, fua: bool, flushing: bool },
-    Flush { seq: u64 },
-    Resync { range: Range, flushing: bool },
+    Write {
+        range: Range,
+        seq: u64,
+        fua: bool,
+        flushing: bool,
+    },
+    Flush {
+        seq: u64,
+    },
+    Resync {
+        range: Range,
+        flushing: bool,
+    },
+    /// A verify's read (either side's), with the peer's data when this side compares.
+    Verify {
+        range: Range,
+    },
 }
 
 /// Requests received from the peer and not yet answered.
@@ -29,6 +43,9 @@ pub(super) struct Applier<P> {
     connection: u64,
     /// Resync data is written once this metadata image (the disk marked Inconsistent) is durable.
     target_ready_at: Option<u64>,
+    /// Verify reads in flight by queue position: the range, and the peer's data to compare with
+    /// (none: this side answers a request).
+    verifying: BTreeMap<u64, (Range, Option<P>)>,
 }
 
 impl<P> Default for Applier<P> {
@@ -39,6 +56,7 @@ impl<P> Default for Applier<P> {
             running: BTreeMap::new(),
             connection: 0,
             target_ready_at: None,
+            verifying: BTreeMap::new(),
         }
     }
 }
@@ -67,17 +85,21 @@ impl<P> Applier<P> {
     /// Whether a write applied for the peer and still in flight overlaps `range`.
     pub(super) fn overlaps_running(&self, (start, end): Range) -> bool {
         self.running.values().any(|(_, r)| match *r {
-            Running::Write { range, .. } | Running::Resync { range, .. } => range.0 < end && start < range.1,
+            Running::Write { range, .. } | Running::Resync { range, .. } | Running::Verify { range } => {
+                range.0 < end && start < range.1
+            }
             Running::Flush { .. } => false,
         })
     }
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     pub(super) fn pump_applier(&mut self) {
         while let Some(front) = self.applier.queue.front() {
             match front {
-                PeerMessage::Write { offset, len, .. } | PeerMessage::ResyncData { offset, len, .. } => {
+                PeerMessage::Write { offset, len, .. }
+                | PeerMessage::Trim { offset, len, .. }
+                | PeerMessage::ResyncData { offset, len, .. } => {
                     let is_resync = matches!(front, PeerMessage::ResyncData { .. });
                     if self.applier.overlaps_running((*offset, offset + len)) {
                         return;
@@ -91,6 +113,18 @@ impl<P: Clone> NodeCore<P> {
                 {
                     return;
                 }
+                PeerMessage::VerifyRequest { offset, len } | PeerMessage::VerifyReply { offset, len, .. } => {
+                    let range = (*offset, offset + len);
+                    if self.applier.overlaps_running(range) {
+                        return;
+                    }
+                    // The responder reads with the range claimed against its own writes; the
+                    // requester's writes have waited since it asked.
+                    let request = matches!(front, PeerMessage::VerifyRequest { .. });
+                    if request && !self.writes.claim(range) {
+                        return;
+                    }
+                }
                 _ => {}
             }
             let message = self.applier.queue.pop_front().expect("front");
@@ -102,6 +136,11 @@ impl<P: Clone> NodeCore<P> {
                     let io = self.start_io(IoPurpose::Apply(position));
                     self.effects.push_back(Effect::Write { io, offset, len, data });
                     Running::Write { range: (offset, offset + len), seq, fua, flushing: false }
+                }
+                PeerMessage::Trim { seq, offset, len } => {
+                    let io = self.start_io(IoPurpose::Apply(position));
+                    self.effects.push_back(Effect::Discard { io, offset, len });
+                    Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
                 }
                 PeerMessage::ResyncData { offset, len, data } => {
                     let io = self.start_io(IoPurpose::Apply(position));
@@ -116,6 +155,16 @@ impl<P: Clone> NodeCore<P> {
                 PeerMessage::ResyncDone { gens } => {
                     self.finish_as_target(gens);
                     continue;
+                }
+                PeerMessage::VerifyRequest { offset, len } => {
+                    self.start_verify_read(position, (offset, offset + len), None)
+                }
+                PeerMessage::VerifyReply { offset, len, data } => {
+                    let range = (offset, offset + len);
+                    if !self.verify_reply_reading(range) {
+                        continue;
+                    }
+                    self.start_verify_read(position, range, Some(data))
                 }
                 _ => continue,
             };
@@ -151,6 +200,8 @@ impl<P: Clone> NodeCore<P> {
             {
                 self.flush_for(position, connection, Running::Resync { range, flushing: true });
             }
+            // Verify reads complete through `verify_applied`.
+            Running::Verify { .. } => {}
             Running::Resync { range: (start, end), .. } => {
                 if ok {
                     self.bitmap.clear(DirtyBitmap::blocks_of(start, end - start, self.cfg.bitmap_block));
@@ -160,6 +211,20 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
         }
+    }
+
+    fn start_verify_read(&mut self, position: u64, range: Range, theirs: Option<P>) -> Running {
+        let io = self.start_io(IoPurpose::VerifyRead(position));
+        self.effects.push_back(Effect::Read { io, offset: range.0, len: range.1 - range.0 });
+        self.applier.verifying.insert(position, (range, theirs));
+        Running::Verify { range }
+    }
+
+    pub(super) fn verify_applied(&mut self, position: u64, ok: bool, data: Option<P>) {
+        let Some((connection, _)) = self.applier.running.remove(&position) else { return };
+        let Some((range, theirs)) = self.applier.verifying.remove(&position) else { return };
+        let current = connection == self.applier.connection;
+        self.verify_read_done(range, theirs, current, data.filter(|_| ok));
     }
 
     /// Flushes the disk for the request at `position`, which is answered when the flush is done.

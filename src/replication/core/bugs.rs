@@ -20,16 +20,29 @@ pub enum Bug {
     /// A replicated write holds its activity-log extents only until the peer has it stably,
     /// even while the local write is still in flight (the daemon's bug until 2026-12-07).
     ReleaseExtentBeforeLocalWrite,
+    /// A client TRIM is carried out locally and answered, but never sent to the peer.
+    TrimNotReplicated,
+    /// The source of an `invalidate`'s full sync resyncs only the blocks it had marked.
+    InvalidateWithoutFullSync,
+    /// Online verify counts the blocks that differ but does not mark them out of sync.
+    VerifySkipsMarking,
+    /// The peer's disk fails a replicated write and the applier answers it as written (and
+    /// keeps its disk): the Primary never marks the block.
+    IgnorePeerWriteError,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 10] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
         Bug::ForgetUnstableOnLinkLoss,
         Bug::AckResyncBeforeFlush,
         Bug::ReleaseExtentBeforeLocalWrite,
+        Bug::TrimNotReplicated,
+        Bug::InvalidateWithoutFullSync,
+        Bug::VerifySkipsMarking,
+        Bug::IgnorePeerWriteError,
     ];
 
     /// The name `--inject-bug` takes.
@@ -41,6 +54,10 @@ impl Bug {
             Bug::ForgetUnstableOnLinkLoss => "forget-unstable-on-link-loss",
             Bug::AckResyncBeforeFlush => "ack-resync-before-flush",
             Bug::ReleaseExtentBeforeLocalWrite => "release-extent-before-local-write",
+            Bug::TrimNotReplicated => "trim-not-replicated",
+            Bug::InvalidateWithoutFullSync => "invalidate-without-full-sync",
+            Bug::VerifySkipsMarking => "verify-skips-marking",
+            Bug::IgnorePeerWriteError => "ignore-peer-write-error",
         }
     }
 
@@ -56,6 +73,10 @@ impl Bug {
             Bug::ReleaseExtentBeforeLocalWrite => {
                 "a write's extent leaves its count when the peer has it, the local write in flight"
             }
+            Bug::TrimNotReplicated => "a TRIM is applied locally and answered but not mirrored",
+            Bug::InvalidateWithoutFullSync => "invalidate's sync source resyncs only what it had marked",
+            Bug::VerifySkipsMarking => "online verify counts differing blocks but does not mark them",
+            Bug::IgnorePeerWriteError => "the peer answers a write its disk failed as written",
         }
     }
 

@@ -17,9 +17,22 @@ pub type IoId = u64;
 /// A request of the client that uses the Primary's device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRequest<P> {
-    Write { offset: u64, len: u64, data: P, fua: bool },
-    Read { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+        data: P,
+        fua: bool,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     Flush,
+    /// TRIM/discard: the range reads as zeroes afterwards; ordered and replicated like a write.
+    Trim {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// The core's answer to a client request.
@@ -60,6 +73,12 @@ pub enum PeerMessage<P> {
         data: P,
         fua: bool,
     },
+    /// A client's TRIM, mirrored: answered like a write.
+    Trim {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
     Flush {
         seq: u64,
     },
@@ -91,6 +110,22 @@ pub enum PeerMessage<P> {
     Role {
         role: Role,
     },
+    /// The sender's operator typed `invalidate`: it asks to become the target of a full sync.
+    InvalidateRequest,
+    /// Granted: the sender is the full sync's source from now (its SyncStart follows).
+    InvalidateAnswer {
+        granted: bool,
+    },
+    /// Online verify: the sender asks for the receiver's data of this range, to compare.
+    VerifyRequest {
+        offset: u64,
+        len: u64,
+    },
+    VerifyReply {
+        offset: u64,
+        len: u64,
+        data: P,
+    },
 }
 
 /// A durable image of the node's metadata: what a restart reads back.
@@ -115,6 +150,12 @@ pub enum Effect<P> {
         offset: u64,
         len: u64,
         data: P,
+    },
+    /// Discard the range of the data disk (it reads as zeroes); completes like a write.
+    Discard {
+        io: IoId,
+        offset: u64,
+        len: u64,
     },
     Read {
         io: IoId,
@@ -151,6 +192,14 @@ pub enum Effect<P> {
     },
     /// The role changed.
     RoleChanged(Role),
+    /// `invalidate` took effect: the metadata durably says Inconsistent with every block marked,
+    /// so this node's data is no longer trusted until a full sync made it whole.
+    Invalidated,
+    /// An online verify this node ran is complete: `out_of_sync` blocks differed from the
+    /// peer's (and are marked out of sync).
+    VerifyDone {
+        out_of_sync: u64,
+    },
 }
 
 /// An operator's command (the `rdbd` verbs).
@@ -162,4 +211,10 @@ pub enum Command {
     Disconnect,
     /// `connect --discard-my-data`: this node is the split-brain victim.
     DiscardMyData,
+    /// On a connected Secondary whose peer is UpToDate: this disk becomes Inconsistent and
+    /// takes a full sync from the peer (refused otherwise).
+    Invalidate,
+    /// Online verify on a connected pair in sync: compares every block with the peer's and
+    /// marks those that differ.
+    Verify,
 }

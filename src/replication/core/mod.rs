@@ -7,6 +7,7 @@
 //! - `write_path`: the Primary's requests, the activity log and the ledger.
 //! - `applier`: the peer's side of replication, and the sync target.
 //! - `resync`: the sync source.
+//! - `verify`: operator `invalidate` and online `verify`.
 //! - [`ledger`]: what the Primary asked of its peer and which writes are stable there (also
 //!   used by the daemon's link).
 //! - [`io`]: the inputs and effects.
@@ -18,6 +19,7 @@ pub mod io;
 pub mod ledger;
 pub mod node;
 mod resync;
+mod verify;
 mod write_path;
 
 pub use node::{CoreConfig, Grant, Link, NodeCore};

@@ -21,6 +21,7 @@ use super::bugs::{Bug, Bugs};
 use super::io::{ClientId, Command, Effect, Hello, IoId, PeerMessage, Persisted};
 use super::ledger::{Ledger, Range};
 use super::resync::Source;
+use super::verify::Verifier;
 use super::write_path::WritePath;
 
 /// What a node is, beyond what its metadata says.
@@ -86,6 +87,8 @@ pub(super) enum IoPurpose {
     Apply(u64),
     /// The sync source's read of this range, for the resync with this number.
     ResyncRead(Range, u64),
+    /// A verify's read of the range the applier runs at this queue position.
+    VerifyRead(u64),
 }
 
 /// One node's replication core.
@@ -112,7 +115,14 @@ pub struct NodeCore<P> {
     /// Waiting for the source's SyncStart.
     pub(super) awaiting_sync_start: bool,
     /// Resyncs this node started as source (tells a late read of an ended one apart).
-    resyncs: u64,
+    pub(super) resyncs: u64,
+    /// Asked the peer to be the source of an `invalidate`'s full sync.
+    pub(super) invalidating: bool,
+    /// `invalidate` took effect once this metadata image is durable.
+    pub(super) invalidated_at: Option<u64>,
+    pub(super) verifier: Option<Verifier>,
+    /// The peer became Primary on this connection: its data is the newer from then on.
+    peer_took_over: bool,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -125,7 +135,7 @@ pub struct NodeCore<P> {
     retire_mark: u64,
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     /// A node whose data is in generation `gens` with `disk`, freshly started (Secondary).
     pub fn new(cfg: CoreConfig, gens: Generations, disk: DiskState) -> Self {
         let blocks = cfg.size.div_ceil(u64::from(cfg.bitmap_block));
@@ -149,6 +159,10 @@ impl<P: Clone> NodeCore<P> {
             source: None,
             awaiting_sync_start: false,
             resyncs: 0,
+            invalidating: false,
+            invalidated_at: None,
+            verifier: None,
+            peer_took_over: false,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -209,6 +223,11 @@ impl<P: Clone> NodeCore<P> {
         self.grant
     }
 
+    /// Whether bitmap block `block` is marked out of sync.
+    pub fn is_out_of_sync(&self, block: u64) -> bool {
+        self.bitmap.is_dirty(block)
+    }
+
     pub fn out_of_sync_blocks(&self) -> u64 {
         self.bitmap.dirty_blocks()
     }
@@ -221,7 +240,9 @@ impl<P: Clone> NodeCore<P> {
     /// Whether this node answers client writes now: a Primary replicating to its peer, or one
     /// the witness lets write alone.
     pub fn answers_writes(&self) -> bool {
-        self.role == Role::Primary && (matches!(self.link, Link::Up { .. }) || self.grant == Grant::Held)
+        self.role == Role::Primary
+            && self.disk != DiskState::Diskless
+            && (matches!(self.link, Link::Up { .. }) || self.grant == Grant::Held)
     }
 
     /// Nothing in flight anywhere: no client request, disk I/O, unanswered peer request or
@@ -233,23 +254,26 @@ impl<P: Clone> NodeCore<P> {
             && self.ledger.is_settled()
             && self.persist_in_flight.is_none()
             && self.persist_wanted == self.persist_durable
+            && self.verify_idle()
     }
 
     /// What is in flight, for diagnostics.
     pub fn describe_work(&self) -> String {
         format!(
-            "source {:?}, awaiting SyncStart {}, io {:?}, {}, ledger unstable {}",
+            "source {:?}, awaiting SyncStart {}, io {:?}, {}, ledger unstable {}, {}",
             self.source,
             self.awaiting_sync_start,
             self.io.values().collect::<Vec<_>>(),
             self.writes.describe(),
-            self.ledger.unstable_writes()
+            self.ledger.unstable_writes(),
+            self.describe_verify()
         )
     }
 
     /// The connection wants to be up (no operator disconnect, no split brain).
     pub fn wants_connection(&self) -> bool {
-        self.want_connect
+        // A detached node has nothing to replicate until its disk is attached again.
+        self.want_connect && self.disk != DiskState::Diskless
     }
 
     /// The next thing the driver must do.
@@ -262,6 +286,9 @@ impl<P: Clone> NodeCore<P> {
     /// Time passed (the driver calls this about once a second): idle extents leave the activity
     /// log, writes unstable on the peer get a flush, a grant no longer needed goes back.
     pub fn handle_tick(&mut self) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
         self.retire_idle_extents(self.retire_mark);
         self.retire_mark = self.al.clock();
         if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
@@ -288,6 +315,8 @@ impl<P: Clone> NodeCore<P> {
                     self.discard_my_data = true;
                 }
             }
+            Command::Invalidate => self.invalidate(),
+            Command::Verify => self.start_verify(),
         }
         self.pump();
     }
@@ -302,7 +331,7 @@ impl<P: Clone> NodeCore<P> {
             // A generation changes only while disconnected: a Hello already sent carries the
             // old one, and a peer that is back gets the marked blocks by resync anyway.
             if self.link != Link::Down {
-                self.promoting = Promoting::No;
+                self.drop_witness_promotion();
             } else if self.promoting == Promoting::AskedWitness {
                 // The disk may have changed while the witness answered.
                 if check_promote(self.disk, Role::Unknown, false, false).is_ok() {
@@ -315,7 +344,7 @@ impl<P: Clone> NodeCore<P> {
             // Connected again: the handshake has settled whose data is newer, and the peer
             // consents to the roles; the refusal is stale.
             self.grant = Grant::None;
-            self.promoting = Promoting::No;
+            self.drop_witness_promotion();
         } else {
             self.grant = Grant::Refused;
             self.promoting = Promoting::No;
@@ -334,6 +363,7 @@ impl<P: Clone> NodeCore<P> {
     /// A connection to the peer is established: the handshake starts.
     pub fn handle_link_up(&mut self) {
         self.link = Link::Handshake;
+        self.peer_took_over = false;
         // A promotion asked of the witness is void: the peer is back and will be asked.
         if self.promoting == Promoting::AskedWitness {
             self.promoting = Promoting::No;
@@ -364,13 +394,18 @@ impl<P: Clone> NodeCore<P> {
         self.link = Link::Down;
         let (lost, waiters) = self.ledger.fail_all();
         self.settle_peer_writes(&[], &lost);
-        if self.role != Role::Primary && !lost.is_empty() {
+        if self.role != Role::Primary && !lost.is_empty() && !self.peer_took_over {
             // Demoted with writes the peer may lack: this data is newer, and a new generation
             // says so at reconnect (otherwise both compare equal and the marks never resync).
+            // Not once the peer became Primary since (a switchover): its data is the newer
+            // one, and the marks resync from it (seed 192651: this node claimed to be newer
+            // than the Primary, and the pair never connected again).
             self.new_generation();
         }
         self.writes.peer_lost(&waiters);
         self.applier.link_down();
+        self.invalidating = false;
+        self.verify_link_down();
         self.source = None;
         self.awaiting_sync_start = false;
         if self.promoting == Promoting::AskedPeer {
@@ -389,7 +424,7 @@ impl<P: Clone> NodeCore<P> {
 
     /// A message from the peer on the current connection.
     pub fn handle_message(&mut self, message: PeerMessage<P>) {
-        if self.link == Link::Down {
+        if self.link == Link::Down || self.disk == DiskState::Diskless {
             return;
         }
         match message {
@@ -400,11 +435,17 @@ impl<P: Clone> NodeCore<P> {
             PeerMessage::PromoteRequest => self.peer_wants_promotion(),
             PeerMessage::PromoteAnswer { granted } => self.promotion_answered(granted),
             PeerMessage::Role { role } => {
+                self.peer_took_over |= role == Role::Primary;
                 if let Link::Up { peer_disk, .. } = self.link {
                     self.link = Link::Up { peer_role: role, peer_disk };
                 }
             }
+            PeerMessage::InvalidateRequest => self.peer_invalidates(),
+            PeerMessage::InvalidateAnswer { granted } => self.invalidate_answered(granted),
             m @ (PeerMessage::Write { .. }
+            | PeerMessage::Trim { .. }
+            | PeerMessage::VerifyRequest { .. }
+            | PeerMessage::VerifyReply { .. }
             | PeerMessage::Flush { .. }
             | PeerMessage::ResyncData { .. }
             | PeerMessage::ResyncDone { .. }) => self.applier.receive(m),
@@ -415,6 +456,13 @@ impl<P: Clone> NodeCore<P> {
     /// A disk or metadata request completed (`ok: false`: the disk failed it); a read's data.
     pub fn handle_disk(&mut self, io: IoId, ok: bool, data: Option<P>) {
         let Some(purpose) = self.io.remove(&io) else { return };
+        let ignored = matches!(purpose, IoPurpose::Apply(_)) && self.cfg.bugs.has(Bug::IgnorePeerWriteError);
+        let ok = ok || ignored;
+        if !ok && !matches!(purpose, IoPurpose::Persist(_)) {
+            // DRBD's on-io-error=detach: the disk is not trusted from now (what this request
+            // was for fails below; the peer learns it when the link drops).
+            self.detach();
+        }
         match purpose {
             IoPurpose::Client(id) => self.client_io_done(id, ok, data),
             IoPurpose::AlFlush => self.al_flushed(ok),
@@ -427,8 +475,34 @@ impl<P: Clone> NodeCore<P> {
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
             IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
+            IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),
         }
         self.pump();
+    }
+
+    /// The data disk failed a request: this node goes Diskless. It answers client I/O with
+    /// errors, is never promoted (no disk to check) and never a sync source, and leaves the
+    /// connection, so the peer marks what it mirrored and did not hear back as out of sync.
+    /// The metadata is not written again (it sits on the failed disk); attaching the disk
+    /// again starts from it ([`NodeCore::restart`]), and the peer resyncs what it marked.
+    fn detach(&mut self) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
+        self.disk = DiskState::Diskless;
+        self.source = None;
+        self.awaiting_sync_start = false;
+        self.invalidating = false;
+        self.invalidated_at = None;
+        self.verifier = None;
+        self.promoting = Promoting::No;
+        if self.link != Link::Down {
+            self.effects.push_back(Effect::DropLink { reason: "local disk failed: detached" });
+        }
+    }
+
+    pub fn is_diskless(&self) -> bool {
+        self.disk == DiskState::Diskless
     }
 
     // --- shared helpers for the other parts of the core ---
@@ -519,9 +593,13 @@ impl<P: Clone> NodeCore<P> {
         loop {
             let before = (self.effects.len(), self.io.len(), self.persist_wanted);
             self.pump_writes();
+            // Before the applier: the data counts as untrusted before resync data lands.
+            self.pump_invalidated();
             self.pump_applier();
             self.pump_source();
-            if self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
+            self.pump_verify();
+            let attached = self.disk != DiskState::Diskless;
+            if attached && self.persist_in_flight.is_none() && self.persist_wanted > self.persist_durable {
                 let n = self.persist_wanted;
                 let io = self.start_io(IoPurpose::Persist(n));
                 self.persist_in_flight = Some(n);
@@ -626,7 +704,7 @@ impl<P: Clone> NodeCore<P> {
     // --- roles ---
 
     fn promote(&mut self) {
-        if self.role == Role::Primary || self.promoting != Promoting::No {
+        if self.role == Role::Primary || self.promoting != Promoting::No || self.invalidating {
             return;
         }
         match self.link {
@@ -681,6 +759,7 @@ impl<P: Clone> NodeCore<P> {
     fn peer_wants_promotion(&mut self) {
         let granted = self.role == Role::Secondary && self.promoting == Promoting::No;
         if granted {
+            self.peer_took_over = true;
             if let Link::Up { peer_disk, .. } = self.link {
                 self.link = Link::Up { peer_role: Role::Primary, peer_disk };
             }
@@ -688,8 +767,21 @@ impl<P: Clone> NodeCore<P> {
         self.send(PeerMessage::PromoteAnswer { granted });
     }
 
+    /// A promotion asked of the witness is void once connected; one asked of the peer is not
+    /// the witness's to end (seed 378732: a stale refusal ended it after the peer had consented,
+    /// and the peer took this node for Primary from then on).
+    fn drop_witness_promotion(&mut self) {
+        if self.promoting == Promoting::AskedWitness {
+            self.promoting = Promoting::No;
+        }
+    }
+
     fn promotion_answered(&mut self, granted: bool) {
         if self.promoting != Promoting::AskedPeer {
+            if granted {
+                // The peer now counts this node as Primary: tell it what it is.
+                self.send(PeerMessage::Role { role: self.role });
+            }
             return;
         }
         self.promoting = Promoting::No;

@@ -35,7 +35,7 @@ impl Source {
     }
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     pub(super) fn pump_source(&mut self) {
         let block = u64::from(self.cfg.bitmap_block);
         if let Some(image) = self.source.as_ref().and_then(|s| s.announce_at) {

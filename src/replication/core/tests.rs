@@ -29,6 +29,8 @@ struct Pair {
     asked_witness: [bool; 2],
     dropped: [bool; 2],
     images: [Option<Persisted>; 2],
+    invalidated: [bool; 2],
+    verified: [Option<u64>; 2],
 }
 
 fn config(node: u32) -> CoreConfig {
@@ -53,6 +55,8 @@ impl Pair {
             asked_witness: [false; 2],
             dropped: [false; 2],
             images: [None, None],
+            invalidated: [false; 2],
+            verified: [None; 2],
         }
     }
 
@@ -64,9 +68,12 @@ impl Pair {
                 Effect::AskWitness => self.asked_witness[n] = true,
                 Effect::DropLink { .. } => self.dropped[n] = true,
                 e @ (Effect::Write { io, .. }
+                | Effect::Discard { io, .. }
                 | Effect::Read { io, .. }
                 | Effect::Flush { io }
                 | Effect::Persist { io, .. }) => self.io[n].push((io, e)),
+                Effect::Invalidated => self.invalidated[n] = true,
+                Effect::VerifyDone { out_of_sync } => self.verified[n] = Some(out_of_sync),
                 Effect::ReleaseWitness
                 | Effect::Decided(_)
                 | Effect::ResyncStarted { .. }
@@ -89,6 +96,12 @@ impl Pair {
                     }
                     None
                 }
+                Effect::Discard { offset, len, .. } => {
+                    for block in offset / BLOCK..(offset + len) / BLOCK {
+                        self.disks[n].insert(block, 0);
+                    }
+                    None
+                }
                 Effect::Read { offset, len, .. } => Some(
                     (offset / BLOCK..(offset + len) / BLOCK)
                         .map(|b| *self.disks[n].get(&b).unwrap_or(&0))
@@ -104,6 +117,17 @@ impl Pair {
             self.drain(n);
         }
         any
+    }
+
+    /// Fails (EIO) every disk request of node `n` that `pick` accepts.
+    fn fail_io(&mut self, n: usize, pick: impl Fn(&Effect<Data>) -> bool) {
+        let (now, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.io[n]).into_iter().partition(|(_, e)| pick(e));
+        self.io[n] = later;
+        for (io, _) in now {
+            self.cores[n].handle_disk(io, false, None);
+            self.drain(n);
+        }
     }
 
     fn deliver(&mut self, n: usize) -> bool {
@@ -470,4 +494,168 @@ fn a_write_waiting_for_the_activity_log_fails_once_the_node_stepped_down() {
     p.settle();
     assert_eq!(p.reply(1), Some(&Reply::Failed));
     assert_eq!(p.disks[0].get(&5), None, "nothing was written");
+}
+
+/// A TRIM is ordered and mirrored like a write: the peer's block reads as zeroes too.
+#[test]
+fn a_trim_is_mirrored_like_a_write() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.client(0, 2, ClientRequest::Trim { offset: 5 * BLOCK, len: BLOCK });
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+    assert_eq!((p.disks[0].get(&5), p.disks[1].get(&5)), (Some(&0), Some(&0)));
+}
+
+/// `invalidate` is refused on a Primary; on the Secondary its disk turns Inconsistent and a
+/// full sync from the peer rewrites every block, also those nobody marked.
+#[test]
+fn invalidate_takes_a_full_sync_from_the_peer() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.command(0, Command::Invalidate);
+    p.settle();
+    assert!(!p.invalidated[0] && p.cores[0].disk() == DiskState::UpToDate, "refused on the Primary");
+    // The reason to invalidate: data this node holds but cannot trust.
+    p.disks[1].insert(9, 0xBAD);
+    p.command(1, Command::Invalidate);
+    p.deliver(0);
+    p.deliver(1);
+    assert_eq!(p.cores[1].disk(), DiskState::Inconsistent);
+    assert!(p.cores[1].out_of_sync_blocks() == SIZE / BLOCK, "every block is marked");
+    p.settle();
+    assert!(p.invalidated[1]);
+    assert!(p.cores.iter().all(|c| c.is_established() && c.disk() == DiskState::UpToDate));
+    assert_eq!((p.disks[1].get(&5), p.disks[1].get(&9)), (Some(&0xAB), Some(&0)));
+}
+
+/// Online verify finds a block that differs and marks it; a reconnect resyncs it from the
+/// Primary, and a second verify finds nothing.
+#[test]
+fn verify_marks_what_differs_and_a_reconnect_repairs_it() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    p.disks[1].insert(9, 0xBAD);
+    p.command(1, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified[1], Some(64), "one verify request's blocks differ");
+    assert!(p.cores[1].out_of_sync_blocks() > 0, "and are marked");
+    p.disconnect();
+    p.connect();
+    p.settle();
+    assert_eq!(p.disks[1].get(&9), Some(&0));
+    p.command(0, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified[0], Some(0));
+}
+
+/// Seed 52926: both nodes ran a verify at once; each held the ranges it had asked about as
+/// claims of its write path, so each one's read for the other's request waited for the other's
+/// reply, which waited behind it in the applier.
+#[test]
+fn two_verifies_at_once_both_finish() {
+    let mut p = Pair::connected_with_primary();
+    p.command(0, Command::Verify);
+    p.command(1, Command::Verify);
+    p.settle();
+    assert_eq!(p.verified, [Some(0), Some(0)]);
+    assert!(p.cores.iter().all(|c| c.is_quiet()));
+}
+
+/// DRBD's on-io-error=detach: the Secondary's disk fails a replicated write. It goes Diskless,
+/// leaves the connection and is never promoted; the Primary marks the write; once the disk is
+/// attached again (the node starts from the metadata on it) the resync gives it the block.
+#[test]
+fn a_failed_disk_detaches_and_gets_what_it_missed_after_attach() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    while p.complete_io(0, |e| matches!(e, Effect::Persist { .. })) {}
+    p.deliver(1);
+    p.fail_io(1, |e| matches!(e, Effect::Write { .. }));
+    assert!(p.cores[1].is_diskless() && p.dropped[1], "detached and left the connection");
+    p.disconnect();
+    p.witness(0, true);
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Done), "the Primary writes alone with the witness");
+    assert!(p.cores[0].out_of_sync_blocks() > 0, "and marks what the peer lacks");
+    p.command(1, Command::Primary);
+    assert_eq!(p.cores[1].role(), Role::Secondary, "a Diskless node is never promoted");
+    assert!(!p.cores[1].wants_connection());
+    let blocks = SIZE / BLOCK;
+    let image = p.images[1].clone().unwrap_or(Persisted {
+        gens: SYNCED,
+        disk: DiskState::UpToDate,
+        primary: false,
+        bitmap: crate::metadata::bitmap::DirtyBitmap::new(blocks),
+        activity_log: Vec::new(),
+    });
+    p.cores[1] = NodeCore::restart(config(1), &image);
+    p.drain(1);
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established() && c.disk() == DiskState::UpToDate));
+    assert_eq!(p.disks[1].get(&5), Some(&0xAB));
+}
+
+/// A Primary whose disk fails a read answers it with an error, not with data, and every later
+/// request too: it has no disk to serve from.
+#[test]
+fn a_primary_whose_disk_failed_answers_with_errors() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, ClientRequest::Read { offset: 0, len: BLOCK });
+    p.fail_io(0, |e| matches!(e, Effect::Read { .. }));
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Failed));
+    assert!(p.cores[0].is_diskless() && !p.cores[0].answers_writes());
+    p.client(0, 2, write(5, 0xAB));
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Failed));
+    assert_eq!(p.disks[0].get(&5), None);
+}
+
+/// Seed 192651: a Primary handed its role over (switchover) with writes its peer had not made
+/// stable yet; when the link dropped later it took a new generation as if its data were newer
+/// than the new Primary's, and the pair never connected again (a Primary is never target).
+#[test]
+fn a_node_that_handed_over_its_role_takes_no_new_generation_for_its_old_writes() {
+    let mut p = Pair::connected_with_primary();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
+    p.command(0, Command::Secondary);
+    p.settle();
+    p.command(1, Command::Primary);
+    p.settle();
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.client(1, 2, write(6, 0xCD));
+    p.settle();
+    p.disconnect();
+    p.witness(1, true);
+    p.settle();
+    assert_eq!(p.cores[0].gens(), SYNCED, "node 0's data is not the newer one");
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
+    assert_eq!((p.disks[0].get(&6), p.disks[1].get(&5)), (Some(&0xCD), Some(&0xAB)));
+}
+
+/// Seed 378732: a refusal of the witness, stale since the nodes were connected again, ended a
+/// promotion this node had meanwhile asked of its peer; the peer's consent then found no
+/// promotion, and the peer took this node for Primary from then on (and refused to promote).
+#[test]
+fn a_stale_witness_answer_leaves_a_promotion_asked_of_the_peer_alone() {
+    let mut p = Pair::new([SYNCED; 2]);
+    p.command(1, Command::Primary);
+    assert!(p.asked_witness[1], "disconnected: the witness is asked");
+    p.connect();
+    p.settle();
+    p.command(1, Command::Primary);
+    assert!(p.inbox[0].iter().any(|m| matches!(m, PeerMessage::PromoteRequest)));
+    p.witness(1, false);
+    p.settle();
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    assert_eq!(p.cores[0].link(), Link::Up { peer_role: Role::Primary, peer_disk: DiskState::UpToDate });
 }

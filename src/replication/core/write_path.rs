@@ -105,6 +105,11 @@ impl<P> WritePath<P> {
         true
     }
 
+    /// Whether a write in flight (or a resync read) holds part of `range`.
+    pub(super) fn overlaps_claims(&self, range: Range) -> bool {
+        overlaps(&self.claims, range)
+    }
+
     pub(super) fn release(&mut self, range: Range) {
         release(&mut self.claims, range);
     }
@@ -130,7 +135,7 @@ impl<P> WritePath<P> {
     }
 }
 
-impl<P: Clone> NodeCore<P> {
+impl<P: Clone + PartialEq> NodeCore<P> {
     /// A client request for this node's device.
     pub fn handle_client(&mut self, id: ClientId, request: ClientRequest<P>) {
         self.writes.queue.push_back((id, request));
@@ -152,7 +157,7 @@ impl<P: Clone> NodeCore<P> {
     fn admit(&mut self) {
         while let Some((id, request)) = self.writes.queue.front() {
             let id = *id;
-            if self.role != Role::Primary {
+            if self.role != Role::Primary || self.disk == DiskState::Diskless {
                 self.writes.queue.pop_front();
                 self.effects.push_back(Effect::Reply { client: id, reply: Reply::Failed });
                 continue;
@@ -187,7 +192,7 @@ impl<P: Clone> NodeCore<P> {
                     self.writes.queue.pop_front();
                     self.start_flush(id);
                 }
-                ClientRequest::Write { offset, len, .. } => {
+                ClientRequest::Write { offset, len, .. } | ClientRequest::Trim { offset, len } => {
                     let range = (*offset, offset + len);
                     if self.range_busy(range) {
                         return;
@@ -212,11 +217,13 @@ impl<P: Clone> NodeCore<P> {
         }
     }
 
-    /// Another write is in flight on `range`: one of ours, a resync read, or one the applier
-    /// still carries out for the peer (a node just promoted may still be applying its former
+    /// Another write is in flight on `range`: one of ours, a resync read, a range this node's
+    /// verify compares, or one the applier still carries out for the peer (a node just promoted may still be applying its former
     /// Primary's writes; two overlapping writes in flight end in either order).
     fn range_busy(&self, range: Range) -> bool {
-        overlaps(&self.writes.claims, range) || self.applier.overlaps_running(range)
+        overlaps(&self.writes.claims, range)
+            || self.applier.overlaps_running(range)
+            || self.verify_holds(range)
     }
 
     /// Counts a write on its extents: `Hot` when all are logged, `Pending` when a transaction
@@ -303,7 +310,7 @@ impl<P: Clone> NodeCore<P> {
 
     fn fail_al_waiting(&mut self) {
         for (id, request) in std::mem::take(&mut self.writes.al_waiting) {
-            if let ClientRequest::Write { offset, len, .. } = request {
+            if let ClientRequest::Write { offset, len, .. } | ClientRequest::Trim { offset, len } = request {
                 self.writes.release((offset, offset + len));
                 for extent in extents_of(offset, len) {
                     self.al.end(extent);
@@ -361,12 +368,34 @@ impl<P: Clone> NodeCore<P> {
         self.writes.ops.insert(id, op);
     }
 
-    /// A write whose extents are logged goes to the local disk and the peer.
+    /// A write (or TRIM) whose extents are logged goes to the local disk and the peer.
     fn dispatch_write(&mut self, id: ClientId, request: ClientRequest<P>) {
-        let ClientRequest::Write { offset, len, data, fua } = request else { return };
+        let (offset, len, data, fua) = match request {
+            ClientRequest::Write { offset, len, data, fua } => (offset, len, Some(data), fua),
+            ClientRequest::Trim { offset, len } => (offset, len, None, false),
+            _ => return,
+        };
         let range = (offset, offset + len);
         let io = self.start_io(IoPurpose::Client(id));
-        self.effects.push_back(Effect::Write { io, offset, len, data: data.clone() });
+        self.effects.push_back(match &data {
+            Some(data) => Effect::Write { io, offset, len, data: data.clone() },
+            None => Effect::Discard { io, offset, len },
+        });
+        if data.is_none() && self.replicating() && self.cfg.bugs.has(Bug::TrimNotReplicated) {
+            // Planted: the TRIM counts as mirrored without being sent.
+            let kind = Kind::Write { range, fua };
+            let op = Op {
+                kind,
+                local: None,
+                fua_flush_pending: false,
+                peer: PeerPart::Done,
+                data: None,
+                claimed: true,
+                followed: false,
+            };
+            self.writes.ops.insert(id, op);
+            return;
+        }
         let followed = self.replicating();
         let peer = if followed {
             // A second count on the extents, released when the peer has the write stably (the
@@ -377,7 +406,11 @@ impl<P: Clone> NodeCore<P> {
                 }
             }
             let seq = self.ledger.submit(Request::Write { range, fua }, true, id);
-            self.effects.push_back(Effect::Send(PeerMessage::Write { seq, offset, len, data, fua }));
+            let message = match data {
+                Some(data) => PeerMessage::Write { seq, offset, len, data, fua },
+                None => PeerMessage::Trim { seq, offset, len },
+            };
+            self.effects.push_back(Effect::Send(message));
             PeerPart::Waiting
         } else {
             self.bitmap.set(DirtyBitmap::blocks_of(offset, len, self.cfg.bitmap_block));
@@ -407,7 +440,9 @@ impl<P: Clone> NodeCore<P> {
             return;
         }
         op.fua_flush_pending = false;
-        op.local = Some(ok && op.local != Some(false));
+        // Detached meanwhile: a read's data or a write's success no longer counts.
+        let attached = self.disk != DiskState::Diskless;
+        op.local = Some(ok && attached && op.local != Some(false));
         op.data = data;
     }
 
