@@ -24,7 +24,7 @@ use super::{random_u64, Node};
 use crate::config::AfterSb0Pri;
 use crate::metadata::superblock::flags;
 use crate::replication::apply::Applier;
-use crate::replication::connection_plan::{self, Plan, Settings, SplitBrainFound};
+use crate::replication::connection_plan::{self, Plan, Planned, Settings, SplitBrainFound};
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
@@ -389,8 +389,9 @@ async fn session(
         me: &node.me().name,
         peer: &node.peer_config().name,
         dialer,
+        outdated_loses: false,
     };
-    let (plan, split_brain) = connection_plan::plan(&local, &peer, &settings);
+    let Planned { plan, split_brain, .. } = connection_plan::plan(&local, &peer, &settings);
     if let Some(found) = &split_brain {
         report_split_brain(node, found);
     }

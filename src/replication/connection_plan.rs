@@ -11,7 +11,9 @@ use rdbd_protocol::repl::RefuseCode;
 
 use super::split_brain::{self, Policies, Recovery, RrConflict, RrConflictAction};
 use super::states::{disk_after_decision, DiskPair, Role};
-use super::sync_decision::{decide, require_usable_source, Decision, SideView, SyncDecision};
+use super::sync_decision::{
+    decide, require_usable_source, resolve_by_outdated, Decision, SideView, SyncDecision,
+};
 
 /// The resource's settings the plan reads.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +25,20 @@ pub struct Settings<'a> {
     pub peer: &'a str,
     /// This node dialed the connection (it sends when neither side has to).
     pub dialer: bool,
+    /// A split brain where exactly one side is Outdated is resolved against that side (see
+    /// [`resolve_by_outdated`]). The core takes this rule, modelling a node with its HA
+    /// supervisor; the daemon leaves it to its supervisor, which asks for discard-my-data
+    /// instead, so that a node without `[ha]` reports the split brain as DRBD 8.4 does.
+    pub outdated_loses: bool,
+}
+
+/// What [`plan`] decided: the rule table's decision, the plan, and the split brain found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// The rule table's decision (with the Outdated rule when it applies), before any policy.
+    pub decision: Decision,
+    pub plan: Plan,
+    pub split_brain: Option<SplitBrainFound>,
 }
 
 /// A split brain the rule table found: reported (event, handler) whether a policy resolved it
@@ -69,9 +85,22 @@ pub enum Plan {
     Proceed(Proceed),
 }
 
-/// The whole plan, and the split brain found on the way (if any).
-pub fn plan(local: &SideView, peer: &SideView, settings: &Settings<'_>) -> (Plan, Option<SplitBrainFound>) {
-    let decision = decide(local, peer);
+/// The whole plan, the decision it started from, and the split brain found on the way.
+pub fn plan(local: &SideView, peer: &SideView, settings: &Settings<'_>) -> Planned {
+    let mut decision = decide(local, peer);
+    if settings.outdated_loses {
+        decision = resolve_by_outdated(decision, local.disk, peer.disk);
+    }
+    let (plan, split_brain) = carry_out(decision, local, peer, settings);
+    Planned { decision, plan, split_brain }
+}
+
+fn carry_out(
+    decision: Decision,
+    local: &SideView,
+    peer: &SideView,
+    settings: &Settings<'_>,
+) -> (Plan, Option<SplitBrainFound>) {
     if decision.outcome == SyncDecision::NoDisk {
         return (Plan::NoDisk, None);
     }

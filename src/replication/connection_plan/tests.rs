@@ -21,13 +21,13 @@ fn side(role: Role, current: u64, bitmap: u64, node_id: u32) -> SideView {
 
 fn settings<'a>(policies: &'a Policies, rr: RrConflict, alpha: bool) -> Settings<'a> {
     let (me, peer) = if alpha { ("alpha", "beta") } else { ("beta", "alpha") };
-    Settings { policies, rr_conflict: rr, me, peer, dialer: alpha }
+    Settings { policies, rr_conflict: rr, me, peer, dialer: alpha, outdated_loses: false }
 }
 
 /// alpha's plan, and beta's from the mirrored views.
 fn both(alpha: &SideView, beta: &SideView, policies: &Policies, rr: RrConflict) -> (Plan, Plan) {
-    let (a, _) = plan(alpha, beta, &settings(policies, rr, true));
-    let (b, _) = plan(beta, alpha, &settings(policies, rr, false));
+    let a = plan(alpha, beta, &settings(policies, rr, true)).plan;
+    let b = plan(beta, alpha, &settings(policies, rr, false)).plan;
     (a, b)
 }
 
@@ -71,8 +71,8 @@ fn two_primaries_in_sync_are_refused() {
 #[test]
 fn a_split_brain_left_to_the_operator_is_refused_and_reported() {
     let (a, b) = (side(Secondary, 0xC0, 0xB0, 0), side(Secondary, 0xD0, 0xB0, 1));
-    let (p, found) = plan(&a, &b, &settings(&Policies::default(), RrConflict::default(), true));
-    let r = refusal(p);
+    let planned = plan(&a, &b, &settings(&Policies::default(), RrConflict::default(), true));
+    let (r, found) = (refusal(planned.plan), planned.split_brain);
     assert_eq!(r.code, RefuseCode::SplitBrain);
     let found = found.expect("reported");
     assert!(found.resolution.is_none() && found.detail.contains("unresolved"), "{found:?}");
@@ -111,6 +111,19 @@ fn rr_conflict_refuses_a_primary_with_older_data_or_retries() {
     assert!(refusal(pa).retry && refusal(pb).retry);
     let (_, pb) = both(&a, &b, &Policies::default(), RrConflict::CallPriLost);
     assert!(refusal(pb).call_pri_lost, "the Primary that would be overwritten runs pri-lost");
+}
+
+#[test]
+fn with_the_outdated_rule_the_outdated_side_of_a_split_brain_loses() {
+    let (mut a, b) = (side(Secondary, 0xC0, 0xB0, 0), side(Secondary, 0xD0, 0xB0, 1));
+    a.disk = DiskState::Outdated;
+    let policies = Policies::default();
+    let without = plan(&a, &b, &settings(&policies, RrConflict::default(), true));
+    assert_eq!(refusal(without.plan).code, RefuseCode::SplitBrain, "DRBD's way: the operator decides");
+    let with = Settings { outdated_loses: true, ..settings(&policies, RrConflict::default(), true) };
+    let planned = plan(&a, &b, &with);
+    assert!(planned.split_brain.is_none(), "not a split brain once the rule applied");
+    assert_eq!(proceed(planned.plan).decision.outcome, SyncDecision::TargetBitmap);
 }
 
 #[test]

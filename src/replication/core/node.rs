@@ -13,8 +13,10 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::metadata::activity_log::{extents_of, ActivityLog, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::generations::Generations;
-use crate::replication::states::{check_promote, disk_after_decision, DiskState, Role};
-use crate::replication::sync_decision::{decide, resolve_by_outdated, SideView, SyncDecision};
+use crate::replication::connection_plan::{self, Plan, Settings};
+use crate::replication::split_brain::{Policies, RrConflict};
+use crate::replication::states::{check_promote, DiskState, Role};
+use crate::replication::sync_decision::{SideView, SyncDecision};
 
 use super::applier::Applier;
 use super::bugs::{Bug, Bugs};
@@ -639,34 +641,33 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             discard_my_data: hello.discard_my_data,
             node_id: hello.node_id,
         };
-        if self.role == Role::Primary && hello.role == Role::Primary {
-            // Two Primaries never replicate to each other: one must step down first.
-            self.want_connect = false;
-            self.effects.push_back(Effect::DropLink { reason: "both nodes are Primary" });
-            return;
-        }
-        let decision = resolve_by_outdated(decide(&self.view(), &peer), self.disk, peer.disk);
-        self.effects.push_back(Effect::Decided(decision));
+        // The daemon's plan, with the policies at their defaults (a split brain waits for the
+        // operator) and the Outdated rule of a node with its supervisor.
+        let policies = Policies::default();
+        let (me, them) = if self.cfg.node_id == 0 { ("node0", "node1") } else { ("node1", "node0") };
+        let settings = Settings {
+            policies: &policies,
+            rr_conflict: RrConflict::default(),
+            me,
+            peer: them,
+            dialer: self.cfg.node_id == 0,
+            outdated_loses: true,
+        };
+        let planned = connection_plan::plan(&self.view(), &peer, &settings);
+        self.effects.push_back(Effect::Decided(planned.decision));
         self.discard_my_data = false;
-        let outcome = decision.outcome;
-        let usable = matches!(
-            outcome,
-            SyncDecision::InSync
-                | SyncDecision::SourceBitmap
-                | SyncDecision::SourceFull
-                | SyncDecision::TargetBitmap
-                | SyncDecision::TargetFull
-        );
-        let primary_target = outcome.is_target() && self.role == Role::Primary
-            || outcome.is_source() && hello.role == Role::Primary;
-        if !usable || primary_target {
-            // Split brain, unrelated data, no usable source, a Primary that would be overwritten:
-            // stand alone until an operator acts.
-            self.want_connect = false;
-            self.effects.push_back(Effect::DropLink { reason: decision.reason });
-            return;
-        }
-        let pair = disk_after_decision(outcome, self.disk, peer.disk);
+        let go = match planned.plan {
+            Plan::Proceed(go) if !go.give_up_primary => go,
+            // Two Primaries, a split brain, unrelated data, no usable source, a Primary that
+            // would be overwritten, a side without a disk: stand alone until an operator acts.
+            _ => {
+                self.want_connect = false;
+                self.effects.push_back(Effect::DropLink { reason: planned.decision.reason });
+                return;
+            }
+        };
+        let outcome = go.decision.outcome;
+        let pair = go.disks;
         self.link = Link::Up { peer_role: hello.role, peer_disk: pair.peer };
         self.grant = match self.grant {
             Grant::Refused => Grant::None,
