@@ -157,6 +157,16 @@ impl DiskState {
     }
 }
 
+/// Reads a role byte; a value that names none is invalid input.
+pub(crate) fn decode_role(value: u8) -> Result<Role, crate::DecodeError> {
+    Role::from_wire(value).ok_or(crate::DecodeError::Invalid { what: "role", value: value.into() })
+}
+
+/// Reads a disk-state byte; a value that names none is invalid input.
+pub(crate) fn decode_disk(value: u8) -> Result<DiskState, crate::DecodeError> {
+    DiskState::from_wire(value).ok_or(crate::DecodeError::Invalid { what: "disk state", value: value.into() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,14 +189,4 @@ mod tests {
         assert_eq!("PRIMARY".parse::<Role>(), Ok(Role::Primary));
         assert!("Master".parse::<Role>().unwrap_err().to_string().contains("Primary, Secondary, Unknown"));
     }
-}
-
-/// Reads a role byte; a value that names none is invalid input.
-pub(crate) fn decode_role(value: u8) -> Result<Role, crate::DecodeError> {
-    Role::from_wire(value).ok_or(crate::DecodeError::Invalid { what: "role", value: value.into() })
-}
-
-/// Reads a disk-state byte; a value that names none is invalid input.
-pub(crate) fn decode_disk(value: u8) -> Result<DiskState, crate::DecodeError> {
-    DiskState::from_wire(value).ok_or(crate::DecodeError::Invalid { what: "disk state", value: value.into() })
 }
