@@ -339,8 +339,10 @@ fn report_split_brain(node: &Arc<Node>, found: &SplitBrainFound) {
     // every split brain: a resolution by policy discards one node's changes, which the operator
     // needs to hear about as much.
     node.spawn_handler(HandlerEvent::SplitBrain, Vec::new());
-    if found.resolution.is_some() {
-        warn!("{}", found.detail);
+    if let Some(r) = &found.resolution {
+        // Names nodes, not "local" and "peer": both logs read the same.
+        let loser = if r.local_loses() { &node.me().name } else { &node.peer_config().name };
+        warn!("split brain resolved by {}: {loser}'s changes are discarded ({})", r.policy, r.reason);
     }
 }
 
