@@ -2,8 +2,6 @@
 //! answered. Without HA it always may, as in DRBD. With a quorum witness it may only while this
 //! node holds the witness's lease: past it, the peer may have been promoted, and answering
 //! would let two nodes accept writes. Such a write is then held (freeze) or failed (fail-io).
-//! A read served without the peer passes the same gate (DRBD's quorum suspends all I/O): past
-//! the lease it could return data older than what the promoted peer acknowledged.
 //!
 //! While connected, the supervisor may open the gate for writes a dead link left behind (their
 //! blocks are marked for the peer's resync, and this node stays the source). The device closes

@@ -731,9 +731,7 @@ impl ReplicatedQueue {
             buf: None,
             waiting_for_peer: sent.answered,
             followed: sent.followed,
-            // A read without the peer is answered under the same gate as a write: past this
-            // node's lease the peer may have been promoted and written newer data.
-            alone: peer.is_none() && (writes || read_at.is_some()),
+            alone: peer.is_none() && writes,
             sent: peer.is_some() && writes,
             read_at,
             remote: false,
