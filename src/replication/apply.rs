@@ -8,7 +8,6 @@
 //! FLUSH is a barrier: every write received before it completes, then the device is made
 //! durable (fdatasync), then FlushAck — so a FLUSH acknowledged means durable here too.
 
-use crate::replication::states::{DiskState, Role};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, Framed};
 use super::resync::controller::STEP;
 use super::resync::target::{Answers, ResyncTarget, Unrequested};
+use crate::replication::states::{DiskState, Role};
 use crate::storage::{BlockDevice, BufPool, Completion, IoError, IoOp, IoQueue};
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,6 @@
 //! the peer, DRBD's diskless mode: writes and flushes go to the peer only, reads are answered
 //! from the peer's disk, and a read the local disk fails is retried there.
 
-use crate::replication::states::{DiskState, Role};
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +27,7 @@ use super::peer::{Delivery, Inbox, LinkEvents, LinkOptions, PeerLink, PeerOutcom
 use crate::metadata::activity_log::{extents_of, ActivityLog, Begin, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::store::MetaDevice;
+use crate::replication::states::{DiskState, Role};
 use crate::storage::{BlockDevice, Completion, DeviceInfo, Extent, IoBuf, IoError, IoOp, IoQueue};
 
 pub struct ReplicatedDevice {

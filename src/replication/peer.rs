@@ -407,18 +407,12 @@ impl PeerLink {
         }
     }
 
-    /// The peer answered request `seq`. A FlushAck makes every write before it stable, a
-    /// WriteAck a FUA write; a NegAck loses the write, or for a flush every write before it.
-    /// Takes the peer's answer; false for one it may not send (the link then ends: a peer that
-    /// acknowledges what it was never asked is broken, and trusting it could clear a mark).
+    /// The peer answered request `seq` (see `Ledger::answer`); false for an answer it may not
+    /// send: the link then ends (a peer that acknowledges what it was never asked is broken).
     fn answer(&self, seq: u64, answer: Answer) -> bool {
-        let settled = {
-            let mut outbox = self.outbox();
-            if !outbox.ledger.expects(seq, answer) {
-                warn!(seq, ?answer, "the peer answered a request it was not sent; dropping the link");
-                return false;
-            }
-            outbox.ledger.answer(seq, answer)
+        let Some(settled) = self.outbox().ledger.answer(seq, answer) else {
+            warn!(seq, ?answer, "the peer answered a request it was not sent; dropping the link");
+            return false;
         };
         if !settled.stable.is_empty() {
             self.events.stable(&settled.stable);

@@ -8,6 +8,7 @@
 //! the caller keeps the write's activity-log extent until then, and marks a lost write's blocks
 //! out of sync. DRBD keeps its AL reference until the peer's barrier ack for the same reason.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use super::bugs::{Bug, Bugs};
@@ -104,11 +105,18 @@ impl<W> Ledger<W> {
 
     /// The peer answered request `seq`. A FlushAck makes every write before it stable, the
     /// WriteAck of a FUA write that write; a NegAck loses the write, or for a flush every
-    /// write before it.
-    pub fn answer(&mut self, seq: u64, answer: Answer) -> Settled<W> {
-        let waiter = self.waiting.remove(&seq);
-        let is_flush = self.auto_flush == Some(seq) || matches!(waiter, Some((_, Request::Flush)));
-        if self.auto_flush == Some(seq) {
+    /// write before it. None for an answer the peer may not send (to a request never sent,
+    /// answered already, or of another kind; a NegAck answers any): a broken peer, whose
+    /// answer changes nothing.
+    pub fn answer(&mut self, seq: u64, answer: Answer) -> Option<Settled<W>> {
+        let auto_flush = self.auto_flush == Some(seq);
+        let waiter = match self.waiting.entry(seq) {
+            Entry::Occupied(e) if fits(&e.get().1, answer) => Some(e.remove()),
+            Entry::Vacant(_) if auto_flush && fits(&Request::Flush, answer) => None,
+            _ => return None,
+        };
+        let is_flush = auto_flush || matches!(waiter, Some((_, Request::Flush)));
+        if auto_flush {
             self.auto_flush = None;
         }
         let fua = matches!(waiter, Some((_, Request::Write { fua: true, .. })));
@@ -126,23 +134,7 @@ impl<W> Ledger<W> {
             self.unstable.remove(&seq).into_iter().collect()
         };
         let (stable, lost) = if answer == Answer::Failed { (Vec::new(), taken) } else { (taken, Vec::new()) };
-        Settled { waiter, stable, lost }
-    }
-
-    /// Whether `answer` to `seq` is one the peer may send: to a request that waits for it, of
-    /// the kind that request takes (a NegAck answers any). Anything else is a broken peer.
-    pub fn expects(&self, seq: u64, answer: Answer) -> bool {
-        let request = match self.waiting.get(&seq) {
-            Some((_, request)) => Some(request),
-            None if self.auto_flush == Some(seq) => Some(&Request::Flush),
-            None => None,
-        };
-        matches!(
-            (request, answer),
-            (Some(_), Answer::Failed)
-                | (Some(Request::Flush), Answer::Flushed)
-                | (Some(Request::Write { .. }), Answer::Written)
-        )
+        Some(Settled { waiter, stable, lost })
     }
 
     /// Takes the waiter of read `seq`, if `seq` is a read we sent.
@@ -178,6 +170,14 @@ impl<W> Ledger<W> {
     }
 }
 
+/// Whether `answer` is one `request` takes: a NegAck answers any.
+fn fits(request: &Request, answer: Answer) -> bool {
+    matches!(
+        (request, answer),
+        (_, Answer::Failed) | (Request::Flush, Answer::Flushed) | (Request::Write { .. }, Answer::Written)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,20 +187,21 @@ mod tests {
     }
 
     #[test]
-    fn only_answers_to_requests_sent_and_of_their_kind_are_expected() {
+    fn only_answers_to_requests_sent_and_of_their_kind_are_taken() {
         let mut l = Ledger::default();
         let w = l.submit(write(0, false), true, "w");
         let f = l.submit(Request::Flush, true, "f");
         let quiet = l.submit(write(8192, false), false, "protocol A");
-        assert!(l.expects(w, Answer::Written) && l.expects(w, Answer::Failed));
-        assert!(!l.expects(w, Answer::Flushed), "a FlushAck for a write");
-        assert!(l.expects(f, Answer::Flushed) && !l.expects(f, Answer::Written));
-        assert!(!l.expects(quiet, Answer::Written), "nobody asked for this ack");
-        assert!(!l.expects(f + 100, Answer::Failed), "never sent");
+        assert!(l.answer(w, Answer::Flushed).is_none(), "a FlushAck for a write");
+        assert!(l.answer(f, Answer::Written).is_none(), "a WriteAck for a flush");
+        assert!(l.answer(quiet, Answer::Written).is_none(), "nobody asked for this ack");
+        assert!(l.answer(f + 100, Answer::Failed).is_none(), "never sent");
+        assert_eq!(l.unstable_writes(), 2, "a refused answer changes nothing");
+        assert!(l.answer(w, Answer::Written).is_some());
+        assert!(l.answer(w, Answer::Written).is_none(), "answered already");
         let auto = l.start_auto_flush().unwrap();
-        assert!(l.expects(auto, Answer::Flushed));
-        let _ = l.answer(w, Answer::Written);
-        assert!(!l.expects(w, Answer::Written), "answered already");
+        assert!(l.answer(auto, Answer::Flushed).is_some());
+        assert!(l.answer(f, Answer::Flushed).is_some());
     }
 
     #[test]
@@ -210,7 +211,7 @@ mod tests {
         let _ = l.answer(a, Answer::Written);
         let f = l.submit(Request::Flush, true, "f");
         l.submit(write(8192, false), true, "b");
-        let s = l.answer(f, Answer::Flushed);
+        let s = l.answer(f, Answer::Flushed).unwrap();
         assert_eq!(s.stable, vec![(0, 4096)]);
         assert_eq!(s.waiter.map(|w| w.0), Some("f"));
         assert_eq!(l.unstable_writes(), 1);
@@ -221,8 +222,8 @@ mod tests {
         let mut l = Ledger::default();
         let plain = l.submit(write(0, false), true, 1);
         let fua = l.submit(write(4096, true), true, 2);
-        assert!(l.answer(plain, Answer::Written).stable.is_empty());
-        assert_eq!(l.answer(fua, Answer::Written).stable, vec![(4096, 8192)]);
+        assert!(l.answer(plain, Answer::Written).unwrap().stable.is_empty());
+        assert_eq!(l.answer(fua, Answer::Written).unwrap().stable, vec![(4096, 8192)]);
         assert_eq!(l.unstable_writes(), 1);
     }
 
@@ -233,7 +234,7 @@ mod tests {
         l.submit(write(4096, false), false, 2);
         let f = l.start_auto_flush().unwrap();
         assert_eq!(l.start_auto_flush(), None, "one auto flush at a time");
-        let s = l.answer(f, Answer::Failed);
+        let s = l.answer(f, Answer::Failed).unwrap();
         assert_eq!(s.lost, vec![(0, 4096), (4096, 8192)]);
         assert!(s.stable.is_empty() && s.waiter.is_none());
         assert!(l.start_auto_flush().is_some());

@@ -447,7 +447,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     }
 
     pub(super) fn peer_answered(&mut self, seq: u64, answer: Answer) {
-        let settled = self.ledger.answer(seq, answer);
+        let Some(settled) = self.ledger.answer(seq, answer) else {
+            self.effects
+                .push_back(Effect::DropLink { reason: "the peer answered a request it was not sent" });
+            return;
+        };
         self.settle_peer_writes(&settled.stable, &settled.lost);
         if let Some((id, _)) = settled.waiter {
             if let Some(op) = self.writes.ops.get_mut(&id) {

@@ -8,7 +8,6 @@
 //! waits, so the data channel carries the two in the order the local disk saw them (SPEC §5.5,
 //! §6.y).
 
-use crate::replication::states::{DiskState, Role};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -25,6 +24,7 @@ use crate::replication::device::ReplicatedDevice;
 use crate::replication::disk_health::{DiskError, DiskOp};
 use crate::replication::link::framed::{FrameError, FrameReader};
 use crate::replication::peer::{PeerLink, ResyncReply};
+use crate::replication::states::{DiskState, Role};
 use crate::replication::verify::{differing_runs, VerifyError, VerifyReport, VerifyRun};
 use crate::storage::{BufPool, Completion, IoOp, IoQueue};
 
