@@ -8,7 +8,6 @@
 //! FLUSH is a barrier: every write received before it completes, then the device is made
 //! durable (fdatasync), then FlushAck — so a FLUSH acknowledged means durable here too.
 
-use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use slab::Slab;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::core::apply_order::{ApplyOrder, Order};
 use super::device::ReplicatedDevice;
 use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, Framed};
@@ -116,7 +116,7 @@ pub(in crate::replication) enum Kind {
 pub(in crate::replication) struct Received {
     pub(in crate::replication) seq: u64,
     pub(in crate::replication) ack: AckMode,
-    /// Arrival order, for barriers.
+    /// Arrival index in the [`ApplyOrder`], set when it starts.
     pub(in crate::replication) index: u64,
     /// Byte range written (empty for a flush).
     pub(in crate::replication) range: (u64, u64),
@@ -125,15 +125,35 @@ pub(in crate::replication) struct Received {
 }
 
 impl Received {
-    /// Ordered against overlapping writes (a verify read counts: it must not overtake or be
-    /// overtaken by a write to its range).
-    fn is_write(&self) -> bool {
-        matches!(self.kind, Kind::Write | Kind::ResyncWrite | Kind::VerifyRead | Kind::PeerRead)
+    pub(in crate::replication) fn new(
+        seq: u64,
+        ack: AckMode,
+        range: (u64, u64),
+        op: IoOp,
+        kind: Kind,
+    ) -> Self {
+        Self { seq, ack, index: 0, range, op: Some(op), kind }
     }
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.1 && b.0 < a.1
+impl Kind {
+    /// How a request of this kind is ordered against the others (a verify read or a read for
+    /// the Diskless Primary is ordered like a write: it must see exactly the writes sent before
+    /// it).
+    pub(in crate::replication) fn order(self, (start, end): (u64, u64)) -> Order {
+        match self {
+            Kind::Write | Kind::ResyncWrite | Kind::VerifyRead | Kind::PeerRead => Order::Range(start, end),
+            Kind::Flush => Order::Barrier,
+            // The target's flush is issued only when no resync write is in flight; a checksum
+            // read racing a write only makes the digests differ (then the source sends the block).
+            Kind::ResyncFlush | Kind::CsumRead => Order::Unordered,
+        }
+    }
+
+    /// Goes to the resync queue (when there is one).
+    fn is_resync_io(self) -> bool {
+        matches!(self, Kind::ResyncWrite | Kind::CsumRead)
+    }
 }
 
 /// Tag bit of operations on the resync queue.
@@ -151,11 +171,8 @@ pub struct Applier {
     pub(in crate::replication) size: u64,
     /// Started on the device; the key is the queue tag.
     pub(in crate::replication) running: Slab<Received>,
-    /// Held back by an overlap or a barrier, in arrival order.
-    pub(in crate::replication) waiting: VecDeque<Received>,
-    /// Arrival indices of writes not yet complete (running or waiting).
-    pub(in crate::replication) open_writes: BTreeSet<u64>,
-    pub(in crate::replication) next_index: u64,
+    /// Received and not started: held back by an overlap or a barrier.
+    pub(in crate::replication) order: ApplyOrder<Received>,
     pub(in crate::replication) acks: Vec<Message<'static>>,
     /// Digests being encoded (reused).
     pub(in crate::replication) digests: Vec<u8>,
@@ -195,9 +212,7 @@ impl Applier {
             integrity,
             size,
             running: Slab::new(),
-            waiting: VecDeque::new(),
-            open_writes: BTreeSet::new(),
-            next_index: 0,
+            order: ApplyOrder::default(),
             acks: Vec::new(),
             outgoing: Vec::new(),
             digests: Vec::new(),
@@ -285,7 +300,7 @@ impl Applier {
         let mut tick = tokio::time::interval(STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.pump_resync();
-        while open || !self.running.is_empty() || !self.waiting.is_empty() {
+        while open || !self.running.is_empty() || self.order.waiting() > 0 {
             // Everything due goes out in one write per channel.
             if !self.acks.is_empty() {
                 meta.send_all(&self.acks).await?;
@@ -362,7 +377,7 @@ impl Applier {
                 data.halves().1.write_encoded(&self.outgoing).await?;
                 return Err(ApplyError::LocalDisk(failure));
             }
-            if !open && self.in_flight() == 0 && !self.waiting.is_empty() && self.running.is_empty() {
+            if !open && self.in_flight() == 0 && self.order.waiting() > 0 && self.running.is_empty() {
                 // Nothing can unblock what waits: cannot happen, but never spin.
                 break;
             }
@@ -488,54 +503,25 @@ impl Applier {
         op: IoOp,
         kind: Kind,
     ) {
-        let index = self.next_index;
-        self.next_index += 1;
         if ack == AckMode::Recv {
             self.acks.push(Message::RecvAck { seq });
         }
-        let r = Received { seq, ack, index, range, op: Some(op), kind };
-        if r.is_write() {
-            self.open_writes.insert(index);
-        }
-        self.waiting.push_back(r);
+        self.order.push(kind.order(range), Received::new(seq, ack, range, op, kind));
     }
 
-    /// Starts every waiting request that no earlier request blocks.
+    /// Starts every waiting request that no earlier request holds back.
     pub(in crate::replication) fn start_ready(&mut self) {
-        let mut i = 0;
-        while i < self.waiting.len() {
-            let r = &self.waiting[i];
-            let blocked = match r.kind {
-                // A barrier: every earlier write must be complete.
-                Kind::Flush => self.open_writes.first().is_some_and(|&first| first < r.index),
-                // Issued only when no resync write is in flight.
-                Kind::ResyncFlush => false,
-                // Submitted directly, never waiting.
-                Kind::CsumRead => false,
-                Kind::Write | Kind::ResyncWrite | Kind::VerifyRead | Kind::PeerRead => {
-                    let running =
-                        self.running.iter().any(|(_, o)| o.is_write() && overlaps(o.range, r.range));
-                    let earlier = self
-                        .waiting
-                        .iter()
-                        .take(i)
-                        .any(|o| o.kind == Kind::Flush || (o.is_write() && overlaps(o.range, r.range)));
-                    running || earlier
-                }
-            };
-            if blocked {
-                i += 1;
-                continue;
-            }
-            let mut r = self.waiting.remove(i).expect("index in range");
+        let Self { order, running, queue, resync_queue, .. } = self;
+        order.start_ready(|index, mut r| {
+            r.index = index;
             let op = r.op.take().expect("waiting requests hold their operation");
-            let resync = r.kind == Kind::ResyncWrite;
-            let tag = self.running.insert(r) as u32;
-            match self.resync_queue.as_mut() {
+            let resync = r.kind.is_resync_io();
+            let tag = running.insert(r) as u32;
+            match resync_queue.as_mut() {
                 Some(q) if resync => q.submit(tag | RESYNC_QUEUE, op),
-                _ => self.queue.submit(tag, op),
+                _ => queue.submit(tag, op),
             }
-        }
+        });
     }
 
     /// Reports a failure of the local disk (once per connection: the connection ends).
@@ -557,19 +543,15 @@ impl Applier {
 
     fn complete(&mut self, c: Completion) {
         let Some(r) = self.running.try_remove(c.tag as usize) else { return };
+        self.order.done(r.index);
         if r.kind == Kind::PeerRead {
-            self.open_writes.remove(&r.index);
             return self.peer_read_done(r, c);
         }
         if matches!(r.kind, Kind::CsumRead | Kind::VerifyRead) {
-            self.open_writes.remove(&r.index);
             return self.digests_read(r, c);
         }
         if let Some(buf) = c.buf {
             self.pool.give(buf);
-        }
-        if r.is_write() {
-            self.open_writes.remove(&r.index);
         }
         match r.kind {
             Kind::Flush => self.stats.flushes += 1,

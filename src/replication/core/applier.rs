@@ -1,12 +1,12 @@
-//! The peer's side of replication and the sync target: requests are applied in arrival order
-//! (a request waits for any earlier one that overlaps it, a flush for every earlier one) and
-//! answered once done — a flush, a FUA write and resync data only once the disk has flushed
+//! The peer's side of replication and the sync target: requests reach the disk in the order
+//! [`super::apply_order`] keeps (the daemon's applier keeps the same) and are answered once done — a flush, a FUA write and resync data only once the disk has flushed
 //! them, since the Primary takes those answers as "stable here".
 
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::metadata::bitmap::DirtyBitmap;
 
+use super::apply_order::{ApplyOrder, Order};
 use super::bugs::Bug;
 use super::io::{Effect, PeerMessage};
 use super::ledger::{Answer, Range};
@@ -27,23 +27,26 @@ enum Running {
         range: Range,
         flushing: bool,
     },
-    /// A verify's read (either side's), with the peer's data when this side compares.
-    Verify {
-        range: Range,
-    },
+    /// A verify's read (either side's); what it compares is in `verifying`.
+    Verify,
 }
 
 /// Requests received from the peer and not yet answered.
 pub(super) struct Applier<P> {
-    queue: VecDeque<PeerMessage<P>>,
-    next_position: u64,
-    /// In flight on the disk, by queue position, with the connection they came on.
+    /// Received and not yet admitted to the order: the front waits for the sync target's
+    /// metadata, a verify's claim, or (the end of a resync) for everything before it.
+    arrived: VecDeque<PeerMessage<P>>,
+    /// Admitted, in the order the daemon's applier keeps too.
+    order: ApplyOrder<PeerMessage<P>>,
+    /// Handed out by the order and not yet started (reused).
+    ready: Vec<(u64, PeerMessage<P>)>,
+    /// In flight on the disk, by arrival index, with the connection they came on.
     running: BTreeMap<u64, (u64, Running)>,
     /// Counts connections: answers for an earlier one are not sent.
     connection: u64,
     /// Resync data is written once this metadata image (the disk marked Inconsistent) is durable.
     target_ready_at: Option<u64>,
-    /// Verify reads in flight by queue position: the range, and the peer's data to compare with
+    /// Verify reads in flight by arrival index: the range, and the peer's data to compare with
     /// (none: this side answers a request).
     verifying: BTreeMap<u64, (Range, Option<P>)>,
 }
@@ -51,8 +54,9 @@ pub(super) struct Applier<P> {
 impl<P> Default for Applier<P> {
     fn default() -> Self {
         Self {
-            queue: VecDeque::new(),
-            next_position: 0,
+            arrived: VecDeque::new(),
+            order: ApplyOrder::default(),
+            ready: Vec::new(),
             running: BTreeMap::new(),
             connection: 0,
             target_ready_at: None,
@@ -63,11 +67,11 @@ impl<P> Default for Applier<P> {
 
 impl<P> Applier<P> {
     pub(super) fn receive(&mut self, message: PeerMessage<P>) {
-        self.queue.push_back(message);
+        self.arrived.push_back(message);
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.running.is_empty()
+        self.arrived.is_empty() && self.order.waiting() == 0 && self.running.is_empty()
     }
 
     pub(super) fn target_ready_at(&mut self, image: u64) {
@@ -75,101 +79,122 @@ impl<P> Applier<P> {
     }
 
     /// The connection ended: what was not started is dropped (the Primary counts it as lost),
-    /// what runs finishes on the disk without an answer.
-    pub(super) fn link_down(&mut self) {
-        self.queue.clear();
+    /// what runs finishes on the disk without an answer. Returns the ranges of dropped verify
+    /// requests, whose claims the caller gives back.
+    pub(super) fn link_down(&mut self) -> Vec<Range> {
+        self.arrived.clear();
         self.connection += 1;
         self.target_ready_at = None;
+        self.order
+            .drop_waiting()
+            .filter_map(|m| match m {
+                PeerMessage::VerifyRequest { offset, len } => Some((offset, offset + len)),
+                _ => None,
+            })
+            .collect()
     }
 
-    /// Whether a write applied for the peer and still in flight overlaps `range`.
-    pub(super) fn overlaps_running(&self, (start, end): Range) -> bool {
-        self.running.values().any(|(_, r)| match *r {
-            Running::Write { range, .. } | Running::Resync { range, .. } | Running::Verify { range } => {
-                range.0 < end && start < range.1
-            }
-            Running::Flush { .. } => false,
-        })
+    /// Whether a request applied for the peer and still in flight overlaps `range`.
+    pub(super) fn overlaps_running(&self, range: Range) -> bool {
+        self.order.overlaps_running(range)
+    }
+}
+
+/// How a request from the peer is ordered on this disk.
+fn order_of<P>(message: &PeerMessage<P>) -> Order {
+    match *message {
+        PeerMessage::Write { offset, len, .. }
+        | PeerMessage::Trim { offset, len, .. }
+        | PeerMessage::ResyncData { offset, len, .. }
+        | PeerMessage::VerifyRequest { offset, len }
+        | PeerMessage::VerifyReply { offset, len, .. } => Order::Range(offset, offset + len),
+        PeerMessage::Flush { .. } => Order::Barrier,
+        _ => Order::Unordered,
     }
 }
 
 impl<P: Clone + PartialEq> NodeCore<P> {
     pub(super) fn pump_applier(&mut self) {
-        while let Some(front) = self.applier.queue.front() {
-            match front {
-                PeerMessage::Write { offset, len, .. }
-                | PeerMessage::Trim { offset, len, .. }
-                | PeerMessage::ResyncData { offset, len, .. } => {
-                    let is_resync = matches!(front, PeerMessage::ResyncData { .. });
-                    if self.applier.overlaps_running((*offset, offset + len)) {
-                        return;
-                    }
-                    if is_resync && !self.applier.target_ready_at.is_some_and(|n| self.persisted(n)) {
-                        return;
-                    }
-                }
-                PeerMessage::Flush { .. } | PeerMessage::ResyncDone { .. }
-                    if !self.applier.running.is_empty() =>
+        self.admit_arrived();
+        let mut ready = std::mem::take(&mut self.applier.ready);
+        self.applier.order.start_ready(|index, message| ready.push((index, message)));
+        for (index, message) in ready.drain(..) {
+            self.start_applying(index, message);
+        }
+        self.applier.ready = ready;
+    }
+
+    /// Moves what may go on from the front of the arrived requests into the order.
+    fn admit_arrived(&mut self) {
+        while let Some(front) = self.applier.arrived.front() {
+            match *front {
+                PeerMessage::ResyncData { .. }
+                    if !self.applier.target_ready_at.is_some_and(|n| self.persisted(n)) =>
                 {
                     return;
                 }
-                PeerMessage::VerifyRequest { offset, len } | PeerMessage::VerifyReply { offset, len, .. } => {
-                    let range = (*offset, offset + len);
-                    if self.applier.overlaps_running(range) {
+                PeerMessage::ResyncDone { .. } => {
+                    if self.applier.order.waiting() > 0 || !self.applier.running.is_empty() {
                         return;
                     }
-                    // The responder reads with the range claimed against its own writes; the
-                    // requester's writes have waited since it asked.
-                    let request = matches!(front, PeerMessage::VerifyRequest { .. });
-                    if request && !self.writes.claim(range) {
-                        return;
-                    }
-                }
-                _ => {}
-            }
-            let message = self.applier.queue.pop_front().expect("front");
-            let position = self.applier.next_position;
-            self.applier.next_position += 1;
-            let connection = self.applier.connection;
-            let running = match message {
-                PeerMessage::Write { seq, offset, len, data, fua } => {
-                    let io = self.start_io(IoPurpose::Apply(position));
-                    self.effects.push_back(Effect::Write { io, offset, len, data });
-                    Running::Write { range: (offset, offset + len), seq, fua, flushing: false }
-                }
-                PeerMessage::Trim { seq, offset, len } => {
-                    let io = self.start_io(IoPurpose::Apply(position));
-                    self.effects.push_back(Effect::Discard { io, offset, len });
-                    Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
-                }
-                PeerMessage::ResyncData { offset, len, data } => {
-                    let io = self.start_io(IoPurpose::Apply(position));
-                    self.effects.push_back(Effect::Write { io, offset, len, data });
-                    Running::Resync { range: (offset, offset + len), flushing: false }
-                }
-                PeerMessage::Flush { seq } => {
-                    let io = self.start_io(IoPurpose::Apply(position));
-                    self.effects.push_back(Effect::Flush { io });
-                    Running::Flush { seq }
-                }
-                PeerMessage::ResyncDone { gens } => {
+                    let Some(PeerMessage::ResyncDone { gens }) = self.applier.arrived.pop_front() else {
+                        unreachable!("matched at the front")
+                    };
                     self.finish_as_target(gens);
                     continue;
                 }
-                PeerMessage::VerifyRequest { offset, len } => {
-                    self.start_verify_read(position, (offset, offset + len), None)
+                // The responder reads with the range claimed against its own writes (held from
+                // here until the read is done); the requester's writes have waited since it asked.
+                PeerMessage::VerifyRequest { offset, len } if !self.writes.claim((offset, offset + len)) => {
+                    return;
                 }
-                PeerMessage::VerifyReply { offset, len, data } => {
-                    let range = (offset, offset + len);
-                    if !self.verify_reply_reading(range) {
-                        continue;
-                    }
-                    self.start_verify_read(position, range, Some(data))
-                }
-                _ => continue,
-            };
-            self.applier.running.insert(position, (connection, running));
+                _ => {}
+            }
+            let message = self.applier.arrived.pop_front().expect("front");
+            self.applier.order.push(order_of(&message), message);
         }
+    }
+
+    fn start_applying(&mut self, position: u64, message: PeerMessage<P>) {
+        let connection = self.applier.connection;
+        let running = match message {
+            PeerMessage::Write { seq, offset, len, data, fua } => {
+                let io = self.start_io(IoPurpose::Apply(position));
+                self.effects.push_back(Effect::Write { io, offset, len, data });
+                Running::Write { range: (offset, offset + len), seq, fua, flushing: false }
+            }
+            PeerMessage::Trim { seq, offset, len } => {
+                let io = self.start_io(IoPurpose::Apply(position));
+                self.effects.push_back(Effect::Discard { io, offset, len });
+                Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
+            }
+            PeerMessage::ResyncData { offset, len, data } => {
+                let io = self.start_io(IoPurpose::Apply(position));
+                self.effects.push_back(Effect::Write { io, offset, len, data });
+                Running::Resync { range: (offset, offset + len), flushing: false }
+            }
+            PeerMessage::Flush { seq } => {
+                let io = self.start_io(IoPurpose::Apply(position));
+                self.effects.push_back(Effect::Flush { io });
+                Running::Flush { seq }
+            }
+            PeerMessage::VerifyRequest { offset, len } => {
+                self.start_verify_read(position, (offset, offset + len), None)
+            }
+            PeerMessage::VerifyReply { offset, len, data } => {
+                let range = (offset, offset + len);
+                if !self.verify_reply_reading(range) {
+                    self.applier.order.done(position);
+                    return;
+                }
+                self.start_verify_read(position, range, Some(data))
+            }
+            _ => {
+                self.applier.order.done(position);
+                return;
+            }
+        };
+        self.applier.running.insert(position, (connection, running));
     }
 
     pub(super) fn apply_done(&mut self, position: u64, ok: bool) {
@@ -201,7 +226,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 self.flush_for(position, connection, Running::Resync { range, flushing: true });
             }
             // Verify reads complete through `verify_applied`.
-            Running::Verify { .. } => {}
+            Running::Verify => {}
             Running::Resync { range: (start, end), .. } => {
                 if ok {
                     self.bitmap.clear(DirtyBitmap::blocks_of(start, end - start, self.cfg.bitmap_block));
@@ -211,17 +236,22 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 }
             }
         }
+        // A FUA write or resync data being flushed holds its range until the flush is done.
+        if !self.applier.running.contains_key(&position) {
+            self.applier.order.done(position);
+        }
     }
 
     fn start_verify_read(&mut self, position: u64, range: Range, theirs: Option<P>) -> Running {
         let io = self.start_io(IoPurpose::VerifyRead(position));
         self.effects.push_back(Effect::Read { io, offset: range.0, len: range.1 - range.0 });
         self.applier.verifying.insert(position, (range, theirs));
-        Running::Verify { range }
+        Running::Verify
     }
 
     pub(super) fn verify_applied(&mut self, position: u64, ok: bool, data: Option<P>) {
         let Some((connection, _)) = self.applier.running.remove(&position) else { return };
+        self.applier.order.done(position);
         let Some((range, theirs)) = self.applier.verifying.remove(&position) else { return };
         let current = connection == self.applier.connection;
         self.verify_read_done(range, theirs, current, data.filter(|_| ok));

@@ -6,6 +6,8 @@
 //! - [`node`]: the state, the connection lifecycle (handshake, sync decision) and role changes.
 //! - `write_path`: the Primary's requests, the activity log and the ledger.
 //! - `applier`: the peer's side of replication, and the sync target.
+//! - [`apply_order`]: the order the peer's requests reach the disk in (also the daemon's
+//!   applier's).
 //! - `resync`: the sync source.
 //! - `verify`: operator `invalidate` and online `verify`.
 //! - [`ledger`]: what the Primary asked of its peer and which writes are stable there (also
@@ -14,6 +16,7 @@
 //! - [`bugs`]: known bugs the simulator plants to show it can find them.
 
 mod applier;
+pub mod apply_order;
 pub mod bugs;
 pub mod io;
 pub mod ledger;

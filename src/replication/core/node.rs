@@ -405,7 +405,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             self.new_generation();
         }
         self.writes.peer_lost(&waiters);
-        self.applier.link_down();
+        for claim in self.applier.link_down() {
+            self.writes.release(claim);
+        }
         self.invalidating = false;
         self.verify_link_down();
         self.source = None;

@@ -6,7 +6,7 @@
 use rdbd_protocol::repl::{block_crc32c, AckMode, Message, State};
 use tracing::{info, warn};
 
-use crate::replication::apply::{errno_of, Applier, ApplyError, Kind, Received, RESYNC_QUEUE};
+use crate::replication::apply::{errno_of, Applier, ApplyError, Kind, Received};
 use crate::replication::disk_health::DiskOp;
 use crate::storage::{IoError, IoOp};
 
@@ -79,14 +79,9 @@ impl Applier {
             // digests differ, and then the source sends the block.
             let buf = self.pool.take(len as usize);
             let range = (offset, offset + u64::from(len));
-            let r =
-                Received { seq: offset, ack: AckMode::None, index: 0, range, op: None, kind: Kind::CsumRead };
-            let tag = self.running.insert(r) as u32;
-            let op = IoOp::Read { offset, buf };
-            match self.resync_queue.as_mut() {
-                Some(q) => q.submit(tag | RESYNC_QUEUE, op),
-                None => self.queue.submit(tag, op),
-            }
+            let read =
+                Received::new(offset, AckMode::None, range, IoOp::Read { offset, buf }, Kind::CsumRead);
+            self.order.push(Kind::CsumRead.order(range), read);
         }
         let now = std::time::Instant::now();
         let flush = target.flush_due(now);
@@ -107,8 +102,8 @@ impl Applier {
         }));
         if flush {
             self.enqueue(0, AckMode::None, (0, 0), IoOp::Flush, Kind::ResyncFlush);
-            self.start_ready();
         }
+        self.start_ready();
     }
 
     pub(in crate::replication) fn resync_written(
