@@ -32,7 +32,6 @@ use crate::replication::peer::LinkOptions;
 use crate::replication::resync::bitmap_exchange::BitmapExchangeError;
 use crate::replication::resync::setup::{self, SetupError, SetupNode};
 use crate::replication::resync::source::{self, SourceOptions};
-use crate::replication::resync::target::ResyncTarget;
 use crate::replication::states::{ConnState, DiskState, ReplState, Role};
 use crate::replication::sync_decision::{apply_skip_initial_sync, SideView};
 
@@ -602,12 +601,10 @@ async fn run_receiver(
         Err(e) => return Outcome::StandAlone(e.to_string()),
     };
     if target {
-        applier =
-            match applier.with_resync(ResyncTarget::new(node.device.clone(), node.config.disk.resync, csums))
-            {
-                Ok(a) => a,
-                Err(e) => return Outcome::StandAlone(e.to_string()),
-            };
+        applier = match applier.with_resync(node.device.clone(), node.config.disk.resync, csums) {
+            Ok(a) => a,
+            Err(e) => return Outcome::StandAlone(e.to_string()),
+        };
     }
     let net = &node.config.net;
     let (verify_tx, verify_rx) = mpsc::unbounded_channel();

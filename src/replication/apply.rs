@@ -21,7 +21,9 @@ use super::device::ReplicatedDevice;
 use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, Framed};
 use super::resync::controller::STEP;
+use super::resync::pace::ResyncConfig;
 use super::resync::target::{Answers, ResyncTarget, Unrequested};
+use super::resync::target_io::SyncTarget;
 use crate::replication::states::{DiskState, Role};
 use crate::storage::{BlockDevice, BufPool, Completion, IoError, IoOp, IoQueue};
 
@@ -192,7 +194,7 @@ pub struct Applier {
     /// drives it.
     pub(in crate::replication) verify_starts: Option<mpsc::UnboundedReceiver<u64>>,
     pub(in crate::replication) completions: Vec<Completion>,
-    pub(in crate::replication) resync: Option<ResyncTarget>,
+    pub(in crate::replication) resync: Option<SyncTarget>,
     /// What the resync bookkeeping decided to acknowledge (reused).
     pub(in crate::replication) answers: Answers,
     pub(in crate::replication) events: Box<dyn ApplyEvents>,
@@ -230,11 +232,19 @@ impl Applier {
         })
     }
 
-    /// Also pulls the blocks `target` marks, as the sync target.
-    pub fn with_resync(mut self, target: ResyncTarget) -> Result<Self, ApplyError> {
-        let device = target.device().resync_local().clone();
-        self.resync_queue = Some(device.open_queue().map_err(ApplyError::Queue)?);
-        self.resync = Some(target);
+    /// Also pulls the blocks `device`'s bitmap marks, as the sync target, paced by `pace`, with
+    /// checksum requests when `csums` is set.
+    pub fn with_resync(
+        mut self,
+        device: Arc<ReplicatedDevice>,
+        pace: ResyncConfig,
+        csums: Option<DigestAlg>,
+    ) -> Result<Self, ApplyError> {
+        self.resync_queue = Some(device.resync_local().open_queue().map_err(ApplyError::Queue)?);
+        let origin = std::time::Instant::now();
+        let target =
+            ResyncTarget::new(device.info_size(), device.bitmap_block(), pace, csums, Duration::ZERO);
+        self.resync = Some(SyncTarget { target, device, origin });
         Ok(self)
     }
 
@@ -350,8 +360,8 @@ impl Applier {
                     }
                 }
                 _ = tick.tick(), if self.resync.is_some() => {
-                    if let Some(target) = self.resync.as_mut() {
-                        target.step();
+                    if let Some(sync) = self.resync.as_mut() {
+                        sync.target.step();
                     }
                 }
             }
@@ -619,7 +629,7 @@ impl Applier {
         self.digests.clear();
         match r.kind {
             Kind::CsumRead => {
-                let Some(alg) = self.resync.as_ref().and_then(|t| t.csums()) else { return };
+                let Some(alg) = self.resync.as_ref().and_then(|s| s.target.csums()) else { return };
                 append_digests(alg, self.block as usize, &buf, &mut self.digests);
                 Message::ResyncCsumRequest { offset, len, digests: &self.digests }.encode(&mut self.outgoing);
             }

@@ -5,18 +5,18 @@
 //! and the in-flight window allow, data is written as it arrives, and every so often one flush
 //! makes everything written so far durable. Only then are those blocks cleared here and
 //! acknowledged, so the source never forgets a block that a crash of this node could still lose.
-//! The caller (the applier) does the I/O and sends the messages; this type decides.
+//! The caller (the daemon's applier, or the simulated core) does the I/O, sends the messages,
+//! and gives the time as its own clock (a `Duration` since any fixed origin); this type
+//! decides. Pure: no I/O, no clock.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::controller::Controller;
 use rdbd_protocol::repl::DigestAlg;
 
 use super::pace::ResyncConfig;
 use crate::metadata::bitmap::DirtyBitmap;
-use crate::replication::device::ReplicatedDevice;
 
 /// Largest range asked for in one request.
 pub const REQUEST_MAX: u64 = 4 << 20;
@@ -69,7 +69,6 @@ pub struct Answers {
 }
 
 pub struct ResyncTarget {
-    device: Arc<ReplicatedDevice>,
     size: u64,
     block: u64,
     /// Next bitmap block to look at.
@@ -88,7 +87,7 @@ pub struct ResyncTarget {
     /// Requests wholly written, waiting for a flush.
     written: Vec<(u64, u32)>,
     written_bytes: u64,
-    oldest_written: Option<Instant>,
+    oldest_written: Option<Duration>,
     /// What the flush in progress covers.
     flushing: Option<Vec<(u64, u32)>>,
     controller: Controller,
@@ -96,7 +95,7 @@ pub struct ResyncTarget {
     /// `None`: no limit but the window.
     budget: Option<i64>,
     window: u64,
-    last_persist: Instant,
+    last_persist: Duration,
     /// Checksum-based resync with this digest.
     csums: Option<DigestAlg>,
     /// Resync data received and written.
@@ -106,16 +105,15 @@ pub struct ResyncTarget {
 }
 
 impl ResyncTarget {
-    /// Pulls every block marked in `device`'s bitmap, paced by `pace`; with `csums`, by
-    /// checksum requests (the caller reads each range first and sends its digests).
-    pub fn new(device: Arc<ReplicatedDevice>, pace: ResyncConfig, csums: Option<DigestAlg>) -> Self {
-        let size = device.info_size();
-        let block = u64::from(device.bitmap_block());
+    /// Pulls every block marked in the bitmap of a device of `size` bytes (`block` bytes a
+    /// bit), paced by `pace`; with `csums`, by checksum requests (the caller reads each range
+    /// first and sends its digests). `now`: the caller's clock.
+    pub fn new(size: u64, block: u32, pace: ResyncConfig, csums: Option<DigestAlg>, now: Duration) -> Self {
+        let block = u64::from(block);
         let mut controller = Controller::new(pace);
         let budget = controller.step(0, 0).map(|b| b as i64);
         let window = controller.window().clamp(MIN_WINDOW, MAX_WINDOW);
         Self {
-            device,
             size,
             block,
             cursor: 0,
@@ -131,7 +129,7 @@ impl ResyncTarget {
             controller,
             budget,
             window,
-            last_persist: Instant::now(),
+            last_persist: now,
             csums,
             bytes: 0,
             same_bytes: 0,
@@ -141,10 +139,6 @@ impl ResyncTarget {
     /// The digest of checksum-based requests, if this resync uses them.
     pub fn csums(&self) -> Option<DigestAlg> {
         self.csums
-    }
-
-    pub fn device(&self) -> &Arc<ReplicatedDevice> {
-        &self.device
     }
 
     /// Nothing requested, being written or waiting for durability.
@@ -169,8 +163,9 @@ impl ResyncTarget {
         self.budget = allow.map(|allow| self.budget.unwrap_or(0).min(0) + allow as i64);
     }
 
-    /// The next range to request, if the budget and the window allow and a dirty block is left.
-    pub fn next_request(&mut self) -> Option<(u64, u32)> {
+    /// The next range to request, if the budget and the window allow and a block `bitmap`
+    /// marks is left.
+    pub fn next_request(&mut self, bitmap: &DirtyBitmap) -> Option<(u64, u32)> {
         if self.scanned
             || self.budget.is_some_and(|b| b <= 0)
             || self.unwritten >= self.window
@@ -179,7 +174,7 @@ impl ResyncTarget {
             return None;
         }
         let max_blocks = (REQUEST_MAX / self.block).max(1);
-        let run = self.device.with_tracking(|t| t.bitmap.runs_from(self.cursor).next());
+        let run = bitmap.runs_from(self.cursor).next();
         let Some((start, len)) = run else {
             self.scanned = true;
             return None;
@@ -233,7 +228,13 @@ impl ResyncTarget {
 
     /// ResyncInSync closed the checksum request at `offset`: what came in no ResyncData was
     /// identical.
-    pub fn in_sync(&mut self, offset: u64, len: u32, out: &mut Answers) -> Result<(), Unrequested> {
+    pub fn in_sync(
+        &mut self,
+        offset: u64,
+        len: u32,
+        now: Duration,
+        out: &mut Answers,
+    ) -> Result<(), Unrequested> {
         let unrequested = Unrequested { offset, len: u64::from(len) };
         let r = self.requests.get_mut(&offset).ok_or(unrequested)?;
         if !r.csum || r.answered || r.len != len {
@@ -244,25 +245,25 @@ impl ResyncTarget {
         self.in_flight -= u64::from(len);
         self.received += u64::from(len);
         if r.writing == 0 {
-            self.complete(offset, out);
+            self.complete(offset, now, out);
         }
         Ok(())
     }
 
     /// A write of the request at `offset` completed (`Err(errno)`: failed).
-    pub fn written(&mut self, offset: u64, result: Result<(), u32>, out: &mut Answers) {
+    pub fn written(&mut self, offset: u64, result: Result<(), u32>, now: Duration, out: &mut Answers) {
         let Some(r) = self.requests.get_mut(&offset) else { return };
         r.writing -= 1;
         if let Err(errno) = result {
             r.failed.get_or_insert(errno);
         }
         if r.answered && r.writing == 0 {
-            self.complete(offset, out);
+            self.complete(offset, now, out);
         }
     }
 
     /// Every part of the request at `offset` arrived and is written: it waits for a flush.
-    fn complete(&mut self, offset: u64, out: &mut Answers) {
+    fn complete(&mut self, offset: u64, now: Duration, out: &mut Answers) {
         let r = self.requests.remove(&offset).expect("completing an outstanding request");
         self.unwritten -= u64::from(r.len);
         match r.failed {
@@ -270,19 +271,19 @@ impl ResyncTarget {
             None => {
                 self.written.push((offset, r.len));
                 self.written_bytes += u64::from(r.len);
-                self.oldest_written.get_or_insert_with(Instant::now);
+                self.oldest_written.get_or_insert(now);
             }
         }
     }
 
     /// Whether a flush should start now.
-    pub fn flush_due(&self, now: Instant) -> bool {
+    pub fn flush_due(&self, now: Duration) -> bool {
         if self.flushing.is_some() || self.written.is_empty() {
             return false;
         }
         self.written_bytes >= FLUSH_BYTES
             || self.requests.is_empty()
-            || self.oldest_written.is_some_and(|t| now.duration_since(t) >= FLUSH_AGE)
+            || self.oldest_written.is_some_and(|t| now.saturating_sub(t) >= FLUSH_AGE)
     }
 
     /// The caller starts a flush: it covers everything written so far.
@@ -292,18 +293,16 @@ impl ResyncTarget {
         self.oldest_written = None;
     }
 
-    /// The flush finished: clears the blocks it made durable and acknowledges them (or, if it
-    /// failed, reports them failed).
-    pub fn flush_done(&mut self, result: Result<(), u32>, out: &mut Answers) {
+    /// The flush finished: clears the blocks it made durable in `bitmap` (`block` bytes a bit)
+    /// and acknowledges them (or, if it failed, reports them failed).
+    pub fn flush_done(&mut self, result: Result<(), u32>, bitmap: &mut DirtyBitmap, out: &mut Answers) {
         let Some(mut done) = self.flushing.take() else { return };
         match result {
             Ok(()) => {
-                let block = self.device.bitmap_block();
-                self.device.with_tracking(|t| {
-                    for &(offset, len) in &done {
-                        t.bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
-                    }
-                });
+                let block = self.block as u32;
+                for &(offset, len) in &done {
+                    bitmap.clear(DirtyBitmap::blocks_of(offset, u64::from(len), block));
+                }
                 done.sort_unstable();
                 out.acks.extend(merge_adjacent(&done));
             }
@@ -312,8 +311,8 @@ impl ResyncTarget {
     }
 
     /// Whether the cleared bits should be written to the metadata now (and marks them so).
-    pub fn persist_due(&mut self, now: Instant) -> bool {
-        if now.duration_since(self.last_persist) < PERSIST_INTERVAL {
+    pub fn persist_due(&mut self, now: Duration) -> bool {
+        if now.saturating_sub(self.last_persist) < PERSIST_INTERVAL {
             return false;
         }
         self.last_persist = now;
@@ -338,22 +337,22 @@ fn merge_adjacent(ranges: &[(u64, u32)]) -> Vec<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::device::Tracking;
-    use crate::storage::{BlockDevice, FileDevice, OpenOptions};
 
     const MIB: u64 = 1 << 20;
 
-    /// A device of `size` bytes whose bitmap has the runs `dirty` (first block, blocks) set.
-    fn device(size: u64, dirty: &[(u64, u64)]) -> (tempfile::TempDir, Arc<ReplicatedDevice>) {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = OpenOptions { size: Some(size), ..Default::default() };
-        let local: Arc<dyn BlockDevice> =
-            Arc::new(FileDevice::open_file(&dir.path().join("d"), &opts).unwrap());
+    const T0: Duration = Duration::ZERO;
+
+    /// A bitmap of a device of `size` bytes with the runs `dirty` (first block, blocks) set.
+    fn bitmap(size: u64, dirty: &[(u64, u64)]) -> DirtyBitmap {
         let mut bitmap = DirtyBitmap::new(size / 4096);
         for &(start, len) in dirty {
             bitmap.set(start..start + len);
         }
-        (dir, ReplicatedDevice::new(local, Tracking { bitmap, activity: None }, 4096))
+        bitmap
+    }
+
+    fn target(bitmap: &DirtyBitmap, pace: ResyncConfig, csums: Option<DigestAlg>) -> ResyncTarget {
+        ResyncTarget::new(bitmap.blocks() * 4096, 4096, pace, csums, T0)
     }
 
     /// [`REQUEST_MAX`] in bytes and in 4 KiB blocks.
@@ -365,10 +364,10 @@ mod tests {
         // Blocks 0..10, a run of 2.5 requests from block 300, and the last block.
         let size = 64 * MIB;
         let last = size / 4096 - 1;
-        let (_d, dev) = device(size, &[(0, 10), (300, 2 * RB + RB / 2), (last, 1)]);
-        let mut t = ResyncTarget::new(dev, ResyncConfig::default(), None);
+        let dev = bitmap(size, &[(0, 10), (300, 2 * RB + RB / 2), (last, 1)]);
+        let mut t = target(&dev, ResyncConfig::default(), None);
         let mut got = Vec::new();
-        while let Some(r) = t.next_request() {
+        while let Some(r) = t.next_request(&dev) {
             got.push(r);
         }
         assert_eq!(
@@ -381,107 +380,107 @@ mod tests {
                 (last * 4096, 4096)
             ]
         );
-        assert!(t.next_request().is_none());
+        assert!(t.next_request(&dev).is_none());
     }
 
     #[test]
     fn blocks_are_acknowledged_only_after_the_flush_that_made_them_durable() {
-        let (_d, dev) = device(4 * R, &[(0, 2 * RB)]);
-        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
-        let (a, b) = (t.next_request().unwrap(), t.next_request().unwrap());
+        let mut dev = bitmap(4 * R, &[(0, 2 * RB)]);
+        let mut t = target(&dev, ResyncConfig::default(), None);
+        let (a, b) = (t.next_request(&dev).unwrap(), t.next_request(&dev).unwrap());
         assert_eq!((a, b), ((0, R as u32), (R, R as u32)));
         let mut out = Answers::default();
         assert_eq!(t.data(R, 4096), Err(Unrequested { offset: R, len: 4096 }), "wrong length");
         assert!(t.data(3 * R, R as usize).is_err(), "never requested");
         t.data(0, R as usize).unwrap();
         assert!(t.data(0, R as usize).is_err(), "answered twice");
-        t.written(0, Ok(()), &mut out);
-        assert!(!t.flush_due(Instant::now()), "young, small, and another request is outstanding");
-        assert!(t.flush_due(Instant::now() + FLUSH_AGE));
+        t.written(0, Ok(()), T0, &mut out);
+        assert!(!t.flush_due(T0), "young, small, and another request is outstanding");
+        assert!(t.flush_due(FLUSH_AGE));
         t.data(R, R as usize).unwrap();
-        t.written(R, Ok(()), &mut out);
-        assert!(t.flush_due(Instant::now()), "nothing else outstanding");
+        t.written(R, Ok(()), T0, &mut out);
+        assert!(t.flush_due(T0), "nothing else outstanding");
         t.flush_started();
-        assert_eq!(dev.out_of_sync_blocks(), 2 * RB, "nothing cleared before the flush completes");
+        assert_eq!(dev.dirty_blocks(), 2 * RB, "nothing cleared before the flush completes");
         assert_eq!(out, Answers::default());
-        t.flush_done(Ok(()), &mut out);
+        t.flush_done(Ok(()), &mut dev, &mut out);
         assert_eq!(out.acks, vec![(0, 2 * R as u32)], "adjacent requests merged into one ack");
-        assert_eq!(dev.out_of_sync_blocks(), 0);
+        assert_eq!(dev.dirty_blocks(), 0);
         assert!(t.idle());
         assert_eq!(t.bytes, 2 * R);
     }
 
     #[test]
     fn a_failed_write_or_flush_is_reported_and_leaves_the_blocks_dirty() {
-        let (_d, dev) = device(4 * R, &[(0, 3 * RB)]);
-        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), None);
+        let mut dev = bitmap(4 * R, &[(0, 3 * RB)]);
+        let mut t = target(&dev, ResyncConfig::default(), None);
         let mut out = Answers::default();
-        while t.next_request().is_some() {}
+        while t.next_request(&dev).is_some() {}
         t.data(0, R as usize).unwrap();
-        t.written(0, Err(5), &mut out);
+        t.written(0, Err(5), T0, &mut out);
         assert_eq!(out.failed, vec![(0, R as u32, 5)]);
         for at in [R, 2 * R] {
             t.data(at, R as usize).unwrap();
-            t.written(at, Ok(()), &mut out);
+            t.written(at, Ok(()), T0, &mut out);
         }
         t.flush_started();
-        t.flush_done(Err(28), &mut out);
+        t.flush_done(Err(28), &mut dev, &mut out);
         assert_eq!(out.failed[1..], [(R, R as u32, 28), (2 * R, R as u32, 28)]);
         assert!(out.acks.is_empty());
-        assert_eq!(dev.out_of_sync_blocks(), 3 * RB);
+        assert_eq!(dev.dirty_blocks(), 3 * RB);
     }
 
     #[test]
     fn the_window_counts_data_until_it_is_written_and_the_budget_bounds_each_step() {
-        let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
+        let dev = bitmap(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_fill_target: 4 * R, ..ResyncConfig::default() };
-        let mut t = ResyncTarget::new(dev, pace, None);
+        let mut t = target(&dev, pace, None);
         let mut out = Answers::default();
         let mut n = 0;
-        while t.next_request().is_some() {
+        while t.next_request(&dev).is_some() {
             n += 1;
         }
         assert_eq!(n, 4, "the window is the fill target");
         t.data(0, R as usize).unwrap();
-        assert!(t.next_request().is_none(), "arrived but not written: still in the window");
-        t.written(0, Ok(()), &mut out);
-        assert!(t.next_request().is_some(), "written: one more at once");
-        assert!(t.next_request().is_none());
+        assert!(t.next_request(&dev).is_none(), "arrived but not written: still in the window");
+        t.written(0, Ok(()), T0, &mut out);
+        assert!(t.next_request(&dev).is_some(), "written: one more at once");
+        assert!(t.next_request(&dev).is_none());
         // With a rate cap, the budget bounds each step too.
-        let (_d, dev) = device(512 * MIB, &[(0, 512 * MIB / 4096)]);
+        let dev = bitmap(512 * MIB, &[(0, 512 * MIB / 4096)]);
         let pace = ResyncConfig { c_max_rate: 20 * R, ..ResyncConfig::default() };
-        let mut t = ResyncTarget::new(dev, pace, None);
+        let mut t = target(&dev, pace, None);
         let mut n = 0;
-        while t.next_request().is_some() {
+        while t.next_request(&dev).is_some() {
             n += 1;
         }
         assert_eq!(n, 2, "20 requests per second is 2 per step");
         t.step();
-        assert_eq!((t.next_request().is_some(), t.next_request().is_some()), (true, true));
-        assert!(t.next_request().is_none());
+        assert_eq!((t.next_request(&dev).is_some(), t.next_request(&dev).is_some()), (true, true));
+        assert!(t.next_request(&dev).is_none());
     }
 
     #[test]
     fn a_checksum_request_takes_partial_data_in_order_and_closes_with_in_sync() {
-        let (_d, dev) = device(4 * MIB, &[(0, 256)]);
-        let mut t = ResyncTarget::new(dev.clone(), ResyncConfig::default(), Some(DigestAlg::Crc32c));
+        let mut dev = bitmap(4 * MIB, &[(0, 256)]);
+        let mut t = target(&dev, ResyncConfig::default(), Some(DigestAlg::Crc32c));
         let mut out = Answers::default();
-        assert_eq!(t.next_request(), Some((0, MIB as u32)));
+        assert_eq!(t.next_request(&dev), Some((0, MIB as u32)));
         assert_eq!(t.data(8192, 4096), Ok(0), "a differing block inside the request");
         assert!(t.data(4096, 4096).is_err(), "not before what came already");
         assert!(t.data(MIB - 4096, 8192).is_err(), "not past the request");
         assert_eq!(t.data(65536, 8192), Ok(0));
-        t.written(0, Ok(()), &mut out);
-        assert!(t.in_sync(0, 4096, &mut out).is_err(), "the whole request or nothing");
-        t.in_sync(0, MIB as u32, &mut out).unwrap();
-        assert!(!t.flush_due(Instant::now() + FLUSH_AGE), "one write is still running");
-        t.written(0, Ok(()), &mut out);
-        assert!(t.flush_due(Instant::now()));
+        t.written(0, Ok(()), T0, &mut out);
+        assert!(t.in_sync(0, 4096, T0, &mut out).is_err(), "the whole request or nothing");
+        t.in_sync(0, MIB as u32, T0, &mut out).unwrap();
+        assert!(!t.flush_due(FLUSH_AGE), "one write is still running");
+        t.written(0, Ok(()), T0, &mut out);
+        assert!(t.flush_due(T0));
         t.flush_started();
-        t.flush_done(Ok(()), &mut out);
+        t.flush_done(Ok(()), &mut dev, &mut out);
         assert_eq!(out.acks, vec![(0, MIB as u32)], "identical blocks are acknowledged too");
         assert_eq!((t.bytes, t.same_bytes), (12288, MIB - 73728));
-        assert_eq!(dev.out_of_sync_blocks(), 0);
+        assert_eq!(dev.dirty_blocks(), 0);
     }
 
     #[test]

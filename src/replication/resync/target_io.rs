@@ -3,12 +3,32 @@
 //! durable before it is acknowledged, checksum requests, and the end of the resync. What to
 //! request and acknowledge is the pure bookkeeping of [`super::target`].
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use rdbd_protocol::repl::{block_crc32c, AckMode, Message, State};
 use tracing::{info, warn};
+
+use super::target::ResyncTarget;
+use crate::replication::device::ReplicatedDevice;
 
 use crate::replication::apply::{errno_of, Applier, ApplyError, Kind, Received};
 use crate::replication::disk_health::DiskOp;
 use crate::storage::{IoError, IoOp};
+
+/// A resync this node is the target of: the pure bookkeeping, the device whose bitmap it
+/// clears, and the origin of the bookkeeping's clock.
+pub struct SyncTarget {
+    pub target: ResyncTarget,
+    pub device: Arc<ReplicatedDevice>,
+    pub origin: Instant,
+}
+
+impl SyncTarget {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
 
 impl Applier {
     /// ResyncData: written like an application write (ordered against overlapping ones), and
@@ -19,7 +39,7 @@ impl Applier {
         data: &[u8],
         crc32c: u32,
     ) -> Result<(), ApplyError> {
-        let Some(target) = self.resync.as_mut() else {
+        let Some(SyncTarget { target, .. }) = self.resync.as_mut() else {
             return Err(ApplyError::Unexpected(rdbd_protocol::repl::kind::RESYNC_DATA));
         };
         let len = data.len();
@@ -39,20 +59,21 @@ impl Applier {
 
     /// ResyncInSync: the source found the range identical (checksum resync).
     pub(in crate::replication) fn resync_in_sync(&mut self, offset: u64, len: u32) -> Result<(), ApplyError> {
-        let Some(target) = self.resync.as_mut() else {
+        let Some(sync) = self.resync.as_mut() else {
             return Err(ApplyError::Unexpected(rdbd_protocol::repl::kind::RESYNC_IN_SYNC));
         };
-        target.in_sync(offset, len, &mut self.answers)?;
+        let now = sync.now();
+        sync.target.in_sync(offset, len, now, &mut self.answers)?;
         Ok(())
     }
 
     /// The source's final State: valid only once every requested block is written and acked.
     pub(in crate::replication) fn resync_end(&mut self, state: &State) -> Result<(), ApplyError> {
-        let Some(target) = &self.resync else {
+        let Some(sync) = &self.resync else {
             return Err(ApplyError::Unexpected(Message::State(*state).kind()));
         };
-        let remaining = target.device().out_of_sync_blocks();
-        if !target.idle() || remaining > 0 {
+        let remaining = sync.device.out_of_sync_blocks();
+        if !sync.target.idle() || remaining > 0 {
             return Err(ApplyError::ResyncFinish(format!(
                 "the source finished while {remaining} blocks were still out of sync here"
             )));
@@ -68,8 +89,9 @@ impl Applier {
     /// Requests what the controller allows, starts a flush when one is due, and sends the
     /// acknowledgements the bookkeeping decided.
     pub(in crate::replication) fn pump_resync(&mut self) {
-        let Some(target) = self.resync.as_mut() else { return };
-        while let Some((offset, len)) = target.next_request() {
+        let Some(SyncTarget { target, device, origin }) = self.resync.as_mut() else { return };
+        let now = origin.elapsed();
+        while let Some((offset, len)) = device.with_tracking(|t| target.next_request(&t.bitmap)) {
             if target.csums().is_none() {
                 Message::ResyncRequest { offset, len }.encode(&mut self.outgoing);
                 continue;
@@ -83,14 +105,13 @@ impl Applier {
                 Received::new(offset, AckMode::None, range, IoOp::Read { offset, buf }, Kind::CsumRead);
             self.order.push(Kind::CsumRead.order(range), read);
         }
-        let now = std::time::Instant::now();
         let flush = target.flush_due(now);
         if flush {
             target.flush_started();
         }
         if target.persist_due(now) {
             // Cleared bits reach the metadata, so an interrupted resync resumes from here.
-            if let Err(e) = target.device().write_stale_bitmap_pages(false) {
+            if let Err(e) = device.write_stale_bitmap_pages(false) {
                 warn!("cannot record the resync's progress in the metadata: {e}");
             }
         }
@@ -117,8 +138,9 @@ impl Applier {
             self.stats.failed += 1;
             self.disk_failed(DiskOp::Write, Some(offset), e);
         }
-        let Some(target) = self.resync.as_mut() else { return };
-        target.written(request, result.map_err(errno_of), &mut self.answers);
+        let Some(sync) = self.resync.as_mut() else { return };
+        let now = sync.now();
+        sync.target.written(request, result.map_err(errno_of), now, &mut self.answers);
     }
 
     /// The flush made the written resync data durable: the bookkeeping clears and acknowledges
@@ -127,7 +149,8 @@ impl Applier {
         if let Err(e) = result {
             self.disk_failed(DiskOp::Flush, None, e);
         }
-        let Some(target) = self.resync.as_mut() else { return };
-        target.flush_done(result.map_err(errno_of), &mut self.answers);
+        let Some(SyncTarget { target, device, .. }) = self.resync.as_mut() else { return };
+        device
+            .with_tracking(|t| target.flush_done(result.map_err(errno_of), &mut t.bitmap, &mut self.answers));
     }
 }
