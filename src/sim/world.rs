@@ -441,8 +441,9 @@ impl World {
             }
             Event::Tick { node, incarnation } => {
                 if self.nodes[node].incarnation == incarnation {
+                    let now = std::time::Duration::from_micros(self.now);
                     if let Some(core) = self.core(node) {
-                        core.handle_tick();
+                        core.handle_tick(now);
                         self.drain(node);
                     }
                     let next = self.rng.u64(200 * MS..300 * MS);

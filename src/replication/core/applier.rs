@@ -4,10 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::metadata::bitmap::DirtyBitmap;
-
 use super::apply_order::{ApplyOrder, Order};
-use super::bugs::Bug;
 use super::io::{Effect, PeerMessage};
 use super::ledger::{Answer, Range};
 use super::node::{IoPurpose, NodeCore};
@@ -23,9 +20,11 @@ enum Running {
     Flush {
         seq: u64,
     },
+    /// Resync data for request `key` of the target's resync `id` (acknowledged once a later
+    /// flush of the target's covers it).
     Resync {
-        range: Range,
-        flushing: bool,
+        id: u64,
+        key: u64,
     },
     /// A verify's read (either side's); what it compares is in `verifying`.
     Verify,
@@ -78,6 +77,10 @@ impl<P> Applier<P> {
         self.target_ready_at = Some(image);
     }
 
+    pub(super) fn ready_at(&self) -> Option<u64> {
+        self.target_ready_at
+    }
+
     /// The connection ended: what was not started is dropped (the Primary counts it as lost),
     /// what runs finishes on the disk without an answer. Returns the ranges of dropped verify
     /// requests, whose claims the caller gives back.
@@ -128,11 +131,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn admit_arrived(&mut self) {
         while let Some(front) = self.applier.arrived.front() {
             match *front {
-                PeerMessage::ResyncData { .. }
-                    if !self.applier.target_ready_at.is_some_and(|n| self.persisted(n)) =>
-                {
-                    return;
-                }
+                PeerMessage::ResyncData { .. } if !self.target_ready() => return,
                 PeerMessage::ResyncDone { .. } => {
                     if self.applier.order.waiting() > 0 || !self.applier.running.is_empty() {
                         return;
@@ -140,6 +139,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                     let Some(PeerMessage::ResyncDone { gens }) = self.applier.arrived.pop_front() else {
                         unreachable!("matched at the front")
                     };
+                    if !self.target_done() {
+                        // As the daemon: the source may end only what this side has whole.
+                        self.effects
+                            .push_back(Effect::DropLink { reason: "resync ended with blocks missing" });
+                        return;
+                    }
                     self.finish_as_target(gens);
                     continue;
                 }
@@ -169,9 +174,14 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
             }
             PeerMessage::ResyncData { offset, len, data } => {
+                let Some((id, key)) = self.target_data(offset, len) else {
+                    self.applier.order.done(position);
+                    self.effects.push_back(Effect::DropLink { reason: "resync data nobody asked for" });
+                    return;
+                };
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Write { io, offset, len, data });
-                Running::Resync { range: (offset, offset + len), flushing: false }
+                Running::Resync { id, key }
             }
             PeerMessage::Flush { seq } => {
                 let io = self.start_io(IoPurpose::Apply(position));
@@ -220,23 +230,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                     self.send(PeerMessage::Ack { seq, answer });
                 }
             }
-            Running::Resync { range, flushing: false }
-                if ok && !self.cfg.bugs.has(Bug::AckResyncBeforeFlush) =>
-            {
-                self.flush_for(position, connection, Running::Resync { range, flushing: true });
-            }
+
             // Verify reads complete through `verify_applied`.
             Running::Verify => {}
-            Running::Resync { range: (start, end), .. } => {
-                if ok {
-                    self.bitmap.clear(DirtyBitmap::blocks_of(start, end - start, self.cfg.bitmap_block));
-                    if current {
-                        self.send(PeerMessage::ResyncAck { offset: start, len: end - start });
-                    }
-                }
-            }
+            Running::Resync { id, key } => self.target_written(id, key, ok),
         }
-        // A FUA write or resync data being flushed holds its range until the flush is done.
+        // A FUA write being flushed holds its range until the flush is done.
         if !self.applier.running.contains_key(&position) {
             self.applier.order.done(position);
         }

@@ -22,7 +22,8 @@ pub enum Bug {
     ReleaseExtentBeforeLocalWrite,
     /// A client TRIM is carried out locally and answered, but never sent to the peer.
     TrimNotReplicated,
-    /// The source of an `invalidate`'s full sync resyncs only the blocks it had marked.
+    /// An `invalidate`'s full sync covers only the blocks already marked (neither side marks
+    /// every block).
     InvalidateWithoutFullSync,
     /// Online verify counts the blocks that differ but does not mark them out of sync.
     VerifySkipsMarking,
@@ -74,7 +75,7 @@ impl Bug {
                 "a write's extent leaves its count when the peer has it, the local write in flight"
             }
             Bug::TrimNotReplicated => "a TRIM is applied locally and answered but not mirrored",
-            Bug::InvalidateWithoutFullSync => "invalidate's sync source resyncs only what it had marked",
+            Bug::InvalidateWithoutFullSync => "invalidate's full sync covers only the blocks already marked",
             Bug::VerifySkipsMarking => "online verify counts differing blocks but does not mark them",
             Bug::IgnorePeerWriteError => "the peer answers a write its disk failed as written",
         }

@@ -86,12 +86,18 @@ pub enum PeerMessage<P> {
         seq: u64,
         answer: Answer,
     },
+    /// The sync target asks for the source's data of this range (it pulls, as in the daemon).
+    ResyncRequest {
+        offset: u64,
+        len: u64,
+    },
+    /// The answer to one ResyncRequest.
     ResyncData {
         offset: u64,
         len: u64,
         data: P,
     },
-    /// The target has the range durably.
+    /// The target has the range durably (adjacent requests' acks merged).
     ResyncAck {
         offset: u64,
         len: u64,

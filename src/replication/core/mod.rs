@@ -8,7 +8,8 @@
 //! - `applier`: the peer's side of replication, and the sync target.
 //! - [`apply_order`]: the order the peer's requests reach the disk in (also the daemon's
 //!   applier's).
-//! - `resync`: the sync source.
+//! - `resync`: the sync source; `target`: the sync target, on the daemon's own bookkeeping
+//!   (`resync::target::ResyncTarget`): it pulls.
 //! - `verify`: operator `invalidate` and online `verify`.
 //! - [`ledger`]: what the Primary asked of its peer and which writes are stable there (also
 //!   used by the daemon's link).
@@ -22,6 +23,7 @@ pub mod io;
 pub mod ledger;
 pub mod node;
 mod resync;
+mod target;
 mod verify;
 mod write_path;
 

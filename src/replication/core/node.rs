@@ -23,6 +23,7 @@ use super::bugs::{Bug, Bugs};
 use super::io::{ClientId, Command, Effect, Hello, IoId, PeerMessage, Persisted};
 use super::ledger::{Ledger, Range};
 use super::resync::Source;
+use super::target::Target;
 use super::verify::Verifier;
 use super::write_path::WritePath;
 
@@ -89,6 +90,8 @@ pub(super) enum IoPurpose {
     Apply(u64),
     /// The sync source's read of this range, for the resync with this number.
     ResyncRead(Range, u64),
+    /// The sync target's flush, for the resync with this number.
+    TargetFlush(u64),
     /// A verify's read of the range the applier runs at this queue position.
     VerifyRead(u64),
 }
@@ -114,6 +117,9 @@ pub struct NodeCore<P> {
     pub(super) writes: WritePath<P>,
     pub(super) applier: Applier<P>,
     pub(super) source: Option<Source>,
+    pub(super) target: Option<Target>,
+    /// The driver's clock as of its last tick (paces the sync target).
+    pub(super) now: std::time::Duration,
     /// Waiting for the source's SyncStart.
     pub(super) awaiting_sync_start: bool,
     /// Resyncs this node started as source (tells a late read of an ended one apart).
@@ -125,6 +131,10 @@ pub struct NodeCore<P> {
     pub(super) verifier: Option<Verifier>,
     /// The peer became Primary on this connection: its data is the newer from then on.
     peer_took_over: bool,
+    /// Connected, and this node's Hello not yet sent.
+    hello_due: bool,
+    /// The peer's Hello, received before this node's went out.
+    peer_hello: Option<Hello>,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -159,12 +169,16 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             writes: WritePath::default(),
             applier: Applier::default(),
             source: None,
+            target: None,
+            now: std::time::Duration::ZERO,
             awaiting_sync_start: false,
             resyncs: 0,
             invalidating: false,
             invalidated_at: None,
             verifier: None,
             peer_took_over: false,
+            hello_due: false,
+            peer_hello: None,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -285,9 +299,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     // --- inputs ---
 
-    /// Time passed (the driver calls this about once a second): idle extents leave the activity
-    /// log, writes unstable on the peer get a flush, a grant no longer needed goes back.
-    pub fn handle_tick(&mut self) {
+    /// Time passed (the driver calls this every few hundred milliseconds; `now` is its clock):
+    /// idle extents leave the activity log, writes unstable on the peer get a flush, a grant no
+    /// longer needed goes back, the sync target's pace steps.
+    pub fn handle_tick(&mut self, now: std::time::Duration) {
+        self.step_target(now);
         if self.disk == DiskState::Diskless {
             return;
         }
@@ -365,16 +381,39 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// A connection to the peer is established: the handshake starts.
     pub fn handle_link_up(&mut self) {
         self.link = Link::Handshake;
+        self.hello_due = true;
         self.peer_took_over = false;
         // A promotion asked of the witness is void: the peer is back and will be asked.
         if self.promoting == Promoting::AskedWitness {
             self.promoting = Promoting::No;
         }
-        let mut dirty = Vec::new();
-        let mut runs = self.bitmap.runs_from(0);
-        for (first, len) in runs.by_ref() {
-            dirty.push((first, first + len));
+        self.pump();
+    }
+
+    /// Sends this node's Hello once no write admitted before the link came up is still to be
+    /// dispatched (new ones wait while handshaking): the bitmap it carries then holds every
+    /// block such a write marks, as the daemon holds writes and drains them before the bitmap
+    /// exchange (seed 2140: a write dispatched after the Hello marked a block the sync target
+    /// never learned of, and the resync never ended).
+    pub(super) fn pump_hello(&mut self) {
+        if self.link != Link::Handshake {
+            return;
         }
+        if self.hello_due {
+            if !self.writes.is_drained_for_hello() {
+                return;
+            }
+            self.send_hello();
+        }
+        // The peer's Hello is taken once ours is out (the decision assumes both bitmaps known).
+        if let Some(hello) = self.peer_hello.take() {
+            self.handshake(hello);
+        }
+    }
+
+    fn send_hello(&mut self) {
+        self.hello_due = false;
+        let dirty = self.bitmap.runs_from(0).map(|(first, len)| (first, first + len)).collect();
         let hello = Hello {
             gens: self.gens,
             role: self.role,
@@ -394,6 +433,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         self.link = Link::Down;
+        self.hello_due = false;
+        self.peer_hello = None;
         let (lost, waiters) = self.ledger.fail_all();
         self.settle_peer_writes(&[], &lost);
         if self.role != Role::Primary && !lost.is_empty() && !self.peer_took_over {
@@ -411,6 +452,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.invalidating = false;
         self.verify_link_down();
         self.source = None;
+        self.target = None;
         self.awaiting_sync_start = false;
         if self.promoting == Promoting::AskedPeer {
             self.promoting = Promoting::No;
@@ -432,10 +474,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         match message {
-            PeerMessage::Hello(hello) => self.handshake(hello),
+            PeerMessage::Hello(hello) => self.peer_hello = Some(hello),
             PeerMessage::SyncStart { sync_uuid } => self.start_as_target(sync_uuid),
             PeerMessage::Ack { seq, answer } => self.peer_answered(seq, answer),
             PeerMessage::ResyncAck { offset, len } => self.resync_acked(offset, len),
+            PeerMessage::ResyncRequest { offset, len } => self.resync_requested(offset, len),
             PeerMessage::PromoteRequest => self.peer_wants_promotion(),
             PeerMessage::PromoteAnswer { granted } => self.promotion_answered(granted),
             PeerMessage::Role { role } => {
@@ -479,6 +522,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
             IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
+            IoPurpose::TargetFlush(resync) => self.target_flushed(resync, ok),
             IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),
         }
         self.pump();
@@ -495,6 +539,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         }
         self.disk = DiskState::Diskless;
         self.source = None;
+        self.target = None;
         self.awaiting_sync_start = false;
         self.invalidating = false;
         self.invalidated_at = None;
@@ -597,9 +642,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         loop {
             let before = (self.effects.len(), self.io.len(), self.persist_wanted);
             self.pump_writes();
+            self.pump_hello();
             // Before the applier: the data counts as untrusted before resync data lands.
             self.pump_invalidated();
             self.pump_applier();
+            self.pump_target();
             self.pump_source();
             self.pump_verify();
             let attached = self.disk != DiskState::Diskless;
@@ -807,6 +854,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// The peer's resync made this node's data whole: it takes the source's lineage.
     pub(super) fn finish_as_target(&mut self, source: Generations) {
         self.gens = self.gens.finish_resync_as_target(&source);
+        self.target = None;
         self.disk = DiskState::UpToDate;
         self.crashed_primary = false;
         self.awaiting_sync_start = false;
@@ -823,8 +871,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.gens = self.gens.start_resync_as_target(sync_uuid);
         self.disk = DiskState::Inconsistent;
         let image = self.persist();
-        // Resync data is written only once the disk is durably marked Inconsistent.
+        // Resync data is asked for and written only once the disk is durably marked Inconsistent.
         self.applier.target_ready_at(image);
+        self.start_target();
         self.effects.push_back(Effect::ResyncStarted { source: false });
     }
 }

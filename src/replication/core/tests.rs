@@ -413,7 +413,12 @@ fn a_late_read_of_an_ended_resync_is_not_counted() {
     p.connect();
     p.deliver(1);
     p.deliver(0);
+    // The source's rotated generations are durable: SyncStart; the target's Inconsistent mark
+    // is durable: it asks for the marked blocks, and the source reads them.
     p.complete_io(0, |e| matches!(e, Effect::Persist { .. }));
+    p.deliver(1);
+    p.complete_io(1, |e| matches!(e, Effect::Persist { .. }));
+    p.deliver(0);
     let stale: Vec<_> =
         p.io[0].iter().filter(|(_, e)| matches!(e, Effect::Read { .. })).map(|(io, _)| *io).collect();
     assert!(!stale.is_empty(), "the resync is reading");
@@ -658,4 +663,32 @@ fn a_stale_witness_answer_leaves_a_promotion_asked_of_the_peer_alone() {
     p.settle();
     assert_eq!(p.cores[1].role(), Role::Primary);
     assert_eq!(p.cores[0].link(), Link::Up { peer_role: Role::Primary, peer_disk: DiskState::UpToDate });
+}
+
+/// Seed 2140 (once the sync target pulled, as the daemon's does): a write admitted before the
+/// link came up waited for its activity-log transaction and was dispatched, unreplicated,
+/// after this node's Hello had gone out; its block was marked here, the target never learned
+/// of it and never asked for it, and the resync never ended. The Hello now waits, as the
+/// daemon drains writes before the bitmap exchange.
+#[test]
+fn the_hello_waits_for_a_write_admitted_before_the_link_came_up() {
+    let mut p = Pair::new([SYNCED; 2]);
+    p.command(0, Command::Primary);
+    p.witness(0, true);
+    p.settle();
+    // Block 9 is in an extent not yet logged: the write waits for the log's metadata write.
+    p.client(0, 1, write(9, 0xCD));
+    assert!(p.io[0].iter().any(|(_, e)| matches!(e, Effect::Persist { .. })));
+    p.connect();
+    let hello_sent = |p: &Pair| p.inbox[1].iter().any(|m| matches!(m, PeerMessage::Hello(_)));
+    assert!(!hello_sent(&p), "no Hello while a write admitted before waits to be dispatched");
+    p.complete_io(0, |e| matches!(e, Effect::Persist { .. }));
+    let Some(PeerMessage::Hello(hello)) = p.inbox[1].iter().find(|m| matches!(m, PeerMessage::Hello(_)))
+    else {
+        panic!("the Hello goes once the write is dispatched")
+    };
+    assert!(hello.dirty.iter().any(|&(s, e)| s <= 9 && 9 < e), "it carries the write's block: {hello:?}");
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established() && c.out_of_sync_blocks() == 0));
+    assert_eq!(p.disks[1].get(&9), Some(&0xCD), "resynced");
 }

@@ -75,7 +75,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         self.disk = DiskState::Inconsistent;
-        self.bitmap.set_all();
+        if !self.cfg.bugs.has(Bug::InvalidateWithoutFullSync) {
+            self.bitmap.set_all();
+        }
         self.awaiting_sync_start = true;
         // The data is untrusted once the metadata says so durably (a crash before keeps it).
         self.invalidated_at = Some(self.persist());

@@ -92,6 +92,11 @@ fn overlaps(claims: &[Range], (start, end): Range) -> bool {
 }
 
 impl<P> WritePath<P> {
+    /// No write admitted is still waiting for its activity-log transaction to be dispatched.
+    pub(super) fn is_drained_for_hello(&self) -> bool {
+        self.al_waiting.is_empty() && self.al_step.is_none()
+    }
+
     pub(super) fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.ops.is_empty() && self.al_waiting.is_empty() && self.al_step.is_none()
     }
