@@ -125,6 +125,9 @@ pub struct NodeCore<P> {
     pub(super) verifier: Option<Verifier>,
     /// The peer became Primary on this connection: its data is the newer from then on.
     peer_took_over: bool,
+    /// The current generation was started here since the last handshake: the peer never had
+    /// it, so writes without the peer need no other.
+    own_generation: bool,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -165,6 +168,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             invalidated_at: None,
             verifier: None,
             peer_took_over: false,
+            own_generation: false,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -579,11 +583,18 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.effects.push_back(Effect::AskWitness);
     }
 
-    /// A new data generation, unless the bitmap already tracks changes against an older one.
+    /// A new data generation: this data differs (or is about to) from what the peer may have.
+    /// Not again for a generation the peer never shared, but also with a bitmap identifier
+    /// left by an unfinished resync as source (DRBD skips then): the current one may be the
+    /// peer's too (it never got the SyncStart), and a peer that started a generation of its
+    /// own from it would count as newer than this node's writes (seed 879769: a Primary
+    /// refused forever as the target of its demoted peer). The bitmap identifier stays, so a
+    /// target that did get the SyncStart is still behind by the bitmap.
     fn new_generation(&mut self) {
-        if self.gens.bitmap != 0 {
+        if self.own_generation {
             return;
         }
+        self.own_generation = true;
         let random = self.random();
         self.gens = self.gens.new_current(random, self.role == Role::Primary);
         self.persist();
@@ -669,6 +680,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let outcome = go.decision.outcome;
         let pair = go.disks;
         self.link = Link::Up { peer_role: hello.role, peer_disk: pair.peer };
+        // Replicating again: the peer may adopt this generation (a resync, or equal data).
+        self.own_generation = false;
         self.grant = match self.grant {
             Grant::Refused => Grant::None,
             other => other,
