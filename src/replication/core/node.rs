@@ -323,6 +323,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             }
             Command::Invalidate => self.invalidate(),
             Command::Verify => self.start_verify(),
+            Command::Down => self.go_down(),
         }
         self.pump();
     }
@@ -722,9 +723,20 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         match self.link {
+            // The peer's role is not known yet: refused.
+            Link::Handshake if self.cfg.bugs.has(Bug::PromoteWithoutAskingPeer) => {
+                // Planted: taken for a Secondary, as its Hello is still on its way.
+                if check_promote(self.disk, Role::Secondary, true, false).is_ok() {
+                    self.become_primary(false);
+                }
+            }
             Link::Handshake => {}
             Link::Up { peer_role, .. } => {
                 if check_promote(self.disk, peer_role, true, false).is_ok() && self.is_established() {
+                    if self.cfg.bugs.has(Bug::PromoteWithoutAskingPeer) {
+                        // Planted: the last view of the peer's role decides, not the peer.
+                        return self.become_primary(false);
+                    }
                     self.promoting = Promoting::AskedPeer;
                     self.send(PeerMessage::PromoteRequest);
                 }
@@ -767,6 +779,27 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn demote(&mut self) {
         if self.role == Role::Primary && self.writes.is_idle() {
             self.set_role(Role::Secondary);
+        }
+    }
+
+    /// `down`: demoted, and leaving the peer with everything. The writes it has are made
+    /// stable there before the driver disconnects: a write it might lack would be this node's
+    /// alone at the link loss (a new generation, see `handle_link_down`), and the switchover
+    /// done by hand that follows (promote the peer, `up` here) would find a split brain instead
+    /// of a resync from the new Primary. The data generation stays: the peer has all of it.
+    fn go_down(&mut self) {
+        if self.role == Role::Primary {
+            if !self.writes.is_idle() {
+                return;
+            }
+            if self.cfg.bugs.has(Bug::DownStartsNewGeneration) && matches!(self.link, Link::Up { .. }) {
+                // Planted: as if writing without the peer from now on.
+                self.new_generation();
+            }
+            self.set_role(Role::Secondary);
+        }
+        if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
+            self.flush_peer();
         }
     }
 
@@ -832,7 +865,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         self.gens = self.gens.start_resync_as_target(sync_uuid);
-        self.disk = DiskState::Inconsistent;
+        if !self.cfg.bugs.has(Bug::SyncTargetClaimsUpToDate) {
+            self.disk = DiskState::Inconsistent;
+        }
         let image = self.persist();
         // Resync data is written only once the disk is durably marked Inconsistent.
         self.applier.target_ready_at(image);

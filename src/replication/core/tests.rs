@@ -706,3 +706,41 @@ fn a_source_of_an_unfinished_resync_promoted_alone_starts_a_new_generation() {
     assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
     assert_eq!(p.disks[0].get(&6), Some(&0xCD));
 }
+
+/// A switchover by hand: `down` on the Primary (its writes become stable on the peer first),
+/// `primary` on the peer, which is alone now, then `up`: the old Primary is the target of a
+/// resync from the new one. With `down` starting a new generation (planted), a split brain.
+#[test]
+fn a_switchover_by_hand_ends_in_a_resync_not_a_split_brain() {
+    for (bugs, split_brain) in [(Bugs::NONE, false), (Bugs::only(Bug::DownStartsNewGeneration), true)] {
+        let mut p = Pair::connected_with_primary();
+        for core in &mut p.cores {
+            core.cfg.bugs = bugs;
+        }
+        p.client(0, 1, write(5, 0xAB));
+        p.settle();
+        assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
+        p.command(0, Command::Down);
+        assert_eq!(p.cores[0].role(), Role::Secondary);
+        p.settle();
+        assert!(p.cores[0].is_quiet(), "the peer made every write stable: {}", p.cores[0].describe_work());
+        p.disconnect();
+        p.command(1, Command::Primary);
+        p.witness(1, true);
+        assert_eq!(p.cores[1].role(), Role::Primary);
+        p.client(1, 2, write(6, 0xCD));
+        p.settle();
+        // `up`: the process starts again from its metadata.
+        let image = p.images[0].clone().expect("metadata written");
+        p.cores[0] = NodeCore::restart(config(0), &image);
+        p.cores[0].cfg.bugs = bugs;
+        p.drain(0);
+        p.connect();
+        p.settle();
+        assert_eq!(!p.cores[0].wants_connection(), split_brain, "{bugs:?}");
+        if !split_brain {
+            assert!(p.cores.iter().all(|c| c.is_established()));
+            assert_eq!(p.disks[0].get(&6), Some(&0xCD));
+        }
+    }
+}
