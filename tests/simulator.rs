@@ -36,7 +36,13 @@ fn a_planted_bug_is_found() {
 /// The planted bugs of the newer features are found in the first few seeds.
 #[test]
 fn the_newer_planted_bugs_are_found() {
-    for bug in [Bug::TrimNotReplicated, Bug::InvalidateWithoutFullSync, Bug::VerifySkipsMarking] {
+    for bug in [
+        Bug::TrimNotReplicated,
+        Bug::InvalidateWithoutFullSync,
+        Bug::VerifySkipsMarking,
+        Bug::PromoteWithoutAskingPeer,
+        Bug::SyncTargetClaimsUpToDate,
+    ] {
         let options = Options { bug: Some(bug), ..Options::default() };
         let found = (0..100).find_map(|seed| run(seed, &options).violation);
         assert!(found.is_some(), "100 seeds did not find '{}'", bug.name());
