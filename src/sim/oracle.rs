@@ -154,6 +154,15 @@ impl Oracle {
 
     /// Checks a node's data (`read` gives each block's value) against every durable write.
     pub fn check_durable(&self, read: impl Fn(u64) -> u64) -> Result<(), String> {
+        self.check_at_least(&self.durable, "was made durable (an acknowledged FLUSH or FUA covered it)", read)
+    }
+
+    /// Checks a node's data against every write the current session was told is done.
+    pub fn check_acknowledged(&self, read: impl Fn(u64) -> u64) -> Result<(), String> {
+        self.check_at_least(&self.acked, "was acknowledged", read)
+    }
+
+    fn check_at_least(&self, floor: &[Index], what: &str, read: impl Fn(u64) -> u64) -> Result<(), String> {
         for b in 0..self.history.len() as u64 {
             if self.tainted[b as usize] {
                 continue;
@@ -161,10 +170,10 @@ impl Oracle {
             let value = read(b);
             match self.index_of(b, value) {
                 None => return Err(format!("block {b} holds {value:#x}, which no client wrote there")),
-                Some(i) if i < self.durable[b as usize] => {
-                    let want = self.durable[b as usize];
+                Some(i) if i < floor[b as usize] => {
+                    let want = floor[b as usize];
                     return Err(format!(
-                        "block {b} holds write #{i} ({value:#x}) but write #{want} ({:#x}) was made durable (an acknowledged FLUSH or FUA covered it)",
+                        "block {b} holds write #{i} ({value:#x}) but write #{want} ({:#x}) {what}",
                         self.history[b as usize][want as usize]
                     ));
                 }

@@ -16,6 +16,9 @@ use crate::replication::sync_decision::SyncDecision;
 
 use super::disk::{SimDisk, BLOCK};
 use super::oracle::Oracle;
+use hand::HandStep;
+
+mod hand;
 
 /// Bytes of the simulated device: four activity-log extents.
 const SIZE: u64 = 16 << 20;
@@ -111,6 +114,18 @@ enum Event {
     Switchover {
         from: usize,
         promoting: bool,
+        tries: u32,
+    },
+    /// An operator's command at a planned moment (two operators racing).
+    Operator {
+        node: usize,
+        command: Command,
+    },
+    /// A switchover by hand (`down`, `primary`, `up`) from `from` in its `incarnation`.
+    Hand {
+        from: usize,
+        incarnation: u64,
+        step: HandStep,
         tries: u32,
     },
     /// One more toggle of a flapping link.
@@ -239,6 +254,11 @@ struct World {
     handover: Option<(usize, u64, u64)>,
     /// Blocks either node had marked out of sync when the closing verify started.
     marked_before_verify: Vec<bool>,
+    /// Both operators type `primary` during the next connection's handshake.
+    race_at_connect: bool,
+    /// Per node: it may hold writes its peer lacks, or it was Primary without its peer, since
+    /// the two were last connected in sync with nothing in flight (see `check_split_brain`).
+    diverged: [bool; 2],
 }
 
 /// The healed world's last steps: converge, verify (repair what it found by a resync from
@@ -291,6 +311,7 @@ pub fn run(seed: u64, options: &Options) -> RunResult {
         w.handle(next.event);
         w.maybe_connect();
         w.check_writers();
+        w.track_divergence();
     }
     RunResult { seed, violation: w.violation, steps: w.step, trace: w.trace.unwrap_or_default() }
 }
@@ -363,6 +384,8 @@ impl World {
             verify_result: None,
             handover: None,
             marked_before_verify: Vec::new(),
+            race_at_connect: false,
+            diverged: [false; 2],
         }
     }
 
@@ -419,6 +442,14 @@ impl World {
                 }
             }
             Event::Switchover { from, promoting, tries } => self.switchover(from, promoting, tries),
+            Event::Hand { from, incarnation, step, tries } => {
+                self.hand_switchover(from, incarnation, step, tries)
+            }
+            Event::Operator { node, command } => {
+                if !self.ending {
+                    self.command(node, command);
+                }
+            }
             Event::Flap { what, remaining } => {
                 if !self.ending {
                     match what {
@@ -610,6 +641,8 @@ impl World {
                 if source {
                     self.check_up_to_date(node, "became sync source");
                     self.check_serving(node, "became sync source");
+                } else {
+                    self.check_up_to_date_claim(node);
                 }
             }
             Effect::RoleChanged(role) => {
@@ -774,6 +807,11 @@ impl World {
             }
             self.drain(node);
         }
+        if std::mem::take(&mut self.race_at_connect) && !self.ending {
+            // Within the Hellos' flight, or into the resync that follows.
+            let spread = if self.rng.bool() { MS / 2 } else { 5 * MS };
+            self.schedule_race(spread);
+        }
     }
 
     /// The connection ends; each side notices after its ping timeout (`now` for `first`).
@@ -797,6 +835,9 @@ impl World {
             if b != a.mirror() {
                 self.violate(format!("the two sides decided differently: node0 {a:?}, node1 {b:?}"));
             }
+        }
+        if matches!(outcome, SyncDecision::SplitBrain { .. }) {
+            self.check_split_brain(node);
         }
         if outcome == SyncDecision::Unrelated {
             // DRBD's rule table relates two generation sets only through a few identifiers; a
@@ -849,6 +890,14 @@ impl World {
         self.schedule(delay, Event::Restart { node });
     }
 
+    /// The process of `node` stops (the end of `down`): it starts again only at `up` (or when
+    /// the world heals).
+    fn stop(&mut self, node: usize) {
+        self.note(|| format!("operator on node{node}: the process stops"));
+        self.crash(node, false);
+        self.nodes[node].restart_pending = false;
+    }
+
     /// `rdbd detach; rdbd attach` on a node whose disk failed (and was repaired): it starts
     /// again from the metadata on that disk.
     fn attach(&mut self, node: usize) {
@@ -898,7 +947,7 @@ impl World {
     /// One random fault or operator action.
     fn chaos(&mut self) {
         let node = self.rng.usize(0..2);
-        match self.rng.u32(0..100) {
+        match self.rng.u32(0..106) {
             0..=8 => {
                 let cut = !(self.cut[0] && self.cut[1]);
                 self.cut_both(cut);
@@ -929,6 +978,8 @@ impl World {
             }
             90..=91 => self.command(node, Command::Verify),
             92..=93 => self.command(node, Command::Invalidate),
+            100..=102 => self.race_promote(),
+            103..=105 => self.start_hand_switchover(),
             _ => {
                 // Silent corruption: a block of one disk rots.
                 let block = self.rng.u64(0..SIZE / BLOCK);
@@ -1028,6 +1079,9 @@ impl World {
             }
         };
         self.note(|| format!("client → node{node}: #{id} {request:?}"));
+        if matches!(pending, Pending::Write { .. }) {
+            self.diverged[node] = true;
+        }
         self.client.pending.insert(id, pending);
         if let Some(core) = self.core(node) {
             core.handle_client(id, request);
@@ -1118,6 +1172,34 @@ impl World {
         }
     }
 
+    /// Follows which node may have data its peer lacks: one that was Primary without its peer
+    /// (it may have written, and took a generation of its own), or that was sent writes not yet
+    /// known stable on the peer. Nothing is in question once the two are connected and in sync
+    /// with nothing in flight.
+    fn track_divergence(&mut self) {
+        let established =
+            self.conn_up && self.nodes.iter().all(|n| n.core.as_ref().is_some_and(|c| c.is_established()));
+        for node in 0..2 {
+            let Some(core) = self.nodes[node].core.as_ref() else { continue };
+            if core.role() == Role::Primary && !matches!(core.link(), Link::Up { .. }) {
+                self.diverged[node] = true;
+            } else if established && core.is_quiet() && self.nodes[node].in_flight.is_empty() {
+                self.diverged[node] = false;
+            }
+        }
+    }
+
+    /// A split brain is found only where both nodes may have data the other lacks (DRBD's
+    /// definition: both were Primary without the other); a planned switchover, even done by
+    /// hand, ends in a resync.
+    fn check_split_brain(&mut self, node: usize) {
+        if let Some(clean) = (0..2).find(|&n| !self.diverged[n]) {
+            self.violate(format!(
+                "node{node} found a split brain, but node{clean} has no data of its own since the two were last in sync"
+            ));
+        }
+    }
+
     /// A FLUSH acknowledged by `node` made its writes durable on the peer too, unless `node`
     /// marked them out of sync (so a resync will give them): protocol C with flushes.
     fn check_flush_on_peer(&mut self, node: usize, mark: usize) {
@@ -1138,6 +1220,20 @@ impl World {
         let disk = self.nodes[node].core.as_ref().map(|c| c.disk());
         if disk != Some(DiskState::UpToDate) {
             self.violate(format!("node{node} {why} with its disk {disk:?}"));
+        }
+    }
+
+    /// A node that says its disk is UpToDate as it becomes a sync target holds every write the
+    /// client was told is done (else the blocks to come are missing from a disk that claims to
+    /// be a full copy, which a promotion or a later handshake would trust).
+    fn check_up_to_date_claim(&mut self, node: usize) {
+        let Some(core) = self.nodes[node].core.as_ref() else { return };
+        if core.disk() != DiskState::UpToDate {
+            return;
+        }
+        let disk = &self.nodes[node].disk;
+        if let Err(e) = self.oracle.check_acknowledged(|b| disk.read_block(b)) {
+            self.violate(format!("node{node} is UpToDate as sync target but lacks acknowledged data: {e}"));
         }
     }
 

@@ -30,10 +30,22 @@ pub enum Bug {
     /// The peer's disk fails a replicated write and the applier answers it as written (and
     /// keeps its disk): the Primary never marks the block.
     IgnorePeerWriteError,
+    /// A connected (or handshaking) Secondary promotes on its last view of the peer's role
+    /// instead of asking the peer (PromoteRequest): two nodes promoted at once both succeed.
+    PromoteWithoutAskingPeer,
+    /// A sync target stays UpToDate from the sync decision to the end of its resync instead of
+    /// being Inconsistent: a node missing blocks its peer has claims to be a full copy.
+    SyncTargetClaimsUpToDate,
+    /// The operator's `down` of a connected Primary starts a new data generation before
+    /// demoting: a switchover done by hand (down, promote the peer, up) ends in a split brain.
+    DownStartsNewGeneration,
+    /// Writes frozen without the witness's grant (a Primary that lost its peer) keep their
+    /// ranges claimed: the reconnect's resync cannot read them, and they wait for that resync.
+    FrozenWritesKeepClaims,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 14] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
@@ -44,6 +56,10 @@ impl Bug {
         Bug::InvalidateWithoutFullSync,
         Bug::VerifySkipsMarking,
         Bug::IgnorePeerWriteError,
+        Bug::PromoteWithoutAskingPeer,
+        Bug::SyncTargetClaimsUpToDate,
+        Bug::DownStartsNewGeneration,
+        Bug::FrozenWritesKeepClaims,
     ];
 
     /// The name `--inject-bug` takes.
@@ -59,6 +75,10 @@ impl Bug {
             Bug::InvalidateWithoutFullSync => "invalidate-without-full-sync",
             Bug::VerifySkipsMarking => "verify-skips-marking",
             Bug::IgnorePeerWriteError => "ignore-peer-write-error",
+            Bug::PromoteWithoutAskingPeer => "promote-without-asking-peer",
+            Bug::SyncTargetClaimsUpToDate => "sync-target-claims-up-to-date",
+            Bug::DownStartsNewGeneration => "down-starts-new-generation",
+            Bug::FrozenWritesKeepClaims => "frozen-writes-keep-claims",
         }
     }
 
@@ -78,6 +98,12 @@ impl Bug {
             Bug::InvalidateWithoutFullSync => "invalidate's full sync covers only the blocks already marked",
             Bug::VerifySkipsMarking => "online verify counts differing blocks but does not mark them",
             Bug::IgnorePeerWriteError => "the peer answers a write its disk failed as written",
+            Bug::PromoteWithoutAskingPeer => {
+                "a connected Secondary promotes on its last view of the peer, without asking it"
+            }
+            Bug::SyncTargetClaimsUpToDate => "a sync target stays UpToDate until its resync ends",
+            Bug::DownStartsNewGeneration => "down of a connected Primary starts a new generation first",
+            Bug::FrozenWritesKeepClaims => "writes frozen without the witness keep their ranges claimed",
         }
     }
 

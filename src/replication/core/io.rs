@@ -223,4 +223,8 @@ pub enum Command {
     /// Online verify on a connected pair in sync: compares every block with the peer's and
     /// marks those that differ.
     Verify,
+    /// `rdbd down`, its first part: a Primary is demoted (refused while requests are in flight)
+    /// and every write the peer has is made stable there; the driver then disconnects and stops
+    /// the process once the node is quiet.
+    Down,
 }

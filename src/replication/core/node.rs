@@ -135,6 +135,9 @@ pub struct NodeCore<P> {
     hello_due: bool,
     /// The peer's Hello, received before this node's went out.
     peer_hello: Option<Hello>,
+    /// The current generation was started here since the last handshake: the peer never had
+    /// it, so writes without the peer need no other.
+    own_generation: bool,
     pub(super) io: BTreeMap<IoId, IoPurpose>,
     next_io: IoId,
     /// Metadata images: the latest requested, the one in flight, the latest durable.
@@ -179,6 +182,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             peer_took_over: false,
             hello_due: false,
             peer_hello: None,
+            own_generation: false,
             io: BTreeMap::new(),
             next_io: 0,
             persist_wanted: 0,
@@ -335,6 +339,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             }
             Command::Invalidate => self.invalidate(),
             Command::Verify => self.start_verify(),
+            Command::Down => self.go_down(),
         }
         self.pump();
     }
@@ -626,11 +631,18 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.effects.push_back(Effect::AskWitness);
     }
 
-    /// A new data generation, unless the bitmap already tracks changes against an older one.
+    /// A new data generation: this data differs (or is about to) from what the peer may have.
+    /// Not again for a generation the peer never shared, but also with a bitmap identifier
+    /// left by an unfinished resync as source (DRBD skips then): the current one may be the
+    /// peer's too (it never got the SyncStart), and a peer that started a generation of its
+    /// own from it would count as newer than this node's writes (seed 879769: a Primary
+    /// refused forever as the target of its demoted peer). The bitmap identifier stays, so a
+    /// target that did get the SyncStart is still behind by the bitmap.
     fn new_generation(&mut self) {
-        if self.gens.bitmap != 0 {
+        if self.own_generation {
             return;
         }
+        self.own_generation = true;
         let random = self.random();
         self.gens = self.gens.new_current(random, self.role == Role::Primary);
         self.persist();
@@ -718,6 +730,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let outcome = go.decision.outcome;
         let pair = go.disks;
         self.link = Link::Up { peer_role: hello.role, peer_disk: pair.peer };
+        // Replicating again: the peer may adopt this generation (a resync, or equal data).
+        self.own_generation = false;
         self.grant = match self.grant {
             Grant::Refused => Grant::None,
             other => other,
@@ -758,9 +772,20 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         match self.link {
+            // The peer's role is not known yet: refused.
+            Link::Handshake if self.cfg.bugs.has(Bug::PromoteWithoutAskingPeer) => {
+                // Planted: taken for a Secondary, as its Hello is still on its way.
+                if check_promote(self.disk, Role::Secondary, true, false).is_ok() {
+                    self.become_primary(false);
+                }
+            }
             Link::Handshake => {}
             Link::Up { peer_role, .. } => {
                 if check_promote(self.disk, peer_role, true, false).is_ok() && self.is_established() {
+                    if self.cfg.bugs.has(Bug::PromoteWithoutAskingPeer) {
+                        // Planted: the last view of the peer's role decides, not the peer.
+                        return self.become_primary(false);
+                    }
                     self.promoting = Promoting::AskedPeer;
                     self.send(PeerMessage::PromoteRequest);
                 }
@@ -803,6 +828,27 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn demote(&mut self) {
         if self.role == Role::Primary && self.writes.is_idle() {
             self.set_role(Role::Secondary);
+        }
+    }
+
+    /// `down`: demoted, and leaving the peer with everything. The writes it has are made
+    /// stable there before the driver disconnects: a write it might lack would be this node's
+    /// alone at the link loss (a new generation, see `handle_link_down`), and the switchover
+    /// done by hand that follows (promote the peer, `up` here) would find a split brain instead
+    /// of a resync from the new Primary. The data generation stays: the peer has all of it.
+    fn go_down(&mut self) {
+        if self.role == Role::Primary {
+            if !self.writes.is_idle() {
+                return;
+            }
+            if self.cfg.bugs.has(Bug::DownStartsNewGeneration) && matches!(self.link, Link::Up { .. }) {
+                // Planted: as if writing without the peer from now on.
+                self.new_generation();
+            }
+            self.set_role(Role::Secondary);
+        }
+        if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
+            self.flush_peer();
         }
     }
 
@@ -869,7 +915,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         self.gens = self.gens.start_resync_as_target(sync_uuid);
-        self.disk = DiskState::Inconsistent;
+        if !self.cfg.bugs.has(Bug::SyncTargetClaimsUpToDate) {
+            self.disk = DiskState::Inconsistent;
+        }
         let image = self.persist();
         // Resync data is asked for and written only once the disk is durably marked Inconsistent.
         self.applier.target_ready_at(image);

@@ -692,3 +692,88 @@ fn the_hello_waits_for_a_write_admitted_before_the_link_came_up() {
     assert!(p.cores.iter().all(|c| c.is_established() && c.out_of_sync_blocks() == 0));
     assert_eq!(p.disks[1].get(&9), Some(&0xCD), "resynced");
 }
+
+/// Seed 879769: the target of an `invalidate` never got the SyncStart (a one-way cut), then
+/// took a new generation for writes of its own the peer had not made stable; the sync source,
+/// promoted alone, took none, since its bitmap identifier was set. The demoted node counted as
+/// newer than the Primary's new writes, and every reconnect was refused (a Primary never
+/// becomes target), with no split brain for the operator to resolve.
+#[test]
+fn a_source_of_an_unfinished_resync_promoted_alone_starts_a_new_generation() {
+    // With a resync behind them (a history to share).
+    let synced = Generations { history: [0x2000_0000_0000_0008, 0], ..SYNCED };
+    let mut p = Pair::new([synced; 2]);
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    p.client(0, 1, write(5, 0xAB));
+    p.settle();
+    assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
+    p.command(0, Command::Secondary);
+    p.settle();
+    p.command(0, Command::Invalidate);
+    // Node 1 grants and becomes sync source; nothing it sends reaches node 0.
+    p.deliver(1);
+    while p.complete_io(1, |_| true) {}
+    assert_ne!(p.cores[1].gens().bitmap, 0, "node 1 holds the sync identifier");
+    p.disconnect();
+    assert_ne!(p.cores[0].gens().current, synced.current, "node 0's writes are newer");
+    p.command(1, Command::Primary);
+    p.witness(1, true);
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    assert_ne!(p.cores[1].gens().current, synced.current, "writing alone: a generation of its own");
+    p.client(1, 2, write(6, 0xCD));
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+    p.connect();
+    p.settle();
+    assert!(!p.cores[0].wants_connection(), "both wrote: a split brain");
+    // The operator's recovery: the node that did not serve last discards its data.
+    p.command(0, Command::DiscardMyData);
+    p.command(0, Command::Connect);
+    p.command(1, Command::Connect);
+    p.disconnect();
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
+    assert_eq!(p.disks[0].get(&6), Some(&0xCD));
+}
+
+/// A switchover by hand: `down` on the Primary (its writes become stable on the peer first),
+/// `primary` on the peer, which is alone now, then `up`: the old Primary is the target of a
+/// resync from the new one. With `down` starting a new generation (planted), a split brain.
+#[test]
+fn a_switchover_by_hand_ends_in_a_resync_not_a_split_brain() {
+    for (bugs, split_brain) in [(Bugs::NONE, false), (Bugs::only(Bug::DownStartsNewGeneration), true)] {
+        let mut p = Pair::connected_with_primary();
+        for core in &mut p.cores {
+            core.cfg.bugs = bugs;
+        }
+        p.client(0, 1, write(5, 0xAB));
+        p.settle();
+        assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
+        p.command(0, Command::Down);
+        assert_eq!(p.cores[0].role(), Role::Secondary);
+        p.settle();
+        assert!(p.cores[0].is_quiet(), "the peer made every write stable: {}", p.cores[0].describe_work());
+        p.disconnect();
+        p.command(1, Command::Primary);
+        p.witness(1, true);
+        assert_eq!(p.cores[1].role(), Role::Primary);
+        p.client(1, 2, write(6, 0xCD));
+        p.settle();
+        // `up`: the process starts again from its metadata.
+        let image = p.images[0].clone().expect("metadata written");
+        p.cores[0] = NodeCore::restart(config(0), &image);
+        p.cores[0].cfg.bugs = bugs;
+        p.drain(0);
+        p.connect();
+        p.settle();
+        assert_eq!(!p.cores[0].wants_connection(), split_brain, "{bugs:?}");
+        if !split_brain {
+            assert!(p.cores.iter().all(|c| c.is_established()));
+            assert_eq!(p.disks[0].get(&6), Some(&0xCD));
+        }
+    }
+}

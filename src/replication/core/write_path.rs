@@ -480,8 +480,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let alone_fails = self.role != Role::Primary;
         // A write waiting only for that permission frees its range, so that a resync can read
         // it (and so make it the peer's too).
+        let frozen_keep = !alone_ok && self.cfg.bugs.has(Bug::FrozenWritesKeepClaims);
         for op in self.writes.ops.values_mut() {
             if let Kind::Write { range, .. } = op.kind {
+                if frozen_keep && op.peer == PeerPart::Missing {
+                    // Planted: a frozen write keeps its range until it is answered.
+                    continue;
+                }
                 if op.claimed && op.local.is_some() && !op.fua_flush_pending && op.peer != PeerPart::Waiting {
                     op.claimed = false;
                     release(&mut self.writes.claims, range);
