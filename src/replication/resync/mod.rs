@@ -8,7 +8,8 @@
 //! - [`controller`]: how much the target asks for per step, from those settings.
 //! - [`throttle`]: how the source yields to application I/O (`c-min-rate`).
 //! - [`target`]: the target's bookkeeping: what to request next, what arrived, what is written
-//!   and durable, and which acknowledgements that allows.
+//!   and durable, and which acknowledgements that allows. Pure; the simulated core's target
+//!   (`core/target.rs`) runs it too.
 //! - [`target_io`]: the target's I/O, carried out by the applier ([`super::apply`]), which owns
 //!   the disk queues and channels on the target.
 
