@@ -60,6 +60,12 @@ fn parse_bug(name: &str) -> Result<Bug, String> {
 }
 
 fn main() -> ExitCode {
+    // A pipe closed early (`| head`) ends the run quietly, as for any command-line filter,
+    // instead of a panic on the next print.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match Cli::parse().command {
         Verb::Bugs => {
             for bug in Bug::ALL {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::core::ledger::{Answer, Ledger, Request};
+use super::core::ledger::{ack_for, Answer, Ledger, Request};
 use super::link::framed::{FrameWriter, Framed};
 
 /// How the peer answered one request.
@@ -216,11 +216,7 @@ impl PeerLink {
         inbox: &Arc<Inbox>,
         key: usize,
     ) -> Submitted {
-        // Flushes, FUA writes and reads always wait for the peer's disk.
-        let ack = match request {
-            Request::Write { fua: false, .. } => self.protocol.ack_mode(),
-            _ => AckMode::Write,
-        };
+        let ack = ack_for(self.protocol, &request);
         let answered = ack != AckMode::None;
         let range = match request {
             Request::Write { range, .. } => Some(range),

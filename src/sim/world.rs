@@ -5,6 +5,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use rdbd_protocol::repl::Protocol;
+
 use crate::metadata::generations::Generations;
 use crate::replication::core::bugs::{Bug, Bugs};
 use crate::replication::core::io::{
@@ -213,6 +215,7 @@ struct World {
     seed: u64,
     bugs: Bugs,
     al_extents: u32,
+    protocol: Protocol,
     now: u64,
     seq: u64,
     step: u64,
@@ -278,6 +281,8 @@ enum Closing {
 /// Runs the world of `seed`.
 pub fn run(seed: u64, options: &Options) -> RunResult {
     let mut w = World::new(seed, options);
+    let (protocol, al_extents) = (w.protocol, w.al_extents);
+    w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents"));
     w.schedule(0, Event::ClientNext);
     w.schedule(0, Event::Chaos);
     for node in 0..2 {
@@ -320,6 +325,12 @@ impl World {
     fn new(seed: u64, options: &Options) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         let al_extents = rng.u32(2..=3);
+        // Mostly protocol C (the default), but the ledger's and the applier's A and B too.
+        let protocol = match rng.u32(0..10) {
+            0 | 1 => Protocol::A,
+            2 | 3 => Protocol::B,
+            _ => Protocol::C,
+        };
         let blocks = SIZE / BLOCK;
         let gens = Generations { current: 0x5EED_0000_0000_0004, bitmap: 0, history: [0, 0] };
         let bugs = options.bug.map_or(Bugs::NONE, Bugs::only);
@@ -334,7 +345,7 @@ impl World {
             failing: Default::default(),
         });
         for (n, node) in nodes.iter_mut().enumerate() {
-            let cfg = node_config(seed, n, 0, al_extents, bugs);
+            let cfg = node_config(seed, n, 0, al_extents, protocol, bugs);
             let core = NodeCore::new(cfg, gens, DiskState::UpToDate);
             node.disk.meta = Some(Persisted {
                 gens,
@@ -350,6 +361,7 @@ impl World {
             seed,
             bugs,
             al_extents,
+            protocol,
             now: 0,
             seq: 0,
             step: 0,
@@ -926,7 +938,7 @@ impl World {
         }
         let n = &mut self.nodes[node];
         n.restart_pending = false;
-        let cfg = node_config(self.seed, node, n.incarnation, self.al_extents, self.bugs);
+        let cfg = node_config(self.seed, node, n.incarnation, self.al_extents, self.protocol, self.bugs);
         let image = n.disk.meta.clone().expect("every node has metadata");
         n.core = Some(NodeCore::restart(cfg, &image));
         let incarnation = n.incarnation;
@@ -1381,12 +1393,20 @@ impl World {
     }
 }
 
-fn node_config(seed: u64, node: usize, incarnation: u64, al_extents: u32, bugs: Bugs) -> CoreConfig {
+fn node_config(
+    seed: u64,
+    node: usize,
+    incarnation: u64,
+    al_extents: u32,
+    protocol: Protocol,
+    bugs: Bugs,
+) -> CoreConfig {
     CoreConfig {
         node_id: node as u32,
         size: SIZE,
         bitmap_block: BLOCK as u32,
         al_extents,
+        protocol,
         seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((node as u64) << 32 | incarnation),
         bugs,
     }

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use rdbd_protocol::repl::AckMode;
+
 use super::apply_order::{ApplyOrder, Order};
 use super::io::{Effect, PeerMessage};
 use super::ledger::{Answer, Range};
@@ -15,6 +17,7 @@ enum Running {
         range: Range,
         seq: u64,
         fua: bool,
+        ack: AckMode,
         flushing: bool,
     },
     Flush {
@@ -101,6 +104,16 @@ impl<P> Applier<P> {
     pub(super) fn overlaps_running(&self, range: Range) -> bool {
         self.order.overlaps_running(range)
     }
+
+    /// Whether a write received from the peer and not yet done (received, waiting or running)
+    /// overlaps `range`.
+    pub(super) fn overlaps_unfinished(&self, (start, end): Range) -> bool {
+        self.order.overlaps_unfinished((start, end))
+            || self.arrived.iter().any(|m| match order_of(m) {
+                Order::Range(s, e) => s < end && start < e,
+                _ => false,
+            })
+    }
 }
 
 /// How a request from the peer is ordered on this disk.
@@ -163,15 +176,15 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn start_applying(&mut self, position: u64, message: PeerMessage<P>) {
         let connection = self.applier.connection;
         let running = match message {
-            PeerMessage::Write { seq, offset, len, data, fua } => {
+            PeerMessage::Write { seq, offset, len, data, fua, ack } => {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Write { io, offset, len, data });
-                Running::Write { range: (offset, offset + len), seq, fua, flushing: false }
+                Running::Write { range: (offset, offset + len), seq, fua, ack, flushing: false }
             }
-            PeerMessage::Trim { seq, offset, len } => {
+            PeerMessage::Trim { seq, offset, len, ack } => {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Discard { io, offset, len });
-                Running::Write { range: (offset, offset + len), seq, fua: false, flushing: false }
+                Running::Write { range: (offset, offset + len), seq, fua: false, ack, flushing: false }
             }
             PeerMessage::ResyncData { offset, len, data } => {
                 let Some((id, key)) = self.target_data(offset, len) else {
@@ -212,15 +225,17 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let current = connection == self.applier.connection;
         let answer = if ok { Answer::Written } else { Answer::Failed };
         match running {
-            Running::Write { range, seq, fua: true, flushing: false } if ok => {
+            Running::Write { range, seq, fua: true, ack, flushing: false } if ok => {
                 self.flush_for(
                     position,
                     connection,
-                    Running::Write { range, seq, fua: true, flushing: true },
+                    Running::Write { range, seq, fua: true, ack, flushing: true },
                 );
             }
-            Running::Write { seq, .. } => {
-                if current {
+            // As the daemon: the disk's answer only where the protocol asks for it, a failure
+            // always.
+            Running::Write { seq, ack, .. } => {
+                if current && (ack == AckMode::Write || !ok) {
                     self.send(PeerMessage::Ack { seq, answer });
                 }
             }

@@ -99,6 +99,16 @@ impl<T> ApplyOrder<T> {
         self.running.values().any(|&r| overlaps(r, range))
     }
 
+    /// Whether a ranged request not yet done overlaps `range`, running or still waiting: what
+    /// a read of this node's own (a sync source's) must let land first.
+    pub fn overlaps_unfinished(&self, range: (u64, u64)) -> bool {
+        self.overlaps_running(range)
+            || self
+                .waiting
+                .iter()
+                .any(|&(_, order, _)| matches!(order, Order::Range(s, e) if overlaps((s, e), range)))
+    }
+
     /// Nothing waits and nothing ranged runs.
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.open.is_empty()

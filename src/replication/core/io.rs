@@ -2,6 +2,8 @@
 //! completions and operator commands in; sends, disk and metadata I/O, replies and witness
 //! requests out. `P` is the data a write carries; the core never looks inside it.
 
+use rdbd_protocol::repl::AckMode;
+
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::generations::Generations;
 use crate::replication::states::{DiskState, Role};
@@ -66,18 +68,22 @@ pub enum PeerMessage<P> {
     SyncStart {
         sync_uuid: u64,
     },
+    /// A client's write, mirrored; `ack`: the answer the protocol asks (none, on receipt, on
+    /// the disk).
     Write {
         seq: u64,
         offset: u64,
         len: u64,
         data: P,
         fua: bool,
+        ack: AckMode,
     },
     /// A client's TRIM, mirrored: answered like a write.
     Trim {
         seq: u64,
         offset: u64,
         len: u64,
+        ack: AckMode,
     },
     Flush {
         seq: u64,

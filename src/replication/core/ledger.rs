@@ -11,6 +11,8 @@
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
+use rdbd_protocol::repl::{AckMode, Protocol};
+
 use super::bugs::{Bug, Bugs};
 
 /// A byte range `[start, end)`.
@@ -37,6 +39,16 @@ pub enum Answer {
     Flushed,
     /// NegAck: the peer could not do it.
     Failed,
+}
+
+/// The answer a request asks of the peer under `protocol`: flushes, FUA writes and reads always
+/// wait for the peer's disk; other writes as the protocol says (A: none, B: on receipt, C: on
+/// its disk).
+pub fn ack_for(protocol: Protocol, request: &Request) -> AckMode {
+    match request {
+        Request::Write { fua: false, .. } => protocol.ack_mode(),
+        _ => AckMode::Write,
+    }
 }
 
 /// What one answer settled.

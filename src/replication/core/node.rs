@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use rdbd_protocol::repl::{AckMode, Protocol};
+
 use crate::metadata::activity_log::{extents_of, ActivityLog, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::generations::Generations;
@@ -36,6 +38,8 @@ pub struct CoreConfig {
     /// Bytes one bitmap bit covers.
     pub bitmap_block: u32,
     pub al_extents: u32,
+    /// When a replicated write is done for the client (DRBD's protocol A, B or C).
+    pub protocol: Protocol,
     /// Seeds the generation identifiers this node makes.
     pub seed: u64,
     /// Bugs planted for the simulator; [`Bugs::NONE`] elsewhere.
@@ -494,6 +498,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             }
             PeerMessage::InvalidateRequest => self.peer_invalidates(),
             PeerMessage::InvalidateAnswer { granted } => self.invalidate_answered(granted),
+            // Protocol B: answered on receipt (a failure later still sends its NegAck).
+            m @ (PeerMessage::Write { seq, ack: AckMode::Recv, .. }
+            | PeerMessage::Trim { seq, ack: AckMode::Recv, .. }) => {
+                self.send(PeerMessage::Ack { seq, answer: super::ledger::Answer::Written });
+                self.applier.receive(m);
+            }
             m @ (PeerMessage::Write { .. }
             | PeerMessage::Trim { .. }
             | PeerMessage::VerifyRequest { .. }

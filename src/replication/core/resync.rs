@@ -54,7 +54,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 }
                 return;
             };
-            if source.reading >= WINDOW || !self.writes.claim(range) {
+            // The peer's writes received before reach this disk first (seed 7999: a Secondary
+            // that became source of an `invalidate` read a range its applier was still writing,
+            // under protocol B, and the target got the older data).
+            if source.reading >= WINDOW
+                || self.applier.overlaps_unfinished(range)
+                || !self.writes.claim(range)
+            {
                 return;
             }
             let source = self.source.as_mut().expect("checked");

@@ -39,6 +39,7 @@ fn config(node: u32) -> CoreConfig {
         size: SIZE,
         bitmap_block: BLOCK as u32,
         al_extents: 3,
+        protocol: rdbd_protocol::repl::Protocol::C,
         seed: node.into(),
         bugs: Bugs::NONE,
     }
@@ -776,4 +777,45 @@ fn a_switchover_by_hand_ends_in_a_resync_not_a_split_brain() {
             assert_eq!(p.disks[0].get(&6), Some(&0xCD));
         }
     }
+}
+
+/// Seed 7999 (protocol B): a Secondary whose applier was still writing a block of its former
+/// Primary became the source of that node's `invalidate` and read the block before the write
+/// landed; the target took the older data as the source's. A source's read now waits for the
+/// peer's writes received before it.
+#[test]
+fn a_sync_source_reads_a_range_only_after_the_peers_writes_to_it_landed() {
+    let mut p = Pair::new([SYNCED; 2]);
+    for (n, core) in p.cores.iter_mut().enumerate() {
+        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
+        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+    }
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    // Protocol A: done once written here and handed to the link; node 1's write stays in flight.
+    p.client(0, 1, write(5, 0xAB));
+    while p.complete_io(0, |_| true) | p.deliver(0) {}
+    p.deliver(1);
+    assert!(p.io[1].iter().any(|(_, e)| matches!(e, Effect::Write { .. })));
+    assert_eq!(p.reply(1), Some(&Reply::Done));
+    p.command(0, Command::Secondary);
+    p.command(0, Command::Invalidate);
+    // Everything but node 1's data write goes on: node 1 agrees, becomes source, node 0 asks.
+    let is_data_write = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
+    for _ in 0..20 {
+        p.deliver(1);
+        p.deliver(0);
+        p.complete_io(0, |_| true);
+        p.complete_io(1, |e| !is_data_write(e));
+    }
+    assert!(p.cores[0].is_out_of_sync(5), "block 5 is not resynced while node 1 still writes it");
+    let reads_block_5 = |p: &Pair| {
+        p.io[1].iter().any(|(_, e)| matches!(e, Effect::Read { offset, len, .. } if *offset <= 5 * BLOCK && 5 * BLOCK < offset + len))
+    };
+    assert!(!reads_block_5(&p), "no resync read of block 5 while the peer's write to it is in flight");
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established() && c.out_of_sync_blocks() == 0));
+    assert_eq!(p.disks[0].get(&5), Some(&0xAB), "the target has the write");
 }

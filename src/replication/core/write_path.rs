@@ -7,13 +7,15 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use rdbd_protocol::repl::AckMode;
+
 use crate::metadata::activity_log::{extents_of, Begin, Transaction};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::replication::states::{DiskState, Role};
 
 use super::bugs::Bug;
 use super::io::{ClientId, ClientRequest, Effect, PeerMessage, Reply};
-use super::ledger::{Answer, Range, Request};
+use super::ledger::{ack_for, Answer, Range, Request};
 use super::node::{Grant, IoPurpose, Link, NodeCore};
 
 /// Where the peer's part of a request stands.
@@ -410,13 +412,20 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                     self.al.begin(extent);
                 }
             }
-            let seq = self.ledger.submit(Request::Write { range, fua }, true, id);
+            let request = Request::Write { range, fua };
+            let ack = ack_for(self.cfg.protocol, &request);
+            let seq = self.ledger.submit(request, ack != AckMode::None, id);
             let message = match data {
-                Some(data) => PeerMessage::Write { seq, offset, len, data, fua },
-                None => PeerMessage::Trim { seq, offset, len },
+                Some(data) => PeerMessage::Write { seq, offset, len, data, fua, ack },
+                None => PeerMessage::Trim { seq, offset, len, ack },
             };
             self.effects.push_back(Effect::Send(message));
-            PeerPart::Waiting
+            // Protocol A: done for the client once handed to the link.
+            if ack == AckMode::None {
+                PeerPart::Done
+            } else {
+                PeerPart::Waiting
+            }
         } else {
             self.bitmap.set(DirtyBitmap::blocks_of(offset, len, self.cfg.bitmap_block));
             PeerPart::Missing
