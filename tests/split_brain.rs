@@ -13,8 +13,10 @@ use std::time::Duration;
 use common::blocks::{
     assert_tagged_blocks, wait_no_clients, write_tagged_blocks, zero_blocks, HOLD_CONNECTION,
 };
-use common::cluster::{assert_ok, str_at, Alpha, Background, Beta, Cluster, Node, Options, MIB};
+use common::cluster::{assert_ok, str_at, Alpha, Background, Beta, Cluster, Node, Options, MIB, RES};
+use common::relay::Relay;
 use common::{have_python_nbd, python_nbd, Json};
+use rdbd_protocol::repl::kind;
 use rustix::process::Signal;
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -332,4 +334,69 @@ fn rr_conflict_retry_connect_keeps_connecting_until_the_primary_is_demoted() {
     let events = c.follow_events(Beta);
     c.verb_ok(Beta, &["secondary"]);
     assert_resolved(&c, Alpha, writes, events);
+}
+
+/// A sync source whose SyncUuid never arrived (a one-way cut right before it) still shares its
+/// current generation with the target, and has a bitmap identifier set. Both are then promoted
+/// alone and write: the target (UpToDate still, as the resync never started there) first, then
+/// the source, which stays Primary. The source must take a generation of its own despite the
+/// bitmap identifier: otherwise the target's new generation, started from the shared one,
+/// counts as newer, the Primary would be its sync target, and every reconnect is refused, with
+/// no split brain found for the operator to resolve. Found by the simulator (seed 879769).
+#[test]
+fn a_source_whose_sync_uuid_was_lost_promoted_alone_makes_a_split_brain() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut c = Cluster::new(options("", ""));
+    // Alpha dials beta through the relay.
+    let relay = Relay::start(c.repl_addr(Beta));
+    let config = c.info(Alpha).config_dir.join(format!("{RES}.toml"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let beta = format!("address = \"{}\"", c.repl_addr(Beta));
+    assert!(text.contains(&beta), "{text}");
+    std::fs::write(&config, text.replace(&beta, &format!("address = \"127.0.0.1:{}\"", relay.port))).unwrap();
+    c.start_primary_pair();
+    write_tagged_blocks(&c, Alpha, SHARED, SLOTS, 8, 0);
+
+    // Alpha crashes as Primary: at its return it is the source of its activity log's resync,
+    // and the SyncUuid it sends is lost with all that follows on the link.
+    relay.lose_from(kind::SYNC_UUID);
+    c.kill(Alpha);
+    c.start(Alpha);
+    assert!(common::wait_until(SYNC_TIMEOUT, || relay.lost()), "no SyncUuid sent\n{}", c.diag());
+    for node in Node::BOTH {
+        c.wait_for(node, "without the peer", SYNC_TIMEOUT, |s| str_at(s, &["connection"]) != "Connected");
+    }
+    let (a, b) = (c.status(Alpha), c.status(Beta));
+    // The role flag (bit 0) aside.
+    let gens =
+        |s: &Json, which: &str| u64::from_str_radix(str_at(s, &["generations", which]), 16).unwrap() & !1;
+    assert_ne!(gens(&a, "bitmap"), 0, "alpha holds the sync identifier: {a:?}");
+    assert_eq!(gens(&a, "current"), gens(&b, "current"), "beta never adopted it: {b:?}");
+
+    // Both write alone, beta first; alpha stays Primary.
+    for node in [Beta, Alpha] {
+        c.verb_ok(node, &["primary"]);
+        write_tagged_blocks(&c, node, OWN[idx(node)], SLOTS, 16, tag(node));
+    }
+    wait_no_clients(&c, Beta);
+    c.verb_ok(Beta, &["secondary"]);
+
+    // Reconnected: both wrote, a split brain (after-sb-1pri disconnect), not a refusal forever.
+    relay.mend();
+    let errors = c.wait_standalone(REFUSAL_TIMEOUT);
+    for (node, error) in Node::BOTH.iter().zip(&errors) {
+        assert!(error.contains("split brain"), "{}: {error}\n{}", node.name(), c.diag());
+    }
+    // The operator's recovery: beta's changes go.
+    c.verb_ok(Beta, &["connect", "--discard-my-data"]);
+    c.verb_ok(Alpha, &["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    for node in Node::BOTH {
+        assert_tagged_blocks(&c, node, OWN[idx(Alpha)], SLOTS, 16, tag(Alpha));
+        let own = OWN[idx(Beta)];
+        assert_eq!(zero_blocks(&c, node, own..own + SLOTS * BLOCK) as u64, SLOTS, "{}", node.name());
+    }
+    c.assert_same_data();
 }

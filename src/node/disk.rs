@@ -210,22 +210,18 @@ impl Node {
         }
     }
 
-    /// The peer is a Diskless Primary: this node holds the only copy. It starts a new data
-    /// generation (unless its bitmap already tracks one), so that the peer's disk, attached
-    /// again, is recognisably older and resynced by bitmap, and from now on the applier marks
-    /// what it writes (see [`ReplicatedDevice::mark_durably`]).
+    /// The peer is a Diskless Primary: this node holds the only copy. It starts a data
+    /// generation of its own (see [`Node::start_own_generation`]), so that the peer's disk,
+    /// attached again, is recognisably older and resynced by bitmap, and from now on the applier
+    /// marks what it writes (see [`ReplicatedDevice::mark_durably`]).
     ///
     /// [`ReplicatedDevice::mark_durably`]: crate::replication::device::ReplicatedDevice::mark_durably
     pub(super) fn hold_sole_copy(&self) {
         if self.device.sole_copy() {
             return;
         }
-        let gens = self.generations();
-        if gens.bitmap == 0 {
-            let new = gens.new_current(super::random_u64(), false);
-            if let Err(e) = self.persist(|sb| sb.generations = new) {
-                warn!("cannot start a new data generation as the only copy: {e}");
-            }
+        if let Err(e) = self.start_own_generation(false) {
+            warn!("cannot start a new data generation as the only copy: {e}");
         }
         self.device.set_sole_copy(true);
         if let Err(e) = self.persist_bitmap(false) {

@@ -138,6 +138,10 @@ struct NodeState {
     /// The disk was detached by an I/O error (not by the operator): attached again, it is fully
     /// resynced.
     disk_failed: bool,
+    /// The current generation was started here since the last completed handshake: the peer
+    /// never had it, so writing on without the peer needs no other (see
+    /// [`Node::start_own_generation`]).
+    own_generation: bool,
 }
 
 /// One node of one resource, running.
@@ -275,6 +279,7 @@ impl Node {
             promoting: false,
             disk_error: None,
             disk_failed: false,
+            own_generation: false,
         };
         Ok(Arc::new_cyclic(|weak| Self {
             weak: weak.clone(),
@@ -388,9 +393,9 @@ impl Node {
         Ok(())
     }
 
-    /// A Primary without its peer starts a new data generation (unless its bitmap already
-    /// tracks changes against an older one), so the peer's data is recognisably older at the
-    /// next connect and the bitmap says what to resync (DRBD: new current UUID on peer loss).
+    /// A Primary without its peer starts a new data generation, so the peer's data is
+    /// recognisably older at the next connect and the bitmap says what to resync (DRBD: new
+    /// current UUID on peer loss).
     fn primary_without_peer(&self) -> Result<(), NodeError> {
         self.new_generation_without_peer(false)
     }
@@ -402,16 +407,39 @@ impl Node {
         if self.state().role != Role::Primary && !peer_lost_writes {
             return Ok(());
         }
-        let gens = self.generations();
-        if gens.bitmap == 0 {
-            let new = gens.new_current(random_u64(), true);
+        if let Some(new) = self.start_own_generation(true)? {
             info!(
                 current = format_args!("{:016X}", new.current),
                 "new data generation: writing without the peer"
             );
-            self.persist(|sb| sb.generations = new)?;
         }
         Ok(())
+    }
+
+    /// A generation of this node's own: its data leaves (or is about to) what the peer may
+    /// have. Taken also with a bitmap identifier set, which DRBD skips: a sync source whose
+    /// SyncUuid never arrived still shares its current generation with the peer, and a peer
+    /// that started one of its own from it would count as newer than this node's writes (a
+    /// Primary refused forever as its target, no split brain found). The bitmap identifier
+    /// stays ([`Generations::new_current`]), so a target that did adopt it is still behind by
+    /// the bitmap. Not again before the next completed handshake: the peer never had the
+    /// current one, and each new one pushes shared generations out of the history. `None`:
+    /// nothing to do.
+    fn start_own_generation(&self, primary: bool) -> Result<Option<Generations>, NodeError> {
+        {
+            // Claimed under the lock: a promotion and a link loss at once take one generation.
+            let mut s = self.state();
+            if s.own_generation {
+                return Ok(None);
+            }
+            s.own_generation = true;
+        }
+        let new = self.generations().new_current(random_u64(), primary);
+        if let Err(e) = self.persist(|sb| sb.generations = new) {
+            self.state().own_generation = false;
+            return Err(e);
+        }
+        Ok(Some(new))
     }
 
     /// `rdbd primary [--force]`.

@@ -259,8 +259,9 @@ fn set_standalone(node: &Node, message: String) {
     s.last_error = Some(message);
 }
 
-/// The link is gone: forget the peer's state, keep what the bitmap learned, and, as Primary,
-/// start a new generation so the peer is recognisably behind.
+/// The link is gone: forget the peer's state, keep what the bitmap learned, and, as Primary (or
+/// demoted with writes the peer lost), start a generation of its own so the peer is
+/// recognisably behind.
 fn end_session(node: &Node) {
     *node.verify_starts.lock().expect("verify lock") = None;
     node.verify_interrupted();
@@ -436,6 +437,8 @@ async fn session(
     {
         let mut s = node.state();
         s.conn = ConnState::Connected;
+        // Replicating again: the peer may adopt this generation (a resync, or equal data).
+        s.own_generation = false;
         s.peer_role = peer.role;
         s.peer_disk = disks.peer;
         s.repl = match outcome {

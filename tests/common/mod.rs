@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod library;
 pub mod netns;
 pub mod powerloss;
+pub mod relay;
 pub mod scripted_peer;
 pub mod vm;
 
