@@ -100,11 +100,6 @@ impl<P> Applier<P> {
             .collect()
     }
 
-    /// Whether a request applied for the peer and still in flight overlaps `range`.
-    pub(super) fn overlaps_running(&self, range: Range) -> bool {
-        self.order.overlaps_running(range)
-    }
-
     /// Whether a write received from the peer and not yet done (received, waiting or running)
     /// overlaps `range`.
     pub(super) fn overlaps_unfinished(&self, (start, end): Range) -> bool {

@@ -86,6 +86,8 @@ pub(super) enum IoPurpose {
     Client(ClientId),
     /// The local flush before an activity-log transaction that evicts extents.
     AlFlush,
+    /// The flush a restarted node makes before it trusts its data.
+    StartupFlush,
     /// The local flush before idle extents retire; `mark` is the log's clock it retires by.
     RetireFlush { mark: u64 },
     /// A metadata image with this sequence number.
@@ -139,6 +141,10 @@ pub struct NodeCore<P> {
     hello_due: bool,
     /// The peer's Hello, received before this node's went out.
     peer_hello: Option<Hello>,
+    /// A restart's flush is not done yet: what the killed process left in the page cache
+    /// (and the disk in its volatile cache) is not known durable, so this node neither
+    /// offers its data to the peer (Hello) nor is promoted.
+    startup_flush_pending: bool,
     /// The current generation was started here since the last handshake: the peer never had
     /// it, so writes without the peer need no other.
     own_generation: bool,
@@ -186,6 +192,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             peer_took_over: false,
             hello_due: false,
             peer_hello: None,
+            startup_flush_pending: false,
             own_generation: false,
             io: BTreeMap::new(),
             next_io: 0,
@@ -222,6 +229,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         core.logged = image.activity_log.clone();
         core.crashed_primary = image.primary;
         core.persist();
+        // Seed 97588: a Secondary applied its Primary's write (unflushed), was killed, came back
+        // as sync source of that block (the former Primary had marked it), sent its page-cache
+        // copy and cleared the mark; a power loss then took the block from this disk, and
+        // nothing marked it any more.
+        core.startup_flush_pending = true;
+        let io = core.start_io(IoPurpose::StartupFlush);
+        core.effects.push_back(Effect::Flush { io });
         core
     }
 
@@ -409,7 +423,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         if self.hello_due {
-            if !self.writes.is_drained_for_hello() {
+            if !self.writes.is_drained_for_hello() || self.startup_flush_pending {
                 return;
             }
             self.send_hello();
@@ -528,6 +542,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         match purpose {
             IoPurpose::Client(id) => self.client_io_done(id, ok, data),
             IoPurpose::AlFlush => self.al_flushed(ok),
+            IoPurpose::StartupFlush => self.startup_flush_pending = false,
             IoPurpose::RetireFlush { mark } => self.retire_flushed(ok, mark),
             IoPurpose::Persist(n) => {
                 self.persist_in_flight = None;
@@ -778,7 +793,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     // --- roles ---
 
     fn promote(&mut self) {
-        if self.role == Role::Primary || self.promoting != Promoting::No || self.invalidating {
+        let busy = self.promoting != Promoting::No || self.invalidating || self.startup_flush_pending;
+        if self.role == Role::Primary || busy {
             return;
         }
         match self.link {

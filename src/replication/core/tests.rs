@@ -819,3 +819,31 @@ fn a_sync_source_reads_a_range_only_after_the_peers_writes_to_it_landed() {
     assert!(p.cores.iter().all(|c| c.is_established() && c.out_of_sync_blocks() == 0));
     assert_eq!(p.disks[0].get(&5), Some(&0xAB), "the target has the write");
 }
+
+/// Seed 97588: a Secondary applied its Primary's write (not yet flushed), was killed, and came
+/// back as the sync source of that block (the former Primary had marked it when the link died);
+/// it sent its page-cache copy and both sides cleared the mark. A power loss then took the
+/// block from its disk, and nothing marked it any more. A restarted node now flushes its disk
+/// before it offers its data in a Hello or is promoted.
+#[test]
+fn a_restarted_node_flushes_its_disk_before_it_offers_its_data() {
+    let mut p = Pair::new([SYNCED; 2]);
+    let image = Persisted {
+        gens: SYNCED,
+        disk: DiskState::UpToDate,
+        primary: false,
+        bitmap: crate::metadata::bitmap::DirtyBitmap::new(SIZE / BLOCK),
+        activity_log: Vec::new(),
+    };
+    p.cores[0] = NodeCore::restart(config(0), &image);
+    p.drain(0);
+    assert!(p.io[0].iter().any(|(_, e)| matches!(e, Effect::Flush { .. })), "a flush first");
+    p.connect();
+    p.command(0, Command::Primary);
+    assert!(!p.inbox[1].iter().any(|m| matches!(m, PeerMessage::Hello(_))), "no Hello before the flush");
+    assert!(!p.inbox[1].iter().any(|m| matches!(m, PeerMessage::PromoteRequest)), "no promotion either");
+    p.complete_io(0, |e| matches!(e, Effect::Flush { .. }));
+    assert!(p.inbox[1].iter().any(|m| matches!(m, PeerMessage::Hello(_))));
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established()));
+}

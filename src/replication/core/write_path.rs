@@ -225,11 +225,14 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     }
 
     /// Another write is in flight on `range`: one of ours, a resync read, a range this node's
-    /// verify compares, or one the applier still carries out for the peer (a node just promoted may still be applying its former
-    /// Primary's writes; two overlapping writes in flight end in either order).
+    /// verify compares, or one the peer sent that the applier has not finished — running
+    /// (a node just promoted may still be applying its former Primary's writes; two overlapping
+    /// writes in flight end in either order: seeds 1220138, 1636581) or still waiting (under
+    /// protocol A or B the former Primary's client was answered before; seed 304173: a read
+    /// right after a switchover returned the older data).
     fn range_busy(&self, range: Range) -> bool {
         overlaps(&self.writes.claims, range)
-            || self.applier.overlaps_running(range)
+            || self.applier.overlaps_unfinished(range)
             || self.verify_holds(range)
     }
 
