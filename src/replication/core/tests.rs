@@ -847,3 +847,46 @@ fn a_restarted_node_flushes_its_disk_before_it_offers_its_data() {
     p.settle();
     assert!(p.cores.iter().all(|c| c.is_established()));
 }
+
+/// Seed 304173 (protocol B): right after a switchover the new Primary read a block whose write
+/// from the former Primary it had received (and acknowledged on receipt) but not yet started
+/// (it waited behind an earlier one); the read returned the older data. A client request now
+/// waits for the peer's writes received and not yet done, not only the running ones.
+#[test]
+fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
+    let mut p = Pair::new([SYNCED; 2]);
+    for (n, core) in p.cores.iter_mut().enumerate() {
+        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::B, ..config(n as u32) };
+        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+    }
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    // Two writes to block 5: on node 1 the second waits behind the first, which stays in flight.
+    for (id, token) in [(1, 0xA1), (2, 0xA2)] {
+        p.client(0, id, write(5, token));
+        while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) {}
+    }
+    assert_eq!((p.reply(1), p.reply(2)), (Some(&Reply::Done), Some(&Reply::Done)), "protocol B: on receipt");
+    let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
+    assert_eq!(p.io[1].iter().filter(|(_, e)| is_write_5(e)).count(), 1, "the second waits");
+    // The switchover: node 0 steps down, node 1 is promoted with its consent.
+    p.command(0, Command::Secondary);
+    p.deliver(1);
+    p.command(1, Command::Primary);
+    for _ in 0..5 {
+        p.deliver(0);
+        p.deliver(1);
+        p.complete_io(0, |_| true);
+        p.complete_io(1, |e| !is_write_5(e));
+    }
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.client(1, 3, ClientRequest::Read { offset: 5 * BLOCK, len: BLOCK });
+    assert!(
+        !p.io[1].iter().any(|(_, e)| matches!(e, Effect::Read { offset, .. } if *offset == 5 * BLOCK)),
+        "the read waits for both writes"
+    );
+    p.settle();
+    assert_eq!(p.reply(3), Some(&Reply::Data(vec![0xA2])));
+}
