@@ -100,6 +100,16 @@ impl<P> Applier<P> {
             .collect()
     }
 
+    /// Whether a client write or TRIM the peer sent is not yet done here (received, waiting or
+    /// running): a client FLUSH on this node must cover it, since the former Primary's client
+    /// may have been told it is done (protocols A and B).
+    pub(super) fn holds_peer_writes(&self) -> bool {
+        let is_write = |m: &PeerMessage<P>| matches!(m, PeerMessage::Write { .. } | PeerMessage::Trim { .. });
+        self.arrived.iter().any(is_write)
+            || self.order.waiting_requests().any(is_write)
+            || self.running.values().any(|(_, r)| matches!(r, Running::Write { .. }))
+    }
+
     /// Whether a write received from the peer and not yet done (received, waiting or running)
     /// overlaps `range`.
     pub(super) fn overlaps_unfinished(&self, (start, end): Range) -> bool {

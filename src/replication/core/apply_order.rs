@@ -114,6 +114,11 @@ impl<T> ApplyOrder<T> {
         self.waiting.is_empty() && self.open.is_empty()
     }
 
+    /// The requests not yet started, oldest first.
+    pub fn waiting_requests(&self) -> impl Iterator<Item = &T> {
+        self.waiting.iter().map(|(_, _, request)| request)
+    }
+
     /// Requests not yet started.
     pub fn waiting(&self) -> usize {
         self.waiting.len()

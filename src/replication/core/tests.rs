@@ -890,3 +890,40 @@ fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
     p.settle();
     assert_eq!(p.reply(3), Some(&Reply::Data(vec![0xA2])));
 }
+
+/// Seeds 437431, 489729, 745125 (protocols A and B): a node just promoted answered a client
+/// FLUSH while a write of its former Primary (already answered to the client) was still in
+/// flight on its disk; a power loss took that write, and the node, a crashed Primary, became
+/// sync source. A client FLUSH now waits for the peer's writes received before it.
+#[test]
+fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
+    let mut p = Pair::new([SYNCED; 2]);
+    for (n, core) in p.cores.iter_mut().enumerate() {
+        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
+        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+    }
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    p.client(0, 1, write(5, 0xA1));
+    while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) {}
+    assert_eq!(p.reply(1), Some(&Reply::Done), "protocol A: handed to the link");
+    let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
+    p.command(0, Command::Secondary);
+    p.deliver(1);
+    p.command(1, Command::Primary);
+    for _ in 0..5 {
+        p.deliver(0);
+        p.deliver(1);
+        p.complete_io(0, |_| true);
+        p.complete_io(1, |e| !is_write_5(e));
+    }
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.client(1, 2, ClientRequest::Flush);
+    assert!(!p.io[1].iter().any(|(_, e)| matches!(e, Effect::Flush { .. })), "the flush waits for the write");
+    p.complete_io(1, is_write_5);
+    assert!(p.io[1].iter().any(|(_, e)| matches!(e, Effect::Flush { .. })), "then it starts");
+    p.settle();
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+}

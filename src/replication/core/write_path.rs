@@ -196,6 +196,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                     self.writes.ops.insert(id, op);
                 }
                 ClientRequest::Flush => {
+                    // A node just promoted flushes only once its former Primary's writes are
+                    // on this disk (seeds 437431, 489729, 745125: under protocols A and B a
+                    // FLUSH here was answered before such a write landed; a power loss then
+                    // lost it, and this node, a crashed Primary, became sync source).
+                    if self.applier.holds_peer_writes() {
+                        return;
+                    }
                     self.writes.queue.pop_front();
                     self.start_flush(id);
                 }
