@@ -20,6 +20,15 @@ async fn expect_write(pair: &mut ScriptedPair) -> (u64, AckMode) {
     }
 }
 
+/// Protocol C: writes 4 KiB at `offset` as request `id`, answers the peer's WriteAck and waits
+/// until the write completes.
+async fn acknowledged_write(pair: &mut ScriptedPair, id: u32, offset: u64, token: u8) {
+    pair.write(id, offset, token, 4096, false);
+    let (seq, _) = expect_write(pair).await;
+    pair.answer(Message::WriteAck { seq }).await;
+    assert!(pair.completion(id).await.result.is_ok());
+}
+
 #[tokio::test]
 async fn protocol_c_completes_a_write_only_after_the_peers_write_ack() {
     let mut pair = ScriptedPair::new(Protocol::C, SIZE).await;
@@ -51,10 +60,7 @@ async fn acknowledgements_out_of_order_complete_their_own_writes() {
 #[tokio::test]
 async fn a_write_acknowledged_but_not_flushed_on_the_peer_is_marked_when_the_link_dies() {
     let mut pair = ScriptedPair::new(Protocol::C, SIZE).await;
-    pair.write(1, 8192, 0xc1, 4096, false);
-    let (seq, _) = expect_write(&mut pair).await;
-    pair.answer(Message::WriteAck { seq }).await;
-    assert!(pair.completion(1).await.result.is_ok());
+    acknowledged_write(&mut pair, 1, 8192, 0xc1).await;
     let (device, link, _queue) = pair.cut();
     ScriptedPair::link_down(&link).await;
     assert_eq!(device.out_of_sync_blocks(), 1, "the unflushed write is marked for resync");
@@ -63,10 +69,7 @@ async fn a_write_acknowledged_but_not_flushed_on_the_peer_is_marked_when_the_lin
 #[tokio::test]
 async fn a_client_flush_waits_for_the_peers_flush_ack_and_then_nothing_is_marked() {
     let mut pair = ScriptedPair::new(Protocol::C, SIZE).await;
-    pair.write(1, 0, 0xd1, 4096, false);
-    let (seq, _) = expect_write(&mut pair).await;
-    pair.answer(Message::WriteAck { seq }).await;
-    assert!(pair.completion(1).await.result.is_ok());
+    acknowledged_write(&mut pair, 1, 0, 0xd1).await;
     pair.flush(2);
     let flush = match pair.next_sent().await {
         Sent::Flush { seq } => seq,

@@ -61,6 +61,31 @@ impl Pair {
         }
     }
 
+    /// An in-sync pair replicating with `protocol`.
+    fn with_protocol(protocol: rdbd_protocol::repl::Protocol) -> Self {
+        let mut p = Pair::new([SYNCED; 2]);
+        for (n, core) in p.cores.iter_mut().enumerate() {
+            let cfg = CoreConfig { protocol, ..config(n as u32) };
+            *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+        }
+        p
+    }
+
+    /// Node 0 steps down and node 1 is promoted with its consent, while every disk request of
+    /// node 1 that `hold` picks stays in flight.
+    fn switch_over_holding(&mut self, hold: impl Fn(&Effect<Data>) -> bool) {
+        self.command(0, Command::Secondary);
+        self.deliver(1);
+        self.command(1, Command::Primary);
+        for _ in 0..5 {
+            self.deliver(0);
+            self.deliver(1);
+            self.complete_io(0, |_| true);
+            self.complete_io(1, |e| !hold(e));
+        }
+        assert_eq!(self.cores[1].role(), Role::Primary);
+    }
+
     fn drain(&mut self, n: usize) {
         while let Some(effect) = self.cores[n].poll_effect() {
             match effect {
@@ -785,11 +810,7 @@ fn a_switchover_by_hand_ends_in_a_resync_not_a_split_brain() {
 /// peer's writes received before it.
 #[test]
 fn a_sync_source_reads_a_range_only_after_the_peers_writes_to_it_landed() {
-    let mut p = Pair::new([SYNCED; 2]);
-    for (n, core) in p.cores.iter_mut().enumerate() {
-        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
-        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
+    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
     p.connect();
     p.settle();
     p.command(0, Command::Primary);
@@ -854,11 +875,7 @@ fn a_restarted_node_flushes_its_disk_before_it_offers_its_data() {
 /// waits for the peer's writes received and not yet done, not only the running ones.
 #[test]
 fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
-    let mut p = Pair::new([SYNCED; 2]);
-    for (n, core) in p.cores.iter_mut().enumerate() {
-        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::B, ..config(n as u32) };
-        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
+    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::B);
     p.connect();
     p.settle();
     p.command(0, Command::Primary);
@@ -871,17 +888,7 @@ fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
     assert_eq!((p.reply(1), p.reply(2)), (Some(&Reply::Done), Some(&Reply::Done)), "protocol B: on receipt");
     let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
     assert_eq!(p.io[1].iter().filter(|(_, e)| is_write_5(e)).count(), 1, "the second waits");
-    // The switchover: node 0 steps down, node 1 is promoted with its consent.
-    p.command(0, Command::Secondary);
-    p.deliver(1);
-    p.command(1, Command::Primary);
-    for _ in 0..5 {
-        p.deliver(0);
-        p.deliver(1);
-        p.complete_io(0, |_| true);
-        p.complete_io(1, |e| !is_write_5(e));
-    }
-    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.switch_over_holding(is_write_5);
     p.client(1, 3, ClientRequest::Read { offset: 5 * BLOCK, len: BLOCK });
     assert!(
         !p.io[1].iter().any(|(_, e)| matches!(e, Effect::Read { offset, .. } if *offset == 5 * BLOCK)),
@@ -897,11 +904,7 @@ fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
 /// sync source. A client FLUSH now waits for the peer's writes received before it.
 #[test]
 fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
-    let mut p = Pair::new([SYNCED; 2]);
-    for (n, core) in p.cores.iter_mut().enumerate() {
-        let cfg = CoreConfig { protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
-        *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
+    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
     p.connect();
     p.settle();
     p.command(0, Command::Primary);
@@ -910,16 +913,7 @@ fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
     while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) {}
     assert_eq!(p.reply(1), Some(&Reply::Done), "protocol A: handed to the link");
     let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
-    p.command(0, Command::Secondary);
-    p.deliver(1);
-    p.command(1, Command::Primary);
-    for _ in 0..5 {
-        p.deliver(0);
-        p.deliver(1);
-        p.complete_io(0, |_| true);
-        p.complete_io(1, |e| !is_write_5(e));
-    }
-    assert_eq!(p.cores[1].role(), Role::Primary);
+    p.switch_over_holding(is_write_5);
     p.client(1, 2, ClientRequest::Flush);
     assert!(!p.io[1].iter().any(|(_, e)| matches!(e, Effect::Flush { .. })), "the flush waits for the write");
     p.complete_io(1, is_write_5);
