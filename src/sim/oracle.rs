@@ -123,6 +123,22 @@ impl Oracle {
         self.own_from = self.ack_log.len();
     }
 
+    /// A split-brain policy discarded the other node's changes: what must survive and what a
+    /// read may return are at most what the winner holds, durably (`durable`) and in its
+    /// cache (`current`). A block whose value no client wrote keeps its demands (serving it
+    /// would still be a violation).
+    pub fn keep_only(&mut self, durable: impl Fn(u64) -> u64, current: impl Fn(u64) -> u64) {
+        for b in 0..self.history.len() as u64 {
+            let i = b as usize;
+            if let Some(have) = self.index_of(b, durable(b)) {
+                self.durable[i] = self.durable[i].min(have);
+            }
+            if let Some(have) = self.index_of(b, current(b)) {
+                self.acked[i] = self.acked[i].min(have);
+            }
+        }
+    }
+
     /// The latest acknowledged write of each block of `blocks`, for [`Oracle::check_read`].
     pub fn read_sent(&self, blocks: std::ops::Range<u64>) -> Vec<Index> {
         blocks.map(|b| self.acked[b as usize]).collect()

@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use rdbd_protocol::repl::Protocol;
+use rdbd_protocol::repl::{AfterSb1, AfterSb2, Protocol};
 
 use crate::metadata::generations::Generations;
 use crate::replication::core::bugs::{Bug, Bugs};
@@ -13,6 +13,7 @@ use crate::replication::core::io::{
     ClientId, ClientRequest, Command, Effect, IoId, PeerMessage, Persisted, Reply,
 };
 use crate::replication::core::{CoreConfig, Grant, Link, NodeCore};
+use crate::replication::split_brain::{AfterSb0Pri, Policies};
 use crate::replication::states::{DiskState, Role};
 use crate::replication::sync_decision::SyncDecision;
 
@@ -216,6 +217,9 @@ struct World {
     bugs: Bugs,
     al_extents: u32,
     protocol: Protocol,
+    /// The after-sb policies both nodes run with (a split brain resolved by one discards the
+    /// loser's changes: the oracle then demands only what the winner has).
+    policies: Policies,
     now: u64,
     seq: u64,
     step: u64,
@@ -282,7 +286,12 @@ enum Closing {
 pub fn run(seed: u64, options: &Options) -> RunResult {
     let mut w = World::new(seed, options);
     let (protocol, al_extents) = (w.protocol, w.al_extents);
-    w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents"));
+    let p = &w.policies;
+    let policies = format!(
+        "after-sb-0pri {}, after-sb-1pri {}, after-sb-2pri {}",
+        p.after_sb_0pri, p.after_sb_1pri, p.after_sb_2pri
+    );
+    w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents, {policies}"));
     w.schedule(0, Event::ClientNext);
     w.schedule(0, Event::Chaos);
     for node in 0..2 {
@@ -331,6 +340,7 @@ impl World {
             2 | 3 => Protocol::B,
             _ => Protocol::C,
         };
+        let policies = pick_policies(seed);
         let blocks = SIZE / BLOCK;
         let gens = Generations { current: 0x5EED_0000_0000_0004, bitmap: 0, history: [0, 0] };
         let bugs = options.bug.map_or(Bugs::NONE, Bugs::only);
@@ -345,7 +355,7 @@ impl World {
             failing: Default::default(),
         });
         for (n, node) in nodes.iter_mut().enumerate() {
-            let cfg = node_config(seed, n, 0, al_extents, protocol, bugs);
+            let cfg = node_config(seed, n, 0, al_extents, protocol, &policies, bugs);
             let core = NodeCore::new(cfg, gens, DiskState::UpToDate);
             node.disk.meta = Some(Persisted {
                 gens,
@@ -362,6 +372,7 @@ impl World {
             bugs,
             al_extents,
             protocol,
+            policies,
             now: 0,
             seq: 0,
             step: 0,
@@ -649,6 +660,14 @@ impl World {
                 self.link_down(Some(node));
             }
             Effect::Decided(decision) => self.decided(node, decision.outcome),
+            Effect::SplitBrainResolved { discarded_here } => {
+                let winner = if discarded_here { 1 - node } else { node };
+                self.note(|| format!("node{node}: split brain resolved by policy, node{winner}'s data wins"));
+                // The policy throws the loser's changes away, acknowledged or not: from now the
+                // clients may count only on what the winner holds durably.
+                let disk = &self.nodes[winner].disk;
+                self.oracle.keep_only(|b| disk.durable_block(b), |b| disk.read_block(b));
+            }
             Effect::ResyncStarted { source } => {
                 if source {
                     self.check_up_to_date(node, "became sync source");
@@ -938,7 +957,15 @@ impl World {
         }
         let n = &mut self.nodes[node];
         n.restart_pending = false;
-        let cfg = node_config(self.seed, node, n.incarnation, self.al_extents, self.protocol, self.bugs);
+        let cfg = node_config(
+            self.seed,
+            node,
+            n.incarnation,
+            self.al_extents,
+            self.protocol,
+            &self.policies,
+            self.bugs,
+        );
         let image = n.disk.meta.clone().expect("every node has metadata");
         n.core = Some(NodeCore::restart(cfg, &image));
         let incarnation = n.incarnation;
@@ -1399,6 +1426,7 @@ fn node_config(
     incarnation: u64,
     al_extents: u32,
     protocol: Protocol,
+    policies: &Policies,
     bugs: Bugs,
 ) -> CoreConfig {
     CoreConfig {
@@ -1408,6 +1436,31 @@ fn node_config(
         al_extents,
         protocol,
         seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((node as u64) << 32 | incarnation),
+        policies: policies.clone(),
         bugs,
     }
+}
+
+/// The after-sb policies of a seed: each the default (disconnect: the operator resolves) about
+/// half the time, else one of the automatic ones. From a stream of its own, so that the rest of
+/// a seed's world is the same whatever the policies.
+fn pick_policies(seed: u64) -> Policies {
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0xAF7E_25B0_0000_0001);
+    let after_sb_0pri = match rng.u32(0..12) {
+        0 => AfterSb0Pri::DiscardYoungerPrimary,
+        1 => AfterSb0Pri::DiscardOlderPrimary,
+        2 => AfterSb0Pri::DiscardZeroChanges,
+        3 => AfterSb0Pri::DiscardLeastChanges,
+        4 => AfterSb0Pri::DiscardNode("node0".into()),
+        5 => AfterSb0Pri::DiscardNode("node1".into()),
+        _ => AfterSb0Pri::Disconnect,
+    };
+    let after_sb_1pri = match rng.u32(0..8) {
+        0 => AfterSb1::Consensus,
+        1 => AfterSb1::DiscardSecondary,
+        2 => AfterSb1::CallPriLostAfterSb,
+        _ => AfterSb1::Disconnect,
+    };
+    let after_sb_2pri = if rng.u32(0..4) == 0 { AfterSb2::CallPriLostAfterSb } else { AfterSb2::Disconnect };
+    Policies { after_sb_0pri, after_sb_1pri, after_sb_2pri }
 }

@@ -42,10 +42,13 @@ pub enum Bug {
     /// Writes frozen without the witness's grant (a Primary that lost its peer) keep their
     /// ranges claimed: the reconnect's resync cannot read them, and they wait for that resync.
     FrozenWritesKeepClaims,
+    /// The side an after-sb policy discards keeps its data and goes on as if in sync instead of
+    /// becoming the sync target: the replicas diverge silently.
+    SplitBrainLoserKeepsData,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 14] = [
+    pub const ALL: [Bug; 15] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
@@ -60,6 +63,7 @@ impl Bug {
         Bug::SyncTargetClaimsUpToDate,
         Bug::DownStartsNewGeneration,
         Bug::FrozenWritesKeepClaims,
+        Bug::SplitBrainLoserKeepsData,
     ];
 
     /// The name `--inject-bug` takes.
@@ -79,6 +83,7 @@ impl Bug {
             Bug::SyncTargetClaimsUpToDate => "sync-target-claims-up-to-date",
             Bug::DownStartsNewGeneration => "down-starts-new-generation",
             Bug::FrozenWritesKeepClaims => "frozen-writes-keep-claims",
+            Bug::SplitBrainLoserKeepsData => "split-brain-loser-keeps-data",
         }
     }
 
@@ -104,6 +109,7 @@ impl Bug {
             Bug::SyncTargetClaimsUpToDate => "a sync target stays UpToDate until its resync ends",
             Bug::DownStartsNewGeneration => "down of a connected Primary starts a new generation first",
             Bug::FrozenWritesKeepClaims => "writes frozen without the witness keep their ranges claimed",
+            Bug::SplitBrainLoserKeepsData => "the side an after-sb policy discards goes on as if in sync",
         }
     }
 

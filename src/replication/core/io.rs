@@ -198,6 +198,11 @@ pub enum Effect<P> {
     /// The sync decision this node took at a handshake (for logs, and for the simulator to
     /// check that both sides agree).
     Decided(Decision),
+    /// A split brain found at this handshake was resolved by an after-sb policy: the changes
+    /// of this node (`discarded_here`) or of the peer are discarded by the resync that follows.
+    SplitBrainResolved {
+        discarded_here: bool,
+    },
     /// This node became sync source: from now its data overwrites the peer's.
     ResyncStarted {
         source: bool,

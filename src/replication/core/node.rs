@@ -30,7 +30,7 @@ use super::verify::Verifier;
 use super::write_path::WritePath;
 
 /// What a node is, beyond what its metadata says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub node_id: u32,
     /// Bytes of the replicated device.
@@ -42,6 +42,8 @@ pub struct CoreConfig {
     pub protocol: Protocol,
     /// Seeds the generation identifiers this node makes.
     pub seed: u64,
+    /// The after-sb policies (the same on both nodes, as the daemon's handshake requires).
+    pub policies: Policies,
     /// Bugs planted for the simulator; [`Bugs::NONE`] elsewhere.
     pub bugs: Bugs,
 }
@@ -164,6 +166,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// A node whose data is in generation `gens` with `disk`, freshly started (Secondary).
     pub fn new(cfg: CoreConfig, gens: Generations, disk: DiskState) -> Self {
         let blocks = cfg.size.div_ceil(u64::from(cfg.bitmap_block));
+        let (al_extents, bugs, seed) = (cfg.al_extents, cfg.bugs, cfg.seed);
         Self {
             cfg,
             role: Role::Secondary,
@@ -171,10 +174,10 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             gens,
             crashed_primary: false,
             bitmap: DirtyBitmap::new(blocks),
-            al: ActivityLog::new(cfg.al_extents),
+            al: ActivityLog::new(al_extents),
             logged: Vec::new(),
             link: Link::Down,
-            ledger: Ledger::new(cfg.bugs),
+            ledger: Ledger::new(bugs),
             want_connect: true,
             discard_my_data: false,
             grant: Grant::None,
@@ -200,7 +203,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             persist_in_flight: None,
             persist_durable: 0,
             effects: VecDeque::new(),
-            rng: cfg.seed,
+            rng: seed,
             retire_mark: 0,
         }
     }
@@ -210,13 +213,14 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// log, which lets them go only after a local flush — a resync may clear their bits while
     /// their data still sits in a volatile cache that survived a killed process.
     pub fn restart(cfg: CoreConfig, image: &Persisted) -> Self {
+        let (size, bitmap_block) = (cfg.size, cfg.bitmap_block);
         let mut core = Self::new(cfg, image.gens, image.disk);
         core.bitmap = image.bitmap.clone();
         for &extent in &image.activity_log {
             let start = u64::from(extent) * EXTENT_BYTES;
-            let end = (start + EXTENT_BYTES).min(cfg.size);
+            let end = (start + EXTENT_BYTES).min(size);
             if start < end {
-                core.bitmap.set(DirtyBitmap::blocks_of(start, end - start, cfg.bitmap_block));
+                core.bitmap.set(DirtyBitmap::blocks_of(start, end - start, bitmap_block));
             }
             core.al.begin(extent);
         }
@@ -727,12 +731,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             discard_my_data: hello.discard_my_data,
             node_id: hello.node_id,
         };
-        // The daemon's plan, with the policies at their defaults (a split brain waits for the
-        // operator) and the Outdated rule of a node with its supervisor.
-        let policies = Policies::default();
+        // The daemon's plan, with the resource's policies and the Outdated rule of a node with
+        // its supervisor.
         let (me, them) = if self.cfg.node_id == 0 { ("node0", "node1") } else { ("node1", "node0") };
         let settings = Settings {
-            policies: &policies,
+            policies: &self.cfg.policies,
             rr_conflict: RrConflict::default(),
             me,
             peer: them,
@@ -743,15 +746,29 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.effects.push_back(Effect::Decided(planned.decision));
         self.discard_my_data = false;
         let go = match planned.plan {
-            Plan::Proceed(go) if !go.give_up_primary => go,
-            // Two Primaries, a split brain, unrelated data, no usable source, a Primary that
-            // would be overwritten, a side without a disk: stand alone until an operator acts.
+            // A Primary a split-brain policy discards is not demoted here (the daemon demotes
+            // it only when nothing uses the device, else both sides stand alone): either side
+            // of such a plan stands alone.
+            Plan::Proceed(go) if !go.give_up_primary && go.peer_role == hello.role => go,
+            // Two Primaries, a split brain left to the operator, unrelated data, no usable
+            // source, a Primary that would be overwritten, a side without a disk: stand alone
+            // until an operator acts.
             _ => {
                 self.want_connect = false;
                 self.effects.push_back(Effect::DropLink { reason: planned.decision.reason });
                 return;
             }
         };
+        if let Some(resolution) = planned.split_brain.and_then(|found| found.resolution) {
+            let lost = resolution.local_loses();
+            if lost && self.cfg.bugs.has(Bug::SplitBrainLoserKeepsData) {
+                // Planted: the losing side goes on as if the two were in sync.
+                self.link = Link::Up { peer_role: hello.role, peer_disk: go.disks.peer };
+                self.own_generation = false;
+                return;
+            }
+            self.effects.push_back(Effect::SplitBrainResolved { discarded_here: lost });
+        }
         let outcome = go.decision.outcome;
         let pair = go.disks;
         self.link = Link::Up { peer_role: hello.role, peer_disk: pair.peer };

@@ -41,6 +41,7 @@ fn config(node: u32) -> CoreConfig {
         al_extents: 3,
         protocol: rdbd_protocol::repl::Protocol::C,
         seed: node.into(),
+        policies: Default::default(),
         bugs: Bugs::NONE,
     }
 }
@@ -103,7 +104,8 @@ impl Pair {
                 Effect::ReleaseWitness
                 | Effect::Decided(_)
                 | Effect::ResyncStarted { .. }
-                | Effect::RoleChanged(_) => {}
+                | Effect::RoleChanged(_)
+                | Effect::SplitBrainResolved { .. } => {}
             }
         }
     }
@@ -920,4 +922,42 @@ fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
     assert!(p.io[1].iter().any(|(_, e)| matches!(e, Effect::Flush { .. })), "then it starts");
     p.settle();
     assert_eq!(p.reply(2), Some(&Reply::Done));
+}
+
+/// A split brain between two Secondaries resolved by `after-sb-0pri discard-least-changes`:
+/// the node that wrote fewer blocks alone becomes sync target and ends with the other's data;
+/// with the loser keeping its data (planted) the replicas stay different.
+#[test]
+fn a_split_brain_resolved_by_policy_resyncs_the_loser_from_the_winner() {
+    use crate::replication::split_brain::{AfterSb0Pri, Policies};
+    for bugs in [Bugs::NONE, Bugs::only(Bug::SplitBrainLoserKeepsData)] {
+        let mut p = Pair::new([SYNCED; 2]);
+        let policies = Policies { after_sb_0pri: AfterSb0Pri::DiscardLeastChanges, ..Default::default() };
+        for n in 0..2 {
+            let cfg = CoreConfig { policies: policies.clone(), bugs, ..config(n as u32) };
+            p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+        }
+        // Each writes alone in turn: node 0 three blocks, node 1 one.
+        for (n, blocks) in [(0, vec![1, 2, 3]), (1, vec![2])] {
+            p.command(n, Command::Primary);
+            p.witness(n, true);
+            for (i, &b) in blocks.iter().enumerate() {
+                p.client(n, 10 * n as u64 + i as u64, write(b, 0xA0 + 0x10 * n as u64 + b));
+            }
+            p.settle();
+            p.command(n, Command::Secondary);
+            p.settle();
+        }
+        p.connect();
+        p.settle();
+        let identical = (1..=3).all(|b| p.disks[0].get(&b) == p.disks[1].get(&b));
+        if bugs == Bugs::NONE {
+            assert!(p.cores.iter().all(|c| c.is_established() && c.wants_connection()));
+            assert!(identical, "node 1 (fewer changes) took node 0's data: {:?} {:?}", p.disks[0], p.disks[1]);
+            assert_eq!(p.disks[1].get(&2), Some(&0xA2), "node 1's own write to block 2 is discarded");
+            assert_eq!(p.cores[1].out_of_sync_blocks(), 0);
+        } else {
+            assert!(!identical, "planted: the loser kept its data");
+        }
+    }
 }
