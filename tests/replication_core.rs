@@ -241,3 +241,33 @@ async fn a_silent_peer_is_detected_by_ping_timeout() {
     assert!(connected_at.elapsed() >= Duration::from_millis(150), "declared dead too early");
     assert_eq!(device.out_of_sync_blocks(), before + 1, "the unstable write is marked");
 }
+
+/// The bitmap exchange holds new writes and waits for those in flight: it learns at once when
+/// the last one is done, and reports a hold that timed out (the session then connects again
+/// rather than send a bitmap a late write could still change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holding_writes_waits_for_the_last_one_in_flight_and_reports_a_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let tracking = Tracking { bitmap: DirtyBitmap::new(SIZE / 4096), activity: None };
+    let device = ReplicatedDevice::new(file_device(&dir, "a.img"), tracking, 4096);
+    assert!(device.hold_writes(Duration::from_millis(50)).await, "nothing in flight: drained at once");
+    device.release_writes();
+
+    // A range held as a write in flight would be.
+    assert!(device.claim_range((0, 4096)));
+    assert!(!device.hold_writes(Duration::from_millis(50)).await, "still in flight: timed out");
+    assert!(!device.claim_range((8192, 12288)), "held: no new write starts");
+    let releaser = {
+        let device = device.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            device.release_range((0, 4096));
+        })
+    };
+    let started = std::time::Instant::now();
+    assert!(device.hold_writes(Duration::from_secs(30)).await);
+    assert!(started.elapsed() < Duration::from_secs(10), "woken by the release, not the limit");
+    releaser.await.unwrap();
+    device.release_writes();
+    assert!(device.claim_range((8192, 12288)), "released: writes start again");
+}

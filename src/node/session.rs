@@ -454,9 +454,17 @@ async fn session(
     }
     let sender = go.sender;
     let resyncing = outcome.is_source() || outcome.is_target();
-    if sender {
-        // The bitmap must not change between its exchange and the start of replication.
-        node.device.hold_writes(node.config.net.timeout).await;
+    // The bitmap must not change between its exchange and the start of replication: a write
+    // still in flight could mark a block after the bitmap went out, which the target would
+    // never ask for (the simulator's seed 2140). If the writes do not drain (a stalled disk),
+    // this attempt ends and the next one holds them again.
+    if sender && !node.device.hold_writes(node.config.net.timeout).await {
+        node.device.release_writes();
+        warn!(
+            "writes in flight did not finish within {:?} for the bitmap exchange: connecting again",
+            node.config.net.timeout
+        );
+        return Outcome::Retry;
     }
     if resyncing {
         let step = node.config.net.timeout.max(Duration::from_secs(1));

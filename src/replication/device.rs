@@ -48,6 +48,8 @@ pub struct ReplicatedDevice {
     writes_in_flight: Mutex<Vec<(u64, u64)>>,
     /// While set, new writes wait (the bitmap is being exchanged with a connecting peer).
     held: std::sync::atomic::AtomicBool,
+    /// Woken when the last write in flight is released while writes are held.
+    drained: tokio::sync::Notify,
     /// Queues with parked writes (and a sync source waiting for a range), woken when a range
     /// is released or the hold ends.
     parked_wakers: Mutex<Vec<std::task::Waker>>,
@@ -104,6 +106,7 @@ impl ReplicatedDevice {
             bitmap_block,
             writes_in_flight: Mutex::new(Vec::new()),
             held: std::sync::atomic::AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
             parked_wakers: Mutex::new(Vec::new()),
             app_active: std::sync::atomic::AtomicBool::new(false),
             alone: AloneGate::default(),
@@ -204,16 +207,23 @@ impl ReplicatedDevice {
     /// Stops new writes from starting and waits (at most `limit`) until none is in flight, so
     /// the bitmap stops changing while it is sent to a connecting peer. Returns whether the
     /// writes drained; the hold stays until [`ReplicatedDevice::release_writes`] either way.
+    /// A write still in flight when the bitmap goes out may mark its blocks after it (one
+    /// waiting for its activity-log transaction), so the caller must not go on without them.
     pub async fn hold_writes(&self, limit: std::time::Duration) -> bool {
         self.held.store(true, std::sync::atomic::Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + limit;
-        while !self.writes_in_flight.lock().expect("ranges lock").is_empty() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+        let drained = async {
+            loop {
+                // Registered before the check, so a release in between is not missed.
+                let notified = self.drained.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.writes_in_flight.lock().expect("ranges lock").is_empty() {
+                    return;
+                }
+                notified.await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        true
+        };
+        tokio::time::timeout(limit, drained).await.is_ok()
     }
 
     pub fn release_writes(&self) {
@@ -482,7 +492,11 @@ impl ReplicatedDevice {
         if let Some(i) = ranges.iter().position(|r| *r == range) {
             ranges.swap_remove(i);
         }
+        let drained = ranges.is_empty() && self.held.load(std::sync::atomic::Ordering::SeqCst);
         drop(ranges);
+        if drained {
+            self.drained.notify_waiters();
+        }
         self.wake_parked();
     }
 }

@@ -953,7 +953,11 @@ fn a_split_brain_resolved_by_policy_resyncs_the_loser_from_the_winner() {
         let identical = (1..=3).all(|b| p.disks[0].get(&b) == p.disks[1].get(&b));
         if bugs == Bugs::NONE {
             assert!(p.cores.iter().all(|c| c.is_established() && c.wants_connection()));
-            assert!(identical, "node 1 (fewer changes) took node 0's data: {:?} {:?}", p.disks[0], p.disks[1]);
+            assert!(
+                identical,
+                "node 1 (fewer changes) took node 0's data: {:?} {:?}",
+                p.disks[0], p.disks[1]
+            );
             assert_eq!(p.disks[1].get(&2), Some(&0xA2), "node 1's own write to block 2 is discarded");
             assert_eq!(p.cores[1].out_of_sync_blocks(), 0);
         } else {
