@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::core::apply_order::{ApplyOrder, Order};
+use super::core::ledger::Answer;
+use super::core::peer_answers::Asked;
 use super::device::ReplicatedDevice;
 use super::disk_health::{DiskError, DiskOp};
 use super::link::framed::{FrameError, Framed};
@@ -135,6 +137,29 @@ impl Received {
         kind: Kind,
     ) -> Self {
         Self { seq, ack, index: 0, range, op: Some(op), kind }
+    }
+}
+
+impl Received {
+    /// What the peer asked to hear about this request (resync, verify and the Diskless
+    /// Primary's reads are answered by their own messages).
+    fn asked(&self) -> Option<Asked> {
+        match self.kind {
+            Kind::Write => Some(Asked::Write { seq: self.seq, ack: self.ack }),
+            Kind::Flush => Some(Asked::Flush { seq: self.seq }),
+            _ => None,
+        }
+    }
+}
+
+/// The frame of an answer: on receipt a RecvAck, once done (`done`) a WriteAck, FlushAck or
+/// NegAck carrying `errno`.
+fn ack_message(seq: u64, answer: Answer, done: bool, errno: u32) -> Message<'static> {
+    match answer {
+        Answer::Written if !done => Message::RecvAck { seq },
+        Answer::Written => Message::WriteAck { seq },
+        Answer::Flushed => Message::FlushAck { seq },
+        Answer::Failed => Message::NegAck { seq, errno },
     }
 }
 
@@ -513,10 +538,11 @@ impl Applier {
         op: IoOp,
         kind: Kind,
     ) {
-        if ack == AckMode::Recv {
-            self.acks.push(Message::RecvAck { seq });
+        let received = Received::new(seq, ack, range, op, kind);
+        if let Some(answer) = received.asked().and_then(Asked::on_receipt) {
+            self.acks.push(ack_message(seq, answer, false, 0));
         }
-        self.order.push(kind.order(range), Received::new(seq, ack, range, op, kind));
+        self.order.push(kind.order(range), received);
     }
 
     /// Starts every waiting request that no earlier request holds back.
@@ -573,28 +599,23 @@ impl Applier {
             Kind::ResyncFlush => return self.resync_flushed(c.result),
             Kind::CsumRead | Kind::VerifyRead | Kind::PeerRead => unreachable!("handled above"),
         }
-        match c.result {
-            Ok(()) => {
-                if r.kind == Kind::Flush {
-                    self.acks.push(Message::FlushAck { seq: r.seq });
-                } else if r.ack == AckMode::Write {
-                    self.acks.push(Message::WriteAck { seq: r.seq });
-                }
+        let mut errno = 0;
+        if let Err(e) = c.result {
+            // This disk leaves UpToDate first (on-io-error), then the peer marks the range
+            // out of sync (or every write the flush covered) on the NegAck.
+            self.stats.failed += 1;
+            if let IoError::Io(_) = e {
+                let (op, offset) = if r.kind == Kind::Flush {
+                    (DiskOp::Flush, None)
+                } else {
+                    (DiskOp::Write, Some(r.range.0))
+                };
+                self.disk_failed(op, offset, e);
             }
-            Err(e) => {
-                // This disk leaves UpToDate first (on-io-error), then the peer marks the range
-                // out of sync (or every write the flush covered) on the NegAck.
-                self.stats.failed += 1;
-                if let IoError::Io(_) = e {
-                    let (op, offset) = if r.kind == Kind::Flush {
-                        (DiskOp::Flush, None)
-                    } else {
-                        (DiskOp::Write, Some(r.range.0))
-                    };
-                    self.disk_failed(op, offset, e);
-                }
-                self.acks.push(Message::NegAck { seq: r.seq, errno: errno_of(e) });
-            }
+            errno = errno_of(e);
+        }
+        if let Some(answer) = r.asked().and_then(|asked| asked.on_done(c.result.is_ok())) {
+            self.acks.push(ack_message(r.seq, answer, true, errno));
         }
     }
 

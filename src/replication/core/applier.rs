@@ -4,24 +4,21 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use rdbd_protocol::repl::AckMode;
-
 use super::apply_order::{ApplyOrder, Order};
 use super::io::{Effect, PeerMessage};
-use super::ledger::{Answer, Range};
+use super::ledger::Range;
 use super::node::{IoPurpose, NodeCore};
+use super::peer_answers::Asked;
 
 #[derive(Debug, Clone, Copy)]
 enum Running {
     Write {
-        range: Range,
-        seq: u64,
+        asked: Asked,
         fua: bool,
-        ack: AckMode,
         flushing: bool,
     },
     Flush {
-        seq: u64,
+        asked: Asked,
     },
     /// Resync data for request `key` of the target's resync `id` (acknowledged once a later
     /// flush of the target's covers it).
@@ -184,12 +181,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             PeerMessage::Write { seq, offset, len, data, fua, ack } => {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Write { io, offset, len, data });
-                Running::Write { range: (offset, offset + len), seq, fua, ack, flushing: false }
+                Running::Write { asked: Asked::Write { seq, ack }, fua, flushing: false }
             }
             PeerMessage::Trim { seq, offset, len, ack } => {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Discard { io, offset, len });
-                Running::Write { range: (offset, offset + len), seq, fua: false, ack, flushing: false }
+                Running::Write { asked: Asked::Write { seq, ack }, fua: false, flushing: false }
             }
             PeerMessage::ResyncData { offset, len, data } => {
                 let Some((id, key)) = self.target_data(offset, len) else {
@@ -204,7 +201,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             PeerMessage::Flush { seq } => {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Flush { io });
-                Running::Flush { seq }
+                Running::Flush { asked: Asked::Flush { seq } }
             }
             PeerMessage::VerifyRequest { offset, len } => {
                 self.start_verify_read(position, (offset, offset + len), None)
@@ -228,26 +225,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     pub(super) fn apply_done(&mut self, position: u64, ok: bool) {
         let Some((connection, running)) = self.applier.running.remove(&position) else { return };
         let current = connection == self.applier.connection;
-        let answer = if ok { Answer::Written } else { Answer::Failed };
         match running {
-            Running::Write { range, seq, fua: true, ack, flushing: false } if ok => {
-                self.flush_for(
-                    position,
-                    connection,
-                    Running::Write { range, seq, fua: true, ack, flushing: true },
-                );
+            Running::Write { asked, fua: true, flushing: false } if ok => {
+                self.flush_for(position, connection, Running::Write { asked, fua: true, flushing: true });
             }
-            // As the daemon: the disk's answer only where the protocol asks for it, a failure
-            // always.
-            Running::Write { seq, ack, .. } => {
-                if current && (ack == AckMode::Write || !ok) {
-                    self.send(PeerMessage::Ack { seq, answer });
-                }
-            }
-            Running::Flush { seq } => {
-                if current {
-                    let answer = if ok { Answer::Flushed } else { Answer::Failed };
-                    self.send(PeerMessage::Ack { seq, answer });
+            Running::Write { asked, .. } | Running::Flush { asked } => {
+                if let Some(answer) = asked.on_done(ok).filter(|_| current) {
+                    self.send(PeerMessage::Ack { seq: asked.seq(), answer });
                 }
             }
 

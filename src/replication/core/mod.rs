@@ -13,6 +13,7 @@
 //! - `verify`: operator `invalidate` and online `verify`.
 //! - [`ledger`]: what the Primary asked of its peer and which writes are stable there (also
 //!   used by the daemon's link).
+//! - [`peer_answers`]: what the receiving side answers, and when (also the daemon's applier's).
 //! - [`io`]: the inputs and effects.
 //! - [`bugs`]: known bugs the simulator plants to show it can find them.
 
@@ -22,6 +23,7 @@ pub mod bugs;
 pub mod io;
 pub mod ledger;
 pub mod node;
+pub mod peer_answers;
 mod resync;
 mod target;
 mod verify;

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use rdbd_protocol::repl::{AckMode, Protocol};
+use rdbd_protocol::repl::Protocol;
 
 use crate::metadata::activity_log::{extents_of, ActivityLog, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
@@ -24,6 +24,7 @@ use super::applier::Applier;
 use super::bugs::{Bug, Bugs};
 use super::io::{ClientId, Command, Effect, Hello, IoId, PeerMessage, Persisted};
 use super::ledger::{Ledger, Range};
+use super::peer_answers::Asked;
 use super::resync::Source;
 use super::target::Target;
 use super::verify::Verifier;
@@ -517,14 +518,14 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             PeerMessage::InvalidateRequest => self.peer_invalidates(),
             PeerMessage::InvalidateAnswer { granted } => self.invalidate_answered(granted),
             // Protocol B: answered on receipt (a failure later still sends its NegAck).
-            m @ (PeerMessage::Write { seq, ack: AckMode::Recv, .. }
-            | PeerMessage::Trim { seq, ack: AckMode::Recv, .. }) => {
-                self.send(PeerMessage::Ack { seq, answer: super::ledger::Answer::Written });
+            m @ (PeerMessage::Write { seq, ack, .. } | PeerMessage::Trim { seq, ack, .. }) => {
+                let asked = Asked::Write { seq, ack };
+                if let Some(answer) = asked.on_receipt() {
+                    self.send(PeerMessage::Ack { seq, answer });
+                }
                 self.applier.receive(m);
             }
-            m @ (PeerMessage::Write { .. }
-            | PeerMessage::Trim { .. }
-            | PeerMessage::VerifyRequest { .. }
+            m @ (PeerMessage::VerifyRequest { .. }
             | PeerMessage::VerifyReply { .. }
             | PeerMessage::Flush { .. }
             | PeerMessage::ResyncData { .. }
