@@ -217,9 +217,8 @@ struct World {
     bugs: Bugs,
     al_extents: u32,
     protocol: Protocol,
-    /// The after-sb policies both nodes run with (a split brain resolved by one discards the
-    /// loser's changes: the oracle then demands only what the winner has).
-    policies: Policies,
+    /// The options both nodes run with.
+    setup: Setup,
     now: u64,
     seq: u64,
     step: u64,
@@ -286,12 +285,15 @@ enum Closing {
 pub fn run(seed: u64, options: &Options) -> RunResult {
     let mut w = World::new(seed, options);
     let (protocol, al_extents) = (w.protocol, w.al_extents);
-    let p = &w.policies;
-    let policies = format!(
-        "after-sb-0pri {}, after-sb-1pri {}, after-sb-2pri {}",
-        p.after_sb_0pri, p.after_sb_1pri, p.after_sb_2pri
+    let p = &w.setup.policies;
+    let resource = format!(
+        "after-sb-0pri {}, after-sb-1pri {}, after-sb-2pri {}, {} resync",
+        p.after_sb_0pri,
+        p.after_sb_1pri,
+        p.after_sb_2pri,
+        if w.setup.csums { "checksum-based" } else { "plain" }
     );
-    w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents, {policies}"));
+    w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents, {resource}"));
     w.schedule(0, Event::ClientNext);
     w.schedule(0, Event::Chaos);
     for node in 0..2 {
@@ -340,7 +342,7 @@ impl World {
             2 | 3 => Protocol::B,
             _ => Protocol::C,
         };
-        let policies = pick_policies(seed);
+        let setup = pick_setup(seed);
         let blocks = SIZE / BLOCK;
         let gens = Generations { current: 0x5EED_0000_0000_0004, bitmap: 0, history: [0, 0] };
         let bugs = options.bug.map_or(Bugs::NONE, Bugs::only);
@@ -355,7 +357,7 @@ impl World {
             failing: Default::default(),
         });
         for (n, node) in nodes.iter_mut().enumerate() {
-            let cfg = node_config(seed, n, 0, al_extents, protocol, &policies, bugs);
+            let cfg = node_config(seed, n, 0, al_extents, protocol, &setup, bugs);
             let core = NodeCore::new(cfg, gens, DiskState::UpToDate);
             node.disk.meta = Some(Persisted {
                 gens,
@@ -372,7 +374,7 @@ impl World {
             bugs,
             al_extents,
             protocol,
-            policies,
+            setup,
             now: 0,
             seq: 0,
             step: 0,
@@ -963,7 +965,7 @@ impl World {
             n.incarnation,
             self.al_extents,
             self.protocol,
-            &self.policies,
+            &self.setup,
             self.bugs,
         );
         let image = n.disk.meta.clone().expect("every node has metadata");
@@ -1426,7 +1428,7 @@ fn node_config(
     incarnation: u64,
     al_extents: u32,
     protocol: Protocol,
-    policies: &Policies,
+    setup: &Setup,
     bugs: Bugs,
 ) -> CoreConfig {
     CoreConfig {
@@ -1436,15 +1438,27 @@ fn node_config(
         al_extents,
         protocol,
         seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((node as u64) << 32 | incarnation),
-        policies: policies.clone(),
+        policies: setup.policies.clone(),
+        csums: setup.csums,
         bugs,
     }
 }
 
-/// The after-sb policies of a seed: each the default (disconnect: the operator resolves) about
-/// half the time, else one of the automatic ones. From a stream of its own, so that the rest of
-/// a seed's world is the same whatever the policies.
-fn pick_policies(seed: u64) -> Policies {
+/// The resource's options a seed runs with, beyond the protocol.
+#[derive(Debug, Clone)]
+struct Setup {
+    /// The after-sb policies (a split brain resolved by one discards the loser's changes: the
+    /// oracle then demands only what the winner has).
+    policies: Policies,
+    /// Checksum-based resync.
+    csums: bool,
+}
+
+/// The options of a seed: each after-sb policy the default (disconnect: the operator resolves)
+/// about half the time, else one of the automatic ones; checksum-based resync one time in
+/// three. From a stream of its own, so that the rest of a seed's world is the same whatever
+/// they are.
+fn pick_setup(seed: u64) -> Setup {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0xAF7E_25B0_0000_0001);
     let after_sb_0pri = match rng.u32(0..12) {
         0 => AfterSb0Pri::DiscardYoungerPrimary,
@@ -1462,5 +1476,6 @@ fn pick_policies(seed: u64) -> Policies {
         _ => AfterSb1::Disconnect,
     };
     let after_sb_2pri = if rng.u32(0..4) == 0 { AfterSb2::CallPriLostAfterSb } else { AfterSb2::Disconnect };
-    Policies { after_sb_0pri, after_sb_1pri, after_sb_2pri }
+    let csums = rng.u32(0..3) == 0;
+    Setup { policies: Policies { after_sb_0pri, after_sb_1pri, after_sb_2pri }, csums }
 }

@@ -126,6 +126,8 @@ fn order_of<P>(message: &PeerMessage<P>) -> Order {
         | PeerMessage::ResyncData { offset, len, .. }
         | PeerMessage::VerifyRequest { offset, len }
         | PeerMessage::VerifyReply { offset, len, .. } => Order::Range(offset, offset + len),
+        // After the data that came for the same request: it is written by then.
+        PeerMessage::ResyncInSync { offset, len } => Order::Range(offset, offset + len),
         PeerMessage::Flush { .. } => Order::Barrier,
         _ => Order::Unordered,
     }
@@ -146,7 +148,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     fn admit_arrived(&mut self) {
         while let Some(front) = self.applier.arrived.front() {
             match *front {
-                PeerMessage::ResyncData { .. } if !self.target_ready() => return,
+                PeerMessage::ResyncData { .. } | PeerMessage::ResyncInSync { .. } if !self.target_ready() => {
+                    return
+                }
                 PeerMessage::ResyncDone { .. } => {
                     if self.applier.order.waiting() > 0 || !self.applier.running.is_empty() {
                         return;
@@ -197,6 +201,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 let io = self.start_io(IoPurpose::Apply(position));
                 self.effects.push_back(Effect::Write { io, offset, len, data });
                 Running::Resync { id, key }
+            }
+            PeerMessage::ResyncInSync { offset, len } => {
+                self.applier.order.done(position);
+                if !self.target_in_sync(offset, len) {
+                    self.effects.push_back(Effect::DropLink { reason: "in-sync answer nobody asked for" });
+                }
+                return;
             }
             PeerMessage::Flush { seq } => {
                 let io = self.start_io(IoPurpose::Apply(position));

@@ -93,15 +93,24 @@ pub enum PeerMessage<P> {
         answer: Answer,
     },
     /// The sync target asks for the source's data of this range (it pulls, as in the daemon).
+    /// With `digest` (checksum-based resync), what the target holds there: the source sends
+    /// its data only where it differs, then closes the request with ResyncInSync. The core
+    /// carries the target's data itself as the digest (a digest without collisions).
     ResyncRequest {
         offset: u64,
         len: u64,
+        digest: Option<P>,
     },
     /// The answer to one ResyncRequest.
     ResyncData {
         offset: u64,
         len: u64,
         data: P,
+    },
+    /// Closes a checksum request: what no ResyncData answered was identical on both sides.
+    ResyncInSync {
+        offset: u64,
+        len: u64,
     },
     /// The target has the range durably (adjacent requests' acks merged).
     ResyncAck {

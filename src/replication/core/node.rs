@@ -45,6 +45,9 @@ pub struct CoreConfig {
     pub seed: u64,
     /// The after-sb policies (the same on both nodes, as the daemon's handshake requires).
     pub policies: Policies,
+    /// Checksum-based resync (`csums-alg`): the target sends what it holds of each range, and
+    /// the source sends only what differs.
+    pub csums: bool,
     /// Bugs planted for the simulator; [`Bugs::NONE`] elsewhere.
     pub bugs: Bugs,
 }
@@ -101,6 +104,9 @@ pub(super) enum IoPurpose {
     ResyncRead(Range, u64),
     /// The sync target's flush, for the resync with this number.
     TargetFlush(u64),
+    /// The sync target's read of a range for its checksum request, for the resync with this
+    /// number.
+    CsumRead(Range, u64),
     /// A verify's read of the range the applier runs at this queue position.
     VerifyRead(u64),
 }
@@ -125,7 +131,7 @@ pub struct NodeCore<P> {
     pub(super) promoting: Promoting,
     pub(super) writes: WritePath<P>,
     pub(super) applier: Applier<P>,
-    pub(super) source: Option<Source>,
+    pub(super) source: Option<Source<P>>,
     pub(super) target: Option<Target>,
     /// The driver's clock as of its last tick (paces the sync target).
     pub(super) now: std::time::Duration,
@@ -506,7 +512,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             PeerMessage::SyncStart { sync_uuid } => self.start_as_target(sync_uuid),
             PeerMessage::Ack { seq, answer } => self.peer_answered(seq, answer),
             PeerMessage::ResyncAck { offset, len } => self.resync_acked(offset, len),
-            PeerMessage::ResyncRequest { offset, len } => self.resync_requested(offset, len),
+            PeerMessage::ResyncRequest { offset, len, digest } => self.resync_requested(offset, len, digest),
             PeerMessage::PromoteRequest => self.peer_wants_promotion(),
             PeerMessage::PromoteAnswer { granted } => self.promotion_answered(granted),
             PeerMessage::Role { role } => {
@@ -529,6 +535,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             | PeerMessage::VerifyReply { .. }
             | PeerMessage::Flush { .. }
             | PeerMessage::ResyncData { .. }
+            | PeerMessage::ResyncInSync { .. }
             | PeerMessage::ResyncDone { .. }) => self.applier.receive(m),
         }
         self.pump();
@@ -558,6 +565,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             IoPurpose::Apply(position) => self.apply_done(position, ok),
             IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
             IoPurpose::TargetFlush(resync) => self.target_flushed(resync, ok),
+            IoPurpose::CsumRead(range, resync) => self.csum_read_done(range, resync, ok, data),
             IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),
         }
         self.pump();

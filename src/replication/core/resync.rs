@@ -4,7 +4,7 @@
 //! bitmap is clean and nothing is in flight, both sides close the resync with the generation
 //! steps of DRBD's model.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::replication::states::DiskState;
@@ -17,8 +17,7 @@ use super::node::{IoPurpose, Link, NodeCore};
 const WINDOW: usize = 8;
 
 /// A resync this node is the source of.
-#[derive(Debug)]
-pub(super) struct Source {
+pub(super) struct Source<P> {
     /// SyncStart goes out once this metadata image (the rotated generations) is durable.
     announce_at: Option<u64>,
     /// This resync's number: reads of an earlier one may still complete.
@@ -26,11 +25,25 @@ pub(super) struct Source {
     /// The target's requests not yet read, in arrival order.
     pending: VecDeque<Range>,
     reading: usize,
+    /// What the target holds of a checksum request's range, by offset, until it is read here.
+    digests: BTreeMap<u64, P>,
 }
 
-impl Source {
+impl<P> std::fmt::Debug for Source<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("announce_at", &self.announce_at)
+            .field("id", &self.id)
+            .field("pending", &self.pending)
+            .field("reading", &self.reading)
+            .field("digests", &self.digests.len())
+            .finish()
+    }
+}
+
+impl<P> Source<P> {
     pub(super) fn starting(image: u64, id: u64) -> Self {
-        Self { announce_at: Some(image), id, pending: VecDeque::new(), reading: 0 }
+        Self { announce_at: Some(image), id, pending: VecDeque::new(), reading: 0, digests: BTreeMap::new() }
     }
 }
 
@@ -74,11 +87,14 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     /// The target asks for a range: refused (the link ends) when this node is not its source
     /// or the range is not within the device, as the daemon does.
-    pub(super) fn resync_requested(&mut self, offset: u64, len: u64) {
+    pub(super) fn resync_requested(&mut self, offset: u64, len: u64, digest: Option<P>) {
         let fits = offset.checked_add(len).is_some_and(|end| end <= self.cfg.size) && len > 0;
         match self.source.as_mut() {
             Some(source) if fits && source.announce_at.is_none() => {
                 source.pending.push_back((offset, offset + len));
+                if let Some(digest) = digest {
+                    source.digests.insert(offset, digest);
+                }
             }
             _ => {
                 self.effects.push_back(Effect::DropLink { reason: "resync request this node cannot answer" })
@@ -90,8 +106,18 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.writes.release(range);
         let Some(source) = self.source.as_mut().filter(|s| s.id == resync) else { return };
         source.reading -= 1;
-        if let (true, Some(data)) = (ok, data) {
-            self.send(PeerMessage::ResyncData { offset: range.0, len: range.1 - range.0, data });
+        let digest = source.digests.remove(&range.0);
+        let (offset, len) = (range.0, range.1 - range.0);
+        let Some(data) = data.filter(|_| ok) else { return };
+        match digest {
+            None => self.send(PeerMessage::ResyncData { offset, len, data }),
+            // A checksum request: the data only where it differs, and the close either way.
+            Some(theirs) => {
+                if theirs != data {
+                    self.send(PeerMessage::ResyncData { offset, len, data });
+                }
+                self.send(PeerMessage::ResyncInSync { offset, len });
+            }
         }
     }
 

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use rdbd_protocol::repl::DigestAlg;
+
 use crate::replication::resync::pace::ResyncConfig;
 use crate::replication::resync::target::{Answers, ResyncTarget};
 
@@ -25,8 +27,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// Starts pulling (the disk is durably Inconsistent in the source's new generation).
     pub(super) fn start_target(&mut self) {
         self.resyncs += 1;
+        // The algorithm is the daemon's to compute; the core sends the data itself (see
+        // `PeerMessage::ResyncRequest`).
+        let csums = self.cfg.csums.then_some(DigestAlg::Crc32c);
         let bookkeeping =
-            ResyncTarget::new(self.cfg.size, self.cfg.bitmap_block, ResyncConfig::default(), None, self.now);
+            ResyncTarget::new(self.cfg.size, self.cfg.bitmap_block, ResyncConfig::default(), csums, self.now);
         self.target = Some(Target { id: self.resyncs, bookkeeping, answers: Answers::default() });
     }
 
@@ -37,9 +42,23 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         }
         let now = self.now;
         let Some(target) = self.target.as_mut() else { return };
+        let (id, csums) = (target.id, target.bookkeeping.csums().is_some());
+        let mut requests = Vec::new();
         while let Some((offset, len)) = target.bookkeeping.next_request(&self.bitmap) {
-            self.effects.push_back(Effect::Send(PeerMessage::ResyncRequest { offset, len: u64::from(len) }));
+            requests.push((offset, offset + u64::from(len)));
         }
+        for range in requests {
+            if csums {
+                // What this disk holds goes with the request (read outside the apply order,
+                // as the daemon's: a write racing the read only makes the two differ).
+                let io = self.start_io(IoPurpose::CsumRead(range, id));
+                self.effects.push_back(Effect::Read { io, offset: range.0, len: range.1 - range.0 });
+            } else {
+                let (offset, len) = (range.0, range.1 - range.0);
+                self.send(PeerMessage::ResyncRequest { offset, len, digest: None });
+            }
+        }
+        let Some(target) = self.target.as_mut() else { return };
         if !target.bookkeeping.flush_due(now) {
             return;
         }
@@ -50,6 +69,29 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         }
         let io = self.start_io(IoPurpose::TargetFlush(id));
         self.effects.push_back(Effect::Flush { io });
+    }
+
+    /// The read for a checksum request is done: the request goes out with what it read (a
+    /// failed read detached this disk already, and the link ends).
+    pub(super) fn csum_read_done(&mut self, (start, end): (u64, u64), id: u64, ok: bool, data: Option<P>) {
+        let current = self.target.as_ref().is_some_and(|t| t.id == id);
+        if let (true, true, Some(data)) = (current, ok, data) {
+            self.send(PeerMessage::ResyncRequest { offset: start, len: end - start, digest: Some(data) });
+        }
+    }
+
+    /// ResyncInSync closed the checksum request at `offset` (its data, if any, is written):
+    /// false if it closes none (the link ends).
+    pub(super) fn target_in_sync(&mut self, offset: u64, len: u64) -> bool {
+        let now = self.now;
+        let Some(target) = self.target.as_mut() else { return false };
+        let Ok(len) = u32::try_from(len) else { return false };
+        let Target { bookkeeping, answers, .. } = target;
+        if bookkeeping.in_sync(offset, len, now, answers).is_err() {
+            return false;
+        }
+        self.send_target_answers();
+        true
     }
 
     /// Resync data arrived: the request it answers, or `None` if it answers none (the link
