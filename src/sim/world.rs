@@ -13,7 +13,7 @@ use crate::replication::core::io::{
     ClientId, ClientRequest, Command, Effect, IoId, PeerMessage, Persisted, Reply,
 };
 use crate::replication::core::{CoreConfig, Grant, Link, NodeCore};
-use crate::replication::split_brain::{AfterSb0Pri, Policies};
+use crate::replication::split_brain::{AfterSb0Pri, Policies, RrConflict};
 use crate::replication::states::{DiskState, Role};
 use crate::replication::sync_decision::SyncDecision;
 
@@ -287,10 +287,11 @@ pub fn run(seed: u64, options: &Options) -> RunResult {
     let (protocol, al_extents) = (w.protocol, w.al_extents);
     let p = &w.setup.policies;
     let resource = format!(
-        "after-sb-0pri {}, after-sb-1pri {}, after-sb-2pri {}, {} resync",
+        "after-sb-0pri {}, after-sb-1pri {}, after-sb-2pri {}, rr-conflict {}, {} resync",
         p.after_sb_0pri,
         p.after_sb_1pri,
         p.after_sb_2pri,
+        w.setup.rr_conflict,
         if w.setup.csums { "checksum-based" } else { "plain" }
     );
     w.note(|| format!("protocol {protocol:?}, {al_extents} activity-log extents, {resource}"));
@@ -1439,6 +1440,7 @@ fn node_config(
         protocol,
         seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((node as u64) << 32 | incarnation),
         policies: setup.policies.clone(),
+        rr_conflict: setup.rr_conflict,
         csums: setup.csums,
         bugs,
     }
@@ -1450,6 +1452,8 @@ struct Setup {
     /// The after-sb policies (a split brain resolved by one discards the loser's changes: the
     /// oracle then demands only what the winner has).
     policies: Policies,
+    /// What a handshake that would make a Primary the sync target does.
+    rr_conflict: RrConflict,
     /// Checksum-based resync.
     csums: bool,
 }
@@ -1476,6 +1480,12 @@ fn pick_setup(seed: u64) -> Setup {
         _ => AfterSb1::Disconnect,
     };
     let after_sb_2pri = if rng.u32(0..4) == 0 { AfterSb2::CallPriLostAfterSb } else { AfterSb2::Disconnect };
+    let rr_conflict = match rng.u32(0..4) {
+        0 => RrConflict::RetryConnect,
+        1 => RrConflict::CallPriLost,
+        _ => RrConflict::Disconnect,
+    };
     let csums = rng.u32(0..3) == 0;
-    Setup { policies: Policies { after_sb_0pri, after_sb_1pri, after_sb_2pri }, csums }
+    let policies = Policies { after_sb_0pri, after_sb_1pri, after_sb_2pri };
+    Setup { policies, rr_conflict, csums }
 }

@@ -30,6 +30,9 @@ use super::target::Target;
 use super::verify::Verifier;
 use super::write_path::WritePath;
 
+/// How long a refused connection waits before the next attempt (`connect-interval`).
+const RETRY_CONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a node is, beyond what its metadata says.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -45,6 +48,8 @@ pub struct CoreConfig {
     pub seed: u64,
     /// The after-sb policies (the same on both nodes, as the daemon's handshake requires).
     pub policies: Policies,
+    /// What a handshake that would make a Primary the sync target does.
+    pub rr_conflict: RrConflict,
     /// Checksum-based resync (`csums-alg`): the target sends what it holds of each range, and
     /// the source sends only what differs.
     pub csums: bool,
@@ -165,6 +170,8 @@ pub struct NodeCore<P> {
     pub(super) persist_durable: u64,
     pub(super) effects: VecDeque<Effect<P>>,
     rng: u64,
+    /// A refused connection is tried again from then (rr-conflict retry-connect).
+    retry_at: Option<std::time::Duration>,
     /// The activity log's clock at the last tick: extents unused since are idle.
     retire_mark: u64,
 }
@@ -194,6 +201,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             source: None,
             target: None,
             now: std::time::Duration::ZERO,
+            retry_at: None,
             awaiting_sync_start: false,
             resyncs: 0,
             invalidating: false,
@@ -322,7 +330,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     /// The connection wants to be up (no operator disconnect, no split brain).
     pub fn wants_connection(&self) -> bool {
         // A detached node has nothing to replicate until its disk is attached again.
-        self.want_connect && self.disk != DiskState::Diskless
+        self.want_connect && self.disk != DiskState::Diskless && self.retry_at.is_none_or(|at| self.now >= at)
     }
 
     /// The next thing the driver must do.
@@ -354,7 +362,10 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         match command {
             Command::Primary => self.promote(),
             Command::Secondary => self.demote(),
-            Command::Connect => self.want_connect = true,
+            Command::Connect => {
+                self.want_connect = true;
+                self.retry_at = None;
+            }
             Command::Disconnect => {
                 self.want_connect = false;
                 if self.link != Link::Down {
@@ -745,7 +756,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let (me, them) = if self.cfg.node_id == 0 { ("node0", "node1") } else { ("node1", "node0") };
         let settings = Settings {
             policies: &self.cfg.policies,
-            rr_conflict: RrConflict::default(),
+            rr_conflict: self.cfg.rr_conflict,
             me,
             peer: them,
             dialer: self.cfg.node_id == 0,
@@ -759,6 +770,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             // it only when nothing uses the device, else both sides stand alone): either side
             // of such a plan stands alone.
             Plan::Proceed(go) if !go.give_up_primary && go.peer_role == hello.role => go,
+            // rr-conflict retry-connect: not now, but again after a while (the Primary may be
+            // demoted meanwhile), as the daemon waits its connect-interval.
+            Plan::Refuse(refusal) if refusal.retry => {
+                self.retry_at = Some(self.now + RETRY_CONNECT_AFTER);
+                self.effects.push_back(Effect::DropLink { reason: planned.decision.reason });
+                return;
+            }
             // Two Primaries, a split brain left to the operator, unrelated data, no usable
             // source, a Primary that would be overwritten, a side without a disk: stand alone
             // until an operator acts.

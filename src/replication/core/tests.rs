@@ -44,6 +44,7 @@ fn config(node: u32) -> CoreConfig {
         protocol: rdbd_protocol::repl::Protocol::C,
         seed: node.into(),
         policies: Default::default(),
+        rr_conflict: Default::default(),
         csums: false,
         bugs: Bugs::NONE,
     }
@@ -1008,4 +1009,41 @@ fn a_checksum_resync_sends_only_the_ranges_that_differ() {
     for block in [3, 5, 7] {
         assert_eq!(p.disks[0].get(&block), p.disks[1].get(&block), "block {block}");
     }
+}
+
+/// rr-conflict retry-connect: a handshake that would make the Primary the sync target is
+/// refused for now, the next attempt waits (the daemon's connect-interval), and once the
+/// Primary is demoted the pair connects and resyncs it.
+#[test]
+fn rr_conflict_retry_connect_tries_again_later_and_syncs_once_the_primary_stepped_down() {
+    use crate::replication::split_brain::RrConflict;
+    let mut p = Pair::new([SYNCED; 2]);
+    for n in 0..2 {
+        let cfg = CoreConfig { rr_conflict: RrConflict::RetryConnect, ..config(n as u32) };
+        p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+    }
+    p.command(0, Command::Primary);
+    p.witness(0, true);
+    assert_eq!(p.cores[0].role(), Role::Primary);
+    // Node 1 holds data newer than node 0's current generation (it synced from it, then wrote).
+    let newer =
+        Generations { current: 0x3000_0000_0000_0004, bitmap: p.cores[0].gens().current, history: [0, 0] };
+    let cfg = CoreConfig { rr_conflict: RrConflict::RetryConnect, ..config(1) };
+    p.cores[1] = NodeCore::new(cfg, newer, DiskState::UpToDate);
+    p.connect();
+    p.settle();
+    assert!(p.dropped[0] && p.dropped[1], "refused: the Primary would become target");
+    p.disconnect();
+    assert!(!p.cores[0].wants_connection(), "not again at once");
+    for n in 0..2 {
+        p.cores[n].handle_tick(std::time::Duration::from_secs(2));
+        p.drain(n);
+    }
+    assert!(p.cores.iter().all(|c| c.wants_connection()), "retrying after the interval");
+    p.command(0, Command::Secondary);
+    p.settle();
+    p.connect();
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
+    assert_eq!(p.cores[0].gens().current, newer.current, "node 0 took node 1's data");
 }
