@@ -670,6 +670,15 @@ impl World {
                 // clients may count only on what the winner holds durably.
                 let disk = &self.nodes[winner].disk;
                 self.oracle.keep_only(|b| disk.durable_block(b), |b| disk.read_block(b));
+                // Reads sent before may return only what the winner has, too (seed 337391: a
+                // frozen Primary won and answered a read sent while the loser's writes stood).
+                for pending in self.client.pending.values_mut() {
+                    if let Pending::Read { blocks, floors } = pending {
+                        for (floor, now) in floors.iter_mut().zip(self.oracle.read_sent(blocks.clone())) {
+                            *floor = (*floor).min(now);
+                        }
+                    }
+                }
             }
             Effect::ResyncStarted { source } => {
                 if source {

@@ -30,15 +30,18 @@ enum Running {
     Verify,
 }
 
+/// A request of the peer's, with the connection it came on (answered only on that one).
+type Received<P> = (u64, PeerMessage<P>);
+
 /// Requests received from the peer and not yet answered.
 pub(super) struct Applier<P> {
     /// Received and not yet admitted to the order: the front waits for the sync target's
     /// metadata, a verify's claim, or (the end of a resync) for everything before it.
-    arrived: VecDeque<PeerMessage<P>>,
+    arrived: VecDeque<Received<P>>,
     /// Admitted, in the order the daemon's applier keeps too.
-    order: ApplyOrder<PeerMessage<P>>,
+    order: ApplyOrder<Received<P>>,
     /// Handed out by the order and not yet started (reused).
-    ready: Vec<(u64, PeerMessage<P>)>,
+    ready: Vec<(u64, Received<P>)>,
     /// In flight on the disk, by arrival index, with the connection they came on.
     running: BTreeMap<u64, (u64, Running)>,
     /// Counts connections: answers for an earlier one are not sent.
@@ -66,7 +69,7 @@ impl<P> Default for Applier<P> {
 
 impl<P> Applier<P> {
     pub(super) fn receive(&mut self, message: PeerMessage<P>) {
-        self.arrived.push_back(message);
+        self.arrived.push_back((self.connection, message));
     }
 
     pub(super) fn is_idle(&self) -> bool {
@@ -81,16 +84,23 @@ impl<P> Applier<P> {
         self.target_ready_at
     }
 
-    /// The connection ended: what was not started is dropped (the Primary counts it as lost),
-    /// what runs finishes on the disk without an answer. Returns the ranges of dropped verify
-    /// requests, whose claims the caller gives back.
+    /// The connection ended: the peer's writes, TRIMs and flushes received still reach the disk,
+    /// in order and without an answer (the peer marks them out of sync all the same), since this
+    /// node may be the Primary now, of a client told they are done (seed 60293: a new Primary
+    /// dropped its former Primary's last write, queued behind a slow one, and its client's
+    /// FLUSH then counted it durable). Resync and verify work is dropped. Returns the ranges of
+    /// dropped verify requests, whose claims the caller gives back.
     pub(super) fn link_down(&mut self) -> Vec<Range> {
-        self.arrived.clear();
+        let kept = |(_, m): &Received<P>| {
+            matches!(m, PeerMessage::Write { .. } | PeerMessage::Trim { .. } | PeerMessage::Flush { .. })
+        };
+        self.arrived.retain(kept);
         self.connection += 1;
         self.target_ready_at = None;
         self.order
-            .drop_waiting()
-            .filter_map(|m| match m {
+            .drop_waiting_where(|m| !kept(m))
+            .into_iter()
+            .filter_map(|(_, m)| match m {
                 PeerMessage::VerifyRequest { offset, len } => Some((offset, offset + len)),
                 _ => None,
             })
@@ -102,8 +112,8 @@ impl<P> Applier<P> {
     /// may have been told it is done (protocols A and B).
     pub(super) fn holds_peer_writes(&self) -> bool {
         let is_write = |m: &PeerMessage<P>| matches!(m, PeerMessage::Write { .. } | PeerMessage::Trim { .. });
-        self.arrived.iter().any(is_write)
-            || self.order.waiting_requests().any(is_write)
+        self.arrived.iter().any(|(_, m)| is_write(m))
+            || self.order.waiting_requests().any(|(_, m)| is_write(m))
             || self.running.values().any(|(_, r)| matches!(r, Running::Write { .. }))
     }
 
@@ -111,7 +121,7 @@ impl<P> Applier<P> {
     /// overlaps `range`.
     pub(super) fn overlaps_unfinished(&self, (start, end): Range) -> bool {
         self.order.overlaps_unfinished((start, end))
-            || self.arrived.iter().any(|m| match order_of(m) {
+            || self.arrived.iter().any(|(_, m)| match order_of(m) {
                 Order::Range(s, e) => s < end && start < e,
                 _ => false,
             })
@@ -146,7 +156,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     /// Moves what may go on from the front of the arrived requests into the order.
     fn admit_arrived(&mut self) {
-        while let Some(front) = self.applier.arrived.front() {
+        while let Some((_, front)) = self.applier.arrived.front() {
             match *front {
                 PeerMessage::ResyncData { .. } | PeerMessage::ResyncInSync { .. } if !self.target_ready() => {
                     return
@@ -155,7 +165,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                     if self.applier.order.waiting() > 0 || !self.applier.running.is_empty() {
                         return;
                     }
-                    let Some(PeerMessage::ResyncDone { gens }) = self.applier.arrived.pop_front() else {
+                    let Some((_, PeerMessage::ResyncDone { gens })) = self.applier.arrived.pop_front() else {
                         unreachable!("matched at the front")
                     };
                     if !self.target_done() {
@@ -174,13 +184,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 }
                 _ => {}
             }
-            let message = self.applier.arrived.pop_front().expect("front");
-            self.applier.order.push(order_of(&message), message);
+            let received = self.applier.arrived.pop_front().expect("front");
+            self.applier.order.push(order_of(&received.1), received);
         }
     }
 
-    fn start_applying(&mut self, position: u64, message: PeerMessage<P>) {
-        let connection = self.applier.connection;
+    fn start_applying(&mut self, position: u64, (connection, message): Received<P>) {
         let running = match message {
             PeerMessage::Write { seq, offset, len, data, fua, ack } => {
                 let io = self.start_io(IoPurpose::Apply(position));

@@ -124,13 +124,22 @@ impl<T> ApplyOrder<T> {
         self.waiting.len()
     }
 
-    /// Forgets every request not yet started (the connection they came on ended); running ones
-    /// still end with [`ApplyOrder::done`].
-    pub fn drop_waiting(&mut self) -> impl Iterator<Item = T> + '_ {
-        for (index, ..) in &self.waiting {
-            self.open.remove(index);
+    /// Forgets the requests not yet started that `forget` picks (the connection they came on
+    /// ended), and returns them; the others keep their places. Running ones still end with
+    /// [`ApplyOrder::done`].
+    pub fn drop_waiting_where(&mut self, mut forget: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut dropped = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for (index, order, request) in self.waiting.drain(..) {
+            if forget(&request) {
+                self.open.remove(&index);
+                dropped.push(request);
+            } else {
+                kept.push_back((index, order, request));
+            }
         }
-        self.waiting.drain(..).map(|(_, _, request)| request)
+        self.waiting = kept;
+        dropped
     }
 }
 
@@ -175,7 +184,7 @@ mod tests {
         let a = o.push(Order::Range(0, 8), "a");
         o.push(Order::Range(0, 8), "b");
         assert_eq!(started(&mut o), ["a"]);
-        assert_eq!(o.drop_waiting().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(o.drop_waiting_where(|_| true), ["b"]);
         o.push(Order::Barrier, "flush");
         assert!(started(&mut o).is_empty(), "the running write still holds the barrier");
         o.done(a);

@@ -30,6 +30,10 @@ use super::target::Target;
 use super::verify::Verifier;
 use super::write_path::WritePath;
 
+/// How long a demotion waits for the peer to make this node's writes stable before it goes on
+/// anyway (the daemon's `give_up_primary`).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a refused connection waits before the next attempt (`connect-interval`).
 const RETRY_CONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -170,6 +174,9 @@ pub struct NodeCore<P> {
     pub(super) persist_durable: u64,
     pub(super) effects: VecDeque<Effect<P>>,
     rng: u64,
+    /// A demotion waits for the peer's flush since then (reset when the role changes or the
+    /// link goes down).
+    settling_since: Option<std::time::Duration>,
     /// A refused connection is tried again from then (rr-conflict retry-connect).
     retry_at: Option<std::time::Duration>,
     /// The activity log's clock at the last tick: extents unused since are idle.
@@ -202,6 +209,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             target: None,
             now: std::time::Duration::ZERO,
             retry_at: None,
+            settling_since: None,
             awaiting_sync_start: false,
             resyncs: 0,
             invalidating: false,
@@ -480,6 +488,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.link = Link::Down;
         self.hello_due = false;
         self.peer_hello = None;
+        self.settling_since = None;
         let (lost, waiters) = self.ledger.fail_all();
         self.settle_peer_writes(&[], &lost);
         if self.role != Role::Primary && !lost.is_empty() && !self.peer_took_over {
@@ -885,6 +894,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
 
     fn set_role(&mut self, role: Role) {
         self.role = role;
+        self.settling_since = None;
         if role == Role::Primary {
             // A Primary's data is what clients were told: an earlier --discard-my-data no longer
             // applies to it (seed 206865 discarded acknowledged writes this way).
@@ -895,10 +905,22 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.effects.push_back(Effect::RoleChanged(role));
     }
 
+    /// Refused while requests are in flight and, connected, until every write the peer has is
+    /// stable there (it asks for the flush) or [`SETTLE`] passed since the first refusal: the
+    /// daemon's demotion waits for the peer's flush as long (`give_up_primary`). A peer
+    /// promoted next then holds what this node's clients were told is done.
     fn demote(&mut self) {
-        if self.role == Role::Primary && self.writes.is_idle() {
-            self.set_role(Role::Secondary);
+        if self.role != Role::Primary || !self.writes.is_idle() {
+            return;
         }
+        if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
+            let since = *self.settling_since.get_or_insert(self.now);
+            if self.now.saturating_sub(since) < SETTLE {
+                self.flush_peer();
+                return;
+            }
+        }
+        self.set_role(Role::Secondary);
     }
 
     /// `down`: demoted, and leaving the peer with everything. The writes it has are made

@@ -21,6 +21,8 @@ pub(super) struct Target {
     pub(super) id: u64,
     pub(super) bookkeeping: ResyncTarget,
     answers: Answers,
+    /// Checksum requests whose range this disk is still to read (see `pump_target`).
+    to_read: Vec<(u64, u64)>,
 }
 
 impl<P: Clone + PartialEq> NodeCore<P> {
@@ -32,7 +34,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let csums = self.cfg.csums.then_some(DigestAlg::Crc32c);
         let bookkeeping =
             ResyncTarget::new(self.cfg.size, self.cfg.bitmap_block, ResyncConfig::default(), csums, self.now);
-        self.target = Some(Target { id: self.resyncs, bookkeeping, answers: Answers::default() });
+        self.target =
+            Some(Target { id: self.resyncs, bookkeeping, answers: Answers::default(), to_read: Vec::new() });
     }
 
     /// Requests what the window allows and starts a flush when one is due.
@@ -47,15 +50,28 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         while let Some((offset, len)) = target.bookkeeping.next_request(&self.bitmap) {
             requests.push((offset, offset + u64::from(len)));
         }
-        for range in requests {
-            if csums {
-                // What this disk holds goes with the request (read outside the apply order,
-                // as the daemon's: a write racing the read only makes the two differ).
+        if !csums {
+            for (offset, end) in requests {
+                self.send(PeerMessage::ResyncRequest { offset, len: end - offset, digest: None });
+            }
+        } else {
+            // What this disk holds goes with the request, read outside the apply order (as the
+            // daemon's: a write of this connection racing the read only makes the two differ)
+            // but after any write of the peer's still to land here: one from an earlier
+            // connection, which the source no longer has in mind, would land after a read that
+            // found the range equal, and the two would differ unmarked (seed 110274).
+            target.to_read.extend(requests);
+            let mut to_read = std::mem::take(&mut target.to_read);
+            to_read.retain(|&range| {
+                if self.applier.overlaps_unfinished(range) {
+                    return true;
+                }
                 let io = self.start_io(IoPurpose::CsumRead(range, id));
                 self.effects.push_back(Effect::Read { io, offset: range.0, len: range.1 - range.0 });
-            } else {
-                let (offset, len) = (range.0, range.1 - range.0);
-                self.send(PeerMessage::ResyncRequest { offset, len, digest: None });
+                false
+            });
+            if let Some(target) = self.target.as_mut() {
+                target.to_read = to_read;
             }
         }
         let Some(target) = self.target.as_mut() else { return };

@@ -33,6 +33,8 @@ struct Pair {
     verified: [Option<u64>; 2],
     /// Blocks each node sent as resync data.
     resync_blocks_sent: [u64; 2],
+    /// The drivers' clock, for ticks.
+    clock: std::time::Duration,
 }
 
 fn config(node: u32) -> CoreConfig {
@@ -64,6 +66,7 @@ impl Pair {
             invalidated: [false; 2],
             verified: [None; 2],
             resync_blocks_sent: [0; 2],
+            clock: std::time::Duration::ZERO,
         }
     }
 
@@ -77,10 +80,28 @@ impl Pair {
         p
     }
 
-    /// Node 0 steps down and node 1 is promoted with its consent, while every disk request of
-    /// node 1 that `hold` picks stays in flight.
+    /// `secondary` on node `n` whose writes the peer does not make stable in time: refused (the
+    /// peer is asked to flush), then, once the daemon's settle time has passed, carried out
+    /// all the same — the one way a Primary steps down with writes unstable on its peer.
+    fn demote_unsettled(&mut self, n: usize) {
+        self.command(n, Command::Secondary);
+        // The flush it asked for is not awaited: the scenario goes on as if the peer had not
+        // got to it yet (its link dies, or its disk holds the writes, before it would).
+        self.inbox[1 - n].retain(|m| !matches!(m, PeerMessage::Flush { .. }));
+        if self.cores[n].role() == Role::Primary {
+            self.clock += std::time::Duration::from_secs(6);
+            self.cores[n].handle_tick(self.clock);
+            self.drain(n);
+            self.command(n, Command::Secondary);
+        }
+        assert_eq!(self.cores[n].role(), Role::Secondary);
+    }
+
+    /// Node 0 steps down (its writes unstable on node 1, see [`Pair::demote_unsettled`]) and
+    /// node 1 is promoted with its consent, while every disk request of node 1 that `hold`
+    /// picks stays in flight.
     fn switch_over_holding(&mut self, hold: impl Fn(&Effect<Data>) -> bool) {
-        self.command(0, Command::Secondary);
+        self.demote_unsettled(0);
         self.deliver(1);
         self.command(1, Command::Primary);
         for _ in 0..5 {
@@ -390,7 +411,7 @@ fn a_demoted_node_whose_writes_the_peer_lost_starts_a_new_generation() {
     let mut p = Pair::connected_with_primary();
     p.client(0, 1, write(5, 0xAB));
     p.settle();
-    p.command(0, Command::Secondary);
+    p.demote_unsettled(0);
     assert_eq!(p.cores[0].role(), Role::Secondary);
     p.disconnect();
     assert!(p.cores[0].out_of_sync_blocks() > 0, "the unflushed write is marked");
@@ -668,7 +689,7 @@ fn a_node_that_handed_over_its_role_takes_no_new_generation_for_its_old_writes()
     p.client(0, 1, write(5, 0xAB));
     p.settle();
     assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
-    p.command(0, Command::Secondary);
+    p.demote_unsettled(0);
     p.settle();
     p.command(1, Command::Primary);
     p.settle();
@@ -748,7 +769,7 @@ fn a_source_of_an_unfinished_resync_promoted_alone_starts_a_new_generation() {
     p.client(0, 1, write(5, 0xAB));
     p.settle();
     assert_eq!(p.reply(1), Some(&Reply::Done), "acknowledged, not yet stable on the peer");
-    p.command(0, Command::Secondary);
+    p.demote_unsettled(0);
     p.settle();
     p.command(0, Command::Invalidate);
     // Node 1 grants and becomes sync source; nothing it sends reaches node 0.
@@ -833,7 +854,7 @@ fn a_sync_source_reads_a_range_only_after_the_peers_writes_to_it_landed() {
     p.deliver(1);
     assert!(p.io[1].iter().any(|(_, e)| matches!(e, Effect::Write { .. })));
     assert_eq!(p.reply(1), Some(&Reply::Done));
-    p.command(0, Command::Secondary);
+    p.demote_unsettled(0);
     p.command(0, Command::Invalidate);
     // Everything but node 1's data write goes on: node 1 agrees, becomes source, node 0 asks.
     let is_data_write = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
@@ -1046,4 +1067,71 @@ fn rr_conflict_retry_connect_tries_again_later_and_syncs_once_the_primary_steppe
     p.settle();
     assert!(p.cores.iter().all(|c| c.is_established()), "{}", p.cores[0].describe_work());
     assert_eq!(p.cores[0].gens().current, newer.current, "node 0 took node 1's data");
+}
+
+/// Seed 60293 (protocol A): the former Primary's last write waited on the new Primary's disk
+/// behind a FLUSH barrier, itself behind a slow write; the link died, the new Primary dropped
+/// the waiting write, and its client's FLUSH then counted it durable. The peer's writes received
+/// before a link loss still reach the disk; the FLUSH covers them.
+#[test]
+fn a_new_primary_still_applies_its_former_primarys_queued_writes_after_the_link_died() {
+    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    // Write 5 lands slowly on node 1; node 0's own flush of the peer (at a tick) and write 6
+    // queue behind it there.
+    p.client(0, 1, write(5, 0xA5));
+    while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) {}
+    p.cores[0].handle_tick(std::time::Duration::from_millis(100));
+    p.drain(0);
+    p.client(0, 3, write(6, 0xA6));
+    while p.complete_io(0, |_| true) | p.deliver(1) {}
+    assert_eq!(p.reply(3), Some(&Reply::Done), "protocol A: handed to the link");
+    let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
+    p.switch_over_holding(is_write_5);
+    assert_eq!(p.cores[1].role(), Role::Primary);
+    assert!(!p.disks[1].contains_key(&6), "write 6 waits behind the barrier");
+    p.disconnect();
+    p.witness(1, true);
+    p.client(1, 4, ClientRequest::Flush);
+    p.complete_io(1, is_write_5);
+    p.settle();
+    assert_eq!(p.reply(4), Some(&Reply::Done));
+    assert_eq!(p.disks[1].get(&6), Some(&0xA6), "the queued write landed before the FLUSH was answered");
+}
+
+/// Seed 110274 (protocol A, checksum-based resync): the former connection's write to a block
+/// was still in flight on the sync target's disk when the target read that block for its
+/// checksum request; the source had overwritten the block since (a TRIM the target never
+/// received) with what the target's disk held before, so the two compared equal, the bit
+/// cleared, and the old write landed. A checksum read now waits for the peer's writes still to
+/// land.
+#[test]
+fn a_checksum_read_waits_for_the_peers_writes_still_in_flight() {
+    let mut p = Pair::new([SYNCED; 2]);
+    for n in 0..2 {
+        let cfg = CoreConfig { csums: true, protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
+        p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+    }
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.settle();
+    let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
+    p.client(0, 1, write(5, 0xA5));
+    while p.complete_io(0, |_| true) | p.deliver(1) | p.complete_io(1, |e| !is_write_5(e)) {}
+    assert!(p.io[1].iter().any(|(_, e)| is_write_5(e)), "node 1's disk holds the write");
+    // The TRIM is done on node 0; the link dies before node 1 receives it.
+    p.client(0, 2, ClientRequest::Trim { offset: 5 * BLOCK, len: BLOCK });
+    while p.complete_io(0, |_| true) {}
+    assert_eq!(p.reply(2), Some(&Reply::Done));
+    p.disconnect();
+    p.connect();
+    while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) | p.complete_io(1, |e| !is_write_5(e)) {}
+    p.complete_io(1, is_write_5);
+    p.settle();
+    assert!(p.cores.iter().all(|c| c.is_established() && c.out_of_sync_blocks() == 0));
+    assert_eq!(p.disks[1].get(&5).copied().unwrap_or(0), 0, "node 1 took the TRIM from the resync");
 }
