@@ -138,9 +138,7 @@ impl Received {
     ) -> Self {
         Self { seq, ack, index: 0, range, op: Some(op), kind }
     }
-}
 
-impl Received {
     /// What the peer asked to hear about this request (resync, verify and the Diskless
     /// Primary's reads are answered by their own messages).
     fn asked(&self) -> Option<Asked> {

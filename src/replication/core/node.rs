@@ -914,7 +914,11 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             return;
         }
         if matches!(self.link, Link::Up { .. }) && self.ledger.unstable_writes() > 0 {
-            let since = *self.settling_since.get_or_insert(self.now);
+            // A refusal long ago (the operator gave up then) does not count for this attempt.
+            let since = match self.settling_since {
+                Some(since) if self.now.saturating_sub(since) <= 2 * SETTLE => since,
+                _ => *self.settling_since.insert(self.now),
+            };
             if self.now.saturating_sub(since) < SETTLE {
                 self.flush_peer();
                 return;
