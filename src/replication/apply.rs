@@ -728,6 +728,13 @@ mod tests {
         (Framed::new(a.unwrap()).unwrap(), Framed::new(b.unwrap().0).unwrap())
     }
 
+    /// A file device of `size` bytes in `dir`, and its path.
+    fn file_device(dir: &tempfile::TempDir, size: u64) -> (Arc<dyn BlockDevice>, std::path::PathBuf) {
+        let path = dir.path().join("disk.img");
+        let opts = OpenOptions { size: Some(size), ..Default::default() };
+        (Arc::new(FileDevice::open_file(&path, &opts).unwrap()), path)
+    }
+
     fn data(seq: u64, offset: u64, bytes: &[u8], ack: AckMode) -> Message<'_> {
         Message::Data(Data { seq, offset, fua: false, ack, crc32c: block_crc32c(bytes), data: bytes })
     }
@@ -748,9 +755,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn writes_are_applied_in_order_and_acknowledged_as_asked() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.img");
-        let opts = OpenOptions { size: Some(8 << 20), ..Default::default() };
-        let device: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_file(&path, &opts).unwrap());
+        let (device, path) = file_device(&dir, 8 << 20);
         let ((pd, sd), (pm, sm)) = (pair().await, pair().await);
 
         // Overlapping writes without write acks (protocol A) must land in sending order;
@@ -814,9 +819,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn writes_received_before_the_link_failed_still_reach_the_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.img");
-        let opts = OpenOptions { size: Some(1 << 20), ..Default::default() };
-        let device: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_file(&path, &opts).unwrap());
+        let (device, path) = file_device(&dir, 1 << 20);
         let ((mut pd, mut sd), (_pm, mut sm)) = (pair().await, pair().await);
         let (first, second) = (vec![1u8; 65536], vec![2u8; 4096]);
         let mut frames = Vec::new();

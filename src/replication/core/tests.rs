@@ -70,12 +70,11 @@ impl Pair {
         }
     }
 
-    /// An in-sync pair replicating with `protocol`.
-    fn with_protocol(protocol: rdbd_protocol::repl::Protocol) -> Self {
+    /// An in-sync pair whose nodes run with `configure` applied to their usual configuration.
+    fn configured(configure: impl Fn(CoreConfig) -> CoreConfig) -> Self {
         let mut p = Pair::new([SYNCED; 2]);
         for (n, core) in p.cores.iter_mut().enumerate() {
-            let cfg = CoreConfig { protocol, ..config(n as u32) };
-            *core = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
+            *core = NodeCore::new(configure(config(n as u32)), SYNCED, DiskState::UpToDate);
         }
         p
     }
@@ -243,7 +242,17 @@ impl Pair {
 
     /// A connected pair, node 0 Primary by the peer's consent.
     fn connected_with_primary() -> Self {
-        let mut p = Pair::new([SYNCED; 2]);
+        Self::connected_with_primary_over(rdbd_protocol::repl::Protocol::C)
+    }
+
+    /// A connected pair replicating with `protocol`, node 0 Primary by the peer's consent.
+    fn connected_with_primary_over(protocol: rdbd_protocol::repl::Protocol) -> Self {
+        Self::connected_with_primary_configured(|cfg| CoreConfig { protocol, ..cfg })
+    }
+
+    /// A connected pair configured as [`Pair::configured`], node 0 Primary by the peer's consent.
+    fn connected_with_primary_configured(configure: impl Fn(CoreConfig) -> CoreConfig) -> Self {
+        let mut p = Pair::configured(configure);
         p.connect();
         p.settle();
         p.command(0, Command::Primary);
@@ -843,11 +852,7 @@ fn a_switchover_by_hand_ends_in_a_resync_not_a_split_brain() {
 /// peer's writes received before it.
 #[test]
 fn a_sync_source_reads_a_range_only_after_the_peers_writes_to_it_landed() {
-    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let mut p = Pair::connected_with_primary_over(rdbd_protocol::repl::Protocol::A);
     // Protocol A: done once written here and handed to the link; node 1's write stays in flight.
     p.client(0, 1, write(5, 0xAB));
     while p.complete_io(0, |_| true) | p.deliver(0) {}
@@ -908,11 +913,7 @@ fn a_restarted_node_flushes_its_disk_before_it_offers_its_data() {
 /// waits for the peer's writes received and not yet done, not only the running ones.
 #[test]
 fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
-    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::B);
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let mut p = Pair::connected_with_primary_over(rdbd_protocol::repl::Protocol::B);
     // Two writes to block 5: on node 1 the second waits behind the first, which stays in flight.
     for (id, token) in [(1, 0xA1), (2, 0xA2)] {
         p.client(0, id, write(5, token));
@@ -937,11 +938,7 @@ fn a_new_primary_reads_a_block_only_after_the_peers_queued_write_to_it() {
 /// sync source. A client FLUSH now waits for the peer's writes received before it.
 #[test]
 fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
-    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let mut p = Pair::connected_with_primary_over(rdbd_protocol::repl::Protocol::A);
     p.client(0, 1, write(5, 0xA1));
     while p.complete_io(0, |_| true) | p.deliver(0) | p.deliver(1) {}
     assert_eq!(p.reply(1), Some(&Reply::Done), "protocol A: handed to the link");
@@ -962,12 +959,8 @@ fn a_new_primary_flushes_only_once_the_former_primarys_writes_landed() {
 fn a_split_brain_resolved_by_policy_resyncs_the_loser_from_the_winner() {
     use crate::replication::split_brain::{AfterSb0Pri, Policies};
     for bugs in [Bugs::NONE, Bugs::only(Bug::SplitBrainLoserKeepsData)] {
-        let mut p = Pair::new([SYNCED; 2]);
         let policies = Policies { after_sb_0pri: AfterSb0Pri::DiscardLeastChanges, ..Default::default() };
-        for n in 0..2 {
-            let cfg = CoreConfig { policies: policies.clone(), bugs, ..config(n as u32) };
-            p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-        }
+        let mut p = Pair::configured(|cfg| CoreConfig { policies: policies.clone(), bugs, ..cfg });
         // Each writes alone in turn: node 0 three blocks, node 1 one.
         for (n, blocks) in [(0, vec![1, 2, 3]), (1, vec![2])] {
             p.command(n, Command::Primary);
@@ -1002,15 +995,7 @@ fn a_split_brain_resolved_by_policy_resyncs_the_loser_from_the_winner() {
 /// (The core compares a request's range as a whole, the daemon each bitmap block of it.)
 #[test]
 fn a_checksum_resync_sends_only_the_ranges_that_differ() {
-    let mut p = Pair::new([SYNCED; 2]);
-    for n in 0..2 {
-        let cfg = CoreConfig { csums: true, ..config(n as u32) };
-        p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let mut p = Pair::connected_with_primary_configured(|cfg| CoreConfig { csums: true, ..cfg });
     p.client(0, 1, write(3, 0x33));
     p.settle();
     assert_eq!(p.disks[1].get(&3), Some(&0x33));
@@ -1038,11 +1023,7 @@ fn a_checksum_resync_sends_only_the_ranges_that_differ() {
 #[test]
 fn rr_conflict_retry_connect_tries_again_later_and_syncs_once_the_primary_stepped_down() {
     use crate::replication::split_brain::RrConflict;
-    let mut p = Pair::new([SYNCED; 2]);
-    for n in 0..2 {
-        let cfg = CoreConfig { rr_conflict: RrConflict::RetryConnect, ..config(n as u32) };
-        p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
+    let mut p = Pair::configured(|cfg| CoreConfig { rr_conflict: RrConflict::RetryConnect, ..cfg });
     p.command(0, Command::Primary);
     p.witness(0, true);
     assert_eq!(p.cores[0].role(), Role::Primary);
@@ -1075,11 +1056,7 @@ fn rr_conflict_retry_connect_tries_again_later_and_syncs_once_the_primary_steppe
 /// before a link loss still reach the disk; the FLUSH covers them.
 #[test]
 fn a_new_primary_still_applies_its_former_primarys_queued_writes_after_the_link_died() {
-    let mut p = Pair::with_protocol(rdbd_protocol::repl::Protocol::A);
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let mut p = Pair::connected_with_primary_over(rdbd_protocol::repl::Protocol::A);
     // Write 5 lands slowly on node 1; node 0's own flush of the peer (at a tick) and write 6
     // queue behind it there.
     p.client(0, 1, write(5, 0xA5));
@@ -1110,15 +1087,8 @@ fn a_new_primary_still_applies_its_former_primarys_queued_writes_after_the_link_
 /// land.
 #[test]
 fn a_checksum_read_waits_for_the_peers_writes_still_in_flight() {
-    let mut p = Pair::new([SYNCED; 2]);
-    for n in 0..2 {
-        let cfg = CoreConfig { csums: true, protocol: rdbd_protocol::repl::Protocol::A, ..config(n as u32) };
-        p.cores[n] = NodeCore::new(cfg, SYNCED, DiskState::UpToDate);
-    }
-    p.connect();
-    p.settle();
-    p.command(0, Command::Primary);
-    p.settle();
+    let protocol = rdbd_protocol::repl::Protocol::A;
+    let mut p = Pair::connected_with_primary_configured(|cfg| CoreConfig { csums: true, protocol, ..cfg });
     let is_write_5 = |e: &Effect<Data>| matches!(e, Effect::Write { offset, .. } if *offset == 5 * BLOCK);
     p.client(0, 1, write(5, 0xA5));
     while p.complete_io(0, |_| true) | p.deliver(1) | p.complete_io(1, |e| !is_write_5(e)) {}
