@@ -347,6 +347,10 @@ impl Applier {
                 return;
             }
             std::future::poll_fn(|cx| self.poll_queues(cx)).await;
+            if self.completions.is_empty() && self.in_flight() == 0 {
+                // Nothing on the disk to wait for: never spin.
+                return;
+            }
             for c in std::mem::take(&mut self.completions) {
                 self.complete(c);
             }
