@@ -454,17 +454,12 @@ async fn session(
     }
     let sender = go.sender;
     let resyncing = outcome.is_source() || outcome.is_target();
-    // The bitmap must not change between its exchange and the start of replication: a write
-    // still in flight could mark a block after the bitmap went out, which the target would
-    // never ask for (the simulator's seed 2140). If the writes do not drain (a stalled disk),
-    // this attempt ends and the next one holds them again.
+    // The bitmap must not change between its exchange and the start of replication. A hold that
+    // times out goes on: writes frozen at the quorum gate keep their ranges until the link is
+    // back (issue 15), so ending the attempt would never reconnect; they marked their blocks
+    // when they started without the peer.
     if sender && !node.device.hold_writes(node.config.net.timeout).await {
-        node.device.release_writes();
-        warn!(
-            "writes in flight did not finish within {:?} for the bitmap exchange: connecting again",
-            node.config.net.timeout
-        );
-        return Outcome::Retry;
+        warn!("writes in flight did not finish within {:?} for the bitmap exchange", node.config.net.timeout);
     }
     if resyncing {
         let step = node.config.net.timeout.max(Duration::from_secs(1));
