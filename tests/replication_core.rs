@@ -271,3 +271,44 @@ async fn holding_writes_waits_for_the_last_one_in_flight_and_reports_a_timeout()
     device.release_writes();
     assert!(device.claim_range((8192, 12288)), "released: writes start again");
 }
+
+/// Cut off from the peer with the quorum gate closed, a read is held as a write is (the peer may
+/// have been promoted and written since, so this disk may be stale); it is answered once the
+/// gate opens, and failed when the gate fails what it holds (fail-io).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_peer_reads_wait_for_the_quorum_gate_as_writes_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let tracking = Tracking { bitmap: DirtyBitmap::new(SIZE / 4096), activity: None };
+    let device = ReplicatedDevice::new(file_device(&dir, "a.img"), tracking, 4096);
+    let mut queue = device.clone().open_queue().unwrap();
+    let mut pool = BufPool::new();
+    let done = run(&mut queue, vec![write(&mut pool, 0, 7, 4096)]).await;
+    assert!(done[0].result.is_ok(), "no HA: the gate is open");
+
+    device.alone_gate().deny(false);
+    queue.submit(1, IoOp::Read { offset: 0, buf: pool.take(4096) });
+    let mut done = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_millis(300), async {
+        while done.is_empty() {
+            std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+        }
+    })
+    .await;
+    assert!(answered.is_err(), "a read without the peer was answered through a closed gate: {done:?}");
+
+    device.alone_gate().allow_always();
+    device.wake_parked();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while done.is_empty() {
+            std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)).await;
+        }
+    })
+    .await
+    .expect("the read is answered once the gate opens");
+    assert!(done[0].result.is_ok(), "{:?}", done[0].result);
+    assert!(done[0].buf.as_ref().unwrap().iter().all(|&b| b == 7));
+
+    device.alone_gate().deny(true);
+    let failed = run(&mut queue, vec![IoOp::Read { offset: 0, buf: pool.take(4096) }]).await;
+    assert!(failed[0].result.is_err(), "fail-io: a read without the peer fails");
+}

@@ -566,6 +566,13 @@ async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome
     *node.verify_starts.lock().expect("verify lock") = Some(verify_tx);
     node.state().link = Some(link.clone());
     node.device.release_writes();
+    // Connected again as the Primary: what the last link lost went out marked in the bitmap, and
+    // a sync target is not promoted before it has it all, so requests held at the quorum gate
+    // are answered now. The node does it, not the supervisor, whose step may be waiting on such
+    // a request (a read of `vgchange` after a promotion renegotiated the link).
+    if node.state().role == Role::Primary && node.device.open_alone_gate_while_connected() {
+        node.device.wake_parked();
+    }
     let events = Box::new(NodeEvents(node.clone()));
     let served = source::serve(
         node.device.clone(),

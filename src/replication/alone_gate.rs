@@ -1,12 +1,13 @@
-//! Whether a write that reached only this node's disk (the peer is gone, or lost it) may be
-//! answered. Without HA it always may, as in DRBD. With a quorum witness it may only while this
-//! node holds the witness's lease: past it, the peer may have been promoted, and answering
-//! would let two nodes accept writes. Such a write is then held (freeze) or failed (fail-io).
+//! Whether a write that reached only this node's disk (the peer is gone, or lost it), or a read
+//! made without the peer, may be answered. Without HA it always may, as in DRBD. With a quorum
+//! witness it may only while this node holds the witness's lease: past it, the peer may have
+//! been promoted, and answering would let two nodes accept writes (or a read return what the
+//! new Primary has since overwritten). Such a request is then held (freeze) or failed (fail-io).
 //!
-//! While connected, the supervisor may open the gate for writes a dead link left behind (their
-//! blocks are marked for the peer's resync, and this node stays the source). The device closes
-//! that opening itself, before the dying link reports any write lost: a supervisor tick later
-//! would be too late, as the writes it answered in between could be lost to a takeover.
+//! Connected again as the Primary, the node opens the gate for requests a dead link left behind
+//! (their blocks are marked for the peer's resync, and this node stays the source). The device
+//! closes that opening itself, before the dying link reports any write lost: a supervisor tick
+//! later would be too late, as the writes it answered in between could be lost to a takeover.
 //!
 //! Checked on the completion path of every lonely write: a few atomics and a clock read.
 

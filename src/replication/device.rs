@@ -599,7 +599,8 @@ struct Op {
     /// The link follows the write until the peer has it stably, and releases its activity-log
     /// extents then (otherwise they are released when the op completes).
     followed: bool,
-    /// The peer does not have it (gone, or lost it): answered only through the alone gate.
+    /// The peer does not have it (gone, or lost it), or a read made without the peer:
+    /// answered only through the alone gate.
     alone: bool,
     /// The request went to the peer (which has it unless reported lost or failed).
     sent: bool,
@@ -745,7 +746,9 @@ impl ReplicatedQueue {
             buf: None,
             waiting_for_peer: sent.answered,
             followed: sent.followed,
-            alone: peer.is_none() && writes,
+            // Cut off from the peer, this disk may be stale (the peer may have been promoted
+            // and written): a read waits for the gate as a write does, as in the core.
+            alone: peer.is_none() && (writes || read_at.is_some()),
             sent: peer.is_some() && writes,
             read_at,
             remote: false,

@@ -414,9 +414,9 @@ impl Supervisor {
                 }
             }
         }
-        // Connected again as the Primary: what the last link lost is marked for the peer's
-        // resync, and a sync target cannot be promoted before it has it all. (The device
-        // closes this again the moment the link dies.)
+        // Connected as the Primary, the node opened the gate for this link when it connected
+        // (`run_sender`); a `deny` above closed it again, so it is opened anew. (The device
+        // closes it the moment the link dies.)
         if connected && role == Role::Primary {
             self.node.open_alone_gate_while_connected();
         }

@@ -81,6 +81,9 @@ pub struct Options {
     /// Each node's existing disk (a block device, or a symlink to one, such as
     /// [`super::powerloss::ForgetfulDisk::path`]) instead of a new backing file of `file_size`.
     pub disks: Option<[PathBuf; 2]>,
+    /// Each node's metadata in a file of its own (`meta-disk`) instead of at the end of its
+    /// disk: a metadata write then flushes only that file, not the data disk.
+    pub external_meta: bool,
 }
 
 /// Where the daemons run: a network namespace and an address each.
@@ -103,14 +106,20 @@ impl Default for Options {
             placement: None,
             path_prefix: None,
             disks: None,
+            external_meta: false,
         }
     }
 }
+
+/// An external metadata file: room for the bitmap of a few GiB and the activity log.
+const EXTERNAL_META_SIZE: u64 = 16 * MIB;
 
 pub struct NodeInfo {
     pub node: Node,
     pub config_dir: PathBuf,
     pub disk: PathBuf,
+    /// The metadata file, with `Options::external_meta`.
+    pub meta: Option<PathBuf>,
     pub repl_port: u16,
     pub nbd_port: u16,
     /// The daemon's stdout and stderr, across restarts.
@@ -194,10 +203,16 @@ impl Cluster {
                     disk
                 }
             };
+            let meta = opts.external_meta.then(|| {
+                let meta = dir.path().join(format!("{}.meta", node.name()));
+                File::create(&meta).unwrap().set_len(EXTERNAL_META_SIZE).unwrap();
+                meta
+            });
             NodeInfo {
                 node,
                 config_dir: dir.path().join(format!("etc-{}", node.name())),
                 disk,
+                meta,
                 repl_port: ports[i].0,
                 nbd_port: ports[i].1,
                 log: dir.path().join(format!("{}.log", node.name())),
@@ -250,6 +265,9 @@ impl Cluster {
                 n.disk.display(),
                 n.nbd_port
             );
+            if let Some(meta) = &n.meta {
+                out += &format!("meta-disk = \"{}\"\n", meta.display());
+            }
             if let Some(hb) = opts.placement.as_ref().and_then(|p| p.heartbeat.as_ref()) {
                 out += &format!("heartbeat-address = \"{}\"\n", hb[n.node.idx()]);
             }
