@@ -45,10 +45,14 @@ pub enum Bug {
     /// The side an after-sb policy discards keeps its data and goes on as if in sync instead of
     /// becoming the sync target: the replicas diverge silently.
     SplitBrainLoserKeepsData,
+    /// The sync source reads a requested range without claiming it against client writes: a
+    /// write mirrored between the read and the send is overwritten on the target by the older
+    /// resync data (the rule of the daemon's own bookkeeping, `SourceRequests`).
+    ResyncReadUnclaimed,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 15] = [
+    pub const ALL: [Bug; 16] = [
         Bug::RetireBeforeLocalFlush,
         Bug::AckFlushBeforePeer,
         Bug::PromoteWithoutQuorum,
@@ -64,6 +68,7 @@ impl Bug {
         Bug::DownStartsNewGeneration,
         Bug::FrozenWritesKeepClaims,
         Bug::SplitBrainLoserKeepsData,
+        Bug::ResyncReadUnclaimed,
     ];
 
     /// The name `--inject-bug` takes.
@@ -84,6 +89,7 @@ impl Bug {
             Bug::DownStartsNewGeneration => "down-starts-new-generation",
             Bug::FrozenWritesKeepClaims => "frozen-writes-keep-claims",
             Bug::SplitBrainLoserKeepsData => "split-brain-loser-keeps-data",
+            Bug::ResyncReadUnclaimed => "resync-read-unclaimed",
         }
     }
 
@@ -110,6 +116,9 @@ impl Bug {
             Bug::DownStartsNewGeneration => "down of a connected Primary starts a new generation first",
             Bug::FrozenWritesKeepClaims => "writes frozen without the witness keep their ranges claimed",
             Bug::SplitBrainLoserKeepsData => "the side an after-sb policy discards goes on as if in sync",
+            Bug::ResyncReadUnclaimed => {
+                "the sync source reads a range without claiming it against client writes"
+            }
         }
     }
 

@@ -109,8 +109,9 @@ pub(super) enum IoPurpose {
     Persist(u64),
     /// The applier's write or flush for the peer's request at this queue position.
     Apply(u64),
-    /// The sync source's read of this range, for the resync with this number.
-    ResyncRead(Range, u64),
+    /// The sync source's read of this range (its request's tag), for the resync with this
+    /// number; `claimed` unless a planted bug read it without the claim.
+    ResyncRead { range: Range, tag: usize, resync: u64, claimed: bool },
     /// The sync target's flush, for the resync with this number.
     TargetFlush(u64),
     /// The sync target's read of a range for its checksum request, for the resync with this
@@ -583,7 +584,9 @@ impl<P: Clone + PartialEq> NodeCore<P> {
                 }
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
-            IoPurpose::ResyncRead(range, resync) => self.resync_read_done(range, resync, ok, data),
+            IoPurpose::ResyncRead { range, tag, resync, claimed } => {
+                self.resync_read_done((range, tag, resync, claimed), ok, data)
+            }
             IoPurpose::TargetFlush(resync) => self.target_flushed(resync, ok),
             IoPurpose::CsumRead(range, resync) => self.csum_read_done(range, resync, ok, data),
             IoPurpose::VerifyRead(position) => self.verify_applied(position, ok, data),

@@ -2,13 +2,13 @@
 //! of each range, read with the range claimed so that no client write changes it between the
 //! read and the send; a bit clears when the target acknowledges the block durable. When the
 //! bitmap is clean and nothing is in flight, both sides close the resync with the generation
-//! steps of DRBD's model.
-
-use std::collections::{BTreeMap, VecDeque};
+//! steps of DRBD's model. The requests' bookkeeping is the daemon's (`SourceRequests`).
 
 use crate::metadata::bitmap::DirtyBitmap;
+use crate::replication::resync::source_requests::SourceRequests;
 use crate::replication::states::DiskState;
 
+use super::bugs::Bug;
 use super::io::{Effect, PeerMessage};
 use super::ledger::Range;
 use super::node::{IoPurpose, Link, NodeCore};
@@ -22,11 +22,9 @@ pub(super) struct Source<P> {
     announce_at: Option<u64>,
     /// This resync's number: reads of an earlier one may still complete.
     id: u64,
-    /// The target's requests not yet read, in arrival order.
-    pending: VecDeque<Range>,
-    reading: usize,
-    /// What the target holds of a checksum request's range, by offset, until it is read here.
-    digests: BTreeMap<u64, P>,
+    /// The target's requests, each with what the target holds of its range (a checksum
+    /// request) or nothing.
+    requests: SourceRequests<Option<P>>,
 }
 
 impl<P> std::fmt::Debug for Source<P> {
@@ -34,16 +32,14 @@ impl<P> std::fmt::Debug for Source<P> {
         f.debug_struct("Source")
             .field("announce_at", &self.announce_at)
             .field("id", &self.id)
-            .field("pending", &self.pending)
-            .field("reading", &self.reading)
-            .field("digests", &self.digests.len())
+            .field("requests", &self.requests.counts())
             .finish()
     }
 }
 
 impl<P> Source<P> {
     pub(super) fn starting(image: u64, id: u64) -> Self {
-        Self { announce_at: Some(image), id, pending: VecDeque::new(), reading: 0, digests: BTreeMap::new() }
+        Self { announce_at: Some(image), id, requests: SourceRequests::new(WINDOW) }
     }
 }
 
@@ -58,29 +54,23 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             self.effects.push_back(Effect::ResyncStarted { source: true });
         }
         loop {
-            let Some(source) = &self.source else { return };
-            let Some(&range) = source.pending.front() else {
-                // Bits clear only on the target's acks: a clean bitmap with nothing left to
-                // read means every block is durable there.
-                if source.reading == 0 && self.bitmap.dirty_blocks() == 0 {
-                    self.finish_as_source();
-                }
+            let Some(source) = self.source.as_mut() else { return };
+            if source.requests.complete(self.bitmap.dirty_blocks()) {
+                self.finish_as_source();
                 return;
-            };
+            }
             // The peer's writes received before reach this disk first (seed 7999: a Secondary
             // that became source of an `invalidate` read a range its applier was still writing,
             // under protocol B, and the target got the older data).
-            if source.reading >= WINDOW
-                || self.applier.overlaps_unfinished(range)
-                || !self.writes.claim(range)
-            {
-                return;
-            }
-            let source = self.source.as_mut().expect("checked");
-            source.pending.pop_front();
-            source.reading += 1;
-            let id = source.id;
-            let io = self.start_io(IoPurpose::ResyncRead(range, id));
+            let (applier, writes) = (&self.applier, &mut self.writes);
+            let unclaimed = self.cfg.bugs.has(Bug::ResyncReadUnclaimed);
+            let next = source.requests.next_read(|range| {
+                // Planted: the read goes ahead without holding the range.
+                !applier.overlaps_unfinished(range) && (unclaimed || writes.claim(range))
+            });
+            let Some((tag, range)) = next else { return };
+            let resync = source.id;
+            let io = self.start_io(IoPurpose::ResyncRead { range, tag, resync, claimed: !unclaimed });
             self.effects.push_back(Effect::Read { io, offset: range.0, len: range.1 - range.0 });
         }
     }
@@ -91,10 +81,7 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         let fits = offset.checked_add(len).is_some_and(|end| end <= self.cfg.size) && len > 0;
         match self.source.as_mut() {
             Some(source) if fits && source.announce_at.is_none() => {
-                source.pending.push_back((offset, offset + len));
-                if let Some(digest) = digest {
-                    source.digests.insert(offset, digest);
-                }
+                source.requests.push((offset, offset + len), digest);
             }
             _ => {
                 self.effects.push_back(Effect::DropLink { reason: "resync request this node cannot answer" })
@@ -102,11 +89,13 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         }
     }
 
-    pub(super) fn resync_read_done(&mut self, range: Range, resync: u64, ok: bool, data: Option<P>) {
-        self.writes.release(range);
+    pub(super) fn resync_read_done(&mut self, read: (Range, usize, u64, bool), ok: bool, data: Option<P>) {
+        let (range, tag, resync, claimed) = read;
+        if claimed {
+            self.writes.release(range);
+        }
         let Some(source) = self.source.as_mut().filter(|s| s.id == resync) else { return };
-        source.reading -= 1;
-        let digest = source.digests.remove(&range.0);
+        let Some((_, digest)) = source.requests.read_done(tag) else { return };
         let (offset, len) = (range.0, range.1 - range.0);
         let Some(data) = data.filter(|_| ok) else { return };
         match digest {

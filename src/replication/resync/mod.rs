@@ -4,6 +4,8 @@
 //!   rotated, the sync identifier handed over.
 //! - [`bitmap_exchange`]: both sides' bitmaps merged at connect time, before a resync.
 //! - [`source`]: the source's side: reads what the target asks for and sends it.
+//! - [`source_requests`]: the source's bookkeeping of those requests. Pure; the simulated
+//!   core's source (`core/resync.rs`) runs it too.
 //! - [`pace`]: the settings of the pace (DRBD's `resync-rate` and `c-*` options).
 //! - [`controller`]: how much the target asks for per step, from those settings.
 //! - [`throttle`]: how the source yields to application I/O (`c-min-rate`).
@@ -18,6 +20,7 @@ pub mod controller;
 pub mod pace;
 pub mod setup;
 pub mod source;
+pub mod source_requests;
 pub mod target;
 pub mod target_io;
 pub mod throttle;

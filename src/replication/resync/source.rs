@@ -8,7 +8,6 @@
 //! waits, so the data channel carries the two in the order the local disk saw them (SPEC §5.5,
 //! §6.y).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rdbd_protocol::repl::{append_digests, kind as repl_kind, DigestAlg, Message, State};
@@ -18,6 +17,7 @@ use tracing::warn;
 
 use super::controller::STEP;
 use super::pace::ResyncConfig;
+use super::source_requests::SourceRequests;
 use super::target::PERSIST_INTERVAL;
 use super::throttle::Throttle;
 use crate::replication::device::ReplicatedDevice;
@@ -79,31 +79,17 @@ pub struct SourceOptions {
     pub verify_alg: DigestAlg,
 }
 
-/// A resync request: plain, or with the target's digests (one per bitmap block) and their
-/// algorithm.
-struct Request {
-    offset: u64,
-    len: u32,
-    digests: Option<(DigestAlg, Vec<u8>)>,
-}
-
-impl Request {
-    fn range(&self) -> (u64, u64) {
-        (self.offset, self.offset + u64::from(self.len))
-    }
-}
+/// What a checksum request carries: the target's digests (one per bitmap block) and their
+/// algorithm; `None` for a plain request.
+type Digests = Option<(DigestAlg, Vec<u8>)>;
 
 /// The sync source's bookkeeping.
 struct Resync {
     device: Arc<ReplicatedDevice>,
     queue: Box<dyn IoQueue>,
     pool: BufPool,
-    /// Requests not yet read, in arrival order (the target asks in disk order).
-    pending: VecDeque<Request>,
-    /// The front of `pending` has its range claimed (an application write held it before).
-    front_claimed: bool,
-    /// Reads in flight, by queue tag.
-    reading: Slab<Request>,
+    /// The target's requests: waiting, being read (by queue tag), and when all are done.
+    requests: SourceRequests<Digests>,
     /// Yields to application I/O (c-min-rate).
     throttle: Throttle,
     /// Resync data sent.
@@ -142,9 +128,8 @@ pub async fn serve(
             device: device.clone(),
             queue: device.resync_local().clone().open_queue().map_err(SourceError::Queue)?,
             pool: BufPool::new(),
-            pending: VecDeque::new(),
-            front_claimed: false,
-            reading: Slab::new(),
+            // No window of its own: the target's asks within its own, and the throttle paces.
+            requests: SourceRequests::new(usize::MAX),
             throttle: Throttle::new(options.pace.c_min_rate),
             bytes: 0,
             finished: false,
@@ -164,8 +149,7 @@ pub async fn serve(
             r.start_reads(&device);
             // Bits are cleared only by the target's acknowledgements: a clean bitmap with
             // nothing left to read means every block is durable on the target.
-            if !r.finished && r.pending.is_empty() && r.reading.is_empty() && device.out_of_sync_blocks() == 0
-            {
+            if !r.finished && r.requests.complete(device.out_of_sync_blocks()) {
                 let state = events.resync_finished(r.bytes).map_err(SourceError::Finish)?;
                 if !link.send_state(state) {
                     return Err(SourceError::LinkDown);
@@ -200,7 +184,7 @@ pub async fn serve(
                 Message::ResyncRequest { offset, len } => {
                     let r = resync.as_mut().ok_or(SourceError::Unexpected(repl_kind::RESYNC_REQUEST))?;
                     check_request(offset, len, size, block)?;
-                    r.pending.push_back(Request { offset, len, digests: None });
+                    r.requests.push((offset, offset + u64::from(len)), None);
                 }
                 Message::ResyncCsumRequest { offset, len, digests } => {
                     let r = resync.as_mut().ok_or(SourceError::Unexpected(repl_kind::RESYNC_CSUM_REQUEST))?;
@@ -209,7 +193,7 @@ pub async fn serve(
                     if digests.len() as u64 != alg.digests_len(u64::from(len), block) {
                         return Err(SourceError::BadRequest { offset, len });
                     }
-                    r.pending.push_back(Request { offset, len, digests: Some((alg, digests.to_vec())) });
+                    r.requests.push((offset, offset + u64::from(len)), Some((alg, digests.to_vec())));
                 }
                 Message::VerifyReply { offset, len, digests } => {
                     let v = verify.as_mut().ok_or(SourceError::Unexpected(repl_kind::VERIFY_REPLY))?;
@@ -255,9 +239,9 @@ pub async fn serve(
             () = poll_queue(resync.as_mut().map(|r| &mut r.queue), &mut completions), if reading => {
                 let r = resync.as_mut().expect("reading implies a resync");
                 for c in completions.drain(..) {
-                    let request = r.reading.remove(c.tag as usize);
-                    let sent = r.answer(&link, &request, c, block);
-                    device.release_range(request.range());
+                    let (range, digests) = r.requests.read_done(c.tag as usize).expect("a read in flight");
+                    let sent = r.answer(&link, range, &digests, c, block);
+                    device.release_range(range);
                     sent?;
                 }
             },
@@ -273,7 +257,7 @@ pub async fn serve(
             // An application write holds the range we want next: woken when it is released.
             () = claim_range(&device, claim), if claim.is_some() => {
                 if let Some(r) = resync.as_mut() {
-                    r.front_claimed = true;
+                    r.requests.front_claimed();
                 }
             }
             () = claim_range(&device, verify_claim), if verify_claim.is_some() => {
@@ -283,10 +267,10 @@ pub async fn serve(
             }
             _ = tick.tick(), if resync.is_some() => {
                 if let Some(r) = resync.as_mut() {
+                    let (pending, reading) = r.requests.counts();
                     tracing::debug!(
-                        pending = r.pending.len(),
-                        reading = r.reading.len(),
-                        front_claimed = r.front_claimed,
+                        pending,
+                        reading,
                         may_send = r.throttle.may_send(),
                         sent = r.bytes,
                         "resync source step"
@@ -355,13 +339,8 @@ impl Drop for Resync {
     /// Ranges still claimed when the connection ends are released, or application writes to
     /// them would wait forever.
     fn drop(&mut self) {
-        if self.front_claimed {
-            if let Some(front) = self.pending.front() {
-                self.device.release_range(front.range());
-            }
-        }
-        for (_, request) in self.reading.iter() {
-            self.device.release_range(request.range());
+        for range in self.requests.claimed() {
+            self.device.release_range(range);
         }
     }
 }
@@ -369,26 +348,19 @@ impl Drop for Resync {
 impl Resync {
     /// The range of the front request, when it waits for it (and the throttle lets it go).
     fn wants_claim(&self) -> Option<(u64, u64)> {
-        let front = self.pending.front()?;
-        (!self.front_claimed && self.throttle.may_send()).then_some(front.range())
+        self.requests.wants_claim().filter(|_| self.throttle.may_send())
     }
 
     /// Starts reads for pending requests whose ranges are claimed or free, as far as the
     /// throttle allows.
     fn start_reads(&mut self, device: &ReplicatedDevice) {
-        while let Some(front) = self.pending.front() {
-            if !self.throttle.may_send() {
+        while self.throttle.may_send() {
+            let Some((tag, (offset, end))) = self.requests.next_read(|range| device.claim_range(range))
+            else {
                 break;
-            }
-            let claimed = std::mem::take(&mut self.front_claimed);
-            if !claimed && !device.claim_range(front.range()) {
-                break;
-            }
-            let request = self.pending.pop_front().expect("front exists");
-            self.throttle.sent(u64::from(request.len));
-            let (offset, len) = (request.offset, request.len);
-            let buf = self.pool.take(len as usize);
-            let tag = self.reading.insert(request);
+            };
+            self.throttle.sent(end - offset);
+            let buf = self.pool.take((end - offset) as usize);
             self.queue.submit(tag as u32, IoOp::Read { offset, buf });
         }
     }
@@ -398,11 +370,13 @@ impl Resync {
     fn answer(
         &mut self,
         link: &PeerLink,
-        request: &Request,
+        (offset, end): (u64, u64),
+        digests: &Digests,
         c: Completion,
         block: u32,
     ) -> Result<(), SourceError> {
-        let (offset, len) = (request.offset, request.len);
+        // Within RESYNC_REQUEST_LIMIT (check_request).
+        let len = (end - offset) as u32;
         let buf = match (c.result, c.buf) {
             (Ok(()), Some(buf)) => buf,
             (result, _) => {
@@ -413,7 +387,7 @@ impl Resync {
                 return Err(SourceError::LocalRead { offset, errno });
             }
         };
-        let sent = match &request.digests {
+        let sent = match digests {
             None => {
                 self.bytes += u64::from(len);
                 link.send_resync_data(offset, &buf)
