@@ -37,6 +37,7 @@ use crate::metadata::generations::Generations;
 use crate::metadata::store;
 use crate::metadata::superblock::{flags, Superblock};
 use crate::nbd::Shards;
+use crate::replication::connection_plan;
 use crate::replication::device::ReplicatedDevice;
 use crate::replication::disk_health::ErrorPolicy;
 use crate::replication::peer::PeerLink;
@@ -404,10 +405,12 @@ impl Node {
     /// writes it had not made stable (`peer_lost_writes`, a Primary just demoted): with equal
     /// generations the two would compare as in sync and the marks would never resync.
     fn new_generation_without_peer(&self, peer_lost_writes: bool) -> Result<(), NodeError> {
-        if self.state().role != Role::Primary && !peer_lost_writes {
+        // A role change reconnects, so the peer never becomes Primary on this connection.
+        let role = self.state().role;
+        let Some(primary) = connection_plan::generation_on_link_loss(role, peer_lost_writes, false) else {
             return Ok(());
-        }
-        if let Some(new) = self.start_own_generation(true)? {
+        };
+        if let Some(new) = self.start_own_generation(primary)? {
             info!(
                 current = format_args!("{:016X}", new.current),
                 "new data generation: writing without the peer"

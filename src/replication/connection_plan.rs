@@ -224,5 +224,20 @@ fn resolve_split_brain(
     }
 }
 
+/// What losing the link does to this node's generations: `Some(primary)` when it starts one of
+/// its own, taken as Primary or not (`primary`: the flag DRBD keeps in the identifier's lowest
+/// bit, which the after-sb policies read). A Primary does (it writes on without the peer: DRBD's
+/// new current UUID on peer loss), and so does a node no longer Primary whose writes the peer may
+/// lack (demoted with writes unstable there: with equal generations the two would compare as in
+/// sync at reconnect and the marks would never resync) — unless the peer became Primary on that
+/// connection since: its data is the newer one, and the marks resync from it (seed 192651).
+pub fn generation_on_link_loss(role: Role, peer_lacks_writes: bool, peer_took_over: bool) -> Option<bool> {
+    match role {
+        Role::Primary => Some(true),
+        _ if peer_lacks_writes && !peer_took_over => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -203,3 +203,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_link_loss_starts_a_generation_for_a_primary_and_for_writes_the_peer_lacks() {
+    assert_eq!(generation_on_link_loss(Primary, false, false), Some(true));
+    assert_eq!(generation_on_link_loss(Primary, true, false), Some(true));
+    assert_eq!(
+        generation_on_link_loss(Secondary, true, false),
+        Some(false),
+        "demoted, writes unstable there"
+    );
+    assert_eq!(generation_on_link_loss(Secondary, false, false), None);
+    assert_eq!(generation_on_link_loss(Secondary, true, true), None, "the peer took over: its data is newer");
+}

@@ -492,12 +492,12 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         self.settling_since = None;
         let (lost, waiters) = self.ledger.fail_all();
         self.settle_peer_writes(&[], &lost);
-        if self.role != Role::Primary && !lost.is_empty() && !self.peer_took_over {
-            // Demoted with writes the peer may lack: this data is newer, and a new generation
-            // says so at reconnect (otherwise both compare equal and the marks never resync).
-            // Not once the peer became Primary since (a switchover): its data is the newer
-            // one, and the marks resync from it (seed 192651: this node claimed to be newer
-            // than the Primary, and the pair never connected again).
+        // The daemon's rule (seed 192651: a node that handed its role over took a generation
+        // for its old writes, claimed to be newer than the Primary, and the pair never
+        // connected again).
+        if connection_plan::generation_on_link_loss(self.role, !lost.is_empty(), self.peer_took_over)
+            .is_some()
+        {
             self.new_generation();
         }
         self.writes.peer_lost(&waiters);
@@ -512,13 +512,8 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         if self.promoting == Promoting::AskedPeer {
             self.promoting = Promoting::No;
         }
-        if self.role == Role::Primary {
-            // Writing without the peer: a new generation tells the data apart at reconnect
-            // (DRBD: new current UUID on peer loss).
-            self.new_generation();
-            if self.grant == Grant::None {
-                self.ask_witness();
-            }
+        if self.role == Role::Primary && self.grant == Grant::None {
+            self.ask_witness();
         }
         self.pump();
     }
