@@ -127,16 +127,26 @@ impl Oracle {
     /// read may return are at most what the winner holds, durably (`durable`) and in its
     /// cache (`current`). A block whose value no client wrote keeps its demands (serving it
     /// would still be a violation).
+    ///
+    /// A value several writes of a block share (zeroes: the block as created and every TRIM)
+    /// counts as the oldest of them: which one the winner holds is not known, and the loser's
+    /// TRIM is what the policy may have thrown away (seed 1635614: the winner held the block as
+    /// created, the loser's discarded TRIM was taken for it, and the winner's older write still
+    /// in flight then landed as if it had lost a durable TRIM).
     pub fn keep_only(&mut self, durable: impl Fn(u64) -> u64, current: impl Fn(u64) -> u64) {
         for b in 0..self.history.len() as u64 {
             let i = b as usize;
-            if let Some(have) = self.index_of(b, durable(b)) {
+            if let Some(have) = self.first_index_of(b, durable(b)) {
                 self.durable[i] = self.durable[i].min(have);
             }
-            if let Some(have) = self.index_of(b, current(b)) {
+            if let Some(have) = self.first_index_of(b, current(b)) {
                 self.acked[i] = self.acked[i].min(have);
             }
         }
+    }
+
+    fn first_index_of(&self, block: u64, token: u64) -> Option<Index> {
+        self.history[block as usize].iter().position(|&t| t == token).map(|i| i as Index)
     }
 
     /// The latest acknowledged write of each block of `blocks`, for [`Oracle::check_read`].
