@@ -580,7 +580,10 @@ impl<P: Clone + PartialEq> NodeCore<P> {
             }
             IoPurpose::Apply(position) => self.apply_done(position, ok),
             IoPurpose::ResyncRead { range, tag, resync, claimed } => {
-                self.resync_read_done((range, tag, resync, claimed), ok, data)
+                if claimed {
+                    self.writes.release(range);
+                }
+                self.resync_read_done(range, tag, resync, ok, data)
             }
             IoPurpose::TargetFlush(resync) => self.target_flushed(resync, ok),
             IoPurpose::CsumRead(range, resync) => self.csum_read_done(range, resync, ok, data),

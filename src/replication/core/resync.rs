@@ -89,11 +89,15 @@ impl<P: Clone + PartialEq> NodeCore<P> {
         }
     }
 
-    pub(super) fn resync_read_done(&mut self, read: (Range, usize, u64, bool), ok: bool, data: Option<P>) {
-        let (range, tag, resync, claimed) = read;
-        if claimed {
-            self.writes.release(range);
-        }
+    /// The read of request `tag` of resync `resync` finished (its claim already released).
+    pub(super) fn resync_read_done(
+        &mut self,
+        range: Range,
+        tag: usize,
+        resync: u64,
+        ok: bool,
+        data: Option<P>,
+    ) {
         let Some(source) = self.source.as_mut().filter(|s| s.id == resync) else { return };
         let Some((_, digest)) = source.requests.read_done(tag) else { return };
         let (offset, len) = (range.0, range.1 - range.0);
