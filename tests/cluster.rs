@@ -436,9 +436,9 @@ fn roles_promotion_demotion_and_verbs_without_a_daemon() {
 
     // Only one Primary while connected.
     let stderr = c.verb_fails(Beta, &["primary"]);
-    assert_one_line_error(&stderr, &["peer is Primary"]);
+    assert_one_line_error(&stderr, &["cannot promote: alpha is Primary"]);
     let stderr = c.verb_fails(Beta, &["primary", "--force"]);
-    assert_one_line_error(&stderr, &["peer is Primary"]);
+    assert_one_line_error(&stderr, &["cannot promote: alpha is Primary"]);
     assert_eq!(str_at(&c.status(Beta), &["role"]), "Secondary");
 
     // Only the Primary serves NBD.

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 # Every integration test file (tests/NAME.rs) is in exactly one tier; check_tiers enforces it.
 FAST_TESTS=(simulator config_cli metadata_cli durability replication_core scripted_peer)
 PROCESS_TESTS=(smoke bad_input clients nbdsh cluster events failover resync split_brain witness
-  ocf_agent disk_errors power_loss block_device xfs_over_nbdfuse)
+  ocf_agent disk_errors power_loss block_device xfs_over_nbdfuse promotion)
 VM_TESTS=(vm_smoke vm_kernel_attach vm_nfs_failover vm_ha_failover vm_disk_failure ha_partitions)
 
 check_tiers() {

@@ -41,6 +41,7 @@ use crate::replication::connection_plan;
 use crate::replication::device::ReplicatedDevice;
 use crate::replication::disk_health::ErrorPolicy;
 use crate::replication::peer::PeerLink;
+use crate::replication::promotion;
 use crate::replication::states::{
     check_demote, check_promote, ConnState, DemoteRefusal, DiskState, PromoteRefusal, ReplState, Role,
 };
@@ -132,7 +133,15 @@ struct NodeState {
     last_verify: Option<verify::VerifyResult>,
     verifies_ended: u64,
     /// A promotion is under way: the peer cannot have this node outdate itself meanwhile.
-    promoting: bool,
+    promoting: Promoting,
+    /// This node's State went out in the handshake of the current attempt or connection: a
+    /// promotion now is decided with the peer (SPEC §4.7), never alone.
+    state_sent: bool,
+    /// ... and it asked to be promoted: the handshake's verdict is due.
+    request_sent: bool,
+    /// The connection was closed to be made again at once: until the next handshake (or this
+    /// time), the peer counts as in touch, so a promotion is asked of it.
+    in_touch_until: Option<std::time::Instant>,
     /// Why the disk is Diskless, Failed or Inconsistent after an I/O error (or the operator's
     /// `detach`), for `status`.
     disk_error: Option<String>,
@@ -166,6 +175,8 @@ pub struct Node {
     ha_release: HaRelease,
     /// `switchover`: the supervisor hands the role to the peer (cleared once the peer is Primary).
     ha_yield: std::sync::atomic::AtomicBool,
+    /// Where the handshake answers a promotion asked of the peer.
+    promotion_verdict: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), promotion::Refusal>>>>,
 }
 
 /// The handshake between `down` and the supervisor.
@@ -207,12 +218,24 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// Clears [`NodeState::promoting`] however the promotion ends.
-struct Promoting<'a>(&'a Node);
+/// How a promotion under way is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Promoting {
+    No,
+    /// Without the peer (it is not in reach): the State exchange waits until it is done.
+    Alone,
+    /// With the peer, in the next handshake (the answer comes through `promotion_verdict`).
+    WithPeer,
+}
 
-impl Drop for Promoting<'_> {
+/// Ends the promotion under way however `promote` returns: a request not yet decided is
+/// withdrawn.
+struct PromotionUnderWay<'a>(&'a Node);
+
+impl Drop for PromotionUnderWay<'_> {
     fn drop(&mut self) {
-        self.0.state().promoting = false;
+        self.0.state().promoting = Promoting::No;
+        self.0.promotion_verdict.lock().expect("promotion lock").take();
     }
 }
 
@@ -277,7 +300,10 @@ impl Node {
             verify: None,
             last_verify: None,
             verifies_ended: 0,
-            promoting: false,
+            promoting: Promoting::No,
+            state_sent: false,
+            request_sent: false,
+            in_touch_until: None,
             disk_error: None,
             disk_failed: false,
             own_generation: false,
@@ -297,6 +323,7 @@ impl Node {
             ha_status: Mutex::new(None),
             ha_release: HaRelease::default(),
             ha_yield: std::sync::atomic::AtomicBool::new(false),
+            promotion_verdict: Mutex::new(None),
         }))
     }
 
@@ -445,16 +472,21 @@ impl Node {
         Ok(Some(new))
     }
 
-    /// `rdbd primary [--force]`.
+    /// `rdbd primary [--force]`. With the peer in touch (connected, or this node's State already
+    /// sent in a handshake under way) the promotion is asked of it in the next handshake, which
+    /// grants it or not on both nodes alike (SPEC §4.7); without, it is this node's alone, with a
+    /// new data generation.
     pub async fn promote(self: &Arc<Self>, force: bool) -> Result<(), NodeError> {
+        let peer = self.peer_config().name.clone();
         // Checked and marked under one lock, so that an outdate request from the peer
-        // (heartbeat path) comes either before the check or is refused.
-        let (disk, connected) = {
+        // (heartbeat path) comes either before the check or is refused, and a State snapshot
+        // either precedes the decision to go alone or makes this a request.
+        let (disk, verdict, in_flight) = {
             let mut s = self.state();
             if s.role == Role::Primary {
                 return Ok(());
             }
-            if s.promoting {
+            if s.promoting != Promoting::No {
                 return Err(NodeError::Refused("a promotion is already under way".into()));
             }
             let connected = s.conn == ConnState::Connected;
@@ -464,35 +496,89 @@ impl Node {
                     s.disk
                 )));
             }
-            check_promote(s.disk, s.peer_role, connected, force)?;
-            s.promoting = true;
-            (s.disk, connected)
+            if connected && matches!(s.repl, ReplState::SyncTarget | ReplState::WFBitMapT) {
+                return Err(NodeError::Refused(
+                    "cannot promote a sync target: wait for the resync to finish".into(),
+                ));
+            }
+            check_promote(s.disk, s.peer_role, connected, force).map_err(|e| match e {
+                PromoteRefusal::PeerIsPrimary => {
+                    NodeError::Refused(format!("cannot promote: {peer} is Primary"))
+                }
+                e => e.into(),
+            })?;
+            let renegotiating = s.in_touch_until.is_some_and(|until| std::time::Instant::now() < until);
+            let with_peer = connected || s.state_sent || renegotiating;
+            s.promoting = if with_peer { Promoting::WithPeer } else { Promoting::Alone };
+            let verdict = with_peer.then(|| {
+                let (answer, verdict) = tokio::sync::oneshot::channel();
+                *self.promotion_verdict.lock().expect("promotion lock") = Some(answer);
+                verdict
+            });
+            // A handshake past its State exchange is not cut short (the peer decides on what it
+            // got): it ends by making the connection again with the request (`session`).
+            let in_flight = s.state_sent && !connected;
+            (s.disk, verdict, in_flight)
         };
-        let _promoting = Promoting(self);
-        if connected && matches!(self.state().repl, ReplState::SyncTarget | ReplState::WFBitMapT) {
-            return Err(NodeError::Refused(
-                "cannot promote a sync target: wait for the resync to finish".into(),
-            ));
-        }
+        let _underway = PromotionUnderWay(self);
         if disk != DiskState::UpToDate {
-            // --force: the operator declares this data the newest.
+            // --force: the operator declares this data the newest, in a generation of its own
+            // (DRBD: a new current UUID on `primary --force`), so a peer just created gets a
+            // full sync from it, and any other peer compares as behind or diverged.
             warn!(%disk, "promoting with --force: this node's data becomes the newest");
             self.set_disk(DiskState::UpToDate)?;
+            self.start_own_generation(true)?;
         }
-        self.persist(|sb| sb.set(flags::PRIMARY, true))?;
-        self.state().role = Role::Primary;
-        if !connected {
-            self.primary_without_peer()?;
+        let alone = verdict.is_none();
+        match verdict {
+            Some(verdict) => {
+                // The handshake carries the request; granted, the session made this node Primary.
+                if !in_flight {
+                    self.renegotiate.notify_one();
+                }
+                if let Err(why) = self.await_verdict(verdict, &peer).await {
+                    if disk != DiskState::UpToDate {
+                        // Not promoted: the operator's --force does not stand either.
+                        self.set_disk(disk)?;
+                        self.renegotiate.notify_one();
+                    }
+                    return Err(NodeError::Refused(format!("cannot promote: {why}")));
+                }
+            }
+            None => {
+                self.persist(|sb| sb.set(flags::PRIMARY, true))?;
+                self.state().role = Role::Primary;
+                self.primary_without_peer()?;
+            }
         }
         if let Err(e) = self.start_nbd().await {
             self.persist(|sb| sb.set(flags::PRIMARY, false))?;
             self.state().role = Role::Secondary;
+            self.renegotiate.notify_one();
             return Err(e);
         }
         info!("role: Primary");
-        // The connection is renegotiated so that this node becomes the sender.
-        self.renegotiate.notify_one();
+        if alone {
+            // The next handshake tells the peer (one under way now waited for this promotion).
+            self.renegotiate.notify_one();
+        }
         Ok(())
+    }
+
+    /// Waits for the handshake's answer to this node's promotion request.
+    async fn await_verdict(
+        &self,
+        verdict: tokio::sync::oneshot::Receiver<Result<(), promotion::Refusal>>,
+        peer: &str,
+    ) -> Result<(), String> {
+        let net = &self.config.net;
+        let limit = (net.connect_interval + 2 * net.timeout).max(Duration::from_secs(5));
+        match tokio::time::timeout(limit, verdict).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(refusal))) => Err(refusal.describe(peer)),
+            Ok(Err(_)) => Err(format!("the connection to {peer} was lost while asking it; try again")),
+            Err(_) => Err(format!("{peer} did not answer within {limit:?}; try again")),
+        }
     }
 
     /// `rdbd secondary`.
@@ -551,7 +637,7 @@ impl Node {
     pub(crate) fn outdate_by_peer(&self) -> Result<(), OutdateRefusal> {
         {
             let mut s = self.state();
-            if s.role == Role::Primary || s.promoting {
+            if s.role == Role::Primary || s.promoting != Promoting::No {
                 return Err(OutdateRefusal::Primary);
             }
             if s.conn == ConnState::Connected {
@@ -818,12 +904,22 @@ impl Node {
         self.stop_nbd().await;
         self.state().want_connection = false;
         let link = self.state().link.clone();
-        if let Some(link) = link {
+        if let Some(link) = &link {
             link.settle(Duration::from_secs(5)).await;
+        }
+        // Secondary before the link closes, and the peer told so: a Primary losing its link
+        // would start a generation of its own, and a switchover by hand (promote the peer, `up`
+        // this node again) would then find a split brain instead of a resync.
+        let disk = {
+            let mut s = self.state();
+            s.role = Role::Secondary;
+            s.disk
+        };
+        if let Some(link) = link {
+            link.send_other(&rdbd_protocol::repl::Message::StateChange { role: Role::Secondary, disk });
             link.close("the peer is going down").await;
         }
         self.shutdown.cancel();
-        self.state().role = Role::Secondary;
         self.persist_bitmap(false)?;
         // A clean log is trusted at the next start: everything written must be on this disk
         // before it says so, or a power loss now would lose writes no resync would repair.

@@ -20,15 +20,16 @@ use tracing::{info, warn};
 use super::event_stream::{EventKind, EventObject};
 use super::events::NodeEvents;
 use super::handlers::HandlerEvent;
-use super::{random_u64, Node};
+use super::{random_u64, Node, NodeState, Promoting};
 use crate::config::AfterSb0Pri;
 use crate::metadata::superblock::flags;
-use crate::replication::apply::Applier;
-use crate::replication::connection_plan::{self, Plan, Planned, Settings, SplitBrainFound};
+use crate::replication::apply::{Applier, ApplyError};
+use crate::replication::connection_plan::{Plan, Planned, Settings, SplitBrainFound};
 use crate::replication::link::connect::{dial, dials, listen, Established};
 use crate::replication::link::framed::FrameError;
 use crate::replication::link::handshake::{HandshakeError, Identity};
 use crate::replication::peer::LinkOptions;
+use crate::replication::promotion::{self, Wishes};
 use crate::replication::resync::bitmap_exchange::BitmapExchangeError;
 use crate::replication::resync::setup::{self, SetupError, SetupNode};
 use crate::replication::resync::source::{self, SourceOptions};
@@ -37,8 +38,30 @@ use crate::replication::sync_decision::{apply_skip_initial_sync, SideView};
 
 /// This node's State as sent at the handshake and at the end of a resync.
 pub fn local_state(node: &Node) -> State {
+    state_of(node, &node.state())
+}
+
+/// The State for the handshake, taken as it is sent: an alone promotion under way is waited
+/// for, and a promotion asked of the peer goes out as PROMOTE_REQUEST. From here on, until the
+/// attempt or the connection ends, a promotion is asked of the peer.
+fn handshake_state(node: &Node) -> Option<State> {
+    let mut s = node.state();
+    if s.promoting == Promoting::Alone {
+        return None;
+    }
+    s.state_sent = true;
+    s.in_touch_until = None;
+    s.request_sent = s.promoting == Promoting::WithPeer;
+    let mut state = state_of(node, &s);
+    if s.request_sent {
+        state.flags |= state_flags::PROMOTE_REQUEST;
+    }
+    Some(state)
+}
+
+/// Read under the node's state lock (the superblock's lock is taken inside it).
+fn state_of(node: &Node, s: &NodeState) -> State {
     let sb = node.superblock();
-    let s = node.state();
     let mut f = 0;
     if sb.has(flags::CONSISTENT) {
         f |= state_flags::CONSISTENT;
@@ -123,10 +146,20 @@ fn link_options(node: &Node) -> LinkOptions {
     options
 }
 
+/// The Disconnect reason of a connection closed to be made again (a role change, a promotion
+/// request to carry): the peer stays in touch meanwhile.
+const RENEGOTIATING: &str = "renegotiating after a role change";
+
+/// The Disconnect reason of `rdbd disconnect`: the peer is not in touch any more.
+const DISCONNECTING: &str = "disconnected by the operator";
+
 /// How the connection ended.
 enum Outcome {
     /// Lost or closed: try again.
     Retry,
+    /// Closed by either side to be made again at once (SPEC §4.7): until the next handshake,
+    /// for a while, a promotion here is asked of the peer, not made alone.
+    Renegotiate,
     /// Refused for a reason retrying cannot fix: StandAlone until `connect`.
     StandAlone(String),
     /// Refused for now (rr-conflict retry-connect, a Diskless Secondary): the reason goes to
@@ -180,8 +213,9 @@ pub async fn run(node: Arc<Node>) {
             secret: secret.as_deref().map(str::as_bytes),
             step_timeout: node.config.net.timeout.max(Duration::from_secs(1)),
         };
-        let (params, state) = (params(&node), local_state(&node));
+        let params = params(&node);
         let attempt = async {
+            let state = || handshake_state(&node);
             match &listener {
                 Some(l) => {
                     // A stranger (or a misconfigured peer) is refused and logged; we keep
@@ -197,18 +231,32 @@ pub async fn run(node: Arc<Node>) {
         };
         let established = tokio::select! {
             _ = node.shutdown.cancelled() => break,
-            _ = node.renegotiate.notified() => continue,
+            _ = node.renegotiate.notified() => {
+                handshake_over(&node);
+                continue;
+            }
             result = attempt => result,
         };
+        if established.is_err() {
+            handshake_over(&node);
+        }
         match established {
             Ok(est) => {
                 backoff = Duration::from_millis(50);
                 info!(peer = %peer.name, "connected");
                 node.state().last_error = None;
-                let outcome = session(&node, est, state, params.discard_my_data, dialer).await;
+                let outcome = session(&node, est, params.discard_my_data, dialer).await;
                 end_session(&node);
                 match outcome {
                     Outcome::Retry => {}
+                    Outcome::Renegotiate => {
+                        // Both sides connect again at once; the handshake's own time limit bounds
+                        // how long the peer counts as in touch if it does not.
+                        let mut s = node.state();
+                        if s.want_connection {
+                            s.in_touch_until = Some(std::time::Instant::now() + node.config.net.timeout);
+                        }
+                    }
                     Outcome::StandAlone(message) => set_standalone(&node, message),
                     Outcome::RetryLater(message, peer_disk) => {
                         {
@@ -230,7 +278,15 @@ pub async fn run(node: Arc<Node>) {
             }
             Err(e) => {
                 tracing::debug!("connecting to {} failed: {e}", peer.name);
-                node.state().last_error = Some(e.to_string());
+                {
+                    let mut s = node.state();
+                    s.last_error = Some(e.to_string());
+                    if !matches!(e, HandshakeError::NotNow) {
+                        // Not in touch: a promotion from now on goes alone (one asked already
+                        // waits for the next handshake, or its time limit).
+                        s.in_touch_until = None;
+                    }
+                }
                 tokio::select! {
                     _ = node.shutdown.cancelled() => break,
                     _ = node.renegotiate.notified() => {}
@@ -259,14 +315,33 @@ fn set_standalone(node: &Node, message: String) {
     s.last_error = Some(message);
 }
 
+/// The attempt or the connection ended: a promotion asked from now on goes alone unless the next
+/// State goes out first. One asked in it that got no verdict stays asked: the next handshake
+/// carries it again (the peer decided nothing it keeps: a verdict lasts as long as its
+/// connection), and `promote` gives up after its time limit.
+fn handshake_over(node: &Node) {
+    let mut s = node.state();
+    s.state_sent = false;
+    s.request_sent = false;
+}
+
 /// The link is gone: forget the peer's state, keep what the bitmap learned, and, as Primary (or
 /// demoted with writes the peer lost), start a generation of its own so the peer is
 /// recognisably behind.
 fn end_session(node: &Node) {
+    handshake_over(node);
     *node.verify_starts.lock().expect("verify lock") = None;
     node.verify_interrupted();
+    let on_disk = super::disk_from_flags(&node.superblock());
     {
         let mut s = node.state();
+        if s.repl == ReplState::WFBitMapT
+            && s.disk == DiskState::Inconsistent
+            && node.device.health().usable()
+        {
+            // The resync never started: the data is as it was, and so is its disk state.
+            s.disk = on_disk;
+        }
         s.link = None;
         s.peer_role = Role::Unknown;
         s.peer_disk = DiskState::DUnknown;
@@ -284,6 +359,40 @@ fn end_session(node: &Node) {
     {
         warn!("cannot write metadata after losing the peer: {e}");
     }
+}
+
+/// Closes a connection just established, to make it again at once.
+async fn renegotiate(est: &mut Established) -> Outcome {
+    let _ = est.data.send(&Message::Disconnect { reason: RENEGOTIATING }).await;
+    Outcome::Renegotiate
+}
+
+/// The handshake's verdict on this node's promotion request, carried out and told to the
+/// waiting `promote`: `Ok(true)` this node is Primary now; `Err` granted, but nobody waits for
+/// it any more (the request was withdrawn), so the connection must not go on as if it were.
+fn settle_promotion(node: &Node, verdict: Result<(), promotion::Refusal>) -> Result<bool, ()> {
+    node.state().request_sent = false;
+    let answer = node.promotion_verdict.lock().expect("promotion lock").take();
+    let Some(answer) = answer else {
+        return if verdict.is_ok() { Err(()) } else { Ok(false) };
+    };
+    if let Err(refusal) = verdict {
+        info!("promotion refused: {}", refusal.describe(&node.peer_config().name));
+        let _ = answer.send(Err(refusal));
+        return Ok(false);
+    }
+    if let Err(e) = node.persist(|sb| sb.set(flags::PRIMARY, true)) {
+        warn!("cannot write metadata for the promotion: {e}");
+        return Err(());
+    }
+    node.state().role = Role::Primary;
+    if answer.send(Ok(())).is_err() {
+        // `promote` gave up at this very moment: not Primary after all.
+        let _ = node.persist(|sb| sb.set(flags::PRIMARY, false));
+        node.state().role = Role::Secondary;
+        return Err(());
+    }
+    Ok(true)
 }
 
 fn view(state: &State, params_discard: bool, dialer: bool) -> SideView {
@@ -347,15 +456,19 @@ fn report_split_brain(node: &Arc<Node>, found: &SplitBrainFound) {
 }
 
 /// One established connection: the sync decision, then replication until the link ends.
-/// `sent` and `discard` are the State and discard-my-data flag this node sent in the handshake:
-/// the decision must use exactly what the peer saw, or the two nodes could decide differently.
-async fn session(
-    node: &Arc<Node>,
-    mut est: Established,
-    sent: State,
-    discard: bool,
-    dialer: bool,
-) -> Outcome {
+/// `discard` is the discard-my-data flag this node sent in the handshake: the decision must use
+/// exactly what the peer saw (and `est.sent`, the State), or the two nodes could decide
+/// differently.
+async fn session(node: &Arc<Node>, mut est: Established, discard: bool, dialer: bool) -> Outcome {
+    let sent = est.sent;
+    let wishes = Wishes {
+        local: sent.flags & state_flags::PROMOTE_REQUEST != 0,
+        peer: est.peer.state.flags & state_flags::PROMOTE_REQUEST != 0,
+    };
+    if node.state().promoting == Promoting::WithPeer && !wishes.local {
+        // Asked after this node's State went out: the next handshake carries the request.
+        return renegotiate(&mut est).await;
+    }
     let mut local = view(&sent, discard, dialer);
     let mut peer = view(&est.peer.state, est.peer.params.discard_my_data, !dialer);
     let adopted = apply_skip_initial_sync(
@@ -393,9 +506,22 @@ async fn session(
         dialer,
         outdated_loses: false,
     };
-    let Planned { plan, split_brain, .. } = connection_plan::plan(&local, &peer, &settings);
+    let (Planned { plan, split_brain, .. }, verdicts) =
+        promotion::at_handshake(&local, &peer, &settings, wishes);
     if let Some(found) = &split_brain {
         report_split_brain(node, found);
+    }
+    if verdicts.peer_granted() {
+        info!("the peer is promoted");
+        peer.role = Role::Primary;
+    }
+    if let Some(verdict) = verdicts.local {
+        match settle_promotion(node, verdict) {
+            Ok(true) => local.role = Role::Primary,
+            Ok(false) => {}
+            // The peer counts this node as Primary: the next handshake tells it otherwise.
+            Err(()) => return renegotiate(&mut est).await,
+        }
     }
     let go = match plan {
         Plan::NoDisk => return diskless_session(node, est, &local, &peer).await,
@@ -446,8 +572,16 @@ async fn session(
             o if o.is_target() => ReplState::WFBitMapT,
             _ => ReplState::Established,
         };
+        if outcome.is_target() {
+            // Not UpToDate from the decision on (issue 15), in the same change as the state
+            // that says so: `status`, the witness, the HA policy and the OCF score never see
+            // a sync target UpToDate. On disk it becomes Inconsistent with the SyncUuid, before
+            // any resync data is written; a link lost before that puts back the disk state on
+            // disk (`end_session`).
+            s.disk = DiskState::Inconsistent;
+        }
     }
-    if disks.local != local.disk && !outcome.is_target() {
+    if !outcome.is_target() && disks.local != local.disk {
         if let Err(e) = node.set_disk(disks.local) {
             return Outcome::StandAlone(format!("cannot write metadata: {e}"));
         }
@@ -587,17 +721,34 @@ async fn run_sender(node: &Arc<Node>, est: Established, source: bool) -> Outcome
         result = served => {
             link.disconnect();
             match result {
-                Err(e) => info!("connection ended: {e}"),
-                Ok(()) => info!("connection ended"),
+                Err(source::SourceError::Disconnected(reason)) if reason == RENEGOTIATING => {
+                    info!("connection ended: the peer renegotiates");
+                    Outcome::Renegotiate
+                }
+                Err(e) => {
+                    info!("connection ended: {e}");
+                    Outcome::Retry
+                }
+                Ok(()) => {
+                    info!("connection ended");
+                    Outcome::Retry
+                }
             }
         }
         _ = node.renegotiate.notified() => {
             link.settle(Duration::from_secs(5)).await;
-            link.close("renegotiating after a role change").await;
+            if !node.state().want_connection {
+                link.close(DISCONNECTING).await;
+                return Outcome::Retry;
+            }
+            link.close(RENEGOTIATING).await;
+            Outcome::Renegotiate
         }
-        _ = node.shutdown.cancelled() => link.disconnect(),
+        _ = node.shutdown.cancelled() => {
+            link.disconnect();
+            Outcome::Retry
+        }
     }
-    Outcome::Retry
 }
 
 /// The receiving side: apply the peer's writes (and pull the resync as target).
@@ -629,10 +780,22 @@ async fn run_receiver(
         .with_silence_limit(net.ping_interval * 2 + net.ping_timeout);
     tokio::select! {
         result = applier.run(&mut data, &mut meta) => match result {
+            Err(ApplyError::Disconnected(reason)) if reason == RENEGOTIATING => {
+                info!("connection ended: the peer renegotiates");
+                return Outcome::Renegotiate;
+            }
             Ok(stats) => info!(writes = stats.writes, resync_bytes = stats.resync_bytes, "connection ended"),
             Err(e) => info!("connection ended: {e}"),
         },
-        _ = node.renegotiate.notified() => info!("renegotiating after a role change"),
+        _ = node.renegotiate.notified() => {
+            if !node.state().want_connection {
+                let _ = data.send(&Message::Disconnect { reason: DISCONNECTING }).await;
+                return Outcome::Retry;
+            }
+            info!("{RENEGOTIATING}");
+            let _ = data.send(&Message::Disconnect { reason: RENEGOTIATING }).await;
+            return Outcome::Renegotiate;
+        }
         _ = node.shutdown.cancelled() => {}
     }
     Outcome::Retry

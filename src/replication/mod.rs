@@ -2,8 +2,9 @@
 //!
 //! Pure (no I/O, no clock): [`states`] (roles, disk and connection states, the role-change
 //! checks), [`sync_decision`] (DRBD's generation rule table), [`split_brain`] (the after-sb and
-//! rr-conflict policies), [`connection_plan`] (what a connection does with both), [`alone_gate`]
-//! (writes without the peer), and [`core`]: the node's state machine as inputs and effects,
+//! rr-conflict policies), [`connection_plan`] (what a connection does with both), [`promotion`]
+//! (who may become Primary while the peer is in touch), [`alone_gate`] (writes without the
+//! peer), and [`core`]: the node's state machine as inputs and effects,
 //! which the simulator (`crate::sim`) drives.
 //!
 //! The daemon's I/O side: the replicated device on the Primary ([`device`]), the link to the
@@ -20,6 +21,7 @@ pub mod device;
 pub mod disk_health;
 pub mod link;
 pub mod peer;
+pub mod promotion;
 pub mod resync;
 pub mod split_brain;
 pub mod states;

@@ -56,7 +56,7 @@ impl Node {
         }
     }
 
-    fn idx(self) -> usize {
+    pub fn idx(self) -> usize {
         self as usize
     }
 }

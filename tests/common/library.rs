@@ -25,9 +25,9 @@ pub fn params(protocol: Protocol, size: u64) -> Params {
     Params { data_integrity: true, ..Params::with_defaults(protocol, size, 4096) }
 }
 
-/// A State with nothing in it (these tests skip the sync decision).
-pub fn blank_state() -> State {
-    State::blank()
+/// A State with nothing in it (these tests skip the sync decision), as the handshake takes it.
+pub fn blank_state() -> impl FnMut() -> Option<State> + Send {
+    || Some(State::blank())
 }
 
 /// Submits `ops` and waits (at most 30 s) for all of them.

@@ -41,7 +41,11 @@ pub mod state_flags {
     /// `new-current-uuid --clear-bitmap` ran on the sender: a just-created peer adopts the
     /// sender's current generation instead of doing the initial full sync.
     pub const SKIP_INITIAL_SYNC: u32 = 1 << 4;
-    pub const KNOWN: u32 = CONSISTENT | WAS_PRIMARY | CRASHED_PRIMARY | WAS_UP_TO_DATE | SKIP_INITIAL_SYNC;
+    /// The sender, Secondary, asks to be promoted: both sides decide in this handshake whether
+    /// it is (SPEC §4.5).
+    pub const PROMOTE_REQUEST: u32 = 1 << 5;
+    pub const KNOWN: u32 =
+        CONSISTENT | WAS_PRIMARY | CRASHED_PRIMARY | WAS_UP_TO_DATE | SKIP_INITIAL_SYNC | PROMOTE_REQUEST;
 }
 
 /// Flag bits of Params (u8).

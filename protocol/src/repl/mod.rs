@@ -29,10 +29,10 @@ use crate::wire::{DecodeError, Reader};
 pub const MAGIC: u32 = 0x5244_4244;
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest version this build still speaks. Versions 1 and 2 are not spoken any more (rdbd
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest version this build still speaks. Versions 1 to 3 are not spoken any more (rdbd
 /// is pre-release; SPEC.md §11).
-pub const PROTOCOL_MIN: u16 = 3;
+pub const PROTOCOL_MIN: u16 = 4;
 
 /// Largest data block one Data or ResyncData message carries: the largest NBD request rdbd
 /// accepts, so one client write is always one message.

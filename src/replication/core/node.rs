@@ -16,6 +16,7 @@ use crate::metadata::activity_log::{extents_of, ActivityLog, EXTENT_BYTES};
 use crate::metadata::bitmap::DirtyBitmap;
 use crate::metadata::generations::Generations;
 use crate::replication::connection_plan::{self, Plan, Settings};
+use crate::replication::promotion;
 use crate::replication::split_brain::{Policies, RrConflict};
 use crate::replication::states::{check_promote, DiskState, Role};
 use crate::replication::sync_decision::{SideView, SyncDecision};
@@ -950,8 +951,18 @@ impl<P: Clone + PartialEq> NodeCore<P> {
     }
 
     fn peer_wants_promotion(&mut self) {
-        let granted = self.role == Role::Secondary && self.promoting == Promoting::No;
+        let asked = promotion::Asked {
+            role: self.role,
+            promoting: self.promoting == Promoting::AskedPeer,
+            // The dialer wins a tie, as in the daemon's handshake.
+            resolves_conflicts: self.cfg.node_id == 0,
+        };
+        let granted = promotion::answer(asked).is_ok();
         if granted {
+            // Lost the tie, if there was one: the peer refuses this node's request in turn.
+            if self.promoting == Promoting::AskedPeer {
+                self.promoting = Promoting::No;
+            }
             self.peer_took_over = true;
             if let Link::Up { peer_disk, .. } = self.link {
                 self.link = Link::Up { peer_role: Role::Primary, peer_disk };

@@ -733,6 +733,25 @@ fn a_stale_witness_answer_leaves_a_promotion_asked_of_the_peer_alone() {
     assert_eq!(p.cores[0].link(), Link::Up { peer_role: Role::Primary, peer_disk: DiskState::UpToDate });
 }
 
+/// `primary` on both connected nodes at once (issue 15: both became Primary, 20 tries of 20, in
+/// the daemon): each asks the other, and the dialer (node 0) wins the tie on both nodes alike.
+#[test]
+fn both_nodes_asking_to_be_promoted_at_once_make_one_primary() {
+    let mut p = Pair::new([SYNCED; 2]);
+    p.connect();
+    p.settle();
+    p.command(0, Command::Primary);
+    p.command(1, Command::Primary);
+    assert!(p.inbox.iter().all(|inbox| inbox.iter().any(|m| matches!(m, PeerMessage::PromoteRequest))));
+    p.settle();
+    assert_eq!([p.cores[0].role(), p.cores[1].role()], [Role::Primary, Role::Secondary]);
+    assert_eq!(p.cores[1].link(), Link::Up { peer_role: Role::Primary, peer_disk: DiskState::UpToDate });
+    // The loser asks again: refused, the winner is Primary.
+    p.command(1, Command::Primary);
+    p.settle();
+    assert_eq!(p.cores[1].role(), Role::Secondary);
+}
+
 /// Seed 2140 (once the sync target pulled, as the daemon's does): a write admitted before the
 /// link came up waited for its activity-log transaction and was dispatched, unreplicated,
 /// after this node's Hello had gone out; its block was marked here, the target never learned

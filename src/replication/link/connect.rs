@@ -24,6 +24,8 @@ pub struct Established {
     pub data: Framed,
     pub meta: Framed,
     pub peer: PeerInfo,
+    /// This node's State as the peer got it.
+    pub sent: State,
 }
 
 async fn connect_channel(
@@ -45,12 +47,12 @@ pub async fn dial(
     addr: SocketAddr,
     id: &Identity<'_>,
     params: Params,
-    state: State,
+    mut state: impl FnMut() -> Option<State> + Send,
 ) -> Result<Established, HandshakeError> {
     let (mut data, version) = connect_channel(addr, Channel::Data, id).await?;
     let (meta, _) = connect_channel(addr, Channel::Meta, id).await?;
-    let peer = exchange_state(&mut data, id, version, params, state).await?;
-    Ok(Established { data, meta, peer })
+    let (peer, sent) = exchange_state(&mut data, id, version, params, &mut state).await?;
+    Ok(Established { data, meta, peer, sent })
 }
 
 /// The listening side: accepts connections until an authenticated data channel and meta
@@ -64,7 +66,7 @@ pub async fn listen(
     listener: &TcpListener,
     id: &Identity<'_>,
     params: Params,
-    state: State,
+    mut state: impl FnMut() -> Option<State> + Send,
     rejected: &mut (dyn FnMut(&HandshakeError) + Send),
 ) -> Result<Established, HandshakeError> {
     let (mut data, mut meta): (Option<(Framed, u16)>, Option<Framed>) = (None, None);
@@ -89,8 +91,8 @@ pub async fn listen(
         }
         if data.is_some() && meta.is_some() {
             let ((mut data, version), meta) = (data.take().expect("checked"), meta.take().expect("checked"));
-            let peer = exchange_state(&mut data, id, version, params, state).await?;
-            return Ok(Established { data, meta, peer });
+            let (peer, sent) = exchange_state(&mut data, id, version, params, &mut state).await?;
+            return Ok(Established { data, meta, peer, sent });
         }
     }
 }
@@ -115,14 +117,16 @@ mod tests {
         Params { data_integrity: true, ..Params::with_defaults(Protocol::C, 1 << 30, 4096) }
     }
 
-    fn state(current: u64) -> State {
-        State {
+    /// The State snapshot a node takes when it sends it: always this one.
+    fn state(current: u64) -> impl FnMut() -> Option<State> + Send {
+        let state = State {
             role: Role::Primary,
             disk: DiskState::UpToDate,
             generations: Generations { current, ..Default::default() },
             dirty_blocks: 3,
             ..State::blank()
-        }
+        };
+        move || Some(state)
     }
 
     #[test]

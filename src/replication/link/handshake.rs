@@ -34,7 +34,15 @@ pub enum HandshakeError {
     Refused { code: RefuseCode, message: String },
     #[error("peer sent {got} where {expected} was due")]
     Unexpected { expected: &'static str, got: String },
+    /// This node cannot tell its State yet (a role change is under way): closed, tried again.
+    #[error("this node's role is changing: the handshake is tried again")]
+    NotNow,
 }
+
+/// This node's State, taken at the moment it is sent (`None`: not now, see
+/// [`HandshakeError::NotNow`]). Taken late so that a role change made while the peer was not
+/// yet there is in it, and one made after it is decided with the peer.
+pub type StateSnapshot<'a> = dyn FnMut() -> Option<State> + Send + 'a;
 
 /// What the data channel's handshake learned about the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,8 +195,8 @@ pub async fn exchange_state(
     id: &Identity<'_>,
     version: u16,
     ours: Params,
-    state: State,
-) -> Result<PeerInfo, HandshakeError> {
+    snapshot: &mut StateSnapshot<'_>,
+) -> Result<(PeerInfo, State), HandshakeError> {
     ch.send(&Message::Params(ours)).await?;
     let params = match ch.recv_within(id.step_timeout).await? {
         Message::Params(p) => p,
@@ -240,12 +248,13 @@ pub async fn exchange_state(
         );
         return Err(refuse(ch, RefuseCode::ConfigMismatch, message).await);
     }
-    ch.send(&Message::State(state)).await?;
+    let sent = snapshot().ok_or(HandshakeError::NotNow)?;
+    ch.send(&Message::State(sent)).await?;
     let state = match ch.recv_within(id.step_timeout).await? {
         Message::State(s) => s,
         other => return Err(unexpected("State", &other)),
     };
-    Ok(PeerInfo { version, params, state })
+    Ok((PeerInfo { version, params, state }, sent))
 }
 
 #[cfg(test)]
@@ -282,7 +291,9 @@ mod tests {
     /// One end of the data-channel handshake.
     async fn side(mut ch: Framed, id: Identity<'_>, p: Params, s: State) -> Result<PeerInfo, HandshakeError> {
         let version = greet(&mut ch, Channel::Data, &id).await?;
-        exchange_state(&mut ch, &id, version, p, s).await
+        let (peer, sent) = exchange_state(&mut ch, &id, version, p, &mut || Some(s)).await?;
+        assert_eq!(sent, s);
+        Ok(peer)
     }
 
     /// Runs the full data-channel handshake on both ends.

@@ -295,9 +295,9 @@ fn params_and_state_reject_bad_fields() {
 
     let state = |flags: u32| cat(&[&[1, 2], &be32(flags), &[0; 40]]);
     assert!(Message::decode(kind::STATE, &state(state_flags::KNOWN)).is_ok());
-    let p = state(1 << 5);
+    let p = state(1 << 6);
     let e = Message::decode(kind::STATE, &p);
-    assert_eq!(e, Err(DecodeError::Invalid { what: "state flags", value: 32 }));
+    assert_eq!(e, Err(DecodeError::Invalid { what: "state flags", value: 64 }));
 }
 
 #[test]
