@@ -50,7 +50,11 @@ fn promoting_both_nodes_at_once_makes_one_primary_at_most() {
         // Every other try at the same moment; the others staggered by 1..=12 ms, either way.
         let late = if attempt % 4 < 2 { Beta } else { Alpha };
         let delay = Duration::from_millis(if attempt % 2 == 0 { 0 } else { 1 + (attempt as u64 * 7) % 12 });
+        let started = std::time::Instant::now();
         let outputs = promote_both_at_once(&c, late, delay);
+        if started.elapsed() > Duration::from_secs(2) {
+            eprintln!("try {attempt}: the promotions took {:?}\n{}", started.elapsed(), c.diag());
+        }
         let succeeded: Vec<Node> =
             Node::BOTH.into_iter().filter(|n| outputs[n.idx()].status.success()).collect();
         assert!(succeeded.len() <= 1, "try {attempt}: both promotions succeeded\n{}", c.diag());

@@ -481,7 +481,7 @@ impl Node {
         // Checked and marked under one lock, so that an outdate request from the peer
         // (heartbeat path) comes either before the check or is refused, and a State snapshot
         // either precedes the decision to go alone or makes this a request.
-        let (disk, verdict, in_flight) = {
+        let (disk, verdict, connected) = {
             let mut s = self.state();
             if s.role == Role::Primary {
                 return Ok(());
@@ -515,10 +515,7 @@ impl Node {
                 *self.promotion_verdict.lock().expect("promotion lock") = Some(answer);
                 verdict
             });
-            // A handshake past its State exchange is not cut short (the peer decides on what it
-            // got): it ends by making the connection again with the request (`session`).
-            let in_flight = s.state_sent && !connected;
-            (s.disk, verdict, in_flight)
+            (s.disk, verdict, connected)
         };
         let _underway = PromotionUnderWay(self);
         if disk != DiskState::UpToDate {
@@ -532,8 +529,11 @@ impl Node {
         let alone = verdict.is_none();
         match verdict {
             Some(verdict) => {
-                // The handshake carries the request; granted, the session made this node Primary.
-                if !in_flight {
+                // The next handshake carries the request; granted, the session made this node
+                // Primary. Connected, the connection is made again for it; otherwise one is being
+                // made: an attempt is not cut short (the peer would wait out a step of it), and
+                // one past its State exchange ends by making the connection again (`session`).
+                if connected {
                     self.renegotiate.notify_one();
                 }
                 if let Err(why) = self.await_verdict(verdict, &peer).await {

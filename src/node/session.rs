@@ -309,10 +309,19 @@ async fn resolve(address: &str) -> Result<SocketAddr, HandshakeError> {
 }
 
 fn set_standalone(node: &Node, message: String) {
-    let mut s = node.state();
-    s.want_connection = false;
-    s.conn = ConnState::StandAlone;
-    s.last_error = Some(message);
+    let asking = {
+        let mut s = node.state();
+        s.want_connection = false;
+        s.conn = ConnState::StandAlone;
+        s.last_error = Some(message.clone());
+        s.promoting == Promoting::WithPeer
+    };
+    if asking {
+        // No handshake will carry the request: its `promote` hears why now.
+        if let Some(answer) = node.promotion_verdict.lock().expect("promotion lock").take() {
+            let _ = answer.send(Err(promotion::Refusal::NotConnected(message)));
+        }
+    }
 }
 
 /// The attempt or the connection ended: a promotion asked from now on goes alone unless the next
@@ -560,26 +569,35 @@ async fn session(node: &Arc<Node>, mut est: Established, discard: bool, dialer: 
     }
     let (local, peer) = (SideView { role: go.local_role, ..local }, SideView { role: go.peer_role, ..peer });
     let disks = go.disks;
-    {
+    let asked_meanwhile = {
         let mut s = node.state();
-        s.conn = ConnState::Connected;
-        // Replicating again: the peer may adopt this generation (a resync, or equal data).
-        s.own_generation = false;
-        s.peer_role = peer.role;
-        s.peer_disk = disks.peer;
-        s.repl = match outcome {
-            o if o.is_source() => ReplState::WFBitMapS,
-            o if o.is_target() => ReplState::WFBitMapT,
-            _ => ReplState::Established,
-        };
-        if outcome.is_target() {
-            // Not UpToDate from the decision on (issue 15), in the same change as the state
-            // that says so: `status`, the witness, the HA policy and the OCF score never see
-            // a sync target UpToDate. On disk it becomes Inconsistent with the SyncUuid, before
-            // any resync data is written; a link lost before that puts back the disk state on
-            // disk (`end_session`).
-            s.disk = DiskState::Inconsistent;
+        // Asked since the check above, while this handshake was deciding: `promote` saw it
+        // under way and left it to end in a new one, which carries the request.
+        let asked_meanwhile = s.promoting == Promoting::WithPeer && !wishes.local;
+        if !asked_meanwhile {
+            s.conn = ConnState::Connected;
+            // Replicating again: the peer may adopt this generation (a resync, or equal data).
+            s.own_generation = false;
+            s.peer_role = peer.role;
+            s.peer_disk = disks.peer;
+            s.repl = match outcome {
+                o if o.is_source() => ReplState::WFBitMapS,
+                o if o.is_target() => ReplState::WFBitMapT,
+                _ => ReplState::Established,
+            };
+            if outcome.is_target() {
+                // Not UpToDate from the decision on (issue 15), in the same change as the state
+                // that says so: `status`, the witness, the HA policy and the OCF score never see
+                // a sync target UpToDate. On disk it becomes Inconsistent with the SyncUuid, before
+                // any resync data is written; a link lost before that puts back the disk state on
+                // disk (`end_session`).
+                s.disk = DiskState::Inconsistent;
+            }
         }
+        asked_meanwhile
+    };
+    if asked_meanwhile {
+        return renegotiate(&mut est).await;
     }
     if !outcome.is_target() && disks.local != local.disk {
         if let Err(e) = node.set_disk(disks.local) {
@@ -588,10 +606,11 @@ async fn session(node: &Arc<Node>, mut est: Established, discard: bool, dialer: 
     }
     let sender = go.sender;
     let resyncing = outcome.is_source() || outcome.is_target();
-    // The bitmap must not change between its exchange and the start of replication. A hold that
-    // times out goes on: writes frozen at the quorum gate keep their ranges until the link is
-    // back (issue 15), so ending the attempt would never reconnect; they marked their blocks
-    // when they started without the peer.
+    // The bitmap must not change between its exchange and the start of replication. Writes the
+    // quorum gate froze do not count: they are on this disk and marked, only their answers
+    // wait (for the gate this connection opens), so they gave their ranges up. A hold that
+    // times out goes on all the same: what is still in flight marked its blocks when it
+    // started without the peer.
     if sender && !node.device.hold_writes(node.config.net.timeout).await {
         warn!("writes in flight did not finish within {:?} for the bitmap exchange", node.config.net.timeout);
     }

@@ -608,6 +608,11 @@ struct Op {
     read_at: Option<u64>,
     /// Served by the peer alone (diskless, or a read moved there): its local result stands in.
     remote: bool,
+    /// A write's range is still claimed (overlapping writes and resync reads wait for it). A
+    /// write the alone gate holds gives its claim up: it is on this disk and marked for the
+    /// peer, only its answer waits, and the reconnect that would open the gate must not wait
+    /// for it (issue 15: the bitmap exchange's hold timed out on frozen writes).
+    claimed: bool,
 }
 
 pub struct ReplicatedQueue {
@@ -752,6 +757,7 @@ impl ReplicatedQueue {
             sent: peer.is_some() && writes,
             read_at,
             remote: false,
+            claimed: range.is_some(),
         });
         self.local.submit(key as u32, op);
     }
@@ -789,6 +795,7 @@ impl ReplicatedQueue {
             sent: true,
             read_at: None,
             remote: true,
+            claimed: range.is_some(),
         });
         if !sent.answered {
             self.ready.push(key);
@@ -986,6 +993,10 @@ impl IoQueue for ReplicatedQueue {
                 match self.device.alone.verdict() {
                     AloneVerdict::Answer => {}
                     AloneVerdict::Hold => {
+                        if let (Some(range), true) = (op.range, op.claimed) {
+                            op.claimed = false;
+                            self.device.release(range);
+                        }
                         self.frozen.push(key);
                         continue;
                     }
@@ -1003,7 +1014,9 @@ impl IoQueue for ReplicatedQueue {
                 if !op.remote || !op.followed {
                     self.device.deactivate(range);
                 }
-                self.device.release(range);
+                if op.claimed {
+                    self.device.release(range);
+                }
             }
             let result = op.local.expect("ready ops have a local result");
             finish(&mut self.split, Completion { tag: op.tag, result, buf: op.buf }, out);
