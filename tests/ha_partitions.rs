@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::{str_at, Alpha, Beta, Cluster, Node, Options, Placement, MIB};
+use common::cluster::{str_at, Alpha, Background, Beta, Cluster, Node, Options, Placement, MIB};
 use common::netns::{Link, Net, ALPHA_HEARTBEAT, ALPHA_IP, BETA_HEARTBEAT, BETA_IP, WITNESS_IP};
 use common::*;
 
@@ -297,6 +297,16 @@ fn rejoin_alpha_and_finish(s: Setup) {
     s.finish(1);
 }
 
+/// One 4 KiB write at the offset given, then a flush.
+const ONE_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"late" * 1024, int(sys.argv[2]))
+h.flush()
+h.shutdown()
+"#;
+
 /// Issue 15, item 5: every link cut, nobody holds the lease, so alpha freezes its writes and
 /// beta cannot take over; once the links heal, the pair reconnects within a connect-interval
 /// or so and the frozen writes are answered. Before, the frozen writes kept their ranges
@@ -308,21 +318,29 @@ fn a_frozen_primary_reconnects_at_once_when_the_links_heal() {
     for link in [Link::AlphaBeta, Link::AlphaWitness, Link::BetaWitness] {
         s.net.cut(link);
     }
-    // Frozen: alpha's lease ran out and its writer hears nothing any more.
+    // Frozen: alpha's lease ran out (the witness's permit is denied) and its writer hears
+    // nothing any more.
     s.cluster.wait_for(Alpha, "without its lease", Duration::from_secs(20), |st| {
-        str_at(st, &["connection"]) != "Connected"
-            && st.get("ha").and_then(|h| h.get("lease_holder")).is_none_or(|h| h.as_str() != "alpha")
+        str_at(st, &["connection"]) != "Connected" && str_at(st, &["ha", "permit"]) == "Denied"
     });
     let frozen = s.acked(Alpha);
+    // A write that starts now is frozen with its range (the HA writer is stuck on a FLUSH,
+    // which has none).
+    let mut cmd = Net::command(&s.net.alpha, SYSTEM_PYTHON);
+    cmd.args(["-c", ONE_WRITE, &s.cluster.nbd_uri(Alpha), &(32 * MIB).to_string()]);
+    let mut late = Background::spawn(&mut cmd, s.cluster.dir.path(), "late-writer");
     // A window, not a wait: past the link timeout, nothing is acknowledged.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(s.acked(Alpha), frozen, "alpha acknowledged writes without quorum");
+    assert!(late.is_running(), "a write without quorum was answered");
     assert_eq!(role(&s.cluster, Beta), "Secondary");
     let healed = Instant::now();
     for link in [Link::AlphaBeta, Link::AlphaWitness, Link::BetaWitness] {
         s.net.mend(link);
     }
     s.wait_acks(Alpha, 5, Duration::from_secs(30));
+    let out = late.wait(Duration::from_secs(30));
+    assert!(out.status.success(), "the frozen write failed: {}", String::from_utf8_lossy(&out.stderr));
     let resumed = healed.elapsed();
     eprintln!("alpha's writes resumed {:.1} s after the links healed", resumed.as_secs_f64());
     // connect-interval 500 ms, the handshake and a bitmap resync: well under the 6 s timeout
