@@ -467,6 +467,52 @@ fn write_pids(s: &Setup, dir: &Path) {
     }
 }
 
+/// A `fence-peer` command that reaches nothing: it answers 5, "the peer is unreachable", and
+/// lists who tried in `fence.log`.
+fn unreachable_script(dir: &Path) -> PathBuf {
+    let script = dir.join("fence.sh");
+    let body =
+        format!("#!/bin/sh\necho \"$RDBD_NODE fences $RDBD_PEER\" >> {}/fence.log\nexit 5\n", dir.display());
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+/// Issue 15, item 3: with `fence-peer` and no witness, a Secondary restarted alone does not
+/// trust its own UpToDate (DRBD attaches such a disk Consistent): while the Primary, cut off
+/// from it, goes on writing, a fence result of 5 ("unreachable") does not let it take over.
+/// Before, it promoted itself 10 s after it came up: two Primaries, one with stale data. Once
+/// the link heals it rejoins as the sync target.
+#[test]
+fn with_fence_peer_a_secondary_restarted_alone_does_not_take_over_on_an_unreachable_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = unreachable_script(dir.path());
+    let Some(mut s) = setup_with(&format!("fence-peer = \"{}\"", script.display()), false) else { return };
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    // Beta reboots, and comes back without its link to alpha; alpha (UpToDate, its fence
+    // answered 5) writes on alone.
+    s.cluster.kill(Beta);
+    s.net.cut(Link::AlphaBeta);
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.cluster.start(Beta);
+    let fence_log = dir.path().join("fence.log");
+    let st = s.cluster.wait_for(Beta, "refused after fencing alpha", Duration::from_secs(90), |st| {
+        let fenced = std::fs::read_to_string(&fence_log).unwrap_or_default().contains("beta fences alpha");
+        fenced && str_at(st, &["ha", "permit"]) == "Denied"
+    });
+    assert_eq!(str_at(&st, &["role"]), "Secondary", "{st:?}");
+    assert_eq!(str_at(&st, &["disk"]), "Consistent", "{st:?}");
+    assert_eq!(s.acked(Beta), 0, "beta served writes");
+    s.net.mend(Link::AlphaBeta);
+    s.cluster.wait_for(Beta, "back as alpha's Secondary", Duration::from_secs(60), |st| {
+        str_at(st, &["role"]) == "Secondary"
+            && str_at(st, &["disk"]) == "UpToDate"
+            && str_at(st, &["connection"]) == "Connected"
+    });
+    s.wait_acks(Alpha, 20, Duration::from_secs(30));
+    s.finish(0);
+}
+
 #[test]
 fn with_fence_peer_a_cut_link_leaves_the_primary_writing_and_the_secondary_shot() {
     let dir = tempfile::tempdir().unwrap();

@@ -39,8 +39,12 @@ pub(super) struct OpenedDisk {
 }
 
 /// Opens `node`'s disk and metadata (folding the activity log after a crash) and marks the
-/// metadata in use.
-pub(super) fn open_disk(node: &NodeConfig) -> Result<OpenedDisk, NodeError> {
+/// metadata in use. With `fencing` (a `fence-peer` command and no witness), DRBD's rule at
+/// attach: a disk that was UpToDate is only Consistent until the peer is heard, or fenced, or
+/// the operator forces it, unless this node marked the peer outdated: the peer may have
+/// written without it meanwhile, and a fence result of 5 ("unreachable") does not prove
+/// otherwise (issue 15).
+pub(super) fn open_disk(node: &NodeConfig, fencing: bool) -> Result<OpenedDisk, NodeError> {
     let attached = store::attach(&node.disk, &node.meta_disk, &node.name)?;
     for damage in &attached.report.damage {
         warn!("metadata damage detected: {damage}");
@@ -65,7 +69,11 @@ pub(super) fn open_disk(node: &NodeConfig) -> Result<OpenedDisk, NodeError> {
             sb.set(flags::PRIMARY, false);
         }
     })?;
-    let disk = disk_from_flags(meta.superblock());
+    let mut disk = disk_from_flags(meta.superblock());
+    if fencing && disk == DiskState::UpToDate && !meta.superblock().has(flags::PEER_OUTDATED) {
+        info!("disk: Consistent (fencing is configured: UpToDate again once the peer is heard)");
+        disk = DiskState::Consistent;
+    }
     let mut bitmap = attached.bitmap;
     if meta.superblock().has(flags::FULL_SYNC) {
         info!("the disk failed before: every block is resynced to it");
@@ -283,7 +291,7 @@ impl Node {
                     .into(),
             ));
         }
-        let mut opened = open_disk(self.me())?;
+        let mut opened = open_disk(self.me(), self.fencing())?;
         if self.state().disk_failed {
             // Which blocks the failed disk lost is unknown (its metadata may not even say it
             // failed): every one is resynced to it, and it is Inconsistent until then.

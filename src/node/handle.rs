@@ -75,8 +75,12 @@ impl NodeHandle {
         self.node.emit_event(EventKind::Change, EventObject::Service { service, state, failures });
     }
 
+    /// The supervisor promotes only with a permit (the witness's lease, a fence result, its
+    /// policy): that makes a Consistent disk (one attached under fencing) the newest data, as
+    /// an operator's `--force` would.
     pub async fn promote(&self) -> Result<(), NodeError> {
-        self.node.promote(false).await
+        let (_, disk, _) = self.node.local_view();
+        self.node.promote(disk == crate::replication::states::DiskState::Consistent).await
     }
 
     pub async fn demote(&self) -> Result<(), NodeError> {
@@ -98,6 +102,12 @@ impl NodeHandle {
     }
 
     /// The peer asked over the heartbeat path: mark this node's data Outdated.
+    /// A fence of the peer succeeded (it is outdated or down): remembered on disk, so that this
+    /// node, restarted, trusts its UpToDate without fencing again (DRBD's peer-outdated flag).
+    pub fn peer_fenced(&self) {
+        self.node.set_peer_outdated(true);
+    }
+
     pub fn outdate_by_peer(&self) -> Result<(), OutdateRefusal> {
         self.node.outdate_by_peer()
     }

@@ -239,6 +239,11 @@ impl Drop for PromotionUnderWay<'_> {
     }
 }
 
+/// Whether `config` fences the peer with a command, without a witness.
+fn fencing(config: &ResourceConfig) -> bool {
+    config.ha.as_ref().is_some_and(|ha| ha.fence_peer.is_some() && ha.witness.is_none())
+}
+
 /// A random generation identifier.
 fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
@@ -267,7 +272,7 @@ impl Node {
     /// Attaches this node's disk and metadata (folding the activity log after a crash) and
     /// marks the metadata in use. The node starts Secondary and not yet connected.
     pub fn attach(config: ResourceConfig, me: usize) -> Result<Arc<Self>, NodeError> {
-        let opened = disk::open_disk(&config.nodes[me])?;
+        let opened = disk::open_disk(&config.nodes[me], fencing(&config))?;
         let disk = opened.disk;
         let policy = match config.disk.on_io_error {
             crate::config::OnIoError::PassOn => ErrorPolicy::PassOn,
@@ -328,6 +333,22 @@ impl Node {
     }
 
     /// This node as the `Arc` it lives in (for work spawned from a `&self` method).
+    /// Marks (or clears) on disk that the peer is known outdated: with fencing, a restart then
+    /// keeps this node UpToDate (see `disk::open_disk`). Cleared once connected again.
+    pub(crate) fn set_peer_outdated(&self, outdated: bool) {
+        if self.superblock().has(flags::PEER_OUTDATED) == outdated {
+            return;
+        }
+        if let Err(e) = self.persist(|sb| sb.set(flags::PEER_OUTDATED, outdated)) {
+            warn!("cannot write metadata (peer outdated: {outdated}): {e}");
+        }
+    }
+
+    /// Whether a `fence-peer` command, without a witness, decides who may write alone.
+    fn fencing(&self) -> bool {
+        fencing(&self.config)
+    }
+
     fn myself(&self) -> Option<Arc<Node>> {
         self.weak.upgrade()
     }

@@ -599,6 +599,8 @@ async fn session(node: &Arc<Node>, mut est: Established, discard: bool, dialer: 
     if asked_meanwhile {
         return renegotiate(&mut est).await;
     }
+    // The peer is heard again: what fencing established about it no longer stands.
+    node.set_peer_outdated(false);
     if !outcome.is_target() && disks.local != local.disk {
         if let Err(e) = node.set_disk(disks.local) {
             return Outcome::StandAlone(format!("cannot write metadata: {e}"));

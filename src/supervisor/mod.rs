@@ -387,6 +387,9 @@ impl Supervisor {
         let outcome = fence::outcome(code);
         let permit = fence::permit(outcome, up_to_date);
         info!(?code, ?outcome, ?permit, "fence-peer ended");
+        if outcome == fence::FenceOutcome::PeerFenced {
+            self.node.peer_fenced();
+        }
         if permit == Permit::Denied {
             // Tried again at the next step after a pause, not in a tight loop.
             self.retry_at = Some(Instant::now() + RETRY_DELAY);
